@@ -1,0 +1,277 @@
+//! The lock/ACK protocol: the one place that decides which worker writes a
+//! message, and makes sure nobody writes it twice.
+//!
+//! Every worker receives every message. For a batch of them a worker:
+//! 1. **claims** them in one round trip: for each message, if its ACK key
+//!    exists it was written already (`Acked`); otherwise `SET <lock> <worker>
+//!    NX PX <LOCK_TTL>` either wins the lock (`Won`) or finds it held by
+//!    another worker (`Held`);
+//! 2. **writes** the ones it won in one atomic script: for each, only if the
+//!    lock is still this worker's *and* no ACK exists, `XADD` the entry and
+//!    `SET <ack> PX <ACK_TTL>` together. A worker paused past its lock TTL
+//!    therefore cannot write a message another worker has written since
+//!    (`Acked`), nor one whose lock it lost (`LockLost`: claim it again).
+//!
+//! Messages `Held` by another worker stay in the claiming worker's pending
+//! list and are claimed again once that lock could have expired: an ACK means
+//! done; a free lock without an ACK means the holder died, and the claim
+//! takes the message over.
+//!
+//! Both keys carry the output stream's name as hash tag
+//! (`{messages:processed}:lock:<id>`), so on a cluster they live on the
+//! stream's shard and both scripts run there.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+
+use super::message::Incoming;
+use crate::config::OutputFormat;
+
+/// What a claim found for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Another worker holds the lock: keep the copy and look again later.
+    Held,
+    /// This worker holds the lock now and should write the message.
+    Won,
+    /// The message is in the stream already: drop the copy.
+    Acked,
+}
+
+/// What the write step did for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// The lock had expired, and was not this worker's any more: claim again.
+    LockLost,
+    /// Added to the stream, with its ACK key.
+    Written,
+    /// Another worker wrote it first: nothing was added.
+    Acked,
+}
+
+/// Names of the per-message keys.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    stream: String,
+    lock_prefix: String,
+    ack_prefix: String,
+}
+
+impl Keys {
+    pub fn new(stream: &str) -> Self {
+        Self {
+            stream: stream.to_string(),
+            lock_prefix: format!("{{{stream}}}:lock:"),
+            ack_prefix: format!("{{{stream}}}:ack:"),
+        }
+    }
+    pub fn lock(&self, id: &str) -> String {
+        format!("{}{id}", self.lock_prefix)
+    }
+    pub fn ack(&self, id: &str) -> String {
+        format!("{}{id}", self.ack_prefix)
+    }
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+}
+
+/// KEYS: lock1, ack1, lock2, ack2, …  ARGV: worker id, lock TTL in ms.
+/// Returns per message 0 = held, 1 = won, 2 = acked. A lock this worker
+/// already holds (a claim whose write failed, retried) counts as won.
+const CLAIM: &str = r#"
+local out = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    out[#out + 1] = 2
+  else
+    local old = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+    if not old or old == ARGV[1] then
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+end
+return out
+"#;
+
+/// KEYS: stream, lock1, ack1, lock2, ack2, …
+/// ARGV: worker id, ACK TTL in ms, then per message: field count n, then n
+/// values (field, value, field, value, …).
+/// Returns per message 0 = lock lost, 1 = written, 2 = acked.
+const WRITE: &str = r#"
+local me = ARGV[1]
+local a = 3
+local out = {}
+for i = 2, #KEYS, 2 do
+  local n = tonumber(ARGV[a])
+  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    out[#out + 1] = 2
+  elseif redis.call('GET', KEYS[i]) ~= me then
+    out[#out + 1] = 0
+  else
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 1, a + n))
+    redis.call('SET', KEYS[i + 1], me, 'PX', ARGV[2])
+    out[#out + 1] = 1
+  end
+  a = a + 1 + n
+end
+return out
+"#;
+
+/// One worker's side of the protocol.
+pub struct Delivery {
+    conn: ConnectionManager,
+    keys: Keys,
+    worker_id: String,
+    lock_ttl_ms: u64,
+    ack_ttl_ms: u64,
+    format: OutputFormat,
+    id_field: String,
+    claim: Script,
+    write: Script,
+}
+
+impl Delivery {
+    pub fn new(
+        conn: ConnectionManager,
+        keys: Keys,
+        worker_id: String,
+        lock_ttl: Duration,
+        ack_ttl: Duration,
+        format: OutputFormat,
+        id_field: String,
+    ) -> Self {
+        Self {
+            conn,
+            keys,
+            worker_id,
+            lock_ttl_ms: lock_ttl.as_millis().max(1) as u64,
+            ack_ttl_ms: ack_ttl.as_millis().max(1) as u64,
+            format,
+            id_field,
+            claim: Script::new(CLAIM),
+            write: Script::new(WRITE),
+        }
+    }
+
+    /// Step 1, for a whole batch in one round trip.
+    pub async fn claim(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Claim>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.claim.prepare_invoke();
+        for m in messages {
+            call.key(self.keys.lock(&m.id)).key(self.keys.ack(&m.id));
+        }
+        call.arg(&self.worker_id).arg(self.lock_ttl_ms);
+        let codes: Vec<u8> = call.invoke_async(&mut self.conn).await?;
+        Ok(codes
+            .into_iter()
+            .map(|c| match c {
+                1 => Claim::Won,
+                2 => Claim::Acked,
+                _ => Claim::Held,
+            })
+            .collect())
+    }
+
+    /// Step 2, for the messages whose lock this worker won, in one atomic script.
+    pub async fn write(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Write>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.write.prepare_invoke();
+        call.key(self.keys.stream());
+        call.arg(&self.worker_id).arg(self.ack_ttl_ms);
+        for m in messages {
+            call.key(self.keys.lock(&m.id)).key(self.keys.ack(&m.id));
+            let fields = entry_fields(m, &self.worker_id, self.format, &self.id_field);
+            call.arg(fields.len());
+            for value in fields {
+                call.arg(value);
+            }
+        }
+        let codes: Vec<u8> = call.invoke_async(&mut self.conn).await?;
+        Ok(codes
+            .into_iter()
+            .map(|c| match c {
+                1 => Write::Written,
+                2 => Write::Acked,
+                _ => Write::LockLost,
+            })
+            .collect())
+    }
+}
+
+/// The stream entry of a message, as alternating field names and values.
+fn entry_fields(
+    m: &Incoming,
+    worker_id: &str,
+    format: OutputFormat,
+    id_field: &str,
+) -> Vec<Vec<u8>> {
+    let mut fields = vec![
+        b"message_id".to_vec(),
+        m.id.as_bytes().to_vec(),
+        b"payload".to_vec(),
+        m.payload.clone(),
+        b"consumer_id".to_vec(),
+        worker_id.as_bytes().to_vec(),
+    ];
+    if format == OutputFormat::Flat {
+        fields.extend(flat_fields(&m.payload, id_field));
+    }
+    fields
+}
+
+/// A JSON object payload's top-level fields (strings as they are, anything
+/// else as JSON text), leaving out the envelope's own names. Nothing for a
+/// payload that is not a JSON object.
+fn flat_fields(payload: &[u8], id_field: &str) -> Vec<Vec<u8>> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(payload) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(map.len() * 2);
+    for (key, value) in map {
+        if key == id_field || matches!(key.as_str(), "message_id" | "payload" | "consumer_id") {
+            continue;
+        }
+        let value = match value {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        out.push(key.into_bytes());
+        out.push(value.into_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_stream_as_hash_tag() {
+        let keys = Keys::new("messages:processed");
+        assert_eq!(keys.lock("m1"), "{messages:processed}:lock:m1");
+        assert_eq!(keys.ack("m1"), "{messages:processed}:ack:m1");
+    }
+
+    #[test]
+    fn flat_format_copies_top_level_fields() {
+        let fields = flat_fields(
+            br#"{"message_id":"a","n":1,"s":"x","o":{"k":true}}"#,
+            "message_id",
+        );
+        let text: Vec<String> = fields
+            .into_iter()
+            .map(|f| String::from_utf8(f).unwrap())
+            .collect();
+        assert_eq!(text, ["n", "1", "o", "{\"k\":true}", "s", "x"]);
+        assert!(flat_fields(b"not json", "message_id").is_empty());
+    }
+}

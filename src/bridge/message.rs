@@ -1,0 +1,275 @@
+//! What a worker knows about one received message, and how its id is found.
+//!
+//! A JSON object payload with the id field (MESSAGE_ID_FIELD, a string or a
+//! number) is known by that id. Anything else (plain text, binary, JSON
+//! without the field) gets a *derived* id that every worker computes the same
+//! way from what it has seen on the channel: `h:<xxh3-128 of the bytes>:<n>`,
+//! where `n` counts the identical payloads seen so far. Two identical id-less
+//! payloads published one after the other are therefore `…:1` and `…:2`, two
+//! stream entries. See [`DerivedIds`] for the limits of that scheme.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+/// A message received from the channel, with the id every worker agrees on.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The id the lock and ACK keys are named after.
+    pub id: String,
+    /// The published bytes, untouched.
+    pub payload: Vec<u8>,
+    /// When this worker received it; pending copies expire from here.
+    pub received_at: Instant,
+}
+
+/// The id carried in a JSON object payload's `field`, if there is one: a
+/// non-empty string, or a number (written as in the payload).
+pub fn json_id(payload: &[u8], field: &str) -> Option<String> {
+    // Cheap test first: most non-JSON payloads never reach the parser.
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'{' {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let id = FindField(field).deserialize(&mut de).ok()??;
+    de.end().ok()?;
+    Some(id)
+}
+
+/// Walks the top level of a JSON object and keeps the value of one field.
+struct FindField<'f>(&'f str);
+
+impl<'de> DeserializeSeed<'de> for FindField<'_> {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FindField<'_> {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if found.is_none() && key == self.0 {
+                found = map.next_value::<IdValue>()?.0;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A field value usable as an id: a non-empty string or a number.
+struct IdValue(Option<String>);
+
+impl<'de> de::Deserialize<'de> for IdValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IdValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an id")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IdValue, E> {
+                Ok(IdValue((!v.is_empty()).then(|| v.to_string())))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IdValue, E> {
+                Ok(IdValue(Some(v.to_string())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IdValue, E> {
+                Ok(IdValue(Some(v.to_string())))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<IdValue, E> {
+                Ok(IdValue(Some(v.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<IdValue, E> {
+                Ok(IdValue(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<IdValue, E> {
+                Ok(IdValue(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IdValue, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(IdValue(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<IdValue, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(IdValue(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Numbers the id-less payloads a worker sees, so that every worker subscribed
+/// to the channel names each of them alike.
+///
+/// Pub/Sub delivers a channel's messages to every subscriber in the same
+/// order, so counting identical payloads gives the same `n` everywhere, with
+/// these limits (stated in the README):
+/// - A worker that subscribes between two identical id-less payloads counts
+///   from a later start; its numbers are lower, name messages already written,
+///   and it leaves them to the others. It never writes twice, but cannot take
+///   over those messages if the others die.
+/// - A count is forgotten once its payload has not been seen for `forget_after`
+///   (longer than any ACK can live, so the restart at 1 cannot collide with an
+///   ACK still present). Two workers could disagree only if the gap between two
+///   identical payloads falls within their delivery jitter of that window.
+/// - Two different payloads with the same 128-bit hash would share an id.
+#[derive(Debug)]
+pub struct DerivedIds {
+    counts: HashMap<u128, (u64, Instant)>,
+    forget_after: Duration,
+    last_sweep: Instant,
+}
+
+impl DerivedIds {
+    pub fn new(forget_after: Duration) -> Self {
+        Self {
+            counts: HashMap::new(),
+            forget_after,
+            last_sweep: Instant::now(),
+        }
+    }
+
+    /// The derived id of an id-less payload received at `now`.
+    pub fn next(&mut self, payload: &[u8], now: Instant) -> String {
+        if now.duration_since(self.last_sweep) > self.forget_after / 4 {
+            let forget_after = self.forget_after;
+            self.counts
+                .retain(|_, (_, seen)| now.duration_since(*seen) <= forget_after);
+            self.last_sweep = now;
+        }
+        let hash = xxhash_rust::xxh3::xxh3_128(payload);
+        let entry = self.counts.entry(hash).or_insert((0, now));
+        if now.duration_since(entry.1) > self.forget_after {
+            entry.0 = 0;
+        }
+        entry.0 += 1;
+        entry.1 = now;
+        format!("h:{hash:032x}:{}", entry.0)
+    }
+
+    /// How many payloads are remembered.
+    pub fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
+/// Finds or derives the id of each message of one worker's subscription.
+#[derive(Debug)]
+pub struct IdAssigner {
+    field: String,
+    derived: DerivedIds,
+}
+
+impl IdAssigner {
+    pub fn new(field: impl Into<String>, forget_after: Duration) -> Self {
+        Self {
+            field: field.into(),
+            derived: DerivedIds::new(forget_after),
+        }
+    }
+
+    pub fn assign(&mut self, payload: Vec<u8>, received_at: Instant) -> Incoming {
+        let id = match json_id(&payload, &self.field) {
+            Some(id) => id,
+            None => self.derived.next(&payload, received_at),
+        };
+        Incoming {
+            id,
+            payload,
+            received_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_id_field_in_json_objects() {
+        let field = "message_id";
+        assert_eq!(
+            json_id(
+                br#"{"message_id": "abc", "x": [1, {"message_id": "no"}]}"#,
+                field
+            ),
+            Some("abc".into())
+        );
+        assert_eq!(
+            json_id(br#" {"seq": 1, "message_id": 42}"#, field),
+            Some("42".into())
+        );
+        assert_eq!(
+            json_id(br#"{"message_id": "a\"b"}"#, field),
+            Some("a\"b".into())
+        );
+    }
+
+    #[test]
+    fn payloads_without_a_usable_id_have_none() {
+        let field = "message_id";
+        for payload in [
+            &b"hello"[..],
+            b"",
+            b"{\"other\": 1}",
+            b"{\"message_id\": \"\"}",
+            b"{\"message_id\": null}",
+            b"{\"message_id\": {\"a\": 1}}",
+            b"{\"message_id\": \"x\"", // truncated
+            b"{\"message_id\": \"x\"} trailing",
+            b"[\"message_id\"]",
+            b"\xff\xfe{",
+        ] {
+            assert_eq!(json_id(payload, field), None, "{payload:?}");
+        }
+    }
+
+    #[test]
+    fn identical_id_less_payloads_get_successive_ids() {
+        let now = Instant::now();
+        let mut a = DerivedIds::new(Duration::from_secs(60));
+        let first = a.next(b"ping", now);
+        let second = a.next(b"ping", now);
+        assert_ne!(first, second);
+        assert!(first.ends_with(":1") && second.ends_with(":2"));
+        // Another worker that saw the same sequence agrees.
+        let mut b = DerivedIds::new(Duration::from_secs(60));
+        assert_eq!(b.next(b"ping", now), first);
+        assert_eq!(b.next(b"ping", now), second);
+        // A different payload starts its own count.
+        assert!(a.next(b"pong", now).ends_with(":1"));
+    }
+
+    #[test]
+    fn counts_are_forgotten_after_the_window() {
+        let start = Instant::now();
+        let mut ids = DerivedIds::new(Duration::from_secs(10));
+        assert!(ids.next(b"x", start).ends_with(":1"));
+        assert!(
+            ids.next(b"x", start + Duration::from_secs(5))
+                .ends_with(":2")
+        );
+        assert!(
+            ids.next(b"x", start + Duration::from_secs(16))
+                .ends_with(":1")
+        );
+        // The sweep drops what has not been seen within the window.
+        ids.next(b"y", start + Duration::from_secs(40));
+        assert_eq!(ids.len(), 1);
+    }
+}

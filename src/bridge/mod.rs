@@ -1,0 +1,306 @@
+//! The bridge: a pool of workers that turns a Pub/Sub channel into a stream.
+//!
+//! Each worker is two tasks: its [`subscription`] reads the channel into a
+//! bounded queue, and its [`worker`] loop settles batches from that queue
+//! through the lock/ACK protocol in [`delivery`]. Beside them, one task keeps
+//! the workers' [`presence`] keys alive and one prints the monitoring line.
+//!
+//! Shutdown is by cancellation: the token stops the subscriptions; each worker
+//! then finishes what it has received and exits; then the presence keys are
+//! deleted and [`Bridge::run`] returns.
+
+pub mod delivery;
+pub mod message;
+pub mod presence;
+pub mod subscription;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::RedisError;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BridgeConfig, ConfigError, mask_password};
+use crate::connect::connection_manager;
+use crate::monitor::{Counters, MonitorLine, Snapshot};
+use delivery::{Delivery, Keys};
+use message::IdAssigner;
+use presence::Presence;
+use subscription::Subscription;
+use worker::Worker;
+
+/// Why a bridge stopped other than by being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Redis refused us in a way retrying cannot mend (credentials, permissions).
+    #[error("Redis at {server} refused the bridge: {source}")]
+    Refused { server: String, source: RedisError },
+}
+
+/// Messages a worker may have received but not yet handled. Bounds memory
+/// when Redis writes are slower than the channel.
+const QUEUE_CAPACITY: usize = 10_000;
+
+/// A configured bridge, ready to [`run`](Bridge::run).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use optimus::{Bridge, BridgeConfig};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let config = BridgeConfig::new("redis://127.0.0.1:6379").consumers(3);
+/// let bridge = Bridge::new(config)?;
+/// let shutdown = CancellationToken::new();
+/// let totals = bridge.run(shutdown.clone()).await?; // until shutdown.cancel()
+/// println!("written: {}", totals.written);
+/// # Ok(()) }
+/// ```
+pub struct Bridge {
+    config: BridgeConfig,
+    counters: Arc<Counters>,
+}
+
+impl Bridge {
+    /// Checks the configuration.
+    pub fn new(config: BridgeConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            counters: Arc::default(),
+        })
+    }
+
+    /// The live counters, for a service that embeds the bridge.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// Runs the workers until `shutdown` is cancelled, then stops them
+    /// gracefully and returns the final counters. While Redis is unreachable
+    /// it waits and retries; it returns an error only when Redis refuses the
+    /// credentials or permissions.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Snapshot, BridgeError> {
+        let config = &self.config;
+        let server = mask_password(&config.redis_url);
+        let refused = |source| BridgeError::Refused {
+            server: server.clone(),
+            source,
+        };
+        let client = crate::connect::client(&config.redis_url).map_err(refused)?;
+        let Some(mut conn) = connection_manager(&client, &shutdown)
+            .await
+            .map_err(refused)?
+        else {
+            return Ok(self.counters.snapshot());
+        };
+        tracing::info!(server = %server, channel = %config.input_channel, stream = %config.output_stream, workers = config.consumers, "bridge starting");
+
+        let process = ProcessIdentity::new();
+        let worker_ids: Vec<String> = (0..config.consumers)
+            .map(|i| process.worker_id(i))
+            .collect();
+        let presence = Presence::new(
+            &config.consumers_list,
+            config.presence_ttl,
+            process.describe(),
+        );
+        presence
+            .refresh(&mut conn, &worker_ids)
+            .await
+            .map_err(refused)?;
+
+        // Stops the subscriptions; the workers follow once their queues drain.
+        let stop_reading = shutdown.child_token();
+        // Stops presence and monitoring, after the workers are done.
+        let stop_aux = CancellationToken::new();
+        let mut tasks: JoinSet<Result<(), RedisError>> = JoinSet::new();
+        let keys = Keys::new(&config.output_stream);
+        // An id-less payload's count must outlive any ACK it could collide with.
+        let forget_ids_after = config.ack_ttl + config.pending_retention + config.lock_ttl;
+        for id in &worker_ids {
+            let Some(worker_conn) = connection_manager(&client, &shutdown)
+                .await
+                .map_err(refused)?
+            else {
+                break;
+            };
+            let (queue_tx, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
+            let subscription = Subscription {
+                client: client.clone(),
+                channel: config.input_channel.clone(),
+                worker_id: id.clone(),
+                ids: IdAssigner::new(config.message_id_field.clone(), forget_ids_after),
+                counters: self.counters.clone(),
+                queue: queue_tx,
+                cancel: stop_reading.clone(),
+            };
+            let worker = Worker {
+                id: id.clone(),
+                delivery: Delivery::new(
+                    worker_conn,
+                    keys.clone(),
+                    id.clone(),
+                    config.lock_ttl,
+                    config.ack_ttl,
+                    config.output_format,
+                    config.message_id_field.clone(),
+                ),
+                counters: self.counters.clone(),
+                batch_size: config.batch_size,
+                lock_ttl: config.lock_ttl,
+                retention: config.pending_retention,
+            };
+            tasks.spawn(subscription.run());
+            tasks.spawn(worker.run(queue_rx));
+        }
+
+        let aux = tokio::spawn(keep_present(
+            presence.clone(),
+            conn.clone(),
+            worker_ids.clone(),
+            stop_aux.clone(),
+        ));
+        let monitor = tokio::spawn(monitor(
+            presence.clone(),
+            conn.clone(),
+            self.counters.clone(),
+            config.monitoring_interval,
+            config.print_monitor,
+            stop_aux.clone(),
+        ));
+
+        let mut fatal = None;
+        while let Some(joined) = tasks.join_next().await {
+            let result =
+                joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+            if let Err(err) = result {
+                tracing::error!(cause = %err, "Redis refused the bridge; stopping");
+                fatal.get_or_insert(err);
+                stop_reading.cancel();
+            }
+        }
+        stop_aux.cancel();
+        let _ = aux.await;
+        let _ = monitor.await;
+        if let Err(err) = presence.remove(&mut conn, &worker_ids).await {
+            tracing::warn!(cause = %err, "could not delete the presence keys; they expire by themselves");
+        }
+        let totals = self.counters.snapshot();
+        if config.print_monitor {
+            let consumers = presence.count(&mut conn).await.ok();
+            println!(
+                "{}",
+                MonitorLine {
+                    consumers,
+                    counters: totals,
+                    rate: 0.0
+                }
+            );
+        }
+        tracing::info!(
+            written = totals.written,
+            received = totals.received,
+            "bridge stopped"
+        );
+        match fatal {
+            Some(source) => Err(refused(source)),
+            None => Ok(totals),
+        }
+    }
+}
+
+/// Refreshes the presence keys until cancelled.
+async fn keep_present(
+    presence: Presence,
+    mut conn: redis::aio::ConnectionManager,
+    workers: Vec<String>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(presence.refresh_every());
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = presence.refresh(&mut conn, &workers).await {
+            tracing::warn!(cause = %err, "could not refresh presence keys");
+        }
+    }
+}
+
+/// Prints the monitoring line every `interval` until cancelled.
+async fn monitor(
+    presence: Presence,
+    mut conn: redis::aio::ConnectionManager,
+    counters: Arc<Counters>,
+    interval: Duration,
+    print: bool,
+    cancel: CancellationToken,
+) {
+    let mut last = (Instant::now(), counters.snapshot().written);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let consumers = match presence.count(&mut conn).await {
+            Ok(n) => Some(n),
+            Err(err) => {
+                tracing::debug!(cause = %err, "could not count consumers");
+                None
+            }
+        };
+        let now = Instant::now();
+        let snapshot = counters.snapshot();
+        let elapsed = now.duration_since(last.0).as_secs_f64();
+        let rate = (snapshot.written - last.1) as f64 / elapsed.max(1e-9);
+        last = (now, snapshot.written);
+        let line = MonitorLine {
+            consumers,
+            counters: snapshot,
+            rate,
+        };
+        if print {
+            println!("{line}");
+        }
+        tracing::debug!(%line, "monitor");
+    }
+}
+
+/// Who this process is, for worker ids and presence values.
+struct ProcessIdentity {
+    host: String,
+    pid: u32,
+    /// Tells apart two processes with the same host name and pid (containers).
+    nonce: u16,
+}
+
+impl ProcessIdentity {
+    fn new() -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        Self {
+            host,
+            pid: std::process::id(),
+            nonce: rand::random(),
+        }
+    }
+
+    fn worker_id(&self, index: usize) -> String {
+        format!("{}-{}-{:04x}-{index}", self.host, self.pid, self.nonce)
+    }
+
+    fn describe(&self) -> String {
+        format!("host={} pid={}", self.host, self.pid)
+    }
+}

@@ -1,0 +1,112 @@
+//! Presence: each worker keeps a key `<CONSUMERS_LIST>:<worker id>` alive with
+//! a short TTL, so anyone can see which workers are up, on every host.
+//!
+//! Beside the keys, a sorted set `<CONSUMERS_LIST>:index` maps each worker id
+//! to the server time its key expires; counting live workers is then one
+//! cheap script instead of a SCAN over the whole keyspace. Both use the
+//! server's clock, so hosts whose clocks differ still agree.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+
+/// KEYS: index, key1, key2, …  ARGV: TTL in ms, value, id1, id2, …
+const REFRESH: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[1])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i + 1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return #KEYS - 1
+"#;
+
+/// KEYS: index. Returns the number of live workers.
+const COUNT: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// The presence keys of one process's workers.
+#[derive(Clone)]
+pub struct Presence {
+    prefix: String,
+    ttl: Duration,
+    /// What each key holds: where the worker runs.
+    value: String,
+    refresh: Script,
+    count: Script,
+}
+
+impl Presence {
+    pub fn new(prefix: &str, ttl: Duration, value: String) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            ttl,
+            value,
+            refresh: Script::new(REFRESH),
+            count: Script::new(COUNT),
+        }
+    }
+
+    /// How often the keys are refreshed: three times per TTL.
+    pub fn refresh_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    fn index(&self) -> String {
+        format!("{}:index", self.prefix)
+    }
+
+    fn key(&self, worker: &str) -> String {
+        format!("{}:{worker}", self.prefix)
+    }
+
+    /// Registers (or keeps alive) these workers.
+    pub async fn refresh(
+        &self,
+        conn: &mut ConnectionManager,
+        workers: &[String],
+    ) -> RedisResult<()> {
+        if workers.is_empty() {
+            return Ok(());
+        }
+        let mut call = self.refresh.prepare_invoke();
+        call.key(self.index());
+        call.arg(self.ttl.as_millis().max(1) as u64)
+            .arg(&self.value);
+        for w in workers {
+            call.key(self.key(w)).arg(w);
+        }
+        call.invoke_async::<i64>(conn).await?;
+        Ok(())
+    }
+
+    /// Live workers, all processes and hosts together.
+    pub async fn count(&self, conn: &mut ConnectionManager) -> RedisResult<u64> {
+        self.count.key(self.index()).invoke_async(conn).await
+    }
+
+    /// Removes these workers' keys (at shutdown).
+    pub async fn remove(
+        &self,
+        conn: &mut ConnectionManager,
+        workers: &[String],
+    ) -> RedisResult<()> {
+        if workers.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = workers.iter().map(|w| self.key(w)).collect();
+        redis::pipe()
+            .del(keys)
+            .ignore()
+            .zrem(self.index(), workers)
+            .ignore()
+            .query_async::<()>(conn)
+            .await
+    }
+}

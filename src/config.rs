@@ -1,0 +1,563 @@
+//! Settings: environment variables (and the equivalent flags) in, one validated
+//! [`BridgeConfig`] or [`PublishConfig`] out.
+//!
+//! Every setting is read by clap, which shows each variable and its default in
+//! `--help`; clap hands over the raw text and this module turns it into typed
+//! values, so that a bad value becomes one [`ConfigError`] naming the variable.
+//! Nothing after this module reads the environment.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// A setting that cannot be used: which variable, what it held, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {var}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable (the flag of the same meaning is listed in `--help`).
+    pub var: &'static str,
+    /// The value as given.
+    pub value: String,
+    /// What is wrong with it, and what would be accepted.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+        Self {
+            var,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where Redis is. Shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Redis URL (`redis://[user:pass@]host:port/db` or `unix:///path`); overrides REDIS_HOST and REDIS_PORT.
+    #[arg(long, env = "REDIS_URL", value_name = "URL", global = true)]
+    pub redis_url: Option<String>,
+    /// Redis host, used when REDIS_URL is unset.
+    #[arg(long, env = "REDIS_HOST", default_value = "localhost", global = true)]
+    pub redis_host: String,
+    /// Redis port, used when REDIS_URL is unset.
+    #[arg(long, env = "REDIS_PORT", default_value = "6379", global = true)]
+    pub redis_port: String,
+}
+
+impl ConnectArgs {
+    /// The URL to connect to, checked for form (not for reachability).
+    pub fn url(&self) -> Result<String, ConfigError> {
+        let url = match &self.redis_url {
+            Some(url) => {
+                let url = url.trim().to_string();
+                redis::Client::open(url.as_str()).map_err(|e| {
+                    ConfigError::new("REDIS_URL", mask_password(&url), e.to_string())
+                })?;
+                return Ok(url);
+            }
+            None => {
+                let port: u16 = parse_num("REDIS_PORT", &self.redis_port)?;
+                if port == 0 {
+                    return Err(ConfigError::new(
+                        "REDIS_PORT",
+                        port,
+                        "must be a port from 1 to 65535",
+                    ));
+                }
+                let host = self.redis_host.trim();
+                if host.is_empty() || host.contains(['/', '@', ' ']) {
+                    return Err(ConfigError::new(
+                        "REDIS_HOST",
+                        host,
+                        "must be a host name or address",
+                    ));
+                }
+                format!("redis://{host}:{port}")
+            }
+        };
+        redis::Client::open(url.as_str())
+            .map_err(|e| ConfigError::new("REDIS_HOST", &self.redis_host, e.to_string()))?;
+        Ok(url)
+    }
+}
+
+/// The log level, as LOGLEVEL gives it. The names of the system optimus
+/// replaces (Python's logging levels) are accepted too.
+pub fn parse_log_level(raw: &str) -> Result<tracing::Level, ConfigError> {
+    use tracing::Level;
+    match raw.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => Ok(Level::TRACE),
+        "DEBUG" => Ok(Level::DEBUG),
+        "INFO" | "NOTSET" => Ok(Level::INFO),
+        "WARN" | "WARNING" => Ok(Level::WARN),
+        "ERROR" | "CRITICAL" | "FATAL" => Ok(Level::ERROR),
+        _ => Err(ConfigError::new(
+            "LOGLEVEL",
+            raw,
+            "expected one of TRACE, DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        )),
+    }
+}
+
+/// How a message is laid out in the output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// `message_id`, `payload` (the published bytes, untouched) and `consumer_id`.
+    #[default]
+    Envelope,
+    /// Like envelope, plus every top-level string/number/bool field of a JSON
+    /// object payload copied into the entry (as the replaced system did).
+    Flat,
+}
+
+/// `optimus consume` settings, as text. [`ConsumeArgs::to_config`] checks them.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumeArgs {
+    /// Workers (subscriptions) in this process.
+    #[arg(long = "consumers", env = "CONSUMERS_COUNT", default_value = "2")]
+    pub consumers_count: String,
+    /// Most messages a worker handles per batch; a batch never waits to fill.
+    #[arg(
+        long = "batch-size",
+        env = "PROCESSING_BATCH_SIZE",
+        default_value = "100"
+    )]
+    pub processing_batch_size: String,
+    /// Pub/Sub channel to read.
+    #[arg(long, env = "INPUT_CHANNEL", default_value = "messages:published")]
+    pub input_channel: String,
+    /// Stream to write.
+    #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
+    pub output_stream: String,
+    /// Seconds between monitoring lines on stdout (fractions allowed).
+    #[arg(long, env = "MONITORING_INTERVAL", default_value = "3")]
+    pub monitoring_interval: String,
+    /// Prefix of the per-worker presence keys (`<prefix>:<worker id>`), and the
+    /// name of the sorted set that indexes them.
+    #[arg(long, env = "CONSUMERS_LIST", default_value = "consumer:ids")]
+    pub consumers_list: String,
+    /// JSON field of a payload that carries the message's id.
+    #[arg(long, env = "MESSAGE_ID_FIELD", default_value = "message_id")]
+    pub message_id_field: String,
+    /// Seconds a worker's per-message lock lasts: how long a crashed worker's
+    /// messages wait before another worker takes them over.
+    #[arg(long, env = "LOCK_TTL", default_value = "2")]
+    pub lock_ttl: String,
+    /// Seconds a worker keeps its copy of a message another worker locked,
+    /// waiting for its ACK, before dropping it as expired.
+    #[arg(long, env = "PENDING_RETENTION", default_value = "30")]
+    pub pending_retention: String,
+    /// Seconds an ACK key (the record that a message was written) lives; must
+    /// be longer than PENDING_RETENTION + LOCK_TTL.
+    #[arg(long, env = "ACK_TTL", default_value = "60")]
+    pub ack_ttl: String,
+    /// Seconds a presence key lives without a refresh (refreshed every third of it).
+    #[arg(long, env = "PRESENCE_TTL", default_value = "5")]
+    pub presence_ttl: String,
+    /// Stream entry layout.
+    #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope", value_enum)]
+    pub output_format: OutputFormat,
+}
+
+/// The validated settings of a bridge (`optimus consume`). Build one with
+/// [`BridgeConfig::new`] and the setters, or from the command line.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    pub(crate) redis_url: String,
+    pub(crate) consumers: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) input_channel: String,
+    pub(crate) output_stream: String,
+    pub(crate) monitoring_interval: Duration,
+    pub(crate) consumers_list: String,
+    pub(crate) message_id_field: String,
+    pub(crate) lock_ttl: Duration,
+    pub(crate) pending_retention: Duration,
+    pub(crate) ack_ttl: Duration,
+    pub(crate) presence_ttl: Duration,
+    pub(crate) output_format: OutputFormat,
+    /// Whether the periodic monitoring line is printed on stdout (the CLI does;
+    /// an embedding service reads [`crate::Counters`] instead).
+    pub(crate) print_monitor: bool,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty;)*) => {
+        $( $(#[$doc])* pub fn $name(mut self, value: $ty) -> Self { self.$name = value.into(); self } )*
+    };
+}
+
+impl BridgeConfig {
+    /// The defaults of the system optimus replaces, against `redis_url`.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            consumers: 2,
+            batch_size: 100,
+            input_channel: "messages:published".into(),
+            output_stream: "messages:processed".into(),
+            monitoring_interval: Duration::from_secs(3),
+            consumers_list: "consumer:ids".into(),
+            message_id_field: "message_id".into(),
+            lock_ttl: Duration::from_secs(2),
+            pending_retention: Duration::from_secs(30),
+            ack_ttl: Duration::from_secs(60),
+            presence_ttl: Duration::from_secs(5),
+            output_format: OutputFormat::Envelope,
+            print_monitor: false,
+        }
+    }
+
+    setters! {
+        /// Workers in this process (CONSUMERS_COUNT).
+        consumers: usize;
+        /// Most messages per batch (PROCESSING_BATCH_SIZE).
+        batch_size: usize;
+        /// Channel to subscribe to (INPUT_CHANNEL).
+        input_channel: String;
+        /// Stream to write to (OUTPUT_STREAM).
+        output_stream: String;
+        /// Time between monitoring lines (MONITORING_INTERVAL).
+        monitoring_interval: Duration;
+        /// Prefix of the presence keys (CONSUMERS_LIST).
+        consumers_list: String;
+        /// JSON field carrying the message id (MESSAGE_ID_FIELD).
+        message_id_field: String;
+        /// Per-message lock lifetime, the takeover window (LOCK_TTL).
+        lock_ttl: Duration;
+        /// How long a copy waits for another worker's ACK (PENDING_RETENTION).
+        pending_retention: Duration;
+        /// ACK key lifetime (ACK_TTL).
+        ack_ttl: Duration;
+        /// Presence key lifetime (PRESENCE_TTL).
+        presence_ttl: Duration;
+        /// Stream entry layout (OUTPUT_FORMAT).
+        output_format: OutputFormat;
+        /// Print the monitoring line on stdout.
+        print_monitor: bool;
+    }
+
+    /// The stream this bridge writes.
+    pub fn stream(&self) -> &str {
+        &self.output_stream
+    }
+
+    /// Checks every value and how they fit together. The error names the
+    /// environment variable that carries the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
+            ConfigError::new("REDIS_URL", mask_password(&self.redis_url), e.to_string())
+        })?;
+        if self.consumers == 0 {
+            return Err(ConfigError::new("CONSUMERS_COUNT", 0, "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(ConfigError::new(
+                "PROCESSING_BATCH_SIZE",
+                0,
+                "must be at least 1",
+            ));
+        }
+        for (var, value) in [
+            ("INPUT_CHANNEL", &self.input_channel),
+            ("OUTPUT_STREAM", &self.output_stream),
+            ("CONSUMERS_LIST", &self.consumers_list),
+            ("MESSAGE_ID_FIELD", &self.message_id_field),
+        ] {
+            if value.is_empty() {
+                return Err(ConfigError::new(var, value, "must not be empty"));
+            }
+        }
+        // The lock and ACK keys use `{OUTPUT_STREAM}` as their hash tag, so the
+        // stream name itself must not contain braces.
+        if self.output_stream.contains(['{', '}']) {
+            return Err(ConfigError::new(
+                "OUTPUT_STREAM",
+                &self.output_stream,
+                "must not contain '{' or '}'",
+            ));
+        }
+        for (var, value) in [
+            ("MONITORING_INTERVAL", self.monitoring_interval),
+            ("LOCK_TTL", self.lock_ttl),
+            ("PENDING_RETENTION", self.pending_retention),
+            ("ACK_TTL", self.ack_ttl),
+            ("PRESENCE_TTL", self.presence_ttl),
+        ] {
+            if value < Duration::from_millis(10) {
+                return Err(ConfigError::new(
+                    var,
+                    secs(value),
+                    "must be at least 0.01 seconds",
+                ));
+            }
+        }
+        if self.pending_retention < self.lock_ttl {
+            return Err(ConfigError::new(
+                "PENDING_RETENTION",
+                secs(self.pending_retention),
+                format!(
+                    "must be at least LOCK_TTL ({}), or a crashed worker's messages are dropped before they can be taken over",
+                    secs(self.lock_ttl)
+                ),
+            ));
+        }
+        let needed = self.pending_retention + self.lock_ttl;
+        if self.ack_ttl <= needed {
+            return Err(ConfigError::new(
+                "ACK_TTL",
+                secs(self.ack_ttl),
+                format!(
+                    "must be longer than PENDING_RETENTION + LOCK_TTL ({}), or a copy still waiting could write a message twice",
+                    secs(needed)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ConsumeArgs {
+    /// Turns the raw settings into a validated [`BridgeConfig`].
+    pub fn to_config(&self, connect: &ConnectArgs) -> Result<BridgeConfig, ConfigError> {
+        let config = BridgeConfig {
+            redis_url: connect.url()?,
+            consumers: parse_num("CONSUMERS_COUNT", &self.consumers_count)?,
+            batch_size: parse_num("PROCESSING_BATCH_SIZE", &self.processing_batch_size)?,
+            input_channel: self.input_channel.clone(),
+            output_stream: self.output_stream.clone(),
+            monitoring_interval: parse_secs("MONITORING_INTERVAL", &self.monitoring_interval)?,
+            consumers_list: self.consumers_list.clone(),
+            message_id_field: self.message_id_field.clone(),
+            lock_ttl: parse_secs("LOCK_TTL", &self.lock_ttl)?,
+            pending_retention: parse_secs("PENDING_RETENTION", &self.pending_retention)?,
+            ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
+            presence_ttl: parse_secs("PRESENCE_TTL", &self.presence_ttl)?,
+            output_format: self.output_format,
+            print_monitor: true,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `optimus publish` settings.
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// Seconds to publish for (ignored with --count).
+    #[arg(long, default_value = "60")]
+    pub duration: String,
+    /// Send exactly this many messages, then stop.
+    #[arg(long)]
+    pub count: Option<String>,
+    /// Messages per batch; each batch is one pipelined round trip.
+    #[arg(long, default_value = "1000")]
+    pub batch_size: String,
+    /// Send at this steady rate (messages/s) instead of batches with pauses.
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Shortest pause between batches, seconds (without --rate).
+    #[arg(long, default_value = "0.1")]
+    pub pause_min: String,
+    /// Longest pause between batches, seconds (without --rate); a random pause in between is taken.
+    #[arg(long, default_value = "0.5")]
+    pub pause_max: String,
+    /// Channel to publish to.
+    #[arg(long, env = "INPUT_CHANNEL", default_value = "messages:published")]
+    pub channel: String,
+    /// Pad each message to about this many bytes (0: no padding).
+    #[arg(long, default_value = "0")]
+    pub payload_size: String,
+    /// Seconds between progress lines on stdout.
+    #[arg(long, default_value = "1")]
+    pub progress_interval: String,
+}
+
+/// How long `optimus publish` goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishLimit {
+    /// Until this much time has passed.
+    Duration(Duration),
+    /// Until exactly this many messages are sent.
+    Count(u64),
+}
+
+/// When batches go out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// A random pause between `min` and `max` after each batch (the old publisher's way).
+    Pauses { min: Duration, max: Duration },
+    /// A steady number of messages per second.
+    Rate(f64),
+}
+
+/// The validated settings of `optimus publish`.
+#[derive(Debug, Clone)]
+pub struct PublishConfig {
+    pub redis_url: String,
+    pub channel: String,
+    pub limit: PublishLimit,
+    pub batch_size: usize,
+    pub pace: Pace,
+    pub payload_size: usize,
+    pub progress_interval: Option<Duration>,
+}
+
+impl PublishConfig {
+    /// `count` messages on `channel` as fast as possible, no progress lines.
+    pub fn new(redis_url: impl Into<String>, channel: impl Into<String>, count: u64) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            channel: channel.into(),
+            limit: PublishLimit::Count(count),
+            batch_size: 1000,
+            pace: Pace::Rate(f64::INFINITY),
+            payload_size: 0,
+            progress_interval: None,
+        }
+    }
+}
+
+impl PublishArgs {
+    /// Turns the raw flags into a validated [`PublishConfig`].
+    pub fn to_config(&self, connect: &ConnectArgs) -> Result<PublishConfig, ConfigError> {
+        let limit = match &self.count {
+            Some(count) => PublishLimit::Count(parse_num("--count", count)?),
+            None => PublishLimit::Duration(parse_secs("--duration", &self.duration)?),
+        };
+        let batch_size: usize = parse_num("--batch-size", &self.batch_size)?;
+        if batch_size == 0 {
+            return Err(ConfigError::new("--batch-size", 0, "must be at least 1"));
+        }
+        let pace = match &self.rate {
+            Some(rate) => {
+                let r: f64 = rate.trim().parse().map_err(|_| {
+                    ConfigError::new("--rate", rate, "expected messages per second")
+                })?;
+                if !(r > 0.0 && r.is_finite()) {
+                    return Err(ConfigError::new("--rate", rate, "must be above 0"));
+                }
+                Pace::Rate(r)
+            }
+            None => {
+                let min = parse_secs_allow_zero("--pause-min", &self.pause_min)?;
+                let max = parse_secs_allow_zero("--pause-max", &self.pause_max)?;
+                if max < min {
+                    return Err(ConfigError::new(
+                        "--pause-max",
+                        &self.pause_max,
+                        "must not be below --pause-min",
+                    ));
+                }
+                Pace::Pauses { min, max }
+            }
+        };
+        if self.channel.is_empty() {
+            return Err(ConfigError::new("INPUT_CHANNEL", "", "must not be empty"));
+        }
+        Ok(PublishConfig {
+            redis_url: connect.url()?,
+            channel: self.channel.clone(),
+            limit,
+            batch_size,
+            pace,
+            payload_size: parse_num("--payload-size", &self.payload_size)?,
+            progress_interval: Some(parse_secs("--progress-interval", &self.progress_interval)?),
+        })
+    }
+}
+
+fn parse_num<T: FromStr>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
+    raw.trim()
+        .parse()
+        .map_err(|_| ConfigError::new(var, raw, "expected a whole number"))
+}
+
+fn parse_secs_allow_zero(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    let value: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(var, raw, "expected a number of seconds, like 3 or 0.5"))?;
+    if !value.is_finite() || !(0.0..=1e9).contains(&value) {
+        return Err(ConfigError::new(
+            var,
+            raw,
+            "must be a number of seconds from 0 up",
+        ));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+fn parse_secs(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    let value = parse_secs_allow_zero(var, raw)?;
+    if value.is_zero() {
+        return Err(ConfigError::new(var, raw, "must be above 0 seconds"));
+    }
+    Ok(value)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
+}
+
+/// `url` with any password replaced by `***`, for logs and errors.
+pub fn mask_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => "***".to_string(),
+    };
+    format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords_in_urls() {
+        assert_eq!(
+            mask_password("redis://user:secret@host:1/0"),
+            "redis://user:***@host:1/0"
+        );
+        assert_eq!(mask_password("redis://:secret@host"), "redis://:***@host");
+        assert_eq!(mask_password("redis://host:6379"), "redis://host:6379");
+        assert_eq!(mask_password("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
+    }
+
+    #[test]
+    fn old_log_level_names_are_accepted() {
+        assert_eq!(parse_log_level("WARNING").unwrap(), tracing::Level::WARN);
+        assert_eq!(parse_log_level("critical").unwrap(), tracing::Level::ERROR);
+        assert_eq!(parse_log_level("DEBUG").unwrap(), tracing::Level::DEBUG);
+        assert_eq!(parse_log_level("LOUD").unwrap_err().var, "LOGLEVEL");
+    }
+
+    #[test]
+    fn ack_ttl_must_outlive_retention_and_lock() {
+        let config = BridgeConfig::new("redis://localhost")
+            .pending_retention(Duration::from_secs(30))
+            .lock_ttl(Duration::from_secs(2))
+            .ack_ttl(Duration::from_secs(31));
+        assert_eq!(config.validate().unwrap_err().var, "ACK_TTL");
+        let config = config.ack_ttl(Duration::from_secs(33));
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        BridgeConfig::new("redis://localhost").validate().unwrap();
+    }
+}

@@ -1,0 +1,139 @@
+//! The `optimus` command: parses settings, sets up logging and signals, and
+//! calls the library. Exit codes: 0 done, 1 runtime failure, 2 bad setting.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use optimus::config::{ConnectArgs, ConsumeArgs, PublishArgs, parse_log_level};
+use optimus::{Bridge, BridgeError, ConfigError};
+use tokio_util::sync::CancellationToken;
+
+/// Bridge Redis Pub/Sub into a durable Redis Stream with a pool of cooperating workers.
+///
+/// Every setting can be given as an environment variable (shown in brackets)
+/// or as the flag. Logs go to stderr; monitoring lines and summaries to stdout.
+#[derive(Parser)]
+#[command(name = "optimus", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Log level: TRACE, DEBUG, INFO, WARNING, ERROR or CRITICAL (RUST_LOG, when set, wins).
+    #[arg(long, env = "LOGLEVEL", default_value = "INFO", global = true)]
+    loglevel: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run N workers that subscribe to INPUT_CHANNEL and write every message to
+    /// OUTPUT_STREAM exactly once, printing a monitoring line every MONITORING_INTERVAL.
+    ///
+    /// SIGINT/SIGTERM stop reading, finish what was received, delete the presence
+    /// keys and exit 0; a second signal exits at once.
+    Consume(ConsumeArgs),
+    /// Publish timed batches of test messages ({"message_id": "<uuid>", "seq": n, "sent_ms": t}).
+    Publish(PublishArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match parse_log_level(&cli.loglevel) {
+        Ok(level) => level,
+        Err(err) => return bad_setting(&err),
+    };
+    init_logging(level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
+    runtime.block_on(async {
+        match cli.command {
+            Command::Consume(args) => consume(&cli.connect, &args).await,
+            Command::Publish(args) => publish(&cli.connect, &args).await,
+        }
+    })
+}
+
+async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
+    let config = match args.to_config(connect) {
+        Ok(config) => config,
+        Err(err) => return bad_setting(&err),
+    };
+    let bridge = match Bridge::new(config) {
+        Ok(bridge) => bridge,
+        Err(err) => return bad_setting(&err),
+    };
+    match bridge.run(shutdown_on_signal()).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(BridgeError::Config(err)) => bad_setting(&err),
+        Err(err) => {
+            eprintln!("optimus: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
+    let config = match args.to_config(connect) {
+        Ok(config) => config,
+        Err(err) => return bad_setting(&err),
+    };
+    match optimus::publish::run(&config, shutdown_on_signal()).await {
+        Ok(summary) => {
+            println!("publish done {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            println!("publish failed {}", err.summary);
+            eprintln!("optimus: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One line naming the variable, exit code 2.
+fn bad_setting(err: &ConfigError) -> ExitCode {
+    eprintln!("optimus: {err}");
+    ExitCode::from(2)
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM; the second one exits at once.
+fn shutdown_on_signal() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!(
+                    "signal received: finishing the work in hand (again to exit at once)"
+                );
+                cancel.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}
+
+fn init_logging(level: tracing::Level) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,optimus={level}")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
