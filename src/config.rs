@@ -36,9 +36,16 @@ impl ConfigError {
 
 /// Where Redis is. Shared by every subcommand.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection and logging")]
 pub struct ConnectArgs {
     /// Redis URL (`redis://[user:pass@]host:port/db` or `unix:///path`); overrides REDIS_HOST and REDIS_PORT.
-    #[arg(long, env = "REDIS_URL", value_name = "URL", global = true)]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        value_name = "URL",
+        global = true,
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
     /// Redis host, used when REDIS_URL is unset.
     #[arg(long, env = "REDIS_HOST", default_value = "localhost", global = true)]
@@ -185,9 +192,17 @@ pub struct BridgeConfig {
     pub(crate) print_monitor: bool,
 }
 
+/// Builder-style setters: `fn name(self, value) -> Self`; text settings take
+/// anything that converts into a `String`.
 macro_rules! setters {
     ($($(#[$doc:meta])* $name:ident: $ty:ty;)*) => {
-        $( $(#[$doc])* pub fn $name(mut self, value: $ty) -> Self { self.$name = value.into(); self } )*
+        $( $(#[$doc])* pub fn $name(mut self, value: $ty) -> Self { self.$name = value; self } )*
+    };
+}
+
+macro_rules! text_setters {
+    ($($(#[$doc:meta])* $name:ident;)*) => {
+        $( $(#[$doc])* pub fn $name(mut self, value: impl Into<String>) -> Self { self.$name = value.into(); self } )*
     };
 }
 
@@ -217,16 +232,8 @@ impl BridgeConfig {
         consumers: usize;
         /// Most messages per batch (PROCESSING_BATCH_SIZE).
         batch_size: usize;
-        /// Channel to subscribe to (INPUT_CHANNEL).
-        input_channel: String;
-        /// Stream to write to (OUTPUT_STREAM).
-        output_stream: String;
         /// Time between monitoring lines (MONITORING_INTERVAL).
         monitoring_interval: Duration;
-        /// Prefix of the presence keys (CONSUMERS_LIST).
-        consumers_list: String;
-        /// JSON field carrying the message id (MESSAGE_ID_FIELD).
-        message_id_field: String;
         /// Per-message lock lifetime, the takeover window (LOCK_TTL).
         lock_ttl: Duration;
         /// How long a copy waits for another worker's ACK (PENDING_RETENTION).
@@ -239,6 +246,17 @@ impl BridgeConfig {
         output_format: OutputFormat;
         /// Print the monitoring line on stdout.
         print_monitor: bool;
+    }
+
+    text_setters! {
+        /// Channel to subscribe to (INPUT_CHANNEL).
+        input_channel;
+        /// Stream to write to (OUTPUT_STREAM).
+        output_stream;
+        /// Prefix of the presence keys (CONSUMERS_LIST).
+        consumers_list;
+        /// JSON field carrying the message id (MESSAGE_ID_FIELD).
+        message_id_field;
     }
 
     /// The stream this bridge writes.

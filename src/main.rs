@@ -19,7 +19,13 @@ struct Cli {
     #[command(flatten)]
     connect: ConnectArgs,
     /// Log level: TRACE, DEBUG, INFO, WARNING, ERROR or CRITICAL (RUST_LOG, when set, wins).
-    #[arg(long, env = "LOGLEVEL", default_value = "INFO", global = true)]
+    #[arg(
+        long,
+        env = "LOGLEVEL",
+        default_value = "INFO",
+        global = true,
+        help_heading = "Connection and logging"
+    )]
     loglevel: String,
     #[command(subcommand)]
     command: Command,

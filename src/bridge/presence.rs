@@ -1,7 +1,7 @@
 //! Presence: each worker keeps a key `<CONSUMERS_LIST>:<worker id>` alive with
 //! a short TTL, so anyone can see which workers are up, on every host.
 //!
-//! Beside the keys, a sorted set `<CONSUMERS_LIST>:index` maps each worker id
+//! Beside the keys, a sorted set named `<CONSUMERS_LIST>` itself maps each worker id
 //! to the server time its key expires; counting live workers is then one
 //! cheap script instead of a SCAN over the whole keyspace. Both use the
 //! server's clock, so hosts whose clocks differ still agree.
@@ -59,7 +59,7 @@ impl Presence {
     }
 
     fn index(&self) -> String {
-        format!("{}:index", self.prefix)
+        self.prefix.clone()
     }
 
     fn key(&self, worker: &str) -> String {

@@ -1,0 +1,258 @@
+//! End to end: the `optimus` binary against a real redis-server of the test's own.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer, assert_exactly_once, run_optimus};
+
+const STREAM: &str = "messages:processed";
+
+/// Waits until the presence index shows `n` live workers.
+fn wait_for_consumers(server: &RedisServer, process: &mut OptimusProcess, n: u64) {
+    process.wait_for_line("monitor ", Duration::from_secs(20), |f| {
+        f.values.get("consumers").map(String::as_str) == Some(&n.to_string())
+    });
+    let _ = server;
+}
+
+/// `optimus publish --count n` as fast as it goes; returns its summary line.
+fn publish(server: &RedisServer, count: u64) -> support::Fields {
+    let url = server.url();
+    let out = run_optimus(
+        &[
+            "publish",
+            "--count",
+            &count.to_string(),
+            "--pause-min",
+            "0",
+            "--pause-max",
+            "0",
+        ],
+        &[("REDIS_URL", url.as_str())],
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "publish failed: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("publish done"))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
+    support::Fields::parse(line)
+}
+
+/// Waits until the stream holds `n` entries and every copy in the given
+/// processes is settled (pending=0), then returns the entries.
+fn settled_entries(
+    server: &RedisServer,
+    processes: &mut [&mut OptimusProcess],
+    n: usize,
+) -> Vec<std::collections::BTreeMap<String, Vec<u8>>> {
+    support::wait_for(
+        &format!("{n} entries in {STREAM}"),
+        Duration::from_secs(30),
+        || (server.xlen(STREAM) >= n).then_some(()),
+        || processes.iter().map(|p| p.describe()).collect(),
+    );
+    for p in processes.iter_mut() {
+        p.wait_for_line("monitor ", Duration::from_secs(20), |f| {
+            f.num("pending") == 0
+        });
+    }
+    server.stream_entries(STREAM)
+}
+
+#[test]
+fn three_workers_write_ten_thousand_messages_exactly_once() {
+    let server = RedisServer::start();
+    let mut consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "3")]);
+    wait_for_consumers(&server, &mut consume, 3);
+    let presence = server.keys("consumer:ids:*");
+    assert_eq!(presence.len(), 3, "presence keys: {presence:?}");
+
+    let summary = publish(&server, 10_000);
+    assert_eq!(summary.num("published"), 10_000);
+    assert_eq!(
+        summary.num("no_subscriber"),
+        0,
+        "every PUBLISH reached the workers"
+    );
+
+    let entries = settled_entries(&server, &mut [&mut consume], 10_000);
+    assert_exactly_once(&entries, 0..10_000);
+    for entry in &entries {
+        let consumer = String::from_utf8_lossy(&entry["consumer_id"]);
+        assert!(
+            presence.iter().any(|k| k.ends_with(&*consumer)),
+            "consumer_id {consumer} is one of the workers {presence:?}"
+        );
+    }
+
+    // The monitoring line carries every field, and its counts add up: each of
+    // the 3 workers received each message once; each was written once, and the
+    // other two copies were skipped.
+    let line = consume.wait_for_line("monitor ", Duration::from_secs(10), |f| {
+        f.num("received") == 30_000 && f.num("duplicates_skipped") == 20_000
+    });
+    let keys: Vec<&str> = line.values.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "consumers",
+            "duplicates_skipped",
+            "errors",
+            "expired",
+            "pending",
+            "rate",
+            "received",
+            "reconnects",
+            "written"
+        ],
+        "fields of {:?}",
+        line.line
+    );
+    assert_eq!(line.num("written"), 10_000);
+    assert_eq!(line.num("consumers"), 3);
+    assert!(line.line.starts_with("monitor consumers=3 "));
+    assert!(
+        !consume.stderr().contains("monitor consumers="),
+        "monitoring goes to stdout, not stderr"
+    );
+}
+
+#[test]
+fn two_processes_side_by_side_write_exactly_once() {
+    let server = RedisServer::start();
+    let mut a = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
+    let mut b = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
+    wait_for_consumers(&server, &mut a, 4);
+    wait_for_consumers(&server, &mut b, 4);
+
+    publish(&server, 10_000);
+    let entries = settled_entries(&server, &mut [&mut a, &mut b], 10_000);
+    assert_exactly_once(&entries, 0..10_000);
+
+    let written_a = a
+        .wait_for_line("monitor ", Duration::from_secs(5), |_| true)
+        .num("written");
+    let written_b = b
+        .wait_for_line("monitor ", Duration::from_secs(5), |_| true)
+        .num("written");
+    assert_eq!(
+        written_a + written_b,
+        10_000,
+        "the processes' writes add up to the stream"
+    );
+}
+
+#[test]
+fn messages_without_an_id_are_bridged_byte_for_byte() {
+    let server = RedisServer::start();
+    let mut consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
+    wait_for_consumers(&server, &mut consume, 2);
+
+    // Plain text through the real redis-cli, twice the same, then JSON without
+    // the id field, then bytes that are not UTF-8.
+    for payload in ["hello", "hello", r#"{"kind":"no id"}"#] {
+        let status = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &server.port.to_string(),
+                "PUBLISH",
+                "messages:published",
+                payload,
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success());
+    }
+    let binary: Vec<u8> = vec![0xff, 0x00, 0xfe, b'\n', 0x80];
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg("messages:published")
+        .arg(&binary)
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(receivers, 2);
+
+    let entries = settled_entries(&server, &mut [&mut consume], 4);
+    assert_eq!(
+        entries.len(),
+        4,
+        "no more than the four messages: {entries:?}"
+    );
+    let payloads: Vec<&[u8]> = entries.iter().map(|e| e["payload"].as_slice()).collect();
+    assert_eq!(
+        payloads,
+        [&b"hello"[..], b"hello", br#"{"kind":"no id"}"#, &binary],
+        "payloads in publish order, unchanged"
+    );
+    let ids: Vec<String> = entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e["message_id"]).to_string())
+        .collect();
+    assert_ne!(
+        ids[0], ids[1],
+        "two identical id-less payloads are two messages"
+    );
+    assert!(
+        ids.iter().all(|id| id.starts_with("h:")),
+        "derived ids: {ids:?}"
+    );
+}
+
+#[test]
+fn sigterm_finishes_what_was_received_and_removes_presence() {
+    let server = RedisServer::start();
+    let mut consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "3")]);
+    wait_for_consumers(&server, &mut consume, 3);
+
+    // A steady stream of messages, and SIGTERM while it flows.
+    let url = server.url();
+    let mut publisher = OptimusProcess::spawn(
+        &["publish", "--rate", "5000", "--duration", "4"],
+        &[("REDIS_URL", url.as_str())],
+    );
+    support::wait_for(
+        "some messages in the stream",
+        Duration::from_secs(20),
+        || (server.xlen(STREAM) > 2000).then_some(()),
+        || consume.describe(),
+    );
+    consume.signal("TERM");
+    let status = consume.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", consume.describe());
+    let _ = publisher.wait_exit(Duration::from_secs(30));
+
+    // Every worker subscribed before the first message, so what each received
+    // is a prefix of the sequence; the stream must hold the longest of them,
+    // with no hole and nothing twice.
+    let last = consume.wait_for_line("monitor ", Duration::from_secs(1), |_| true);
+    let entries = server.stream_entries(STREAM);
+    let received = last.num("received");
+    assert_eq!(
+        last.num("pending"),
+        0,
+        "nothing left unsettled: {}",
+        last.line
+    );
+    assert!(
+        entries.len() as u64 * 3 >= received,
+        "stream has {} entries, but the 3 workers received {received} copies",
+        entries.len()
+    );
+    assert_exactly_once(&entries, 0..entries.len() as u64);
+    assert_eq!(last.num("written"), entries.len() as u64);
+
+    assert!(
+        server.keys("consumer:ids:*").is_empty(),
+        "presence keys left: {:?}",
+        server.keys("consumer:ids*")
+    );
+    assert_eq!(last.num("consumers"), 0, "{}", last.line);
+}

@@ -1,0 +1,229 @@
+//! Bad settings, wrong credentials, an unreachable server: what the user sees.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer, free_port, run_optimus};
+
+/// Each bad setting exits 2 with exactly one line on stderr that names the
+/// variable and the value, before any connection is tried.
+#[test]
+fn bad_settings_give_one_line_and_exit_code_2() {
+    /// The settings given, the variable the error must name, and its value.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
+        (&[("CONSUMERS_COUNT", "abc")], "CONSUMERS_COUNT", "abc"),
+        (&[("CONSUMERS_COUNT", "0")], "CONSUMERS_COUNT", "0"),
+        (&[("CONSUMERS_COUNT", "-3")], "CONSUMERS_COUNT", "-3"),
+        (
+            &[("PROCESSING_BATCH_SIZE", "0")],
+            "PROCESSING_BATCH_SIZE",
+            "0",
+        ),
+        (
+            &[("MONITORING_INTERVAL", "-1")],
+            "MONITORING_INTERVAL",
+            "-1",
+        ),
+        (
+            &[("MONITORING_INTERVAL", "soon")],
+            "MONITORING_INTERVAL",
+            "soon",
+        ),
+        (
+            &[("ACK_TTL", "10"), ("PENDING_RETENTION", "30")],
+            "ACK_TTL",
+            "10",
+        ),
+        (
+            &[("PENDING_RETENTION", "1"), ("LOCK_TTL", "5")],
+            "PENDING_RETENTION",
+            "1",
+        ),
+        (&[("LOGLEVEL", "LOUD")], "LOGLEVEL", "LOUD"),
+        (&[("REDIS_PORT", "99999")], "REDIS_PORT", "99999"),
+        (&[("REDIS_URL", "http://nope")], "REDIS_URL", "http://nope"),
+        (&[("OUTPUT_STREAM", "a{b}")], "OUTPUT_STREAM", "a{b}"),
+    ];
+    for (env, var, value) in cases {
+        let out = run_optimus(&["consume"], env, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{env:?}: status {:?}, stderr:\n{stderr}",
+            out.status
+        );
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{env:?}: one line, got:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(var) && stderr.contains(value),
+            "{env:?}: the line names {var} and {value:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn old_log_level_names_are_accepted() {
+    // A bad count still fails, but only after LOGLEVEL=WARNING was accepted.
+    let out = run_optimus(
+        &["consume"],
+        &[("LOGLEVEL", "WARNING"), ("CONSUMERS_COUNT", "x")],
+        Duration::from_secs(10),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CONSUMERS_COUNT"), "{stderr}");
+}
+
+#[test]
+fn help_lists_every_variable_with_its_default() {
+    let out = run_optimus(&["consume", "--help"], &[], Duration::from_secs(10));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for (var, default) in [
+        ("REDIS_URL", ""),
+        ("REDIS_HOST", "localhost"),
+        ("REDIS_PORT", "6379"),
+        ("CONSUMERS_COUNT", "2"),
+        ("PROCESSING_BATCH_SIZE", "100"),
+        ("LOGLEVEL", "INFO"),
+        ("INPUT_CHANNEL", "messages:published"),
+        ("OUTPUT_STREAM", "messages:processed"),
+        ("MONITORING_INTERVAL", "3"),
+        ("CONSUMERS_LIST", "consumer:ids"),
+        ("MESSAGE_ID_FIELD", "message_id"),
+        ("LOCK_TTL", "2"),
+        ("ACK_TTL", "60"),
+        ("PENDING_RETENTION", "30"),
+        ("PRESENCE_TTL", "5"),
+    ] {
+        let lines: Vec<&str> = help.lines().map(str::trim).collect();
+        let at = lines
+            .iter()
+            .position(|l| *l == format!("[env: {var}=]") || *l == format!("[env: {var}]"))
+            .unwrap_or_else(|| panic!("--help shows {var}:\n{help}"));
+        if !default.is_empty() {
+            assert_eq!(
+                lines[at + 1],
+                format!("[default: {default}]"),
+                "default of {var}"
+            );
+        }
+    }
+}
+
+#[test]
+fn wrong_credentials_are_one_clear_error_and_exit_1() {
+    let server = RedisServer::start_with(&["--requirepass", "right"]);
+    for url in [
+        format!("redis://:wrong@127.0.0.1:{}", server.port),
+        format!("redis://127.0.0.1:{}", server.port),
+    ] {
+        let out = run_optimus(
+            &["consume"],
+            &[("REDIS_URL", &url), ("LOGLEVEL", "ERROR")],
+            Duration::from_secs(20),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("optimus: "), "{stderr}");
+        assert!(
+            !stderr.contains("wrong@"),
+            "the password is masked: {stderr}"
+        );
+        assert!(
+            last.contains("WRONGPASS") || last.contains("NOAUTH") || last.contains("uthentication"),
+            "{url}: says what is wrong: {stderr}"
+        );
+    }
+}
+
+/// With nothing listening, the consumer waits and says so; when a server
+/// appears on that port, it starts by itself.
+#[test]
+fn unreachable_redis_is_retried_until_it_comes() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut consume = OptimusProcess::spawn(
+        &["consume"],
+        &[("REDIS_URL", &url), ("MONITORING_INTERVAL", "0.2")],
+    );
+    support::wait_for(
+        "a 'Redis unreachable' warning",
+        Duration::from_secs(20),
+        || (consume.stderr().matches("Redis unreachable").count() >= 2).then_some(()),
+        || consume.describe(),
+    );
+    assert!(
+        consume.try_exit().is_none(),
+        "still running\n{}",
+        consume.describe()
+    );
+
+    let server = RedisServer::start_on(port);
+    consume.wait_for_line("monitor ", Duration::from_secs(30), |f| {
+        f.values.get("consumers").map(String::as_str) == Some("2")
+    });
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg("messages:published")
+        .arg("after the wait")
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(receivers, 2);
+    support::wait_for(
+        "the message in the stream",
+        Duration::from_secs(20),
+        || (server.xlen("messages:processed") == 1).then_some(()),
+        || consume.describe(),
+    );
+}
+
+#[test]
+fn publish_without_a_server_fails_clearly() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let out = run_optimus(
+        &["publish", "--count", "10"],
+        &[("REDIS_URL", &url)],
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot publish to"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn publish_reports_messages_that_reached_no_subscriber() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let out = run_optimus(
+        &[
+            "publish",
+            "--count",
+            "2500",
+            "--batch-size",
+            "1000",
+            "--pause-min",
+            "0",
+            "--pause-max",
+            "0",
+        ],
+        &[("REDIS_URL", &url)],
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("publish done"))
+        .expect(&stdout);
+    let fields = support::Fields::parse(summary);
+    assert_eq!(fields.num("published"), 2500, "{summary}");
+    assert_eq!(fields.num("no_subscriber"), 2500, "{summary}");
+}

@@ -1,0 +1,491 @@
+//! The real-server test harness: every test starts its own `redis-server` on a
+//! free port with a temp dir, and its own `optimus` processes; all are killed
+//! when the test's handles drop. Nothing here touches the machine's own Redis.
+//!
+//! A failing wait or command panics with what it was waiting for, the
+//! process's command line, its stdout and stderr, and the server log.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Polls `check` until it returns `Some`, at most `timeout`; panics naming
+/// `what` (and anything `context` adds) when the time runs out.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    context: impl FnOnce() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `redis-server` of this test's own.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra arguments (e.g. `--requirepass x`), retrying
+    /// on another port if the chosen one was taken meanwhile.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = spawn_server(dir.path(), port, &extra_args);
+            if wait_ready(&mut child, &admin_url(port, &extra_args)) {
+                return RedisServer {
+                    child,
+                    port,
+                    dir,
+                    extra_args,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "redis-server did not start:\n{}",
+            std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default()
+        );
+    }
+
+    /// Starts a server on a given port (a test that needs the port before the
+    /// server exists).
+    pub fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut child = spawn_server(dir.path(), port, &[]);
+        assert!(
+            wait_ready(&mut child, &admin_url(port, &[])),
+            "redis-server did not start on port {port}:\n{}",
+            std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default()
+        );
+        RedisServer {
+            child,
+            port,
+            dir,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Stops the server (as a crash would) and starts it again on the same
+    /// port, for tests of reconnection.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_server(self.dir.path(), self.port, &self.extra_args);
+        let url = self.admin_url();
+        assert!(
+            wait_ready(&mut self.child, &url),
+            "redis-server did not come back on port {}\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    /// The URL the bridge should use.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A URL with the admin password when the server requires one.
+    fn admin_url(&self) -> String {
+        admin_url(self.port, &self.extra_args)
+    }
+
+    /// A plain synchronous connection for the test's own checks.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.admin_url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}\n{}", self.log()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log"))
+            .unwrap_or_else(|e| format!("(no server log: {e})"))
+    }
+
+    /// Every entry of a stream, as field maps.
+    pub fn stream_entries(&self, stream: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
+        let mut conn = self.conn();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(&mut conn)
+            .expect("XRANGE");
+        reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                entry
+                    .map
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let bytes: Vec<u8> = redis::from_redis_value(v).expect("bytes");
+                        (k, bytes)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub fn xlen(&self, stream: &str) -> usize {
+        redis::cmd("XLEN")
+            .arg(stream)
+            .query(&mut self.conn())
+            .expect("XLEN")
+    }
+
+    /// Names of the keys matching `pattern` (SCAN, so it is safe on any size).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut conn = self.conn();
+        let iter: redis::Iter<String> = redis::cmd("SCAN")
+            .cursor_arg(0)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .clone()
+            .iter(&mut conn)
+            .expect("SCAN");
+        iter.map(|k| k.expect("key")).collect()
+    }
+}
+
+fn admin_url(port: u16, extra: &[String]) -> String {
+    match extra.iter().position(|a| a == "--requirepass") {
+        Some(i) => format!("redis://:{}@127.0.0.1:{port}", extra[i + 1]),
+        None => format!("redis://127.0.0.1:{port}"),
+    }
+}
+
+/// Waits until the server answers PING, or has exited (port taken, bad
+/// arguments), at most 10 s.
+fn wait_ready(child: &mut Child, url: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        let answered = redis::Client::open(url)
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn));
+        if answered.is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot run redis-server: is it installed? (tests/run.sh installs it)")
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// The `optimus` binary under test, with a clean environment: only what the
+/// test gives, so the machine's own REDIS_URL and friends cannot leak in.
+pub fn optimus(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_optimus"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(args)
+        .envs(env.iter().copied());
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        cmd.env("RUST_LOG", filter);
+    }
+    cmd
+}
+
+/// Runs `optimus` to completion (at most `timeout`) and returns its output.
+pub fn run_optimus(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut process = OptimusProcess::spawn(args, env);
+    let status = process.wait_exit(timeout);
+    Output {
+        status,
+        stdout: process.stdout().into_bytes(),
+        stderr: process.stderr().into_bytes(),
+    }
+}
+
+/// A running `optimus`, its stdout and stderr collected as they come.
+pub struct OptimusProcess {
+    child: Child,
+    description: String,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    exited: Option<ExitStatus>,
+}
+
+impl OptimusProcess {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = optimus(args, env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start optimus");
+        let env_text: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        Self {
+            description: format!("{} optimus {}", env_text.join(" "), args.join(" ")),
+            stdout: collect(child.stdout.take().unwrap()),
+            stderr: collect(child.stderr.take().unwrap()),
+            child,
+            exited: None,
+        }
+    }
+
+    /// `optimus consume` against `server` with these settings.
+    pub fn consume(server: &RedisServer, env: &[(&str, &str)]) -> Self {
+        let url = server.url();
+        let mut all = vec![("REDIS_URL", url.as_str()), ("MONITORING_INTERVAL", "0.2")];
+        all.extend_from_slice(env);
+        Self::spawn(&["consume"], &all)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The command, exit status, stdout and stderr, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "command: {}\nstatus: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.description,
+            self.exited,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{signal} failed\n{}", self.describe());
+    }
+
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+
+    /// Waits for the process to exit, and for its output to be read to the end.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = wait_for("optimus to exit", timeout, || self.try_exit(), String::new);
+        // Output readers finish right after the pipes close.
+        std::thread::sleep(Duration::from_millis(50));
+        status
+    }
+
+    /// The last stdout line starting with `prefix` that satisfies `check`,
+    /// waiting up to `timeout` for one to appear.
+    pub fn wait_for_line(
+        &mut self,
+        prefix: &str,
+        timeout: Duration,
+        check: impl Fn(&Fields) -> bool,
+    ) -> Fields {
+        let stdout = self.stdout.clone();
+        let found = wait_for_inner(timeout, || {
+            let text = stdout.lock().unwrap().clone();
+            text.lines()
+                .rev()
+                .filter(|l| l.starts_with(prefix))
+                .map(Fields::parse)
+                .find(|f| check(f))
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for a matching '{prefix}' line\n{}",
+                self.describe()
+            )
+        })
+    }
+}
+
+fn wait_for_inner<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for OptimusProcess {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.describe());
+        }
+    }
+}
+
+fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let mut t = sink.lock().unwrap();
+            t.push_str(&line);
+            t.push('\n');
+        }
+    });
+    text
+}
+
+/// The `key=value` fields of a monitoring or summary line.
+#[derive(Debug, Clone)]
+pub struct Fields {
+    pub line: String,
+    pub values: BTreeMap<String, String>,
+}
+
+impl Fields {
+    pub fn parse(line: &str) -> Self {
+        let values = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self {
+            line: line.to_string(),
+            values,
+        }
+    }
+
+    /// A numeric field (a trailing `/s` or `s` is ignored).
+    pub fn num(&self, key: &str) -> u64 {
+        let raw = self
+            .values
+            .get(key)
+            .unwrap_or_else(|| panic!("no field {key} in {:?}", self.line));
+        raw.trim_end_matches("/s")
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("field {key} is not a number in {:?}", self.line))
+            as u64
+    }
+}
+
+/// Checks that `entries` hold each of `expected_seqs` exactly once (by the
+/// `seq` in their JSON payload), and that their message ids are distinct.
+pub fn assert_exactly_once(
+    entries: &[BTreeMap<String, Vec<u8>>],
+    expected_seqs: impl IntoIterator<Item = u64>,
+) {
+    let mut ids = HashSet::new();
+    let mut seqs = BTreeMap::<u64, usize>::new();
+    for entry in entries {
+        let id = String::from_utf8_lossy(&entry["message_id"]).to_string();
+        assert!(ids.insert(id.clone()), "message id {id} written twice");
+        let payload: serde_json::Value =
+            serde_json::from_slice(&entry["payload"]).expect("payload is the published JSON");
+        assert_eq!(
+            payload["message_id"].as_str(),
+            Some(id.as_str()),
+            "entry id is the payload's id"
+        );
+        *seqs
+            .entry(payload["seq"].as_u64().expect("seq"))
+            .or_default() += 1;
+    }
+    let expected: Vec<u64> = expected_seqs.into_iter().collect();
+    let missing: Vec<u64> = expected
+        .iter()
+        .copied()
+        .filter(|s| !seqs.contains_key(s))
+        .collect();
+    let twice: Vec<u64> = seqs
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(
+        missing.is_empty() && twice.is_empty() && seqs.len() == expected.len(),
+        "stream has {} entries for {} expected messages; missing {} (first: {:?}); duplicated {} (first: {:?})",
+        entries.len(),
+        expected.len(),
+        missing.len(),
+        missing.iter().take(10).collect::<Vec<_>>(),
+        twice.len(),
+        twice.iter().take(10).collect::<Vec<_>>(),
+    );
+}
+
+/// Path of a file in the crate, for tests that read the README or scripts.
+pub fn crate_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
