@@ -114,7 +114,7 @@ for i = 2, #KEYS, 2 do
     out[#out + 1] = 0
   else
     redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 1, a + n))
-    redis.call('SET', KEYS[i + 1], me, 'PX', ARGV[2])
+    redis.call('SET', KEYS[i + 1], 1, 'PX', ARGV[2])
     out[#out + 1] = 1
   end
   a = a + 1 + n
