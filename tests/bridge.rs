@@ -256,3 +256,61 @@ fn sigterm_finishes_what_was_received_and_removes_presence() {
     );
     assert_eq!(last.num("consumers"), 0, "{}", last.line);
 }
+
+#[test]
+fn a_killed_process_drops_out_of_the_consumer_count() {
+    let server = RedisServer::start();
+    let mut survivor =
+        OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "1"), ("PRESENCE_TTL", "1")]);
+    let doomed =
+        OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("PRESENCE_TTL", "1")]);
+    wait_for_consumers(&server, &mut survivor, 3);
+    doomed.signal("KILL");
+    // Within one PRESENCE_TTL its two workers are gone from the count and keys.
+    wait_for_consumers(&server, &mut survivor, 1);
+    assert_eq!(server.keys("consumer:ids:*").len(), 1);
+}
+
+/// Shutdown waits for copies another worker holds (up to LOCK_TTL); a second
+/// signal does not wait.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let server = RedisServer::start();
+    let mut consume = OptimusProcess::consume(
+        &server,
+        &[
+            ("CONSUMERS_COUNT", "1"),
+            ("LOCK_TTL", "60"),
+            ("PENDING_RETENTION", "60"),
+            ("ACK_TTL", "200"),
+        ],
+    );
+    wait_for_consumers(&server, &mut consume, 1);
+    // A worker elsewhere holds the lock of message m1 and never writes it.
+    let _: () = redis::cmd("SET")
+        .arg("{messages:processed}:lock:m1")
+        .arg("ghost")
+        .arg("EX")
+        .arg(300)
+        .query(&mut server.conn())
+        .unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("messages:published")
+        .arg(r#"{"message_id":"m1"}"#)
+        .query(&mut server.conn())
+        .unwrap();
+    consume.wait_for_line("monitor ", Duration::from_secs(10), |f| {
+        f.num("pending") == 1
+    });
+
+    consume.signal("TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        consume.try_exit().is_none(),
+        "the first signal waits for the held copy\n{}",
+        consume.describe()
+    );
+    consume.signal("TERM");
+    let status = consume.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{}", consume.describe());
+}

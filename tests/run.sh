@@ -21,6 +21,7 @@ fi
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --no-fail-fast
+    cargo test --locked --doc # nextest does not run doctests
 else
     cargo test --locked --no-fail-fast
 fi
