@@ -168,6 +168,17 @@ pub struct ConsumeArgs {
     /// Stream entry layout.
     #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope", value_enum)]
     pub output_format: OutputFormat,
+    /// Messages a worker may hold between reading and writing; when full, the
+    /// newest message is dropped by that worker and counted as `overflow`.
+    #[arg(long, env = "QUEUE_CAPACITY", default_value = "50000")]
+    pub queue_capacity: String,
+    /// Payloads larger than this many bytes go to the dead-letter stream.
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576")]
+    pub max_payload_bytes: String,
+    /// Stream for messages the bridge will not write to OUTPUT_STREAM, with the
+    /// reason [default: <OUTPUT_STREAM>:dead].
+    #[arg(long, env = "DEAD_LETTER_STREAM")]
+    pub dead_letter_stream: Option<String>,
 }
 
 /// The validated settings of a bridge (`optimus consume`). Build one with
@@ -187,6 +198,10 @@ pub struct BridgeConfig {
     pub(crate) ack_ttl: Duration,
     pub(crate) presence_ttl: Duration,
     pub(crate) output_format: OutputFormat,
+    pub(crate) queue_capacity: usize,
+    pub(crate) max_payload_bytes: usize,
+    /// `None`: `<OUTPUT_STREAM>:dead`.
+    pub(crate) dead_letter_stream: Option<String>,
     /// Whether the periodic monitoring line is printed on stdout (the CLI does;
     /// an embedding service reads [`crate::Counters`] instead).
     pub(crate) print_monitor: bool,
@@ -223,6 +238,9 @@ impl BridgeConfig {
             ack_ttl: Duration::from_secs(60),
             presence_ttl: Duration::from_secs(5),
             output_format: OutputFormat::Envelope,
+            queue_capacity: 50_000,
+            max_payload_bytes: 1 << 20,
+            dead_letter_stream: None,
             print_monitor: false,
         }
     }
@@ -244,6 +262,10 @@ impl BridgeConfig {
         presence_ttl: Duration;
         /// Stream entry layout (OUTPUT_FORMAT).
         output_format: OutputFormat;
+        /// Per-worker bound of the read queue (QUEUE_CAPACITY).
+        queue_capacity: usize;
+        /// Larger payloads are dead-lettered (MAX_PAYLOAD_BYTES).
+        max_payload_bytes: usize;
         /// Print the monitoring line on stdout.
         print_monitor: bool;
     }
@@ -259,6 +281,19 @@ impl BridgeConfig {
         message_id_field;
     }
 
+    /// The dead-letter stream (DEAD_LETTER_STREAM).
+    pub fn dead_letter_stream(mut self, stream: impl Into<String>) -> Self {
+        self.dead_letter_stream = Some(stream.into());
+        self
+    }
+
+    /// Where rejected messages go: DEAD_LETTER_STREAM, or `<OUTPUT_STREAM>:dead`.
+    pub fn dead_stream(&self) -> String {
+        self.dead_letter_stream
+            .clone()
+            .unwrap_or_else(|| format!("{}:dead", self.output_stream))
+    }
+
     /// The stream this bridge writes.
     pub fn stream(&self) -> &str {
         &self.output_stream
@@ -272,6 +307,21 @@ impl BridgeConfig {
         })?;
         if self.consumers == 0 {
             return Err(ConfigError::new("CONSUMERS_COUNT", 0, "must be at least 1"));
+        }
+        for (var, value) in [
+            ("QUEUE_CAPACITY", self.queue_capacity),
+            ("MAX_PAYLOAD_BYTES", self.max_payload_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(var, 0, "must be at least 1"));
+            }
+        }
+        if self.dead_stream() == self.output_stream {
+            return Err(ConfigError::new(
+                "DEAD_LETTER_STREAM",
+                self.dead_stream(),
+                "must differ from OUTPUT_STREAM",
+            ));
         }
         if self.batch_size == 0 {
             return Err(ConfigError::new(
@@ -356,6 +406,9 @@ impl ConsumeArgs {
             ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
             presence_ttl: parse_secs("PRESENCE_TTL", &self.presence_ttl)?,
             output_format: self.output_format,
+            queue_capacity: parse_num("QUEUE_CAPACITY", &self.queue_capacity)?,
+            max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &self.max_payload_bytes)?,
+            dead_letter_stream: self.dead_letter_stream.clone(),
             print_monitor: true,
         };
         config.validate()?;
@@ -393,6 +446,19 @@ pub struct PublishArgs {
     /// Seconds between progress lines on stdout.
     #[arg(long, default_value = "1")]
     pub progress_interval: String,
+    /// Stream where messages that reach no subscriber are written directly
+    /// (the fast path), with the bridge's ACK protocol.
+    #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
+    pub stream: String,
+    /// Do not write messages that reach no subscriber to the stream.
+    #[arg(long)]
+    pub no_fast_path: bool,
+    /// Seconds the fast path's ACK keys live (as the bridge's ACK_TTL).
+    #[arg(long, env = "ACK_TTL", default_value = "60")]
+    pub ack_ttl: String,
+    /// Seconds to keep retrying a batch Redis did not confirm before giving it up.
+    #[arg(long, default_value = "30")]
+    pub retry_for: String,
 }
 
 /// How long `optimus publish` goes on.
@@ -423,10 +489,18 @@ pub struct PublishConfig {
     pub pace: Pace,
     pub payload_size: usize,
     pub progress_interval: Option<Duration>,
+    /// Where a message that reaches no subscriber is written directly; `None`
+    /// leaves it lost (and counted).
+    pub fast_path_stream: Option<String>,
+    /// Lifetime of the fast path's ACK keys.
+    pub ack_ttl: Duration,
+    /// How long a batch Redis did not confirm is retried before it is given up.
+    pub retry_for: Duration,
 }
 
 impl PublishConfig {
-    /// `count` messages on `channel` as fast as possible, no progress lines.
+    /// `count` messages on `channel` as fast as possible, no progress lines;
+    /// messages that reach no subscriber go straight to `messages:processed`.
     pub fn new(redis_url: impl Into<String>, channel: impl Into<String>, count: u64) -> Self {
         Self {
             redis_url: redis_url.into(),
@@ -436,6 +510,9 @@ impl PublishConfig {
             pace: Pace::Rate(f64::INFINITY),
             payload_size: 0,
             progress_interval: None,
+            fast_path_stream: Some("messages:processed".into()),
+            ack_ttl: Duration::from_secs(60),
+            retry_for: Duration::from_secs(30),
         }
     }
 }
@@ -485,6 +562,9 @@ impl PublishArgs {
             pace,
             payload_size: parse_num("--payload-size", &self.payload_size)?,
             progress_interval: Some(parse_secs("--progress-interval", &self.progress_interval)?),
+            fast_path_stream: (!self.no_fast_path).then(|| self.stream.clone()),
+            ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
+            retry_for: parse_secs_allow_zero("--retry-for", &self.retry_for)?,
         })
     }
 }

@@ -89,6 +89,13 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
     match optimus::publish::run(&config, shutdown_on_signal()).await {
         Ok(summary) => {
             println!("publish done {summary}");
+            if summary.failed > 0 {
+                eprintln!(
+                    "optimus: {} messages were never confirmed by Redis and may be lost",
+                    summary.failed
+                );
+                return ExitCode::from(1);
+            }
             ExitCode::SUCCESS
         }
         Err(err) => {

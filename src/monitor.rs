@@ -4,7 +4,7 @@
 //! monitor prints one line on stdout:
 //!
 //! ```text
-//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 pending=0 expired=0 rate=3333/s reconnects=0
+//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0
 //! ```
 
 use std::fmt;
@@ -23,8 +23,16 @@ pub struct Counters {
     pub pending: AtomicU64,
     /// Copies dropped after PENDING_RETENTION without an ACK or a lock to take.
     pub expired: AtomicU64,
+    /// Messages written to the dead-letter stream instead (too large, bad id).
+    pub dead_lettered: AtomicU64,
+    /// Messages a worker dropped because its queue was full (QUEUE_CAPACITY).
+    pub overflow: AtomicU64,
     /// Subscriptions re-established after a lost connection.
     pub reconnects: AtomicU64,
+    /// Times no worker of this process was subscribed, after one had been.
+    pub gaps: AtomicU64,
+    /// Total length of those gaps, in milliseconds.
+    pub gap_ms: AtomicU64,
     /// Redis commands that failed and were retried.
     pub redis_errors: AtomicU64,
 }
@@ -47,7 +55,11 @@ impl Counters {
             duplicates_skipped: get(&self.duplicates_skipped),
             pending: get(&self.pending),
             expired: get(&self.expired),
+            dead_lettered: get(&self.dead_lettered),
+            overflow: get(&self.overflow),
             reconnects: get(&self.reconnects),
+            gaps: get(&self.gaps),
+            gap_ms: get(&self.gap_ms),
             redis_errors: get(&self.redis_errors),
         }
     }
@@ -61,7 +73,11 @@ pub struct Snapshot {
     pub duplicates_skipped: u64,
     pub pending: u64,
     pub expired: u64,
+    pub dead_lettered: u64,
+    pub overflow: u64,
     pub reconnects: u64,
+    pub gaps: u64,
+    pub gap_ms: u64,
     pub redis_errors: u64,
 }
 
@@ -86,14 +102,18 @@ impl fmt::Display for MonitorLine {
         }
         write!(
             f,
-            " received={} written={} duplicates_skipped={} pending={} expired={} rate={:.0}/s reconnects={} errors={}",
+            " received={} written={} duplicates_skipped={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={}",
             c.received,
             c.written,
             c.duplicates_skipped,
             c.pending,
             c.expired,
+            c.dead_lettered,
+            c.overflow,
             self.rate,
             c.reconnects,
+            c.gaps,
+            c.gap_ms,
             c.redis_errors
         )
     }
@@ -117,7 +137,7 @@ mod tests {
         };
         assert_eq!(
             line.to_string(),
-            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 pending=0 expired=0 rate=3333/s reconnects=0 errors=0"
+            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0"
         );
     }
 }

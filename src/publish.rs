@@ -1,25 +1,42 @@
-//! `optimus publish`: timed batches of test messages on the input channel.
+//! `optimus publish`: timed batches of test messages on the input channel,
+//! and the [`Publisher`] a service can use to publish without losing what
+//! reaches no subscriber.
 //!
-//! Each message is `{"message_id":"<uuid v4>","seq":<n>,"sent_ms":<unix ms>}`
+//! Each test message is `{"message_id":"<uuid v4>","seq":<n>,"sent_ms":<unix ms>}`
 //! (padded with a `"pad"` field to `--payload-size` bytes when asked). Each
-//! batch is one pipelined round trip; PUBLISH's reply says how many
-//! subscribers got the message, and the ones that reached nobody are counted.
+//! batch is one pipelined round trip. PUBLISH's reply says how many
+//! subscribers got a message; one that reached nobody would be lost by
+//! Pub/Sub, so the publisher writes it straight to the output stream through
+//! the bridge's lock/ACK protocol (the *fast path*): exactly once, like the
+//! rest. A batch Redis did not confirm (connection lost, server restarting)
+//! is sent again, with the same ids, until it is confirmed or `retry_for`
+//! has passed; the ACK keys make the second sending harmless.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::RngExt;
 use redis::RedisError;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::delivery::{Claim, Delivery, Destination, Write};
+use crate::bridge::message::{Incoming, json_id};
 use crate::config::{Pace, PublishConfig, PublishLimit, mask_password};
+use crate::connect::{is_fatal, reconnect_backoff};
 
 /// What a publisher run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PublishSummary {
-    /// Messages the server accepted.
+    /// Messages the server confirmed.
     pub published: u64,
     /// Of those, how many reached no subscriber (PUBLISH returned 0).
     pub no_subscriber: u64,
+    /// Of those, how many the fast path wrote straight to the stream.
+    pub stored_directly: u64,
+    /// Messages sent again because Redis had not confirmed their batch.
+    pub resent: u64,
+    /// Messages given up after `retry_for` without confirmation: perhaps lost.
+    pub failed: u64,
     /// Time from the first batch to the last reply.
     pub elapsed: Duration,
 }
@@ -34,22 +51,124 @@ impl std::fmt::Display for PublishSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "published={} no_subscriber={} elapsed={:.2}s rate={:.0}/s",
+            "published={} no_subscriber={} stored_directly={} resent={} failed={} elapsed={:.2}s rate={:.0}/s",
             self.published,
             self.no_subscriber,
+            self.stored_directly,
+            self.resent,
+            self.failed,
             self.elapsed.as_secs_f64(),
             self.rate()
         )
     }
 }
 
-/// Publishing stopped on a Redis error; `summary` says what went out before.
+/// Publishing stopped; `summary` says what went out before.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot publish to {server}: {source}")]
 pub struct PublishError {
     pub server: String,
     pub source: RedisError,
     pub summary: PublishSummary,
+}
+
+/// What one confirmed batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Messages that reached no subscriber.
+    pub no_subscriber: u64,
+    /// Of those, how many were written to the stream by the fast path (the
+    /// rest were there already, or the fast path is off).
+    pub stored_directly: u64,
+}
+
+/// Publishes batches on a channel; with a fast-path stream, what reaches no
+/// subscriber is written there directly, exactly once.
+pub struct Publisher {
+    conn: ConnectionManager,
+    channel: String,
+    fast_path: Option<Delivery>,
+}
+
+impl Publisher {
+    /// Connects (failing at once when Redis cannot be reached: a publisher
+    /// should hear about it rather than wait).
+    pub async fn connect(config: &PublishConfig) -> Result<Self, RedisError> {
+        let client = redis::Client::open(config.redis_url.as_str())?;
+        let conn_config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client, conn_config).await?;
+        let fast_path = config.fast_path_stream.as_ref().map(|stream| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            Delivery::new(
+                conn.clone(),
+                Destination::new(stream, &config.channel),
+                format!("publisher-{}-{}", host.trim(), std::process::id()),
+                Duration::from_secs(2),
+                config.ack_ttl,
+            )
+        });
+        Ok(Self {
+            conn,
+            channel: config.channel.clone(),
+            fast_path,
+        })
+    }
+
+    /// Publishes `payloads` in one round trip, then writes the ones that
+    /// reached nobody through the fast path. An error means the batch is not
+    /// confirmed: send the same payloads again.
+    pub async fn publish_batch(
+        &mut self,
+        payloads: &[Vec<u8>],
+    ) -> Result<BatchOutcome, RedisError> {
+        let mut pipe = redis::pipe();
+        for payload in payloads {
+            pipe.publish(&self.channel, payload);
+        }
+        let receivers: Vec<u64> = pipe.query_async(&mut self.conn).await?;
+        let missed: Vec<&Vec<u8>> = payloads
+            .iter()
+            .zip(&receivers)
+            .filter(|(_, r)| **r == 0)
+            .map(|(p, _)| p)
+            .collect();
+        let mut outcome = BatchOutcome {
+            no_subscriber: missed.len() as u64,
+            stored_directly: 0,
+        };
+        if let Some(delivery) = self.fast_path.as_mut()
+            && !missed.is_empty()
+        {
+            let now = Instant::now();
+            let messages: Vec<Incoming> = missed
+                .into_iter()
+                .map(|payload| Incoming {
+                    // A payload without an id gets one of its own: nobody else saw it.
+                    id: json_id(payload, "message_id")
+                        .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4())),
+                    payload: payload.clone(),
+                    received_at: now,
+                    rejected: None,
+                })
+                .collect();
+            let refs: Vec<&Incoming> = messages.iter().collect();
+            let claims = delivery.claim(&refs).await?;
+            let won: Vec<&Incoming> = refs
+                .iter()
+                .zip(&claims)
+                .filter(|(_, c)| **c == Claim::Won)
+                .map(|(m, _)| *m)
+                .collect();
+            let writes = delivery.write(&won).await?;
+            outcome.stored_directly =
+                writes.iter().filter(|w| **w == Write::Written).count() as u64;
+        }
+        Ok(outcome)
+    }
 }
 
 /// Builds the JSON of message number `seq`.
@@ -73,31 +192,31 @@ pub fn test_message(seq: u64, payload_size: usize) -> String {
     json
 }
 
-/// Publishes until the limit is reached or `shutdown` is cancelled.
+/// Publishes test messages until the limit is reached or `shutdown` is
+/// cancelled. Returns an error when Redis cannot be reached at the start, or
+/// refuses the credentials.
 pub async fn run(
     config: &PublishConfig,
     shutdown: CancellationToken,
 ) -> Result<PublishSummary, PublishError> {
     let server = mask_password(&config.redis_url);
     let mut summary = PublishSummary::default();
-    let fail = |source, summary| PublishError {
-        server: server.clone(),
-        source,
-        summary,
-    };
-    let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| fail(e, summary))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    let mut publisher = Publisher::connect(config)
         .await
-        .map_err(|e| fail(e, summary))?;
+        .map_err(|source| PublishError {
+            server: server.clone(),
+            source,
+            summary,
+        })?;
 
     let start = Instant::now();
     let mut last_progress = (start, 0u64);
     let mut rng = rand::rng();
+    let mut seq = 0u64;
     loop {
         let elapsed = start.elapsed();
         let remaining = match config.limit {
-            PublishLimit::Count(n) => n - summary.published,
+            PublishLimit::Count(n) => n - seq,
             PublishLimit::Duration(d) if elapsed >= d => 0,
             PublishLimit::Duration(_) => u64::MAX,
         };
@@ -108,10 +227,9 @@ pub async fn run(
         if let Pace::Rate(rate) = config.pace
             && rate.is_finite()
         {
-            let owed =
-                ((elapsed.as_secs_f64() * rate) as u64 + 1).saturating_sub(summary.published);
+            let owed = ((elapsed.as_secs_f64() * rate) as u64 + 1).saturating_sub(seq);
             if owed == 0 {
-                let next = start + Duration::from_secs_f64((summary.published + 1) as f64 / rate);
+                let next = start + Duration::from_secs_f64((seq + 1) as f64 / rate);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(next.into()) => continue,
@@ -120,24 +238,38 @@ pub async fn run(
             n = n.min(owed);
         }
 
-        let mut pipe = redis::pipe();
-        for i in 0..n {
-            pipe.publish(
-                &config.channel,
-                test_message(summary.published + i, config.payload_size),
-            );
+        let payloads: Vec<Vec<u8>> = (seq..seq + n)
+            .map(|s| test_message(s, config.payload_size).into_bytes())
+            .collect();
+        seq += n;
+        match send_confirmed(
+            &mut publisher,
+            &payloads,
+            config.retry_for,
+            &shutdown,
+            &mut summary,
+        )
+        .await
+        {
+            Ok(outcome) => {
+                summary.published += n;
+                summary.no_subscriber += outcome.no_subscriber;
+                summary.stored_directly += outcome.stored_directly;
+            }
+            Err(source) if is_fatal(&source) || summary.published == 0 && summary.failed == 0 => {
+                summary.failed += n;
+                summary.elapsed = start.elapsed();
+                return Err(PublishError {
+                    server,
+                    source,
+                    summary,
+                });
+            }
+            Err(source) => {
+                summary.failed += n;
+                tracing::error!(cause = %source, messages = n, "gave up a batch Redis did not confirm");
+            }
         }
-        let receivers: Vec<u64> = pipe.query_async(&mut conn).await.map_err(|e| {
-            fail(
-                e,
-                PublishSummary {
-                    elapsed: start.elapsed(),
-                    ..summary
-                },
-            )
-        })?;
-        summary.published += n;
-        summary.no_subscriber += receivers.iter().filter(|r| **r == 0).count() as u64;
         summary.elapsed = start.elapsed();
 
         if let Some(every) = config.progress_interval
@@ -145,9 +277,11 @@ pub async fn run(
         {
             let dt = last_progress.0.elapsed().as_secs_f64();
             println!(
-                "publish sent={} no_subscriber={} rate={:.0}/s",
+                "publish sent={} no_subscriber={} stored_directly={} failed={} rate={:.0}/s",
                 summary.published,
                 summary.no_subscriber,
+                summary.stored_directly,
+                summary.failed,
                 (summary.published - last_progress.1) as f64 / dt
             );
             last_progress = (Instant::now(), summary.published);
@@ -167,6 +301,32 @@ pub async fn run(
     }
     summary.elapsed = start.elapsed();
     Ok(summary)
+}
+
+/// Sends one batch until Redis confirms it, backing off between tries, for
+/// at most `retry_for` (and not past a shutdown). Counts re-sent messages.
+async fn send_confirmed(
+    publisher: &mut Publisher,
+    payloads: &[Vec<u8>],
+    retry_for: Duration,
+    shutdown: &CancellationToken,
+    summary: &mut PublishSummary,
+) -> Result<BatchOutcome, RedisError> {
+    let give_up = Instant::now() + retry_for;
+    let mut backoff = reconnect_backoff();
+    loop {
+        let err = match publisher.publish_batch(payloads).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(err) => err,
+        };
+        let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+        if is_fatal(&err) || Instant::now() + wait > give_up || shutdown.is_cancelled() {
+            return Err(err);
+        }
+        tracing::warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, messages = payloads.len(), "batch not confirmed; sending it again");
+        tokio::time::sleep(wait).await;
+        summary.resent += payloads.len() as u64;
+    }
 }
 
 #[cfg(test)]

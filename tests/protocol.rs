@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use optimus::bridge::delivery::{Claim, Delivery, Keys, Write};
+use optimus::bridge::delivery::{Claim, Delivery, Destination, Keys, Write};
 use optimus::bridge::message::Incoming;
 use optimus::{Bridge, BridgeConfig, OutputFormat, PublishConfig};
 use support::RedisServer;
@@ -19,12 +19,10 @@ async fn worker(server: &RedisServer, id: &str, lock_ttl: Duration) -> Delivery 
     let conn = client.get_connection_manager().await.unwrap();
     Delivery::new(
         conn,
-        Keys::new(STREAM),
+        Destination::new(STREAM, "s:in"),
         id.to_string(),
         lock_ttl,
         Duration::from_secs(60),
-        OutputFormat::Envelope,
-        "message_id".into(),
     )
 }
 
@@ -33,6 +31,7 @@ fn message(id: &str) -> Incoming {
         id: id.into(),
         payload: format!(r#"{{"message_id":"{id}"}}"#).into_bytes(),
         received_at: Instant::now(),
+        rejected: None,
     }
 }
 
@@ -139,17 +138,19 @@ async fn flat_format_copies_json_fields_into_the_entry() {
     let client = redis::Client::open(server.url()).unwrap();
     let mut d = Delivery::new(
         client.get_connection_manager().await.unwrap(),
-        Keys::new(STREAM),
+        Destination {
+            format: OutputFormat::Flat,
+            ..Destination::new(STREAM, "s:in")
+        },
         "w".into(),
         Duration::from_secs(5),
         Duration::from_secs(60),
-        OutputFormat::Flat,
-        "message_id".into(),
     );
     let m = Incoming {
         id: "f1".into(),
         payload: br#"{"message_id":"f1","user":"ann","n":3}"#.to_vec(),
         received_at: Instant::now(),
+        rejected: None,
     };
     assert_eq!(d.claim(&[&m]).await.unwrap(), [Claim::Won]);
     assert_eq!(d.write(&[&m]).await.unwrap(), [Write::Written]);
@@ -157,6 +158,26 @@ async fn flat_format_copies_json_fields_into_the_entry() {
     assert_eq!(entry["user"], b"ann");
     assert_eq!(entry["n"], b"3");
     assert_eq!(entry["payload"], m.payload);
+}
+
+#[tokio::test]
+async fn a_rejected_message_goes_to_the_dead_letter_stream_once() {
+    let server = RedisServer::start();
+    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
+    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let m = Incoming {
+        rejected: Some("too big".into()),
+        ..message("big")
+    };
+    assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
+    assert_eq!(a.write(&[&m]).await.unwrap(), [Write::Written]);
+    assert_eq!(b.claim(&[&m]).await.unwrap(), [Claim::Acked]);
+    assert_eq!(server.xlen(STREAM), 0);
+    let dead = server.stream_entries("s:out:dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["reason"], b"too big");
+    assert_eq!(dead[0]["channel"], b"s:in");
+    assert_eq!(dead[0]["payload"], m.payload);
 }
 
 /// A service embeds the bridge and the publisher through the library.

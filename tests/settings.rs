@@ -198,8 +198,10 @@ fn publish_without_a_server_fails_clearly() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
+/// With no worker running, every PUBLISH reaches nobody; the fast path
+/// writes each message straight to the stream, exactly once.
 #[test]
-fn publish_reports_messages_that_reached_no_subscriber() {
+fn publish_with_no_consumer_stores_every_message_directly() {
     let server = RedisServer::start();
     let url = server.url();
     let out = run_optimus(
@@ -226,4 +228,35 @@ fn publish_reports_messages_that_reached_no_subscriber() {
     let fields = support::Fields::parse(summary);
     assert_eq!(fields.num("published"), 2500, "{summary}");
     assert_eq!(fields.num("no_subscriber"), 2500, "{summary}");
+    assert_eq!(fields.num("stored_directly"), 2500, "{summary}");
+    support::assert_exactly_once(&server.stream_entries("messages:processed"), 0..2500);
+}
+
+#[test]
+fn publish_without_the_fast_path_only_counts_what_reached_nobody() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let out = run_optimus(
+        &[
+            "publish",
+            "--count",
+            "300",
+            "--no-fast-path",
+            "--pause-min",
+            "0",
+            "--pause-max",
+            "0",
+        ],
+        &[("REDIS_URL", &url)],
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("publish done"))
+        .expect(&stdout);
+    let fields = support::Fields::parse(summary);
+    assert_eq!(fields.num("no_subscriber"), 300, "{summary}");
+    assert_eq!(fields.num("stored_directly"), 0, "{summary}");
+    assert_eq!(server.xlen("messages:processed"), 0);
 }

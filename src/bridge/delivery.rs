@@ -54,7 +54,6 @@ pub enum Write {
 /// Names of the per-message keys.
 #[derive(Debug, Clone)]
 pub struct Keys {
-    stream: String,
     lock_prefix: String,
     ack_prefix: String,
 }
@@ -62,7 +61,6 @@ pub struct Keys {
 impl Keys {
     pub fn new(stream: &str) -> Self {
         Self {
-            stream: stream.to_string(),
             lock_prefix: format!("{{{stream}}}:lock:"),
             ack_prefix: format!("{{{stream}}}:ack:"),
         }
@@ -73,8 +71,33 @@ impl Keys {
     pub fn ack(&self, id: &str) -> String {
         format!("{}{id}", self.ack_prefix)
     }
-    pub fn stream(&self) -> &str {
-        &self.stream
+}
+
+/// Where messages are written, and how.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// OUTPUT_STREAM.
+    pub stream: String,
+    /// Where rejected messages go, with their reason.
+    pub dead_stream: String,
+    /// The channel the messages came from (recorded in dead letters).
+    pub channel: String,
+    pub format: OutputFormat,
+    /// MESSAGE_ID_FIELD (left out of flat entries: it is `message_id`).
+    pub id_field: String,
+}
+
+impl Destination {
+    /// The defaults of the bridge: `messages:processed`, its `:dead` stream,
+    /// envelope entries.
+    pub fn new(stream: &str, channel: &str) -> Self {
+        Self {
+            stream: stream.to_string(),
+            dead_stream: format!("{stream}:dead"),
+            channel: channel.to_string(),
+            format: OutputFormat::Envelope,
+            id_field: "message_id".into(),
+        }
     }
 }
 
@@ -98,26 +121,28 @@ end
 return out
 "#;
 
-/// KEYS: stream, lock1, ack1, lock2, ack2, …
-/// ARGV: worker id, ACK TTL in ms, then per message: field count n, then n
-/// values (field, value, field, value, …).
+/// KEYS: output stream, dead-letter stream, lock1, ack1, lock2, ack2, …
+/// ARGV: worker id, ACK TTL in ms, then per message: the target (1 = output
+/// stream, 2 = dead-letter stream), field count n, then n values (field,
+/// value, field, value, …).
 /// Returns per message 0 = lock lost, 1 = written, 2 = acked.
 const WRITE: &str = r#"
 local me = ARGV[1]
 local a = 3
 local out = {}
-for i = 2, #KEYS, 2 do
-  local n = tonumber(ARGV[a])
+for i = 3, #KEYS, 2 do
+  local target = tonumber(ARGV[a])
+  local n = tonumber(ARGV[a + 1])
   if redis.call('EXISTS', KEYS[i + 1]) == 1 then
     out[#out + 1] = 2
   elseif redis.call('GET', KEYS[i]) ~= me then
     out[#out + 1] = 0
   else
-    redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 1, a + n))
+    redis.call('XADD', KEYS[target], '*', unpack(ARGV, a + 2, a + 1 + n))
     redis.call('SET', KEYS[i + 1], 1, 'PX', ARGV[2])
     out[#out + 1] = 1
   end
-  a = a + 1 + n
+  a = a + 2 + n
 end
 return out
 "#;
@@ -126,11 +151,10 @@ return out
 pub struct Delivery {
     conn: ConnectionManager,
     keys: Keys,
+    to: Destination,
     worker_id: String,
     lock_ttl_ms: u64,
     ack_ttl_ms: u64,
-    format: OutputFormat,
-    id_field: String,
     claim: Script,
     write: Script,
 }
@@ -138,21 +162,18 @@ pub struct Delivery {
 impl Delivery {
     pub fn new(
         conn: ConnectionManager,
-        keys: Keys,
+        to: Destination,
         worker_id: String,
         lock_ttl: Duration,
         ack_ttl: Duration,
-        format: OutputFormat,
-        id_field: String,
     ) -> Self {
         Self {
             conn,
-            keys,
+            keys: Keys::new(&to.stream),
+            to,
             worker_id,
             lock_ttl_ms: lock_ttl.as_millis().max(1) as u64,
             ack_ttl_ms: ack_ttl.as_millis().max(1) as u64,
-            format,
-            id_field,
             claim: Script::new(CLAIM),
             write: Script::new(WRITE),
         }
@@ -185,12 +206,15 @@ impl Delivery {
             return Ok(Vec::new());
         }
         let mut call = self.write.prepare_invoke();
-        call.key(self.keys.stream());
+        call.key(&self.to.stream).key(&self.to.dead_stream);
         call.arg(&self.worker_id).arg(self.ack_ttl_ms);
         for m in messages {
             call.key(self.keys.lock(&m.id)).key(self.keys.ack(&m.id));
-            let fields = entry_fields(m, &self.worker_id, self.format, &self.id_field);
-            call.arg(fields.len());
+            let (target, fields) = match &m.rejected {
+                None => (1, entry_fields(m, &self.worker_id, &self.to)),
+                Some(reason) => (2, dead_letter_fields(m, reason, &self.worker_id, &self.to)),
+            };
+            call.arg(target).arg(fields.len());
             for value in fields {
                 call.arg(value);
             }
@@ -208,12 +232,7 @@ impl Delivery {
 }
 
 /// The stream entry of a message, as alternating field names and values.
-fn entry_fields(
-    m: &Incoming,
-    worker_id: &str,
-    format: OutputFormat,
-    id_field: &str,
-) -> Vec<Vec<u8>> {
+fn entry_fields(m: &Incoming, worker_id: &str, to: &Destination) -> Vec<Vec<u8>> {
     let mut fields = vec![
         b"message_id".to_vec(),
         m.id.as_bytes().to_vec(),
@@ -222,10 +241,32 @@ fn entry_fields(
         b"consumer_id".to_vec(),
         worker_id.as_bytes().to_vec(),
     ];
-    if format == OutputFormat::Flat {
-        fields.extend(flat_fields(&m.payload, id_field));
+    if to.format == OutputFormat::Flat {
+        fields.extend(flat_fields(&m.payload, &to.id_field));
     }
     fields
+}
+
+/// The dead-letter entry of a rejected message: why, from where, and the
+/// payload itself, so nothing is lost.
+fn dead_letter_fields(
+    m: &Incoming,
+    reason: &str,
+    worker_id: &str,
+    to: &Destination,
+) -> Vec<Vec<u8>> {
+    vec![
+        b"message_id".to_vec(),
+        m.id.as_bytes().to_vec(),
+        b"reason".to_vec(),
+        reason.as_bytes().to_vec(),
+        b"channel".to_vec(),
+        to.channel.as_bytes().to_vec(),
+        b"payload".to_vec(),
+        m.payload.clone(),
+        b"consumer_id".to_vec(),
+        worker_id.as_bytes().to_vec(),
+    ]
 }
 
 /// A JSON object payload's top-level fields (strings as they are, anything

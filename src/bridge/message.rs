@@ -23,7 +23,12 @@ pub struct Incoming {
     pub payload: Vec<u8>,
     /// When this worker received it; pending copies expire from here.
     pub received_at: Instant,
+    /// Why it goes to the dead-letter stream instead of the output stream.
+    pub rejected: Option<String>,
 }
+
+/// Ids longer than this are refused (they become key names twice over).
+pub const MAX_ID_BYTES: usize = 512;
 
 /// The id carried in a JSON object payload's `field`, if there is one: a
 /// non-empty string, or a number (written as in the payload).
@@ -168,30 +173,52 @@ impl DerivedIds {
     }
 }
 
-/// Finds or derives the id of each message of one worker's subscription.
+/// Finds or derives the id of each message of one worker's subscription,
+/// and marks the messages the bridge will not write to the output stream.
 #[derive(Debug)]
 pub struct IdAssigner {
     field: String,
     derived: DerivedIds,
+    max_payload_bytes: usize,
 }
 
 impl IdAssigner {
-    pub fn new(field: impl Into<String>, forget_after: Duration) -> Self {
+    pub fn new(field: impl Into<String>, forget_after: Duration, max_payload_bytes: usize) -> Self {
         Self {
             field: field.into(),
             derived: DerivedIds::new(forget_after),
+            max_payload_bytes,
         }
     }
 
     pub fn assign(&mut self, payload: Vec<u8>, received_at: Instant) -> Incoming {
-        let id = match json_id(&payload, &self.field) {
-            Some(id) => id,
-            None => self.derived.next(&payload, received_at),
+        let mut rejected = None;
+        let id = if payload.len() > self.max_payload_bytes {
+            rejected = Some(format!(
+                "payload of {} bytes is larger than MAX_PAYLOAD_BYTES ({})",
+                payload.len(),
+                self.max_payload_bytes
+            ));
+            self.derived.next(&payload, received_at)
+        } else {
+            match json_id(&payload, &self.field) {
+                Some(id) if id.len() > MAX_ID_BYTES => {
+                    rejected = Some(format!(
+                        "{} of {} bytes is longer than {MAX_ID_BYTES}",
+                        self.field,
+                        id.len()
+                    ));
+                    self.derived.next(&payload, received_at)
+                }
+                Some(id) => id,
+                None => self.derived.next(&payload, received_at),
+            }
         };
         Incoming {
             id,
             payload,
             received_at,
+            rejected,
         }
     }
 }
@@ -253,6 +280,26 @@ mod tests {
         assert_eq!(b.next(b"ping", now), second);
         // A different payload starts its own count.
         assert!(a.next(b"pong", now).ends_with(":1"));
+    }
+
+    #[test]
+    fn oversized_payloads_and_ids_are_rejected_with_a_reason() {
+        let now = Instant::now();
+        let mut ids = IdAssigner::new("message_id", Duration::from_secs(60), 64);
+        assert!(
+            ids.assign(br#"{"message_id":"ok"}"#.to_vec(), now)
+                .rejected
+                .is_none()
+        );
+        let big = ids.assign(vec![b'x'; 65], now);
+        assert!(big.rejected.unwrap().contains("MAX_PAYLOAD_BYTES"));
+        assert!(big.id.starts_with("h:"));
+
+        let mut ids = IdAssigner::new("message_id", Duration::from_secs(60), 1 << 20);
+        let long = format!(r#"{{"message_id":"{}"}}"#, "i".repeat(MAX_ID_BYTES + 1));
+        let m = ids.assign(long.into_bytes(), now);
+        assert!(m.rejected.unwrap().contains("longer than"));
+        assert!(m.id.len() < 64, "a short derived id replaces it");
     }
 
     #[test]

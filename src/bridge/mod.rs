@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BridgeConfig, ConfigError, mask_password};
 use crate::connect::connection_manager;
 use crate::monitor::{Counters, MonitorLine, Snapshot};
-use delivery::{Delivery, Keys};
+use delivery::{Delivery, Destination};
 use message::IdAssigner;
 use presence::Presence;
 use subscription::Subscription;
@@ -41,10 +41,6 @@ pub enum BridgeError {
     #[error("Redis at {server} refused the bridge: {source}")]
     Refused { server: String, source: RedisError },
 }
-
-/// Messages a worker may have received but not yet handled. Bounds memory
-/// when Redis writes are slower than the channel.
-const QUEUE_CAPACITY: usize = 10_000;
 
 /// A configured bridge, ready to [`run`](Bridge::run).
 ///
@@ -119,9 +115,16 @@ impl Bridge {
         // Stops presence and monitoring, after the workers are done.
         let stop_aux = CancellationToken::new();
         let mut tasks: JoinSet<Result<(), RedisError>> = JoinSet::new();
-        let keys = Keys::new(&config.output_stream);
+        let destination = Destination {
+            stream: config.output_stream.clone(),
+            dead_stream: config.dead_stream(),
+            channel: config.input_channel.clone(),
+            format: config.output_format,
+            id_field: config.message_id_field.clone(),
+        };
         // An id-less payload's count must outlive any ACK it could collide with.
         let forget_ids_after = config.ack_ttl + config.pending_retention + config.lock_ttl;
+        let coverage = Arc::new(subscription::Coverage::default());
         for id in &worker_ids {
             let Some(worker_conn) = connection_manager(&client, &shutdown)
                 .await
@@ -129,13 +132,18 @@ impl Bridge {
             else {
                 break;
             };
-            let (queue_tx, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
+            let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity);
             let subscription = Subscription {
                 client: client.clone(),
                 channel: config.input_channel.clone(),
                 worker_id: id.clone(),
-                ids: IdAssigner::new(config.message_id_field.clone(), forget_ids_after),
+                ids: IdAssigner::new(
+                    config.message_id_field.clone(),
+                    forget_ids_after,
+                    config.max_payload_bytes,
+                ),
                 counters: self.counters.clone(),
+                coverage: coverage.clone(),
                 queue: queue_tx,
                 cancel: stop_reading.clone(),
             };
@@ -143,12 +151,10 @@ impl Bridge {
                 id: id.clone(),
                 delivery: Delivery::new(
                     worker_conn,
-                    keys.clone(),
+                    destination.clone(),
                     id.clone(),
                     config.lock_ttl,
                     config.ack_ttl,
-                    config.output_format,
-                    config.message_id_field.clone(),
                 ),
                 counters: self.counters.clone(),
                 batch_size: config.batch_size,

@@ -175,12 +175,16 @@ impl Worker {
 
         let due = Instant::now() + self.lock_ttl;
         let mut writes = writes.into_iter();
-        let (mut written, mut skipped) = (0, 0);
+        let (mut written, mut dead, mut skipped) = (0, 0, 0);
         for (msg, claim) in batch.drain(..).zip(claims) {
             match claim {
                 Claim::Held => pending.push(msg, due),
                 Claim::Acked => skipped += 1,
                 Claim::Won => match writes.next() {
+                    Some(Write::Written) if msg.rejected.is_some() => {
+                        tracing::warn!(worker = %self.id, message_id = %msg.id, reason = msg.rejected.as_deref().unwrap_or_default(), "message dead-lettered");
+                        dead += 1;
+                    }
                     Some(Write::Written) => written += 1,
                     Some(Write::Acked) => skipped += 1,
                     Some(Write::LockLost) | None => retry.push(msg),
@@ -188,6 +192,7 @@ impl Worker {
             }
         }
         Counters::add(&self.counters.written, written);
+        Counters::add(&self.counters.dead_lettered, dead);
         Counters::add(&self.counters.duplicates_skipped, skipped);
         Ok(())
     }
@@ -224,6 +229,7 @@ mod tests {
             id: id.into(),
             payload: Vec::new(),
             received_at,
+            rejected: None,
         }
     }
 
