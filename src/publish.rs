@@ -19,7 +19,7 @@ use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::delivery::{Claim, Delivery, Destination, Write};
+use crate::bridge::delivery::{Delivery, Destination, Settled};
 use crate::bridge::message::{Incoming, json_id};
 use crate::config::{Pace, PublishConfig, PublishLimit, mask_password};
 use crate::connect::{is_fatal, reconnect_backoff};
@@ -156,16 +156,9 @@ impl Publisher {
                 })
                 .collect();
             let refs: Vec<&Incoming> = messages.iter().collect();
-            let claims = delivery.claim(&refs).await?;
-            let won: Vec<&Incoming> = refs
-                .iter()
-                .zip(&claims)
-                .filter(|(_, c)| **c == Claim::Won)
-                .map(|(m, _)| *m)
-                .collect();
-            let writes = delivery.write(&won).await?;
+            let settled = delivery.settle(&refs).await?;
             outcome.stored_directly =
-                writes.iter().filter(|w| **w == Write::Written).count() as u64;
+                settled.iter().filter(|s| **s == Settled::Written).count() as u64;
         }
         Ok(outcome)
     }

@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{OptimusProcess, RedisServer, assert_exactly_once, run_optimus};
+use support::{OptimusProcess, RedisServer, assert_exactly_once};
 
 const STREAM: &str = "messages:processed";
 
@@ -18,32 +18,7 @@ fn wait_for_consumers(server: &RedisServer, process: &mut OptimusProcess, n: u64
 
 /// `optimus publish --count n` as fast as it goes; returns its summary line.
 fn publish(server: &RedisServer, count: u64) -> support::Fields {
-    let url = server.url();
-    let out = run_optimus(
-        &[
-            "publish",
-            "--count",
-            &count.to_string(),
-            "--pause-min",
-            "0",
-            "--pause-max",
-            "0",
-        ],
-        &[("REDIS_URL", url.as_str())],
-        Duration::from_secs(60),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "publish failed: {:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("publish done"))
-        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
-    support::Fields::parse(line)
+    support::publish(server, &["--count", &count.to_string()])
 }
 
 /// Waits until the stream holds `n` entries and every copy in the given

@@ -203,60 +203,18 @@ fn publish_without_a_server_fails_clearly() {
 #[test]
 fn publish_with_no_consumer_stores_every_message_directly() {
     let server = RedisServer::start();
-    let url = server.url();
-    let out = run_optimus(
-        &[
-            "publish",
-            "--count",
-            "2500",
-            "--batch-size",
-            "1000",
-            "--pause-min",
-            "0",
-            "--pause-max",
-            "0",
-        ],
-        &[("REDIS_URL", &url)],
-        Duration::from_secs(30),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
-    let summary = stdout
-        .lines()
-        .find(|l| l.starts_with("publish done"))
-        .expect(&stdout);
-    let fields = support::Fields::parse(summary);
-    assert_eq!(fields.num("published"), 2500, "{summary}");
-    assert_eq!(fields.num("no_subscriber"), 2500, "{summary}");
-    assert_eq!(fields.num("stored_directly"), 2500, "{summary}");
+    let summary = support::publish(&server, &["--count", "2500", "--batch-size", "1000"]);
+    assert_eq!(summary.num("published"), 2500, "{}", summary.line);
+    assert_eq!(summary.num("no_subscriber"), 2500, "{}", summary.line);
+    assert_eq!(summary.num("stored_directly"), 2500, "{}", summary.line);
     support::assert_exactly_once(&server.stream_entries("messages:processed"), 0..2500);
 }
 
 #[test]
 fn publish_without_the_fast_path_only_counts_what_reached_nobody() {
     let server = RedisServer::start();
-    let url = server.url();
-    let out = run_optimus(
-        &[
-            "publish",
-            "--count",
-            "300",
-            "--no-fast-path",
-            "--pause-min",
-            "0",
-            "--pause-max",
-            "0",
-        ],
-        &[("REDIS_URL", &url)],
-        Duration::from_secs(30),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let summary = stdout
-        .lines()
-        .find(|l| l.starts_with("publish done"))
-        .expect(&stdout);
-    let fields = support::Fields::parse(summary);
-    assert_eq!(fields.num("no_subscriber"), 300, "{summary}");
-    assert_eq!(fields.num("stored_directly"), 0, "{summary}");
+    let summary = support::publish(&server, &["--count", "300", "--no-fast-path"]);
+    assert_eq!(summary.num("no_subscriber"), 300, "{}", summary.line);
+    assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
     assert_eq!(server.xlen("messages:processed"), 0);
 }

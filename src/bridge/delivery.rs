@@ -51,6 +51,19 @@ pub enum Write {
     Acked,
 }
 
+/// Where a message stands after [`Delivery::settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Another worker holds its lock: keep the copy, claim it again later.
+    Held,
+    /// This worker wrote it (to the output or the dead-letter stream).
+    Written,
+    /// It was in the stream already: drop the copy.
+    Acked,
+    /// This worker's lock ran out before the write: claim it again now.
+    LockLost,
+}
+
 /// Names of the per-message keys.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -226,6 +239,32 @@ impl Delivery {
                 1 => Write::Written,
                 2 => Write::Acked,
                 _ => Write::LockLost,
+            })
+            .collect())
+    }
+}
+
+impl Delivery {
+    /// Both steps for a batch: claim all, write the won ones. Two round trips.
+    pub async fn settle(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Settled>> {
+        let claims = self.claim(messages).await?;
+        let won: Vec<&Incoming> = messages
+            .iter()
+            .zip(&claims)
+            .filter(|(_, c)| **c == Claim::Won)
+            .map(|(m, _)| *m)
+            .collect();
+        let mut writes = self.write(&won).await?.into_iter();
+        Ok(claims
+            .into_iter()
+            .map(|claim| match claim {
+                Claim::Held => Settled::Held,
+                Claim::Acked => Settled::Acked,
+                Claim::Won => match writes.next() {
+                    Some(Write::Written) => Settled::Written,
+                    Some(Write::Acked) => Settled::Acked,
+                    Some(Write::LockLost) | None => Settled::LockLost,
+                },
             })
             .collect())
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use redis::RedisError;
 use tokio::sync::mpsc;
 
-use super::delivery::{Claim, Delivery, Write};
+use super::delivery::{Delivery, Settled};
 use super::message::Incoming;
 use crate::connect::{is_fatal, reconnect_backoff};
 use crate::monitor::Counters;
@@ -164,30 +164,21 @@ impl Worker {
         retry: &mut Vec<Incoming>,
     ) -> Result<(), RedisError> {
         let refs: Vec<&Incoming> = batch.iter().collect();
-        let claims = self.delivery.claim(&refs).await?;
-        let won: Vec<&Incoming> = refs
-            .iter()
-            .zip(&claims)
-            .filter(|(_, c)| **c == Claim::Won)
-            .map(|(m, _)| *m)
-            .collect();
-        let writes = self.delivery.write(&won).await?;
+        let settled = self.delivery.settle(&refs).await?;
 
         let due = Instant::now() + self.lock_ttl;
-        let mut writes = writes.into_iter();
         let (mut written, mut dead, mut skipped) = (0, 0, 0);
-        for (msg, claim) in batch.drain(..).zip(claims) {
-            match claim {
-                Claim::Held => pending.push(msg, due),
-                Claim::Acked => skipped += 1,
-                Claim::Won => match writes.next() {
-                    Some(Write::Written) if msg.rejected.is_some() => {
-                        tracing::warn!(worker = %self.id, message_id = %msg.id, reason = msg.rejected.as_deref().unwrap_or_default(), "message dead-lettered");
+        for (msg, state) in batch.drain(..).zip(settled) {
+            match state {
+                Settled::Held => pending.push(msg, due),
+                Settled::Acked => skipped += 1,
+                Settled::LockLost => retry.push(msg),
+                Settled::Written => match &msg.rejected {
+                    None => written += 1,
+                    Some(reason) => {
+                        tracing::warn!(worker = %self.id, message_id = %msg.id, reason = %reason, "message dead-lettered");
                         dead += 1;
                     }
-                    Some(Write::Written) => written += 1,
-                    Some(Write::Acked) => skipped += 1,
-                    Some(Write::LockLost) | None => retry.push(msg),
                 },
             }
         }

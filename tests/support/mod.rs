@@ -260,6 +260,31 @@ pub fn run_optimus(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Ou
     }
 }
 
+/// Runs `optimus publish` against `server` with no pauses and these extra
+/// flags; checks it succeeded and returns its `publish done` summary.
+pub fn publish(server: &RedisServer, args: &[&str]) -> Fields {
+    let url = server.url();
+    let mut all = vec!["publish", "--pause-min", "0", "--pause-max", "0"];
+    all.extend_from_slice(args);
+    let out = run_optimus(
+        &all,
+        &[("REDIS_URL", url.as_str())],
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "publish failed: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("publish done"))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
+    Fields::parse(line)
+}
+
 /// A running `optimus`, its stdout and stderr collected as they come.
 pub struct OptimusProcess {
     child: Child,
