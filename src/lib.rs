@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod audit;
 pub mod bridge;
 pub mod config;
 pub mod connect;

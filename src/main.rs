@@ -41,6 +41,16 @@ enum Command {
     Consume(ConsumeArgs),
     /// Publish timed batches of test messages ({"message_id": "<uuid>", "seq": n, "sent_ms": t}).
     Publish(PublishArgs),
+    /// Check a stream against a run of `optimus publish`: lost and duplicated
+    /// messages. Exits 0 when there are none, 1 otherwise.
+    Audit {
+        /// How many messages the publisher reported as published.
+        #[arg(long)]
+        published: u64,
+        /// Stream to check.
+        #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
+        stream: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +68,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Consume(args) => consume(&cli.connect, &args).await,
             Command::Publish(args) => publish(&cli.connect, &args).await,
+            Command::Audit { published, stream } => audit(&cli.connect, &stream, published).await,
         }
     })
 }
@@ -101,6 +112,27 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
         Err(err) => {
             println!("publish failed {}", err.summary);
             eprintln!("optimus: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode {
+    let url = match connect.url() {
+        Ok(url) => url,
+        Err(err) => return bad_setting(&err),
+    };
+    match optimus::audit::audit(&url, stream, published).await {
+        Ok(report) => {
+            println!("{report}");
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(err) => {
+            eprintln!("optimus: cannot read {stream}: {err}");
             ExitCode::from(1)
         }
     }

@@ -25,7 +25,7 @@ fn publish(server: &RedisServer, count: u64) -> support::Fields {
 /// processes is settled (pending=0), then returns the entries.
 fn settled_entries(
     server: &RedisServer,
-    processes: &mut [&mut OptimusProcess],
+    processes: &[&OptimusProcess],
     n: usize,
 ) -> Vec<std::collections::BTreeMap<String, Vec<u8>>> {
     support::wait_for(
@@ -34,10 +34,8 @@ fn settled_entries(
         || (server.xlen(STREAM) >= n).then_some(()),
         || processes.iter().map(|p| p.describe()).collect(),
     );
-    for p in processes.iter_mut() {
-        p.wait_for_line("monitor ", Duration::from_secs(20), |f| {
-            f.num("pending") == 0
-        });
+    for p in processes.iter() {
+        p.wait_settled(Duration::from_secs(20));
     }
     server.stream_entries(STREAM)
 }
@@ -58,7 +56,7 @@ fn three_workers_write_ten_thousand_messages_exactly_once() {
         "every PUBLISH reached the workers"
     );
 
-    let entries = settled_entries(&server, &mut [&mut consume], 10_000);
+    let entries = settled_entries(&server, &[&consume], 10_000);
     assert_exactly_once(&entries, 0..10_000);
     for entry in &entries {
         let consumer = String::from_utf8_lossy(&entry["consumer_id"]);
@@ -113,7 +111,7 @@ fn two_processes_side_by_side_write_exactly_once() {
     wait_for_consumers(&server, &mut b, 4);
 
     publish(&server, 10_000);
-    let entries = settled_entries(&server, &mut [&mut a, &mut b], 10_000);
+    let entries = settled_entries(&server, &[&a, &b], 10_000);
     assert_exactly_once(&entries, 0..10_000);
 
     let written_a = a
@@ -159,7 +157,7 @@ fn messages_without_an_id_are_bridged_byte_for_byte() {
         .unwrap();
     assert_eq!(receivers, 2);
 
-    let entries = settled_entries(&server, &mut [&mut consume], 4);
+    let entries = settled_entries(&server, &[&consume], 4);
     assert_eq!(
         entries.len(),
         4,

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use optimus::bridge::delivery::{Claim, Delivery, Destination, Keys, Write};
+use optimus::bridge::delivery::{Claim, Delivery, Destination, Keys, Settled, Write};
 use optimus::bridge::message::Incoming;
 use optimus::{Bridge, BridgeConfig, OutputFormat, PublishConfig};
 use support::RedisServer;
@@ -88,8 +88,10 @@ async fn a_worker_paused_past_its_lock_cannot_write_twice() {
     expire_lock(&server, "m1");
     assert_eq!(b.claim(&[&m]).await.unwrap(), [Claim::Won]);
     assert_eq!(b.write(&[&m]).await.unwrap(), [Write::Written]);
-    // a wakes up and goes on with its write: refused.
-    assert_eq!(a.write(&[&m]).await.unwrap(), [Write::Acked]);
+    // a wakes up and goes on with its write: refused, the lock is not its own.
+    assert_eq!(a.write(&[&m]).await.unwrap(), [Write::LockLost]);
+    // Claiming again, it finds the message written.
+    assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Acked]);
     assert_eq!(server.xlen(STREAM), 1);
 }
 
@@ -158,6 +160,47 @@ async fn flat_format_copies_json_fields_into_the_entry() {
     assert_eq!(entry["user"], b"ann");
     assert_eq!(entry["n"], b"3");
     assert_eq!(entry["payload"], m.payload);
+}
+
+#[tokio::test]
+async fn settle_claims_and_writes_in_one_step() {
+    let server = RedisServer::start();
+    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
+    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (m1, m2, m3) = (message("1"), message("2"), message("3"));
+    assert_eq!(b.claim(&[&m2]).await.unwrap(), [Claim::Won]);
+    assert_eq!(
+        a.settle(&[&m1, &m2]).await.unwrap(),
+        [Settled::Written, Settled::Held]
+    );
+    assert_eq!(
+        b.settle(&[&m2, &m1, &m3]).await.unwrap(),
+        [Settled::Written, Settled::Acked, Settled::Written]
+    );
+    assert_eq!(
+        a.settle(&[&m2, &m3]).await.unwrap(),
+        [Settled::Acked, Settled::Acked]
+    );
+    assert_eq!(server.xlen(STREAM), 3);
+}
+
+#[tokio::test]
+async fn scripts_are_loaded_again_after_a_script_flush() {
+    let server = RedisServer::start();
+    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
+    assert_eq!(
+        a.settle(&[&message("1")]).await.unwrap(),
+        [Settled::Written]
+    );
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(
+        a.settle(&[&message("2")]).await.unwrap(),
+        [Settled::Written]
+    );
+    assert_eq!(server.xlen(STREAM), 2);
 }
 
 #[tokio::test]

@@ -43,7 +43,7 @@ pub enum Claim {
 /// What the write step did for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Write {
-    /// The lock had expired, and was not this worker's any more: claim again.
+    /// The lock is not this worker's (another's, or expired): nothing written.
     LockLost,
     /// Added to the stream, with its ACK key.
     Written,
@@ -138,7 +138,7 @@ return out
 /// ARGV: worker id, ACK TTL in ms, then per message: the target (1 = output
 /// stream, 2 = dead-letter stream), field count n, then n values (field,
 /// value, field, value, …).
-/// Returns per message 0 = lock lost, 1 = written, 2 = acked.
+/// Returns per message 0 = lock not this worker's, 1 = written, 2 = acked.
 const WRITE: &str = r#"
 local me = ARGV[1]
 local a = 3
@@ -146,10 +146,10 @@ local out = {}
 for i = 3, #KEYS, 2 do
   local target = tonumber(ARGV[a])
   local n = tonumber(ARGV[a + 1])
-  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    out[#out + 1] = 2
-  elseif redis.call('GET', KEYS[i]) ~= me then
+  if redis.call('GET', KEYS[i]) ~= me then
     out[#out + 1] = 0
+  elseif redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    out[#out + 1] = 2
   else
     redis.call('XADD', KEYS[target], '*', unpack(ARGV, a + 2, a + 1 + n))
     redis.call('SET', KEYS[i + 1], 1, 'PX', ARGV[2])
@@ -192,81 +192,125 @@ impl Delivery {
         }
     }
 
-    /// Step 1, for a whole batch in one round trip.
+    /// Step 1 alone, for a whole batch in one round trip.
     pub async fn claim(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Claim>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let mut call = self.claim.prepare_invoke();
-        for m in messages {
-            call.key(self.keys.lock(&m.id)).key(self.keys.ack(&m.id));
-        }
-        call.arg(&self.worker_id).arg(self.lock_ttl_ms);
-        let codes: Vec<u8> = call.invoke_async(&mut self.conn).await?;
-        Ok(codes
-            .into_iter()
-            .map(|c| match c {
-                1 => Claim::Won,
-                2 => Claim::Acked,
-                _ => Claim::Held,
-            })
-            .collect())
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.claim_cmd(messages));
+        let (codes,): (Vec<u8>,) = self.query(&pipe).await?;
+        Ok(codes.into_iter().map(claim_from_code).collect())
     }
 
-    /// Step 2, for the messages whose lock this worker won, in one atomic script.
+    /// Step 2 alone: writes the messages whose lock this worker holds, in one
+    /// atomic script.
     pub async fn write(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Write>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let mut call = self.write.prepare_invoke();
-        call.key(&self.to.stream).key(&self.to.dead_stream);
-        call.arg(&self.worker_id).arg(self.ack_ttl_ms);
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.write_cmd(messages));
+        let (codes,): (Vec<u8>,) = self.query(&pipe).await?;
+        Ok(codes.into_iter().map(write_from_code).collect())
+    }
+
+    /// Both steps for a batch in ONE round trip: the claim script and the
+    /// write script go out together, and the write takes exactly the messages
+    /// whose lock the claim just won (it checks lock ownership itself).
+    ///
+    /// Sending them together closes the window in which a worker killed
+    /// between its claim and its write would leave locks that block the other
+    /// workers until LOCK_TTL: the server receives both commands at once.
+    pub async fn settle(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Settled>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.claim_cmd(messages))
+            .add_command(self.write_cmd(messages));
+        let (claims, writes): (Vec<u8>, Vec<u8>) = self.query(&pipe).await?;
+        Ok(claims
+            .into_iter()
+            .zip(writes)
+            .map(
+                |(claim, write)| match (claim_from_code(claim), write_from_code(write)) {
+                    (Claim::Acked, _) | (_, Write::Acked) => Settled::Acked,
+                    (Claim::Held, _) => Settled::Held,
+                    (Claim::Won, Write::Written) => Settled::Written,
+                    (Claim::Won, Write::LockLost) => Settled::LockLost,
+                },
+            )
+            .collect())
+    }
+
+    fn claim_cmd(&self, messages: &[&Incoming]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.claim.get_hash()).arg(messages.len() * 2);
         for m in messages {
-            call.key(self.keys.lock(&m.id)).key(self.keys.ack(&m.id));
+            cmd.arg(self.keys.lock(&m.id)).arg(self.keys.ack(&m.id));
+        }
+        cmd.arg(&self.worker_id).arg(self.lock_ttl_ms);
+        cmd
+    }
+
+    fn write_cmd(&self, messages: &[&Incoming]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.write.get_hash()).arg(2 + messages.len() * 2);
+        cmd.arg(&self.to.stream).arg(&self.to.dead_stream);
+        for m in messages {
+            cmd.arg(self.keys.lock(&m.id)).arg(self.keys.ack(&m.id));
+        }
+        cmd.arg(&self.worker_id).arg(self.ack_ttl_ms);
+        for m in messages {
             let (target, fields) = match &m.rejected {
                 None => (1, entry_fields(m, &self.worker_id, &self.to)),
                 Some(reason) => (2, dead_letter_fields(m, reason, &self.worker_id, &self.to)),
             };
-            call.arg(target).arg(fields.len());
+            cmd.arg(target).arg(fields.len());
             for value in fields {
-                call.arg(value);
+                cmd.arg(value);
             }
         }
-        let codes: Vec<u8> = call.invoke_async(&mut self.conn).await?;
-        Ok(codes
-            .into_iter()
-            .map(|c| match c {
-                1 => Write::Written,
-                2 => Write::Acked,
-                _ => Write::LockLost,
-            })
-            .collect())
+        cmd
+    }
+
+    /// Runs a pipeline of EVALSHAs; when the server does not know the scripts
+    /// (first use, or after a restart) it loads them and runs it again.
+    async fn query<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> RedisResult<T> {
+        match pipe.query_async(&mut self.conn).await {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                redis::pipe()
+                    .cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(CLAIM)
+                    .cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(WRITE)
+                    .query_async::<()>(&mut self.conn)
+                    .await?;
+                pipe.query_async(&mut self.conn).await
+            }
+            result => result,
+        }
     }
 }
 
-impl Delivery {
-    /// Both steps for a batch: claim all, write the won ones. Two round trips.
-    pub async fn settle(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Settled>> {
-        let claims = self.claim(messages).await?;
-        let won: Vec<&Incoming> = messages
-            .iter()
-            .zip(&claims)
-            .filter(|(_, c)| **c == Claim::Won)
-            .map(|(m, _)| *m)
-            .collect();
-        let mut writes = self.write(&won).await?.into_iter();
-        Ok(claims
-            .into_iter()
-            .map(|claim| match claim {
-                Claim::Held => Settled::Held,
-                Claim::Acked => Settled::Acked,
-                Claim::Won => match writes.next() {
-                    Some(Write::Written) => Settled::Written,
-                    Some(Write::Acked) => Settled::Acked,
-                    Some(Write::LockLost) | None => Settled::LockLost,
-                },
-            })
-            .collect())
+fn claim_from_code(code: u8) -> Claim {
+    match code {
+        1 => Claim::Won,
+        2 => Claim::Acked,
+        _ => Claim::Held,
+    }
+}
+
+fn write_from_code(code: u8) -> Write {
+    match code {
+        1 => Write::Written,
+        2 => Write::Acked,
+        _ => Write::LockLost,
     }
 }
 

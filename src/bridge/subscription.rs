@@ -182,7 +182,8 @@ impl Coverage {
         if self.subscribed.fetch_add(1, Ordering::SeqCst) == 0
             && let Some(since) = self.uncovered_since.lock().unwrap().take()
         {
-            let ms = since.elapsed().as_millis() as u64;
+            // Rounded up: a gap shorter than a millisecond is still a gap.
+            let ms = since.elapsed().as_micros().div_ceil(1000) as u64;
             Counters::add(&counters.gaps, 1);
             Counters::add(&counters.gap_ms, ms);
             tracing::warn!(

@@ -94,6 +94,23 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server with SIGTERM (it saves what its persistence settings
+    /// say) and starts it again on the same port and directory.
+    pub fn restart_gracefully(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        self.child = spawn_server(self.dir.path(), self.port, &self.extra_args);
+        let url = self.admin_url();
+        assert!(
+            wait_ready(&mut self.child, &url),
+            "redis-server did not come back on port {}\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
     /// Stops the server (as a crash would) and starts it again on the same
     /// port, for tests of reconnection.
     pub fn restart(&mut self) {
@@ -389,6 +406,49 @@ impl OptimusProcess {
                 "timed out after {timeout:?} waiting for a matching '{prefix}' line\n{}",
                 self.describe()
             )
+        })
+    }
+}
+
+impl OptimusProcess {
+    /// The latest stdout line starting with `prefix`, if any.
+    pub fn latest_line(&self, prefix: &str) -> Option<Fields> {
+        let text = self.stdout.lock().unwrap().clone();
+        text.lines()
+            .rev()
+            .find(|l| l.starts_with(prefix))
+            .map(Fields::parse)
+    }
+
+    /// Waits until the *latest* line starting with `prefix` satisfies `check`
+    /// (an older line that did is not enough: it may be stale).
+    pub fn wait_for_latest(
+        &self,
+        prefix: &str,
+        timeout: Duration,
+        check: impl Fn(&Fields) -> bool,
+    ) -> Fields {
+        wait_for_inner(timeout, || self.latest_line(prefix).filter(|f| check(f))).unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for the latest '{prefix}' line to match\n{}",
+                self.describe()
+            )
+        })
+    }
+
+    /// Waits until every message this process received is accounted for in
+    /// its latest monitoring line: written, skipped, dead-lettered, expired or
+    /// dropped on overflow, with nothing pending. Nothing it holds can still
+    /// reach the stream after that.
+    pub fn wait_settled(&self, timeout: Duration) -> Fields {
+        self.wait_for_latest("monitor ", timeout, |f| {
+            f.num("pending") == 0
+                && f.num("received")
+                    == f.num("written")
+                        + f.num("duplicates_skipped")
+                        + f.num("dead")
+                        + f.num("expired")
+                        + f.num("overflow")
         })
     }
 }
