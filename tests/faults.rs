@@ -138,7 +138,7 @@ fn pause(min_ms: u64, max_ms: u64) {
     ));
 }
 
-/// 1. SIGKILL one process every few hundred ms and restart it: at least 10
+/// Fault 1: SIGKILL one process every few hundred ms and restart it: at least 10
 /// kills, never all processes at once.
 #[test]
 fn sigkill_and_restart_one_process_at_a_time() {
@@ -156,11 +156,11 @@ fn sigkill_and_restart_one_process_at_a_time() {
     pool.check(&summary);
 }
 
-/// 2. SIGSTOP one process past the lock TTL, then SIGCONT: what it had locked
+/// Fault 2: SIGSTOP one process past the lock TTL, then SIGCONT: what it had locked
 /// was taken over meanwhile, and it must not write any of it again.
 #[test]
 fn a_process_stopped_past_its_locks_does_not_write_twice() {
-    let mut pool = Pool::start(RedisServer::start(), 3, &[]);
+    let pool = Pool::start(RedisServer::start(), 3, &[]);
     let mut publisher = pool.publisher(5000, 8);
     std::thread::sleep(Duration::from_secs(2));
     pool.processes[0].signal("STOP");
@@ -176,7 +176,7 @@ fn a_process_stopped_past_its_locks_does_not_write_twice() {
     );
 }
 
-/// 3. CLIENT KILL the subscription and the command connection of one worker at
+/// Fault 3: CLIENT KILL the subscription and the command connection of one worker at
 /// a time, repeatedly: each reconnects and resubscribes; nothing is lost.
 #[test]
 fn killed_connections_reconnect_and_lose_nothing() {
@@ -224,7 +224,7 @@ fn killed_connections_reconnect_and_lose_nothing() {
     assert!(reconnects > 0, "subscriptions were re-established");
 }
 
-/// 4. CLIENT PAUSE the whole server for 2 s mid-run.
+/// Fault 4: CLIENT PAUSE the whole server for 2 s mid-run.
 #[test]
 fn a_paused_server_loses_nothing() {
     let pool = Pool::start(RedisServer::start(), 3, &[]);
@@ -239,7 +239,7 @@ fn a_paused_server_loses_nothing() {
     pool.check(&summary);
 }
 
-/// 5. The server is stopped and started again on the same port (with its
+/// Fault 5: The server is stopped and started again on the same port (with its
 /// data on disk): every worker reconnects by itself, no consume process
 /// exits, and the publisher re-sends what Redis did not confirm.
 #[test]
@@ -248,7 +248,7 @@ fn a_server_restart_is_ridden_out() {
     let mut pool = Pool::start(server, 3, &[]);
     let mut publisher = pool.publisher(5000, 10);
     std::thread::sleep(Duration::from_secs(3));
-    pool.server.restart_gracefully();
+    pool.server.restart(true);
     let summary = pool.finish(&mut publisher);
     pool.check(&summary);
     for p in pool.processes.iter_mut() {
@@ -267,7 +267,7 @@ fn a_server_restart_is_ridden_out() {
     );
 }
 
-/// 6. Every subscription killed at the same moment: for that gap no worker
+/// Fault 6: Every subscription killed at the same moment: for that gap no worker
 /// listens. The gap is counted and logged with its length; the publisher's
 /// fast path writes what reached nobody, so nothing is lost even then.
 #[test]

@@ -194,25 +194,36 @@ impl Delivery {
 
     /// Step 1 alone, for a whole batch in one round trip.
     pub async fn claim(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Claim>> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        pipe.add_command(self.claim_cmd(messages));
-        let (codes,): (Vec<u8>,) = self.query(&pipe).await?;
-        Ok(codes.into_iter().map(claim_from_code).collect())
+        let cmd = self.claim_cmd(messages);
+        Ok(self
+            .run_one(messages, cmd)
+            .await?
+            .into_iter()
+            .map(claim_from_code)
+            .collect())
     }
 
     /// Step 2 alone: writes the messages whose lock this worker holds, in one
     /// atomic script.
     pub async fn write(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Write>> {
+        let cmd = self.write_cmd(messages);
+        Ok(self
+            .run_one(messages, cmd)
+            .await?
+            .into_iter()
+            .map(write_from_code)
+            .collect())
+    }
+
+    /// Runs one script over a batch; an empty batch asks nothing of Redis.
+    async fn run_one(&mut self, messages: &[&Incoming], cmd: redis::Cmd) -> RedisResult<Vec<u8>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        pipe.add_command(self.write_cmd(messages));
+        pipe.add_command(cmd);
         let (codes,): (Vec<u8>,) = self.query(&pipe).await?;
-        Ok(codes.into_iter().map(write_from_code).collect())
+        Ok(codes)
     }
 
     /// Both steps for a batch in ONE round trip: the claim script and the

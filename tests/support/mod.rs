@@ -94,27 +94,17 @@ impl RedisServer {
         }
     }
 
-    /// Stops the server with SIGTERM (it saves what its persistence settings
-    /// say) and starts it again on the same port and directory.
-    pub fn restart_gracefully(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        self.child = spawn_server(self.dir.path(), self.port, &self.extra_args);
-        let url = self.admin_url();
-        assert!(
-            wait_ready(&mut self.child, &url),
-            "redis-server did not come back on port {}\n{}",
-            self.port,
-            self.log()
-        );
-    }
-
-    /// Stops the server (as a crash would) and starts it again on the same
-    /// port, for tests of reconnection.
-    pub fn restart(&mut self) {
-        let _ = self.child.kill();
+    /// Stops the server and starts it again on the same port and directory:
+    /// `graceful` sends SIGTERM (it saves what its persistence settings say),
+    /// otherwise SIGKILL, as a crash would.
+    pub fn restart(&mut self, graceful: bool) {
+        if graceful {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        } else {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
         self.child = spawn_server(self.dir.path(), self.port, &self.extra_args);
         let url = self.admin_url();
