@@ -8,14 +8,6 @@ use support::{OptimusProcess, RedisServer, assert_exactly_once};
 
 const STREAM: &str = "messages:processed";
 
-/// Waits until the presence index shows `n` live workers.
-fn wait_for_consumers(server: &RedisServer, process: &mut OptimusProcess, n: u64) {
-    process.wait_for_line("monitor ", Duration::from_secs(20), |f| {
-        f.values.get("consumers").map(String::as_str) == Some(&n.to_string())
-    });
-    let _ = server;
-}
-
 /// `optimus publish --count n` as fast as it goes; returns its summary line.
 fn publish(server: &RedisServer, count: u64) -> support::Fields {
     support::publish(server, &["--count", &count.to_string()])
@@ -44,7 +36,7 @@ fn settled_entries(
 fn three_workers_write_ten_thousand_messages_exactly_once() {
     let server = RedisServer::start();
     let mut consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "3")]);
-    wait_for_consumers(&server, &mut consume, 3);
+    consume.wait_consumers(3);
     let presence = server.keys("consumer:ids:*");
     assert_eq!(presence.len(), 3, "presence keys: {presence:?}");
 
@@ -107,8 +99,8 @@ fn two_processes_side_by_side_write_exactly_once() {
     let server = RedisServer::start();
     let mut a = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
     let mut b = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
-    wait_for_consumers(&server, &mut a, 4);
-    wait_for_consumers(&server, &mut b, 4);
+    a.wait_consumers(4);
+    b.wait_consumers(4);
 
     publish(&server, 10_000);
     let entries = settled_entries(&server, &[&a, &b], 10_000);
@@ -130,8 +122,8 @@ fn two_processes_side_by_side_write_exactly_once() {
 #[test]
 fn messages_without_an_id_are_bridged_byte_for_byte() {
     let server = RedisServer::start();
-    let mut consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
-    wait_for_consumers(&server, &mut consume, 2);
+    let consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
+    consume.wait_consumers(2);
 
     // Plain text through the real redis-cli, twice the same, then JSON without
     // the id field, then bytes that are not UTF-8.
@@ -187,7 +179,7 @@ fn messages_without_an_id_are_bridged_byte_for_byte() {
 fn sigterm_finishes_what_was_received_and_removes_presence() {
     let server = RedisServer::start();
     let mut consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "3")]);
-    wait_for_consumers(&server, &mut consume, 3);
+    consume.wait_consumers(3);
 
     // A steady stream of messages, and SIGTERM while it flows.
     let url = server.url();
@@ -243,14 +235,14 @@ fn sigterm_finishes_what_was_received_and_removes_presence() {
 #[test]
 fn a_killed_process_drops_out_of_the_consumer_count() {
     let server = RedisServer::start();
-    let mut survivor =
+    let survivor =
         OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "1"), ("PRESENCE_TTL", "1")]);
     let doomed =
         OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("PRESENCE_TTL", "1")]);
-    wait_for_consumers(&server, &mut survivor, 3);
+    survivor.wait_consumers(3);
     doomed.signal("KILL");
     // Within one PRESENCE_TTL its two workers are gone from the count and keys.
-    wait_for_consumers(&server, &mut survivor, 1);
+    survivor.wait_consumers(1);
     assert_eq!(server.keys("consumer:ids:*").len(), 1);
 }
 
@@ -268,7 +260,7 @@ fn a_second_signal_exits_at_once() {
             ("ACK_TTL", "200"),
         ],
     );
-    wait_for_consumers(&server, &mut consume, 1);
+    consume.wait_consumers(1);
     // A worker elsewhere holds the lock of message m1 and never writes it.
     let _: () = redis::cmd("SET")
         .arg("{messages:processed}:lock:m1")
@@ -296,4 +288,41 @@ fn a_second_signal_exits_at_once() {
     consume.signal("TERM");
     let status = consume.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(130), "{}", consume.describe());
+}
+
+/// A payload over MAX_PAYLOAD_BYTES goes to the dead-letter stream, once,
+/// with the reason and the channel; the workers go on.
+#[test]
+fn an_oversized_message_is_dead_lettered_once_and_the_workers_go_on() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(
+        &server,
+        &[("CONSUMERS_COUNT", "3"), ("MAX_PAYLOAD_BYTES", "100")],
+    );
+    consume.wait_consumers(3);
+    let big = format!(r#"{{"message_id":"big-1","pad":"{}"}}"#, "x".repeat(200));
+    for payload in [big.as_str(), r#"{"message_id":"small-1"}"#] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("messages:published")
+            .arg(payload)
+            .query(&mut server.conn())
+            .unwrap();
+    }
+    let entries = settled_entries(&server, &[&consume], 1);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["message_id"], b"small-1");
+
+    let dead = server.stream_entries("messages:processed:dead");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = String::from_utf8_lossy(&dead[0]["reason"]);
+    assert!(reason.contains("MAX_PAYLOAD_BYTES"), "{reason}");
+    assert_eq!(dead[0]["channel"], b"messages:published");
+    assert_eq!(dead[0]["payload"], big.as_bytes());
+    let line = consume.wait_settled(Duration::from_secs(10));
+    assert_eq!(line.num("dead"), 1, "{}", line.line);
+    assert!(
+        consume.stderr().contains("dead-lettered"),
+        "{}",
+        consume.describe()
+    );
 }

@@ -50,9 +50,7 @@ impl Pool {
 
     fn wait_consumers(&self, n: u64) {
         for p in &self.processes {
-            p.wait_for_latest("monitor ", Duration::from_secs(30), |f| {
-                f.values.get("consumers") == Some(&n.to_string())
-            });
+            p.wait_consumers(n);
         }
     }
 
@@ -315,4 +313,86 @@ fn rolling_crash_of_five_processes_loses_nothing() {
     assert!(next >= 20, "only {next} kills in {:?}", start.elapsed());
     assert_eq!(summary.num("published"), 300_000, "{}", summary.line);
     pool.check(&summary);
+}
+
+/// Peak resident memory of a process, from /proc (Linux), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
+}
+
+/// A flood of 1,000,000 messages while the server refuses every write: each
+/// worker's queue fills to QUEUE_CAPACITY, what does not fit is dropped and
+/// counted as overflow, and memory stays within the stated bound. When writes
+/// come back, what was queued is written.
+#[test]
+fn a_flood_with_writes_refused_stays_within_the_memory_bound() {
+    const WORKERS: u64 = 2;
+    const CAPACITY: u64 = 50_000;
+    let pool = Pool::start(
+        RedisServer::start(),
+        1,
+        &[("CONSUMERS_COUNT", "2"), ("QUEUE_CAPACITY", "50000")],
+    );
+    let consume = &pool.processes[0];
+    let mut admin = pool.server.conn();
+    // Writes are refused (as on a primary without its replicas); PUBLISH is not.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg(1)
+        .query(&mut admin)
+        .unwrap();
+    let summary = support::publish(
+        &pool.server,
+        &["--count", "1000000", "--batch-size", "1000"],
+    );
+    assert_eq!(summary.num("published"), 1_000_000);
+    assert_eq!(summary.num("no_subscriber"), 0);
+    let line = consume.wait_for_latest("monitor ", Duration::from_secs(60), |f| {
+        f.num("received") == 2_000_000
+    });
+    let peak = peak_rss(consume.pid());
+    // The test messages are about 100 bytes; each buffered one costs its
+    // payload, its id and about 250 bytes of bookkeeping (README).
+    let bound = 32 * 1024 * 1024 + WORKERS * CAPACITY * (100 + 250);
+    assert!(
+        peak < bound,
+        "peak RSS {} MiB is above the bound {} MiB\n{}",
+        peak >> 20,
+        bound >> 20,
+        line.line
+    );
+    assert!(
+        line.num("overflow") > 1_000_000,
+        "overflow counted: {}",
+        line.line
+    );
+    assert!(
+        line.num("errors") > 0,
+        "refused writes counted: {}",
+        line.line
+    );
+    assert!(
+        consume.stderr().contains("queue full"),
+        "{}",
+        consume.describe()
+    );
+
+    // Writes come back: everything still queued is written, and every
+    // received copy is accounted for.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg(0)
+        .query(&mut admin)
+        .unwrap();
+    let settled = consume.wait_settled(Duration::from_secs(60));
+    assert!(settled.num("written") >= CAPACITY, "{}", settled.line);
+    assert_eq!(pool.server.xlen(STREAM) as u64, settled.num("written"));
 }

@@ -426,19 +426,38 @@ impl OptimusProcess {
         })
     }
 
+    /// Waits until its monitoring line counts `n` live workers (all processes).
+    pub fn wait_consumers(&self, n: u64) {
+        self.wait_for_latest("monitor ", Duration::from_secs(30), |f| {
+            f.values.get("consumers") == Some(&n.to_string())
+        });
+    }
+
     /// Waits until every message this process received is accounted for in
-    /// its latest monitoring line: written, skipped, dead-lettered, expired or
-    /// dropped on overflow, with nothing pending. Nothing it holds can still
-    /// reach the stream after that.
+    /// a monitoring line printed *after* this call: written, skipped,
+    /// dead-lettered, expired or dropped on overflow, with nothing pending.
+    /// Nothing it holds can still reach the stream after that.
     pub fn wait_settled(&self, timeout: Duration) -> Fields {
-        self.wait_for_latest("monitor ", timeout, |f| {
-            f.num("pending") == 0
-                && f.num("received")
-                    == f.num("written")
-                        + f.num("duplicates_skipped")
-                        + f.num("dead")
-                        + f.num("expired")
-                        + f.num("overflow")
+        let count = |text: &str| text.lines().filter(|l| l.starts_with("monitor ")).count();
+        let seen = count(&self.stdout.lock().unwrap());
+        wait_for_inner(timeout, || {
+            let text = self.stdout.lock().unwrap().clone();
+            if count(&text) <= seen {
+                return None;
+            }
+            let f = self.latest_line("monitor ")?;
+            let accounted = f.num("written")
+                + f.num("duplicates_skipped")
+                + f.num("dead")
+                + f.num("expired")
+                + f.num("overflow");
+            (f.num("pending") == 0 && f.num("received") == accounted).then_some(f)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for a settled monitoring line\n{}",
+                self.describe()
+            )
         })
     }
 }
