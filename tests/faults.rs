@@ -11,7 +11,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rand::RngExt;
-use support::{Fields, OptimusProcess, RedisServer, assert_exactly_once};
+use support::{Fields, OptimusProcess, RedisServer, Tally};
 
 const STREAM: &str = "messages:processed";
 
@@ -92,7 +92,6 @@ impl Pool {
     /// process has settled what it received, then checks exactly-once.
     fn check(&self, summary: &Fields) {
         let published = summary.num("published");
-        assert_eq!(summary.num("failed"), 0, "{}", summary.line);
         support::wait_for(
             &format!("{published} entries in the stream"),
             Duration::from_secs(90),
@@ -101,21 +100,33 @@ impl Pool {
                 format!(
                     "stream has {}\n{}",
                     self.server.xlen(STREAM),
-                    self.processes
-                        .iter()
-                        .map(|p| p.describe())
-                        .collect::<Vec<_>>()
-                        .join("\n")
+                    self.describe()
                 )
             },
         );
+        let tally = self.settled_tally(summary);
+        assert!(tally.is_exact(), "{tally}");
+    }
+
+    /// Once every live process has settled, what the stream holds against
+    /// what the publisher confirmed.
+    fn settled_tally(&self, summary: &Fields) -> Tally {
+        assert_eq!(summary.num("failed"), 0, "{}", summary.line);
         for p in &self.processes {
             p.wait_settled(Duration::from_secs(60));
         }
-        assert_exactly_once(&self.server.stream_entries(STREAM), 0..published);
-        for p in &self.processes {
-            assert!(p.latest_line("monitor ").is_some());
-        }
+        Tally::of(
+            &self.server.stream_entries(STREAM),
+            0..summary.num("published"),
+        )
+    }
+
+    fn describe(&self) -> String {
+        self.processes
+            .iter()
+            .map(|p| p.describe())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Runs `fault` repeatedly while the publisher runs.
@@ -267,7 +278,10 @@ fn a_server_restart_is_ridden_out() {
 
 /// Fault 6: Every subscription killed at the same moment: for that gap no worker
 /// listens. The gap is counted and logged with its length; the publisher's
-/// fast path writes what reached nobody, so nothing is lost even then.
+/// fast path writes what reached nobody. This breaks the guarantee's
+/// condition: a message still in the server's output buffers to all the
+/// killed subscriptions is lost with them (Pub/Sub cannot tell anyone), so
+/// a handful may be missing, never duplicated.
 #[test]
 fn a_gap_with_no_subscriber_is_counted_and_reported() {
     let pool = Pool::start(RedisServer::start(), 2, &[]);
@@ -281,7 +295,16 @@ fn a_gap_with_no_subscriber_is_counted_and_reported() {
         .unwrap();
     assert_eq!(killed, 4, "all four subscriptions killed at once");
     let summary = pool.finish(&mut publisher);
-    pool.check(&summary);
+    let tally = pool.settled_tally(&summary);
+    assert!(
+        tally.duplicated.is_empty() && tally.unexpected == 0,
+        "{tally}"
+    );
+    // At 5,000 messages/s, what can be in flight at the moment of the kill.
+    assert!(
+        tally.missing.len() <= 50,
+        "more lost than was in flight: {tally}"
+    );
     for p in &pool.processes {
         let line = p.wait_for_latest("monitor ", Duration::from_secs(10), |f| f.num("gaps") >= 1);
         assert!(line.num("gap_ms") > 0, "{}", line.line);

@@ -534,49 +534,88 @@ impl Fields {
     }
 }
 
+/// What a stream holds against the sequence numbers that were published.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub entries: usize,
+    pub expected: usize,
+    /// Expected sequence numbers with no entry.
+    pub missing: Vec<u64>,
+    /// Sequence numbers (or message ids) with more than one entry.
+    pub duplicated: Vec<String>,
+    /// Entries outside the expected sequence numbers.
+    pub unexpected: usize,
+}
+
+impl Tally {
+    /// Counts the entries (test messages: JSON with `message_id` and `seq`).
+    pub fn of(
+        entries: &[BTreeMap<String, Vec<u8>>],
+        expected_seqs: impl IntoIterator<Item = u64>,
+    ) -> Self {
+        let expected: HashSet<u64> = expected_seqs.into_iter().collect();
+        let mut tally = Tally {
+            entries: entries.len(),
+            expected: expected.len(),
+            ..Tally::default()
+        };
+        let mut ids = HashSet::new();
+        let mut seqs = HashSet::new();
+        for entry in entries {
+            let id = String::from_utf8_lossy(&entry["message_id"]).to_string();
+            let payload: serde_json::Value =
+                serde_json::from_slice(&entry["payload"]).expect("payload is the published JSON");
+            assert_eq!(
+                payload["message_id"].as_str(),
+                Some(id.as_str()),
+                "entry id is the payload's id"
+            );
+            let seq = payload["seq"].as_u64().expect("seq");
+            if !ids.insert(id.clone()) || !seqs.insert(seq) {
+                tally.duplicated.push(format!("seq {seq} ({id})"));
+            }
+            if !expected.contains(&seq) {
+                tally.unexpected += 1;
+            }
+        }
+        tally.missing = expected
+            .iter()
+            .copied()
+            .filter(|s| !seqs.contains(s))
+            .collect();
+        tally.missing.sort_unstable();
+        tally
+    }
+
+    pub fn is_exact(&self) -> bool {
+        self.missing.is_empty() && self.duplicated.is_empty() && self.unexpected == 0
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stream has {} entries for {} expected messages; missing {} (first: {:?}); duplicated {} (first: {:?}); unexpected {}",
+            self.entries,
+            self.expected,
+            self.missing.len(),
+            self.missing.iter().take(10).collect::<Vec<_>>(),
+            self.duplicated.len(),
+            self.duplicated.iter().take(10).collect::<Vec<_>>(),
+            self.unexpected
+        )
+    }
+}
+
 /// Checks that `entries` hold each of `expected_seqs` exactly once (by the
 /// `seq` in their JSON payload), and that their message ids are distinct.
 pub fn assert_exactly_once(
     entries: &[BTreeMap<String, Vec<u8>>],
     expected_seqs: impl IntoIterator<Item = u64>,
 ) {
-    let mut ids = HashSet::new();
-    let mut seqs = BTreeMap::<u64, usize>::new();
-    for entry in entries {
-        let id = String::from_utf8_lossy(&entry["message_id"]).to_string();
-        assert!(ids.insert(id.clone()), "message id {id} written twice");
-        let payload: serde_json::Value =
-            serde_json::from_slice(&entry["payload"]).expect("payload is the published JSON");
-        assert_eq!(
-            payload["message_id"].as_str(),
-            Some(id.as_str()),
-            "entry id is the payload's id"
-        );
-        *seqs
-            .entry(payload["seq"].as_u64().expect("seq"))
-            .or_default() += 1;
-    }
-    let expected: Vec<u64> = expected_seqs.into_iter().collect();
-    let missing: Vec<u64> = expected
-        .iter()
-        .copied()
-        .filter(|s| !seqs.contains_key(s))
-        .collect();
-    let twice: Vec<u64> = seqs
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(s, _)| *s)
-        .collect();
-    assert!(
-        missing.is_empty() && twice.is_empty() && seqs.len() == expected.len(),
-        "stream has {} entries for {} expected messages; missing {} (first: {:?}); duplicated {} (first: {:?})",
-        entries.len(),
-        expected.len(),
-        missing.len(),
-        missing.iter().take(10).collect::<Vec<_>>(),
-        twice.len(),
-        twice.iter().take(10).collect::<Vec<_>>(),
-    );
+    let tally = Tally::of(entries, expected_seqs);
+    assert!(tally.is_exact(), "{tally}");
 }
 
 /// Path of a file in the crate, for tests that read the README or scripts.
