@@ -38,4 +38,4 @@ pub mod publish;
 pub use bridge::{Bridge, BridgeError};
 pub use config::{BridgeConfig, ConfigError, OutputFormat, PublishConfig};
 pub use monitor::{Counters, Snapshot};
-pub use publish::{PublishError, PublishSummary};
+pub use publish::{PublishError, PublishSummary, Publisher};
