@@ -218,3 +218,42 @@ fn publish_without_the_fast_path_only_counts_what_reached_nobody() {
     assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
     assert_eq!(server.xlen("messages:processed"), 0);
 }
+
+/// Credentials that stop working while the bridge runs are not retried
+/// forever: the reconnect is refused, and the process exits 1 with one clear
+/// line.
+#[test]
+fn credentials_refused_on_reconnect_stop_the_process() {
+    let server = RedisServer::start_with(&["--requirepass", "first"]);
+    let url = format!("redis://:first@127.0.0.1:{}", server.port);
+    let mut consume = OptimusProcess::spawn(
+        &["consume"],
+        &[("REDIS_URL", &url), ("MONITORING_INTERVAL", "0.2")],
+    );
+    consume.wait_consumers(2);
+    let mut admin = server.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("second")
+        .query(&mut admin)
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut admin)
+        .unwrap();
+    let status = consume.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", consume.describe());
+    let stderr = consume.stderr();
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("optimus: ") && !last.contains("first"),
+        "one clear line, password masked: {last}"
+    );
+    assert!(
+        last.contains("WRONGPASS") || last.contains("uthentication"),
+        "{last}"
+    );
+}
