@@ -257,3 +257,100 @@ fn credentials_refused_on_reconnect_stop_the_process() {
         "{last}"
     );
 }
+
+/// When the server goes away for longer than --retry-for, the publisher gives
+/// the unconfirmed batches up, says how many, and exits 1.
+#[test]
+fn publish_reports_what_it_could_not_send() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut publisher = OptimusProcess::spawn(
+        &[
+            "publish",
+            "--rate",
+            "1000",
+            "--duration",
+            "4",
+            "--retry-for",
+            "1",
+            "--batch-size",
+            "100",
+        ],
+        &[("REDIS_URL", &url)],
+    );
+    publisher.wait_for_line("publish sent=", Duration::from_secs(20), |f| {
+        f.num("sent") > 0
+    });
+    drop(server);
+    let status = publisher.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", publisher.describe());
+    let summary = publisher.wait_for_line("publish done", Duration::from_secs(1), |_| true);
+    assert!(summary.num("failed") > 0, "{}", summary.line);
+    assert!(
+        publisher.stderr().contains("never confirmed by Redis"),
+        "{}",
+        publisher.describe()
+    );
+}
+
+/// `optimus audit` tells a complete stream from one with a loss or a duplicate.
+#[test]
+fn audit_counts_lost_and_duplicated_messages() {
+    let server = RedisServer::start();
+    support::publish(&server, &["--count", "100"]); // no consumer: the fast path writes all
+    let url = server.url();
+    let audit = || {
+        let out = run_optimus(
+            &["audit", "--published", "100"],
+            &[("REDIS_URL", &url)],
+            Duration::from_secs(20),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.code(), support::Fields::parse(stdout.trim()))
+    };
+    let (code, report) = audit();
+    assert_eq!(code, Some(0), "{}", report.line);
+    assert_eq!(
+        (report.num("lost"), report.num("duplicates")),
+        (0, 0),
+        "{}",
+        report.line
+    );
+
+    let mut conn = server.conn();
+    let first = &server.stream_entries("messages:processed")[0];
+    let _: String = redis::cmd("XADD")
+        .arg("messages:processed")
+        .arg("*")
+        .arg("message_id")
+        .arg(&first["message_id"])
+        .arg("payload")
+        .arg(&first["payload"])
+        .query(&mut conn)
+        .unwrap();
+    let ids: Vec<String> = redis::cmd("XRANGE")
+        .arg("messages:processed")
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(2)
+        .query::<redis::streams::StreamRangeReply>(&mut conn)
+        .unwrap()
+        .ids
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let _: i64 = redis::cmd("XDEL")
+        .arg("messages:processed")
+        .arg(&ids[1])
+        .query(&mut conn)
+        .unwrap();
+    let (code, report) = audit();
+    assert_eq!(code, Some(1), "{}", report.line);
+    assert_eq!(
+        (report.num("lost"), report.num("duplicates")),
+        (1, 1),
+        "{}",
+        report.line
+    );
+}
