@@ -29,6 +29,7 @@
 //! ```
 
 pub mod audit;
+pub mod bench;
 pub mod bridge;
 pub mod config;
 pub mod connect;

@@ -43,6 +43,31 @@ enum Command {
     Publish(PublishArgs),
     /// Check a stream against a run of `optimus publish`: lost and duplicated
     /// messages. Exits 0 when there are none, 1 otherwise.
+    /// Measure the bridge in one run (starts its own redis-server unless
+    /// REDIS_URL is set, which it then FLUSHALLs): ceiling, throughput per
+    /// worker count, commands, CPU and memory per message, latency; prints a
+    /// table and writes JSON and an SVG chart. Exits 1 if any row lost or
+    /// duplicated a message.
+    Bench {
+        /// Messages per throughput row.
+        #[arg(long, default_value = "300000")]
+        messages: u64,
+        /// Worker counts to measure, comma-separated.
+        #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
+        workers: Vec<usize>,
+        /// Steady rate of the latency run, messages/s.
+        #[arg(long, default_value = "10000")]
+        latency_rate: u64,
+        /// Seconds of the latency run.
+        #[arg(long, default_value = "5")]
+        latency_seconds: u64,
+        /// Where the JSON results go.
+        #[arg(long, default_value = "bench.json")]
+        json: std::path::PathBuf,
+        /// Where the chart goes.
+        #[arg(long, default_value = "bench.svg")]
+        svg: std::path::PathBuf,
+    },
     Audit {
         /// How many messages the publisher reported as published.
         #[arg(long)]
@@ -69,6 +94,26 @@ fn main() -> ExitCode {
             Command::Consume(args) => consume(&cli.connect, &args).await,
             Command::Publish(args) => publish(&cli.connect, &args).await,
             Command::Audit { published, stream } => audit(&cli.connect, &stream, published).await,
+            Command::Bench {
+                messages,
+                workers,
+                latency_rate,
+                latency_seconds,
+                json,
+                svg,
+            } => {
+                let config = optimus::bench::BenchConfig {
+                    redis_url: cli.connect.redis_url.clone(),
+                    messages,
+                    workers,
+                    latency_rate,
+                    latency_duration: std::time::Duration::from_secs(latency_seconds),
+                    json_out: json,
+                    svg_out: svg,
+                    exe: std::env::current_exe().expect("the path of this program"),
+                };
+                bench(&config).await
+            }
         }
     })
 }
@@ -133,6 +178,32 @@ async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode 
         }
         Err(err) => {
             eprintln!("optimus: cannot read {stream}: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn bench(config: &optimus::bench::BenchConfig) -> ExitCode {
+    for path in [&config.json_out, &config.svg_out] {
+        if let Err(err) = optimus::bench::check_out_path(path) {
+            eprintln!("optimus: {err:#}");
+            return ExitCode::from(2);
+        }
+    }
+    match optimus::bench::run(config).await {
+        Ok(report) => {
+            println!("{}", optimus::bench::table(&report));
+            if report.failures() > 0 {
+                eprintln!(
+                    "optimus: {} rows lost or duplicated messages",
+                    report.failures()
+                );
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("optimus: bench failed: {err:#}");
             ExitCode::from(1)
         }
     }

@@ -1,0 +1,740 @@
+//! `optimus bench`: measures the bridge in one run, on one machine, against
+//! one redis-server, and prints a table (also written as JSON, with an SVG
+//! chart of throughput against workers).
+//!
+//! - **ceiling**: the same payloads written straight into a stream with
+//!   pipelined XADD, no bridge;
+//! - **publisher**: `optimus publish`'s pipelined PUBLISH against
+//!   `redis-cli --pipe` for the same messages;
+//! - **bridge**, for each worker count: messages/s from the first PUBLISH to
+//!   the last stream entry, Redis commands per bridged message (from INFO
+//!   commandstats, PUBLISH and the benchmark's own commands left out), the
+//!   bridge process's CPU time per message and peak RSS, and lost and
+//!   duplicated messages (a row with either is a failure, not a result);
+//! - **latency** from publish to stream entry at a steady rate.
+//!
+//! The bridge runs as a separate `optimus consume` process (this binary), so
+//! its CPU and memory are its own.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use redis::aio::MultiplexedConnection;
+use serde::Serialize;
+
+use crate::config::{Pace, PublishConfig, PublishLimit};
+use crate::publish::{Publisher, test_message};
+
+const CHANNEL: &str = "bench:published";
+const STREAM: &str = "bench:processed";
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Use this server instead of starting one (it is FLUSHALLed!).
+    pub redis_url: Option<String>,
+    /// Messages per throughput row.
+    pub messages: u64,
+    pub workers: Vec<usize>,
+    /// Steady rate (messages/s) and duration of the latency run.
+    pub latency_rate: u64,
+    pub latency_duration: Duration,
+    pub json_out: PathBuf,
+    pub svg_out: PathBuf,
+    /// The `optimus` binary that runs `consume`.
+    pub exe: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeRow {
+    pub strategy: &'static str,
+    pub workers: usize,
+    pub messages: u64,
+    pub seconds: f64,
+    pub rate: f64,
+    pub commands_per_message: f64,
+    pub cpu_us_per_message: f64,
+    pub peak_rss_mib: f64,
+    pub lost: u64,
+    pub duplicates: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRow {
+    pub workers: usize,
+    pub rate: u64,
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub lost: u64,
+    pub duplicates: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub redis_version: String,
+    pub payload_bytes: usize,
+    pub ceiling_rate: f64,
+    pub publisher_rate: f64,
+    pub redis_cli_pipe_rate: f64,
+    pub bridge: Vec<BridgeRow>,
+    pub latency: Vec<LatencyRow>,
+}
+
+impl Report {
+    /// Rows with lost or duplicated messages: failures, not results.
+    pub fn failures(&self) -> usize {
+        self.bridge
+            .iter()
+            .filter(|r| r.lost + r.duplicates > 0)
+            .count()
+            + self
+                .latency
+                .iter()
+                .filter(|r| r.lost + r.duplicates > 0)
+                .count()
+    }
+}
+
+/// A redis-server of the benchmark's own, stopped on drop.
+struct LocalServer {
+    child: Child,
+    _dir: tempfile_dir::TempDir,
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal temp dir (the benchmark is not a test; no dev-dependency here).
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new() -> std::io::Result<Self> {
+            let path = std::env::temp_dir().join(format!("optimus-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&path)?;
+            Ok(Self(path))
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+async fn start_server() -> Result<(LocalServer, String)> {
+    let dir = tempfile_dir::TempDir::new()?;
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run redis-server (install Debian's redis-server package)")?;
+        let url = format!("redis://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && child.try_wait()?.is_none() {
+            if let Ok(mut conn) = connect(&url).await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return Ok((LocalServer { child, _dir: dir }, url));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    bail!("redis-server did not start")
+}
+
+async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await
+}
+
+/// Runs every measurement and writes the JSON and the SVG.
+pub async fn run(config: &BenchConfig) -> Result<Report> {
+    let (_server, url) = match &config.redis_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let (server, url) = start_server().await?;
+            (Some(server), url)
+        }
+    };
+    let mut conn = connect(&url).await.context("cannot connect to Redis")?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await?;
+    let redis_version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let payload_bytes = test_message(0, 0).len();
+
+    eprintln!(
+        "bench: ceiling (pipelined XADD of {} messages)",
+        config.messages
+    );
+    let ceiling_rate = ceiling(&mut conn, config.messages).await?;
+    eprintln!("bench: publisher against redis-cli --pipe");
+    let (publisher_rate, redis_cli_pipe_rate) =
+        publisher_vs_pipe(&url, &mut conn, config.messages).await?;
+
+    let mut bridge = Vec::new();
+    for &workers in &config.workers {
+        eprintln!("bench: bridge with {workers} workers");
+        bridge.push(bridge_row(config, &url, &mut conn, workers).await?);
+    }
+    eprintln!(
+        "bench: latency at {}/s for {:?}",
+        config.latency_rate, config.latency_duration
+    );
+    let latency = vec![latency_row(config, &url, &mut conn, 2).await?];
+
+    let report = Report {
+        machine: machine(),
+        redis_version,
+        payload_bytes,
+        ceiling_rate,
+        publisher_rate,
+        redis_cli_pipe_rate,
+        bridge,
+        latency,
+    };
+    std::fs::write(&config.json_out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", config.json_out.display()))?;
+    std::fs::write(&config.svg_out, svg(&report))
+        .with_context(|| format!("cannot write {}", config.svg_out.display()))?;
+    Ok(report)
+}
+
+async fn reset(conn: &mut MultiplexedConnection) -> Result<()> {
+    redis::cmd("FLUSHALL").query_async::<()>(conn).await?;
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+fn payloads(from: u64, n: u64) -> Vec<Vec<u8>> {
+    (from..from + n)
+        .map(|s| test_message(s, 0).into_bytes())
+        .collect()
+}
+
+/// What Redis can take: the payloads (made beforehand) XADDed in pipelines
+/// of 1,000.
+async fn ceiling(conn: &mut MultiplexedConnection, messages: u64) -> Result<f64> {
+    reset(conn).await?;
+    let pipes: Vec<redis::Pipeline> = payloads(0, messages)
+        .chunks(1000)
+        .map(|chunk| {
+            let mut pipe = redis::pipe();
+            for p in chunk {
+                pipe.cmd("XADD")
+                    .arg(STREAM)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(p)
+                    .ignore();
+            }
+            pipe
+        })
+        .collect();
+    let start = Instant::now();
+    for pipe in &pipes {
+        pipe.query_async::<()>(conn).await?;
+    }
+    Ok(messages as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn publisher_vs_pipe(
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    messages: u64,
+) -> Result<(f64, f64)> {
+    reset(conn).await?;
+    let mut config = PublishConfig::new(url, CHANNEL, messages);
+    config.fast_path_stream = None;
+    let mut publisher = Publisher::connect(&config).await?;
+    let start = Instant::now();
+    let mut seq = 0;
+    while seq < messages {
+        let n = 1000.min(messages - seq);
+        publisher.publish_batch(&payloads(seq, n)).await?;
+        seq += n;
+    }
+    let ours = messages as f64 / start.elapsed().as_secs_f64();
+
+    // The same messages, as RESP, through redis-cli --pipe.
+    let mut resp = Vec::new();
+    for p in payloads(0, messages) {
+        resp.extend_from_slice(
+            format!(
+                "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{CHANNEL}\r\n${}\r\n",
+                CHANNEL.len(),
+                p.len()
+            )
+            .as_bytes(),
+        );
+        resp.extend_from_slice(&p);
+        resp.extend_from_slice(b"\r\n");
+    }
+    let file = std::env::temp_dir().join(format!("optimus-bench-pipe-{}", std::process::id()));
+    std::fs::write(&file, resp)?;
+    let info = redis::Client::open(url)?.get_connection_info().clone();
+    let (host, port) = match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
+        _ => bail!("the publisher comparison needs a TCP server"),
+    };
+    let start = Instant::now();
+    let status = Command::new("redis-cli")
+        .args(["-h", &host, "-p", &port.to_string(), "--pipe"])
+        .stdin(std::fs::File::open(&file)?)
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run redis-cli")?;
+    let pipe_rate = messages as f64 / start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&file);
+    if !status.success() {
+        bail!("redis-cli --pipe failed: {status}");
+    }
+    Ok((ours, pipe_rate))
+}
+
+/// `optimus consume` with `workers` workers, waiting until all are subscribed.
+async fn spawn_bridge(
+    config: &BenchConfig,
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    workers: usize,
+) -> Result<Child> {
+    let child = Command::new(&config.exe)
+        .arg("consume")
+        .env("REDIS_URL", url)
+        .env("CONSUMERS_COUNT", workers.to_string())
+        .env("INPUT_CHANNEL", CHANNEL)
+        .env("OUTPUT_STREAM", STREAM)
+        // Room for the whole run: the benchmark measures speed, not overflow.
+        .env("QUEUE_CAPACITY", (config.messages + 1000).to_string())
+        .env("MONITORING_INTERVAL", "3600")
+        .env("LOGLEVEL", "ERROR")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start optimus consume")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let subs: Vec<(String, usize)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(CHANNEL)
+            .query_async(conn)
+            .await?;
+        if subs.first().map(|s| s.1) == Some(workers) {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            bail!("optimus consume did not subscribe");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+async fn bridge_row(
+    config: &BenchConfig,
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    workers: usize,
+) -> Result<BridgeRow> {
+    reset(conn).await?;
+    let child = spawn_bridge(config, url, conn, workers).await?;
+    let cpu_before = cpu_time(child.id());
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(conn)
+        .await?;
+
+    let mut publish = PublishConfig::new(url, CHANNEL, config.messages);
+    publish.fast_path_stream = None;
+    let mut publisher = Publisher::connect(&publish).await?;
+    let start = Instant::now();
+    let mut seq = 0;
+    while seq < config.messages {
+        let n = 1000.min(config.messages - seq);
+        publisher.publish_batch(&payloads(seq, n)).await?;
+        seq += n;
+    }
+    let done = wait_for_len(conn, config.messages, Duration::from_secs(10)).await?;
+    let seconds = done.duration_since(start).as_secs_f64();
+    let cpu = cpu_time(child.id()).saturating_sub(cpu_before);
+    let rss = peak_rss(child.id());
+    let commands = bridge_commands(conn).await?;
+    // Let late copies settle before the audit, then stop the bridge.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop(child);
+    let audit = crate::audit::audit(url, STREAM, config.messages).await?;
+    Ok(BridgeRow {
+        strategy: "race",
+        workers,
+        messages: config.messages,
+        seconds,
+        rate: config.messages as f64 / seconds,
+        commands_per_message: commands as f64 / config.messages as f64,
+        cpu_us_per_message: cpu.as_micros() as f64 / config.messages as f64,
+        peak_rss_mib: rss as f64 / (1024.0 * 1024.0),
+        lost: audit.lost,
+        duplicates: audit.duplicates,
+    })
+}
+
+/// Waits until the stream holds `n` entries; gives up when it stops growing
+/// for `stall`. Returns when the last entry arrived.
+async fn wait_for_len(
+    conn: &mut MultiplexedConnection,
+    n: u64,
+    stall: Duration,
+) -> Result<Instant> {
+    let mut last = (0u64, Instant::now());
+    loop {
+        let len: u64 = redis::cmd("XLEN").arg(STREAM).query_async(conn).await?;
+        if len >= n {
+            return Ok(Instant::now());
+        }
+        if len != last.0 {
+            last = (len, Instant::now());
+        } else if last.1.elapsed() > stall {
+            return Ok(last.1); // the audit reports what is missing
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Commands Redis ran since the last RESETSTAT, without PUBLISH and the
+/// benchmark's own (XLEN polling, INFO, CONFIG, PUBSUB, XRANGE for the audit).
+async fn bridge_commands(conn: &mut MultiplexedConnection) -> Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    let mut calls: HashMap<String, u64> = HashMap::new();
+    for line in info.lines() {
+        let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let n = rest
+            .split(',')
+            .find_map(|f| f.strip_prefix("calls="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        calls.insert(name.to_string(), n);
+    }
+    let own = [
+        "publish",
+        "xlen",
+        "info",
+        "config|resetstat",
+        "config",
+        "pubsub|numsub",
+        "pubsub",
+        "ping",
+        "client|setinfo",
+        "hello",
+        "select",
+    ];
+    Ok(calls
+        .iter()
+        .filter(|(name, _)| !own.contains(&name.as_str()))
+        .map(|(_, n)| n)
+        .sum())
+}
+
+async fn latency_row(
+    config: &BenchConfig,
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    workers: usize,
+) -> Result<LatencyRow> {
+    reset(conn).await?;
+    let child = spawn_bridge(config, url, conn, workers).await?;
+    let total = config.latency_rate * config.latency_duration.as_secs().max(1);
+
+    // A reader stamps each entry as it appears in the stream.
+    let reader_url = url.to_string();
+    let reader = tokio::spawn(async move {
+        let mut conn = connect(&reader_url).await?;
+        let mut last = "0-0".to_string();
+        let mut latencies = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (latencies.len() as u64) < total && Instant::now() < deadline {
+            let reply: redis::streams::StreamReadReply = redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(STREAM)
+                .arg(&last)
+                .query_async(&mut conn)
+                .await?;
+            let now_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as f64;
+            for key in reply.keys {
+                for entry in key.ids {
+                    last = entry.id.clone();
+                    let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
+                    if let Some(sent_ms) = serde_json::from_slice::<serde_json::Value>(&payload)
+                        .ok()
+                        .and_then(|v| v["sent_ms"].as_f64())
+                    {
+                        latencies.push(((now_us - sent_ms * 1000.0) / 1000.0).max(0.0));
+                    }
+                }
+            }
+        }
+        anyhow::Ok(latencies)
+    });
+    let mut publish = PublishConfig::new(url, CHANNEL, total);
+    publish.fast_path_stream = None;
+    publish.pace = Pace::Rate(config.latency_rate as f64);
+    publish.limit = PublishLimit::Count(total);
+    publish.batch_size = 100;
+    crate::publish::run(&publish, tokio_util::sync::CancellationToken::new()).await?;
+    let mut latencies = reader.await??;
+    stop(child);
+    let audit = crate::audit::audit(url, STREAM, total).await?;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)]
+    };
+    Ok(LatencyRow {
+        workers,
+        rate: config.latency_rate,
+        samples: latencies.len(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        lost: audit.lost,
+        duplicates: audit.duplicates,
+    })
+}
+
+/// User plus system CPU time of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ")".
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after ")".
+    Duration::from_millis((ticks(11) + ticks(12)) * 10) // 100 ticks per second on Linux
+}
+
+/// Peak resident set size of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} cores, {model}")
+}
+
+/// The results as a Markdown table.
+pub fn table(report: &Report) -> String {
+    let mut out = format!(
+        "machine: {}; redis {}; payload {} bytes\n\n",
+        report.machine, report.redis_version, report.payload_bytes
+    );
+    out += &format!(
+        "ceiling (pipelined XADD): {:.0}/s; optimus publish: {:.0}/s = {:.2} of redis-cli --pipe ({:.0}/s)\n\n",
+        report.ceiling_rate,
+        report.publisher_rate,
+        report.publisher_rate / report.redis_cli_pipe_rate,
+        report.redis_cli_pipe_rate
+    );
+    out += "| strategy | workers | messages/s | of ceiling | commands/msg | CPU µs/msg | peak RSS MiB | lost | duplicates |\n";
+    out += "|---|---|---|---|---|---|---|---|---|\n";
+    for r in &report.bridge {
+        out += &format!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {} |{}\n",
+            r.strategy,
+            r.workers,
+            r.rate,
+            r.rate / report.ceiling_rate,
+            r.commands_per_message,
+            r.cpu_us_per_message,
+            r.peak_rss_mib,
+            r.lost,
+            r.duplicates,
+            if r.lost + r.duplicates > 0 {
+                " FAILED"
+            } else {
+                ""
+            }
+        );
+    }
+    out += "\n| latency at | workers | samples | p50 ms | p99 ms | p99.9 ms | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
+    for l in &report.latency {
+        out += &format!(
+            "| {}/s | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+            l.rate, l.workers, l.samples, l.p50_ms, l.p99_ms, l.p999_ms, l.lost, l.duplicates
+        );
+    }
+    out
+}
+
+/// Throughput against workers, with the ceiling as a dashed line.
+pub fn svg(report: &Report) -> String {
+    let (w, h, left, bottom, top, right) = (640.0, 400.0, 70.0, 50.0, 30.0, 20.0);
+    let max = report
+        .bridge
+        .iter()
+        .map(|r| r.rate)
+        .fold(report.ceiling_rate, f64::max)
+        * 1.1;
+    let workers: Vec<usize> = report.bridge.iter().map(|r| r.workers).collect();
+    let max_w = workers.iter().copied().max().unwrap_or(1).max(2) as f64;
+    let x = |n: usize| left + (n as f64).log2() / max_w.log2() * (w - left - right);
+    let y = |v: f64| h - bottom - v / max * (h - bottom - top);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="18" text-anchor="middle" font-size="14">optimus bridge throughput (messages/s)</text>
+<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>
+"#,
+        w / 2.0,
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    for i in 0..=4 {
+        let v = max * i as f64 / 4.0;
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}k</text>\n",
+            left - 6.0,
+            y(v) + 4.0,
+            v / 1000.0
+        );
+    }
+    for &n in &workers {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{n}</text>\n",
+            x(n),
+            h - bottom + 18.0
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">workers</text>\n",
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    s += &format!(
+        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"gray\" stroke-dasharray=\"6 4\"/>\n<text x=\"{1}\" y=\"{2}\" text-anchor=\"end\" fill=\"gray\">ceiling (pipelined XADD) {3:.0}/s</text>\n",
+        y(report.ceiling_rate),
+        w - right,
+        y(report.ceiling_rate) - 6.0,
+        report.ceiling_rate
+    );
+    let points: Vec<String> = report
+        .bridge
+        .iter()
+        .map(|r| format!("{:.1},{:.1}", x(r.workers), y(r.rate)))
+        .collect();
+    s += &format!(
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\"/>\n",
+        points.join(" ")
+    );
+    for r in &report.bridge {
+        s += &format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>\n",
+            x(r.workers),
+            y(r.rate),
+            x(r.workers),
+            y(r.rate) - 8.0,
+            r.rate
+        );
+    }
+    s += "</svg>\n";
+    s
+}
+
+/// Writes `path` only inside an existing directory (a typo in --out is an error).
+pub fn check_out_path(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            bail!("{} is not a directory", dir.display())
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,60 @@
+//! `optimus bench` runs end to end on a small scale (the real figures come
+//! from a full run, in the README): every row is measured, nothing is lost or
+//! duplicated, and the JSON and the chart are written.
+
+mod support;
+
+use std::time::Duration;
+
+use support::run_optimus;
+
+#[test]
+fn a_small_benchmark_measures_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let svg = dir.path().join("bench.svg");
+    let out = run_optimus(
+        &[
+            "bench",
+            "--messages",
+            "3000",
+            "--workers",
+            "1,2",
+            "--latency-rate",
+            "1000",
+            "--latency-seconds",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| race | 2 |"), "{stdout}");
+
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["bridge"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(row["lost"], 0, "{row}");
+        assert_eq!(row["duplicates"], 0, "{row}");
+        assert!(row["rate"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["commands_per_message"].as_f64().unwrap() > 1.0, "{row}");
+    }
+    assert!(report["ceiling_rate"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["latency"][0]["samples"], 1000);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.starts_with("<svg") && chart.contains("polyline"),
+        "{chart}"
+    );
+}
