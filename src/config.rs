@@ -168,8 +168,9 @@ pub struct ConsumeArgs {
     /// Stream entry layout.
     #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope", value_enum)]
     pub output_format: OutputFormat,
-    /// Messages a worker may hold between reading and writing; when full, the
-    /// newest message is dropped by that worker and counted as `overflow`.
+    /// Messages a worker may hold between reading and writing (half read off
+    /// the socket, half waiting for the worker); when full, the newest message
+    /// is dropped by that worker and counted as `overflow`.
     #[arg(long, env = "QUEUE_CAPACITY", default_value = "50000")]
     pub queue_capacity: String,
     /// Payloads larger than this many bytes go to the dead-letter stream.

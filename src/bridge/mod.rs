@@ -132,7 +132,9 @@ impl Bridge {
             else {
                 break;
             };
-            let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity);
+            // Half the bound waits between the socket and the subscription
+            // task, half between it and the worker.
+            let (queue_tx, queue_rx) = mpsc::channel((config.queue_capacity / 2).max(1));
             let subscription = Subscription {
                 client: client.clone(),
                 channel: config.input_channel.clone(),
@@ -145,6 +147,7 @@ impl Bridge {
                 counters: self.counters.clone(),
                 coverage: coverage.clone(),
                 queue: queue_tx,
+                read_buffer: config.queue_capacity.div_ceil(2),
                 cancel: stop_reading.clone(),
             };
             let worker = Worker {

@@ -3,22 +3,28 @@
 //! bounded queue, so a slow write path never stops the socket from being read
 //! (Redis would cut a subscriber off at its pub/sub output-buffer limit).
 //!
-//! - **Queue full**: the newest message is dropped by this worker and counted
-//!   as `overflow` (the other workers, each with its own queue, may still have
-//!   it). Memory stays within QUEUE_CAPACITY messages per worker.
-//! - **Silence**: after [`KEEPALIVE`] without traffic it PINGs on the
-//!   subscription; no answer within [`PING_TIMEOUT`] counts as a lost
-//!   connection (a half-open socket would otherwise go unnoticed).
+//! The connection speaks RESP3, and the client library hands every pushed
+//! message to a callback of ours as it reads it off the socket: the callback
+//! puts it in a bounded buffer, or, when that is full, drops it and counts it.
+//! Nothing else buffers messages, so memory stays bounded.
+//!
+//! - **Buffers full**: the newest message is dropped by this worker and
+//!   counted as `overflow` (the other workers, each with its own buffers, may
+//!   still have it). A worker holds at most QUEUE_CAPACITY messages here
+//!   (half read, half waiting for the worker).
+//! - **Silence**: after [`KEEPALIVE`] without traffic it PINGs the server;
+//!   no answer within [`PING_TIMEOUT`] counts as a lost connection (a
+//!   half-open socket would otherwise go unnoticed).
 //! - **Lost connection**: it reconnects with backoff and subscribes again,
 //!   counting the reconnect and logging how long it was away.
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, StreamExt};
-use redis::{Client, RedisError};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, RedisError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +47,15 @@ pub struct Subscription {
     pub coverage: Arc<Coverage>,
     /// Where received messages go; the worker reads the other end.
     pub queue: mpsc::Sender<Incoming>,
+    /// How many messages may wait between the socket and this task.
+    pub read_buffer: usize,
     pub cancel: CancellationToken,
+}
+
+/// What the client library's reader hands over.
+enum Pushed {
+    Message(Vec<u8>),
+    Disconnected,
 }
 
 impl Subscription {
@@ -49,12 +63,21 @@ impl Subscription {
     /// help (credentials, permissions). Dropping the queue's sender on return
     /// tells the worker that nothing more is coming.
     pub async fn run(mut self) -> Result<(), RedisError> {
+        let info = self.client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(settings))?;
         let mut lost_at: Option<Instant> = None;
-        let mut overflow_reported = Instant::now();
         loop {
-            let connected =
-                retry_until_connected(&self.client, &self.cancel, || self.subscribe()).await?;
-            let Some(pubsub) = connected else {
+            let (pushed_tx, mut pushed) = mpsc::channel(self.read_buffer.max(1));
+            let connected = retry_until_connected(&client, &self.cancel, || {
+                self.subscribe(&client, pushed_tx.clone())
+            })
+            .await?;
+            drop(pushed_tx);
+            let Some(mut conn) = connected else {
                 return Ok(());
             };
             self.coverage.up(&self.counters);
@@ -72,25 +95,25 @@ impl Subscription {
                     tracing::debug!(worker = %self.worker_id, channel = %self.channel, "subscribed")
                 }
             }
-            let (mut sink, mut messages) = pubsub.split();
             let mut last_heard = Instant::now();
             // One timer, moved on only when it fires: no timer per message.
             let keepalive = tokio::time::sleep(KEEPALIVE);
             tokio::pin!(keepalive);
             loop {
-                let msg = tokio::select! {
+                let event = tokio::select! {
                     _ = self.cancel.cancelled() => {
-                        self.unsubscribe_and_drain(&mut sink, &mut messages).await;
+                        self.unsubscribe_and_drain(&mut conn, &mut pushed).await;
                         self.coverage.down(false);
                         return Ok(());
                     }
-                    msg = messages.next() => msg,
+                    event = pushed.recv() => event,
                     _ = &mut keepalive => {
                         if last_heard.elapsed() < KEEPALIVE {
                             keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
                             continue;
                         }
-                        match tokio::time::timeout(PING_TIMEOUT, sink.ping::<()>()).await {
+                        let ping = redis::cmd("PING");
+                        match tokio::time::timeout(PING_TIMEOUT, ping.query_async::<()>(&mut conn)).await {
                             Ok(Ok(())) => {
                                 last_heard = Instant::now();
                                 keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
@@ -100,24 +123,14 @@ impl Subscription {
                         }
                     }
                 };
-                let Some(msg) = msg else {
+                let Some(Pushed::Message(payload)) = event else {
                     break;
                 };
                 last_heard = Instant::now();
-                let incoming = self.receive(&msg);
-                match self.queue.try_send(incoming) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        Counters::add(&self.counters.overflow, 1);
-                        if overflow_reported.elapsed() >= Duration::from_secs(1) {
-                            overflow_reported = Instant::now();
-                            tracing::warn!(worker = %self.worker_id, capacity = self.queue.max_capacity(), "queue full: dropping new messages at this worker (see overflow)");
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        self.coverage.down(false);
-                        return Ok(()); // the worker is gone
-                    }
+                let incoming = self.receive(payload);
+                if self.queue.send(incoming).await.is_err() {
+                    self.coverage.down(false);
+                    return Ok(()); // the worker is gone
                 }
             }
             tracing::warn!(worker = %self.worker_id, channel = %self.channel, "subscription lost, reconnecting");
@@ -127,21 +140,19 @@ impl Subscription {
     }
 
     /// Counts a message and gives it its id.
-    fn receive(&mut self, msg: &redis::Msg) -> Incoming {
-        Counters::add(&self.counters.received, 1);
-        self.ids
-            .assign(msg.get_payload_bytes().to_vec(), Instant::now())
+    fn receive(&mut self, payload: Vec<u8>) -> Incoming {
+        self.ids.assign(payload, Instant::now())
     }
 
     /// Stops reading without losing what the server already sent: once
-    /// UNSUBSCRIBE is confirmed, every message published before it is in the
-    /// connection's buffer (replies come in order), and goes to the worker.
+    /// UNSUBSCRIBE is confirmed, every message published before it has been
+    /// read off the connection (replies come in order), and goes to the worker.
     async fn unsubscribe_and_drain(
         &mut self,
-        sink: &mut redis::aio::PubSubSink,
-        messages: &mut redis::aio::PubSubStream,
+        conn: &mut MultiplexedConnection,
+        pushed: &mut mpsc::Receiver<Pushed>,
     ) {
-        match tokio::time::timeout(PING_TIMEOUT, sink.unsubscribe(&self.channel)).await {
+        match tokio::time::timeout(PING_TIMEOUT, conn.unsubscribe(&self.channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::warn!(worker = %self.worker_id, cause = %err, "UNSUBSCRIBE failed; handing over what has arrived")
@@ -150,20 +161,69 @@ impl Subscription {
                 tracing::warn!(worker = %self.worker_id, "UNSUBSCRIBE not confirmed in time; handing over what has arrived")
             }
         }
-        // `unconstrained`: tokio's cooperative budget would otherwise make a
-        // ready channel look empty after a hundred-odd messages.
-        while let Some(Some(msg)) = tokio::task::unconstrained(messages.next()).now_or_never() {
-            let incoming = self.receive(&msg);
-            if self.queue.send(incoming).await.is_err() {
-                return;
+        while let Ok(event) = pushed.try_recv() {
+            if let Pushed::Message(payload) = event {
+                let incoming = self.receive(payload);
+                if self.queue.send(incoming).await.is_err() {
+                    return;
+                }
             }
         }
     }
 
-    async fn subscribe(&self) -> Result<redis::aio::PubSub, RedisError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(&self.channel).await?;
-        Ok(pubsub)
+    /// A RESP3 connection whose pushed messages go to `pushed` (or, when it
+    /// is full, are dropped and counted), subscribed to the channel.
+    async fn subscribe(
+        &self,
+        client: &Client,
+        pushed: mpsc::Sender<Pushed>,
+    ) -> Result<MultiplexedConnection, RedisError> {
+        let counters = self.counters.clone();
+        let worker = self.worker_id.clone();
+        let started = Instant::now();
+        // Milliseconds after `started` of the last overflow warning: at most one a second.
+        let warned_at = AtomicU64::new(0);
+        let on_push = move |info: PushInfo| -> Result<(), ()> {
+            match info.kind {
+                PushKind::Message => {
+                    Counters::add(&counters.received, 1);
+                    let payload = match info.data.into_iter().nth(1) {
+                        Some(redis::Value::BulkString(bytes)) => bytes,
+                        _ => return Ok(()),
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(_)) =
+                        pushed.try_send(Pushed::Message(payload))
+                    {
+                        Counters::add(&counters.overflow, 1);
+                        let now = started.elapsed().as_millis() as u64 + 1000;
+                        let last = warned_at.load(Ordering::Relaxed);
+                        if now >= last + 1000
+                            && warned_at
+                                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                                .is_ok()
+                        {
+                            tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
+                        }
+                    }
+                }
+                PushKind::Disconnection => {
+                    // Wait for room if need be: the end must not be lost.
+                    let pushed = pushed.clone();
+                    tokio::spawn(async move { pushed.send(Pushed::Disconnected).await });
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_push_sender(on_push)
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(PING_TIMEOUT));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        conn.subscribe(&self.channel).await?;
+        Ok(conn)
     }
 }
 
