@@ -29,11 +29,6 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Opens a client for `url`.
-pub fn client(url: &str) -> Result<Client, RedisError> {
-    Client::open(url)
-}
-
 /// How long one command may take before it counts as failed. Long enough
 /// for a `CLIENT PAUSE` of a few seconds to pass without errors.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -87,7 +87,7 @@ impl Bridge {
             server: server.clone(),
             source,
         };
-        let client = crate::connect::client(&config.redis_url).map_err(refused)?;
+        let client = redis::Client::open(config.redis_url.as_str()).map_err(refused)?;
         let Some(mut conn) = connection_manager(&client, &shutdown)
             .await
             .map_err(refused)?
