@@ -345,8 +345,9 @@ async fn spawn_bridge(
         .env("CONSUMERS_COUNT", workers.to_string())
         .env("INPUT_CHANNEL", CHANNEL)
         .env("OUTPUT_STREAM", STREAM)
-        // Room for the whole run: the benchmark measures speed, not overflow.
-        .env("QUEUE_CAPACITY", (config.messages + 1000).to_string())
+        // Room for the whole run, in each of the two halves of the bound:
+        // the benchmark measures speed, not overflow.
+        .env("QUEUE_CAPACITY", (2 * config.messages + 2000).to_string())
         .env("MONITORING_INTERVAL", "3600")
         .env("LOGLEVEL", "ERROR")
         .env_remove("RUST_LOG")
