@@ -139,7 +139,7 @@ impl Subscription {
         }
     }
 
-    /// Counts a message and gives it its id.
+    /// Gives a message its id (it was counted as it came off the socket).
     fn receive(&mut self, payload: Vec<u8>) -> Incoming {
         self.ids.assign(payload, Instant::now())
     }
