@@ -580,8 +580,8 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10) // 100 ticks per second on Linux
 }
 
-/// Peak resident set size of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
+/// Peak resident set size of a process, in bytes (Linux: VmHWM in /proc).
+pub fn peak_rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -20,6 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::delivery::{Delivery, Destination, Settled};
+use crate::bridge::host_name;
 use crate::bridge::message::{Incoming, json_id};
 use crate::config::{Pace, PublishConfig, PublishLimit, mask_password};
 use crate::connect::{is_fatal, reconnect_backoff};
@@ -102,11 +103,10 @@ impl Publisher {
             .set_response_timeout(Some(Duration::from_secs(10)));
         let conn = ConnectionManager::new_with_config(client, conn_config).await?;
         let fast_path = config.fast_path_stream.as_ref().map(|stream| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             Delivery::new(
                 conn.clone(),
                 Destination::new(stream, &config.channel),
-                format!("publisher-{}-{}", host.trim(), std::process::id()),
+                format!("publisher-{}-{}", host_name(), std::process::id()),
                 Duration::from_secs(2),
                 config.ack_ttl,
             )

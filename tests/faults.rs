@@ -338,17 +338,6 @@ fn rolling_crash_of_five_processes_loses_nothing() {
     pool.check(&summary);
 }
 
-/// Peak resident memory of a process, from /proc (Linux), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kb * 1024
-}
-
 /// A flood of 1,000,000 messages while the server refuses every write: each
 /// worker's queue fills to QUEUE_CAPACITY, what does not fit is dropped and
 /// counted as overflow, and memory stays within the stated bound. When writes
@@ -380,7 +369,7 @@ fn a_flood_with_writes_refused_stays_within_the_memory_bound() {
     let line = consume.wait_for_latest("monitor ", Duration::from_secs(60), |f| {
         f.num("received") == 2_000_000
     });
-    let peak = peak_rss(consume.pid());
+    let peak = optimus::bench::peak_rss(consume.pid());
     // The test messages are about 100 bytes; each buffered one costs its
     // payload, its id and about 250 bytes of bookkeeping (README).
     let bound = 32 * 1024 * 1024 + WORKERS * CAPACITY * (100 + 250);

@@ -26,6 +26,14 @@ async fn worker(server: &RedisServer, id: &str, lock_ttl: Duration) -> Delivery 
     )
 }
 
+/// A server of the test's own and two workers, `a` and `b`, on it.
+async fn two_workers() -> (RedisServer, Delivery, Delivery) {
+    let server = RedisServer::start();
+    let a = worker(&server, "a", Duration::from_secs(30)).await;
+    let b = worker(&server, "b", Duration::from_secs(30)).await;
+    (server, a, b)
+}
+
 fn message(id: &str) -> Incoming {
     Incoming {
         id: id.into(),
@@ -45,9 +53,7 @@ fn expire_lock(server: &RedisServer, id: &str) {
 
 #[tokio::test]
 async fn only_one_worker_wins_a_message() {
-    let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
-    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (server, mut a, mut b) = two_workers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -60,9 +66,7 @@ async fn only_one_worker_wins_a_message() {
 
 #[tokio::test]
 async fn a_dead_holders_message_is_taken_over_once_its_lock_expires() {
-    let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
-    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (server, mut a, mut b) = two_workers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -78,9 +82,7 @@ async fn a_dead_holders_message_is_taken_over_once_its_lock_expires() {
 
 #[tokio::test]
 async fn a_worker_paused_past_its_lock_cannot_write_twice() {
-    let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
-    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (server, mut a, mut b) = two_workers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -97,9 +99,7 @@ async fn a_worker_paused_past_its_lock_cannot_write_twice() {
 
 #[tokio::test]
 async fn a_write_after_losing_the_lock_is_refused_and_can_be_claimed_again() {
-    let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
-    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (server, mut a, mut b) = two_workers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -114,9 +114,7 @@ async fn a_write_after_losing_the_lock_is_refused_and_can_be_claimed_again() {
 
 #[tokio::test]
 async fn a_batch_mixes_outcomes_in_order() {
-    let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
-    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (server, mut a, mut b) = two_workers().await;
     let (m1, m2, m3) = (message("1"), message("2"), message("3"));
 
     assert_eq!(
@@ -164,9 +162,7 @@ async fn flat_format_copies_json_fields_into_the_entry() {
 
 #[tokio::test]
 async fn settle_claims_and_writes_in_one_step() {
-    let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
-    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (server, mut a, mut b) = two_workers().await;
     let (m1, m2, m3) = (message("1"), message("2"), message("3"));
     assert_eq!(b.claim(&[&m2]).await.unwrap(), [Claim::Won]);
     assert_eq!(
@@ -205,9 +201,7 @@ async fn scripts_are_loaded_again_after_a_script_flush() {
 
 #[tokio::test]
 async fn a_rejected_message_goes_to_the_dead_letter_stream_once() {
-    let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
-    let mut b = worker(&server, "b", Duration::from_secs(30)).await;
+    let (server, mut a, mut b) = two_workers().await;
     let m = Incoming {
         rejected: Some("too big".into()),
         ..message("big")

@@ -282,6 +282,16 @@ async fn monitor(
     }
 }
 
+/// This machine's name, for worker ids and presence values.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Who this process is, for worker ids and presence values.
 struct ProcessIdentity {
     host: String,
@@ -292,14 +302,8 @@ struct ProcessIdentity {
 
 impl ProcessIdentity {
     fn new() -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".into());
         Self {
-            host,
+            host: host_name(),
             pid: std::process::id(),
             nonce: rand::random(),
         }
