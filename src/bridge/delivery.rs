@@ -274,14 +274,7 @@ impl Delivery {
         }
         cmd.arg(&self.worker_id).arg(self.ack_ttl_ms);
         for m in messages {
-            let (target, fields) = match &m.rejected {
-                None => (1, entry_fields(m, &self.worker_id, &self.to)),
-                Some(reason) => (2, dead_letter_fields(m, reason, &self.worker_id, &self.to)),
-            };
-            cmd.arg(target).arg(fields.len());
-            for value in fields {
-                cmd.arg(value);
-            }
+            push_entry(&mut cmd, m, &self.worker_id, &self.to);
         }
         cmd
     }
@@ -325,42 +318,38 @@ fn write_from_code(code: u8) -> Write {
     }
 }
 
-/// The stream entry of a message, as alternating field names and values.
-fn entry_fields(m: &Incoming, worker_id: &str, to: &Destination) -> Vec<Vec<u8>> {
-    let mut fields = vec![
-        b"message_id".to_vec(),
-        m.id.as_bytes().to_vec(),
-        b"payload".to_vec(),
-        m.payload.clone(),
-        b"consumer_id".to_vec(),
-        worker_id.as_bytes().to_vec(),
-    ];
-    if to.format == OutputFormat::Flat {
-        fields.extend(flat_fields(&m.payload, &to.id_field));
+/// Appends a message's part of the write script's ARGV: the target (1 =
+/// output stream; 2 = dead-letter stream), the field count, then the fields
+/// and values, borrowed from the message (no copy of the payload here).
+///
+/// An output entry holds `message_id`, `payload` and `consumer_id` (plus, in
+/// flat format, the payload's top-level JSON fields); a dead letter holds
+/// `message_id`, `reason`, `channel`, `payload` and `consumer_id`, so that
+/// nothing is lost.
+fn push_entry(cmd: &mut redis::Cmd, m: &Incoming, worker_id: &str, to: &Destination) {
+    match &m.rejected {
+        None => {
+            let flat = match to.format {
+                OutputFormat::Flat => flat_fields(&m.payload, &to.id_field),
+                OutputFormat::Envelope => Vec::new(),
+            };
+            cmd.arg(1).arg(6 + flat.len());
+            cmd.arg("message_id").arg(&m.id);
+            cmd.arg("payload").arg(m.payload.as_slice());
+            cmd.arg("consumer_id").arg(worker_id);
+            for value in flat {
+                cmd.arg(value);
+            }
+        }
+        Some(reason) => {
+            cmd.arg(2).arg(10);
+            cmd.arg("message_id").arg(&m.id);
+            cmd.arg("reason").arg(reason);
+            cmd.arg("channel").arg(&to.channel);
+            cmd.arg("payload").arg(m.payload.as_slice());
+            cmd.arg("consumer_id").arg(worker_id);
+        }
     }
-    fields
-}
-
-/// The dead-letter entry of a rejected message: why, from where, and the
-/// payload itself, so nothing is lost.
-fn dead_letter_fields(
-    m: &Incoming,
-    reason: &str,
-    worker_id: &str,
-    to: &Destination,
-) -> Vec<Vec<u8>> {
-    vec![
-        b"message_id".to_vec(),
-        m.id.as_bytes().to_vec(),
-        b"reason".to_vec(),
-        reason.as_bytes().to_vec(),
-        b"channel".to_vec(),
-        to.channel.as_bytes().to_vec(),
-        b"payload".to_vec(),
-        m.payload.clone(),
-        b"consumer_id".to_vec(),
-        worker_id.as_bytes().to_vec(),
-    ]
 }
 
 /// A JSON object payload's top-level fields (strings as they are, anything
