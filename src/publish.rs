@@ -121,6 +121,10 @@ impl Publisher {
     /// Publishes `payloads` in one round trip, then writes the ones that
     /// reached nobody through the fast path. An error means the batch is not
     /// confirmed: send the same payloads again.
+    ///
+    /// The fast path knows a message by its `message_id` JSON field. A payload
+    /// without one gets a fresh random id on each sending, so re-sending an
+    /// unconfirmed batch is harmless only for payloads that carry an id.
     pub async fn publish_batch(
         &mut self,
         payloads: &[Vec<u8>],

@@ -181,8 +181,9 @@ impl Subscription {
         let counters = self.counters.clone();
         let worker = self.worker_id.clone();
         let started = Instant::now();
-        // Milliseconds after `started` of the last overflow warning: at most one a second.
-        let warned_at = AtomicU64::new(0);
+        // Milliseconds after `started` before which no overflow warning is
+        // logged again: at most one a second.
+        let next_warning = AtomicU64::new(0);
         let on_push = move |info: PushInfo| -> Result<(), ()> {
             match info.kind {
                 PushKind::Message => {
@@ -195,11 +196,16 @@ impl Subscription {
                         pushed.try_send(Pushed::Message(payload))
                     {
                         Counters::add(&counters.overflow, 1);
-                        let now = started.elapsed().as_millis() as u64 + 1000;
-                        let last = warned_at.load(Ordering::Relaxed);
-                        if now >= last + 1000
-                            && warned_at
-                                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        let now = started.elapsed().as_millis() as u64;
+                        let next = next_warning.load(Ordering::Relaxed);
+                        if now >= next
+                            && next_warning
+                                .compare_exchange(
+                                    next,
+                                    now + 1000,
+                                    Ordering::Relaxed,
+                                    Ordering::Relaxed,
+                                )
                                 .is_ok()
                         {
                             tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
