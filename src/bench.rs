@@ -284,16 +284,7 @@ async fn publisher_vs_pipe(
     messages: u64,
 ) -> Result<(f64, f64)> {
     reset(conn).await?;
-    let mut config = PublishConfig::new(url, CHANNEL, messages);
-    config.fast_path_stream = None;
-    let mut publisher = Publisher::connect(&config).await?;
-    let start = Instant::now();
-    let mut seq = 0;
-    while seq < messages {
-        let n = 1000.min(messages - seq);
-        publisher.publish_batch(&payloads(seq, n)).await?;
-        seq += n;
-    }
+    let start = publish_burst(url, messages).await?;
     let ours = messages as f64 / start.elapsed().as_secs_f64();
 
     // The same messages, as RESP, through redis-cli --pipe.
@@ -330,6 +321,22 @@ async fn publisher_vs_pipe(
         bail!("redis-cli --pipe failed: {status}");
     }
     Ok((ours, pipe_rate))
+}
+
+/// Publishes `messages` test messages as fast as `optimus publish` can, in
+/// batches of 1,000, fast path off; returns when it started.
+async fn publish_burst(url: &str, messages: u64) -> Result<Instant> {
+    let mut config = PublishConfig::new(url, CHANNEL, messages);
+    config.fast_path_stream = None;
+    let mut publisher = Publisher::connect(&config).await?;
+    let start = Instant::now();
+    let mut seq = 0;
+    while seq < messages {
+        let n = 1000.min(messages - seq);
+        publisher.publish_batch(&payloads(seq, n)).await?;
+        seq += n;
+    }
+    Ok(start)
 }
 
 /// `optimus consume` with `workers` workers, waiting until all are subscribed.
@@ -393,16 +400,7 @@ async fn bridge_row(
         .query_async::<()>(conn)
         .await?;
 
-    let mut publish = PublishConfig::new(url, CHANNEL, config.messages);
-    publish.fast_path_stream = None;
-    let mut publisher = Publisher::connect(&publish).await?;
-    let start = Instant::now();
-    let mut seq = 0;
-    while seq < config.messages {
-        let n = 1000.min(config.messages - seq);
-        publisher.publish_batch(&payloads(seq, n)).await?;
-        seq += n;
-    }
+    let start = publish_burst(url, config.messages).await?;
     let done = wait_for_len(conn, config.messages, Duration::from_secs(10)).await?;
     let seconds = done.duration_since(start).as_secs_f64();
     let cpu = cpu_time(child.id()).saturating_sub(cpu_before);
