@@ -11,7 +11,12 @@
 //!   commandstats, PUBLISH and the benchmark's own commands left out), the
 //!   bridge process's CPU time per message and peak RSS, and lost and
 //!   duplicated messages (a row with either is a failure, not a result);
-//! - **latency** from publish to stream entry at a steady rate.
+//! - **latency** from publish to stream entry at a steady rate;
+//! - **memory**: the bridge's peak RSS with the most workers at a steady
+//!   high rate.
+//!
+//! Every bridge measurement is made for each strategy (`partitioned`,
+//! `race`) asked for.
 //!
 //! The bridge runs as a separate `optimus consume` process (this binary), so
 //! its CPU and memory are its own.
@@ -25,8 +30,8 @@ use anyhow::{Context, Result, bail};
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
-use crate::config::{Pace, PublishConfig, PublishLimit};
-use crate::publish::{Publisher, test_message};
+use crate::config::{Pace, PublishConfig, PublishLimit, Strategy};
+use crate::publish::test_message;
 
 const CHANNEL: &str = "bench:published";
 const STREAM: &str = "bench:processed";
@@ -39,9 +44,13 @@ pub struct BenchConfig {
     /// Messages per throughput row.
     pub messages: u64,
     pub workers: Vec<usize>,
+    pub strategies: Vec<Strategy>,
     /// Steady rate (messages/s) and duration of the latency run.
     pub latency_rate: u64,
     pub latency_duration: Duration,
+    /// Steady rate (0: skip) and duration of the memory run.
+    pub steady_rate: u64,
+    pub steady_duration: Duration,
     pub json_out: PathBuf,
     pub svg_out: PathBuf,
     /// The `optimus` binary that runs `consume`.
@@ -64,12 +73,28 @@ pub struct BridgeRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyRow {
+    pub strategy: &'static str,
     pub workers: usize,
     pub rate: u64,
     pub samples: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    pub lost: u64,
+    pub duplicates: u64,
+}
+
+/// The bridge at a steady rate: does it keep up, and in how much memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct SteadyRow {
+    pub strategy: &'static str,
+    pub workers: usize,
+    pub target_rate: u64,
+    /// Messages bridged per second over the run (publish start to last entry).
+    pub rate: f64,
+    pub messages: u64,
+    pub cpu_us_per_message: f64,
+    pub peak_rss_mib: f64,
     pub lost: u64,
     pub duplicates: u64,
 }
@@ -84,6 +109,7 @@ pub struct Report {
     pub redis_cli_pipe_rate: f64,
     pub bridge: Vec<BridgeRow>,
     pub latency: Vec<LatencyRow>,
+    pub steady: Vec<SteadyRow>,
 }
 
 impl Report {
@@ -95,6 +121,11 @@ impl Report {
             .count()
             + self
                 .latency
+                .iter()
+                .filter(|r| r.lost + r.duplicates > 0)
+                .count()
+            + self
+                .steady
                 .iter()
                 .filter(|r| r.lost + r.duplicates > 0)
                 .count()
@@ -210,15 +241,33 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         publisher_vs_pipe(&url, &mut conn, config.messages).await?;
 
     let mut bridge = Vec::new();
-    for &workers in &config.workers {
-        eprintln!("bench: bridge with {workers} workers");
-        bridge.push(bridge_row(config, &url, &mut conn, workers).await?);
+    let mut latency = Vec::new();
+    for &strategy in &config.strategies {
+        for &workers in &config.workers {
+            eprintln!("bench: {} bridge with {workers} workers", strategy.name());
+            bridge.push(bridge_row(config, &url, &mut conn, strategy, workers).await?);
+        }
+        eprintln!(
+            "bench: {} latency at {}/s for {:?}",
+            strategy.name(),
+            config.latency_rate,
+            config.latency_duration
+        );
+        latency.push(latency_row(config, &url, &mut conn, strategy, 2).await?);
     }
-    eprintln!(
-        "bench: latency at {}/s for {:?}",
-        config.latency_rate, config.latency_duration
-    );
-    let latency = vec![latency_row(config, &url, &mut conn, 2).await?];
+    let mut steady = Vec::new();
+    if let (Some(&strategy), Some(&workers)) =
+        (config.strategies.first(), config.workers.iter().max())
+        && config.steady_rate > 0
+    {
+        eprintln!(
+            "bench: {} bridge with {workers} workers at {}/s for {:?}",
+            strategy.name(),
+            config.steady_rate,
+            config.steady_duration
+        );
+        steady.push(steady_row(config, &url, &mut conn, strategy, workers).await?);
+    }
 
     let report = Report {
         machine: machine(),
@@ -229,6 +278,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         redis_cli_pipe_rate,
         bridge,
         latency,
+        steady,
     };
     std::fs::write(&config.json_out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("cannot write {}", config.json_out.display()))?;
@@ -323,18 +373,17 @@ async fn publisher_vs_pipe(
     Ok((ours, pipe_rate))
 }
 
-/// Publishes `messages` test messages as fast as `optimus publish` can, in
-/// batches of 1,000, fast path off; returns when it started.
+/// Publishes `messages` test messages as fast as `optimus publish` can (the
+/// same code, in batches of 1,000, fast path off); returns when it started.
 async fn publish_burst(url: &str, messages: u64) -> Result<Instant> {
     let mut config = PublishConfig::new(url, CHANNEL, messages);
     config.fast_path_stream = None;
-    let mut publisher = Publisher::connect(&config).await?;
+    config.batch_size = 1000;
+    config.progress_interval = None;
     let start = Instant::now();
-    let mut seq = 0;
-    while seq < messages {
-        let n = 1000.min(messages - seq);
-        publisher.publish_batch(&payloads(seq, n)).await?;
-        seq += n;
+    let summary = crate::publish::run(&config, tokio_util::sync::CancellationToken::new()).await?;
+    if summary.published != messages {
+        bail!("the publisher sent {} of {messages}", summary.published);
     }
     Ok(start)
 }
@@ -344,11 +393,13 @@ async fn spawn_bridge(
     config: &BenchConfig,
     url: &str,
     conn: &mut MultiplexedConnection,
+    strategy: Strategy,
     workers: usize,
 ) -> Result<Child> {
     let child = Command::new(&config.exe)
         .arg("consume")
         .env("REDIS_URL", url)
+        .env("STRATEGY", strategy.name())
         .env("CONSUMERS_COUNT", workers.to_string())
         .env("INPUT_CHANNEL", CHANNEL)
         .env("OUTPUT_STREAM", STREAM)
@@ -390,10 +441,11 @@ async fn bridge_row(
     config: &BenchConfig,
     url: &str,
     conn: &mut MultiplexedConnection,
+    strategy: Strategy,
     workers: usize,
 ) -> Result<BridgeRow> {
     reset(conn).await?;
-    let child = spawn_bridge(config, url, conn, workers).await?;
+    let child = spawn_bridge(config, url, conn, strategy, workers).await?;
     let cpu_before = cpu_time(child.id());
     redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -411,7 +463,7 @@ async fn bridge_row(
     stop(child);
     let audit = crate::audit::audit(url, STREAM, config.messages).await?;
     Ok(BridgeRow {
-        strategy: "race",
+        strategy: strategy.name(),
         workers,
         messages: config.messages,
         seconds,
@@ -492,10 +544,11 @@ async fn latency_row(
     config: &BenchConfig,
     url: &str,
     conn: &mut MultiplexedConnection,
+    strategy: Strategy,
     workers: usize,
 ) -> Result<LatencyRow> {
     reset(conn).await?;
-    let child = spawn_bridge(config, url, conn, workers).await?;
+    let child = spawn_bridge(config, url, conn, strategy, workers).await?;
     let total = config.latency_rate * config.latency_duration.as_secs().max(1);
 
     // A reader stamps each entry as it appears in the stream.
@@ -549,12 +602,51 @@ async fn latency_row(
         latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)]
     };
     Ok(LatencyRow {
+        strategy: strategy.name(),
         workers,
         rate: config.latency_rate,
         samples: latencies.len(),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         p999_ms: pct(0.999),
+        lost: audit.lost,
+        duplicates: audit.duplicates,
+    })
+}
+
+async fn steady_row(
+    config: &BenchConfig,
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    strategy: Strategy,
+    workers: usize,
+) -> Result<SteadyRow> {
+    reset(conn).await?;
+    let child = spawn_bridge(config, url, conn, strategy, workers).await?;
+    let cpu_before = cpu_time(child.id());
+    let total = config.steady_rate * config.steady_duration.as_secs().max(1);
+    let mut publish = PublishConfig::new(url, CHANNEL, total);
+    publish.fast_path_stream = None;
+    publish.pace = Pace::Rate(config.steady_rate as f64);
+    publish.limit = PublishLimit::Count(total);
+    publish.batch_size = 500;
+    publish.progress_interval = None;
+    let start = Instant::now();
+    crate::publish::run(&publish, tokio_util::sync::CancellationToken::new()).await?;
+    let done = wait_for_len(conn, total, Duration::from_secs(10)).await?;
+    let cpu = cpu_time(child.id()).saturating_sub(cpu_before);
+    let rss = peak_rss(child.id());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop(child);
+    let audit = crate::audit::audit(url, STREAM, total).await?;
+    Ok(SteadyRow {
+        strategy: strategy.name(),
+        workers,
+        target_rate: config.steady_rate,
+        rate: total as f64 / done.duration_since(start).as_secs_f64(),
+        messages: total,
+        cpu_us_per_message: cpu.as_micros() as f64 / total as f64,
+        peak_rss_mib: rss as f64 / (1024.0 * 1024.0),
         lost: audit.lost,
         duplicates: audit.duplicates,
     })
@@ -641,12 +733,36 @@ pub fn table(report: &Report) -> String {
             }
         );
     }
-    out += "\n| latency at | workers | samples | p50 ms | p99 ms | p99.9 ms | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
+    out += "\n| strategy | latency at | workers | samples | p50 ms | p99 ms | p99.9 ms | lost | duplicates |\n|---|---|---|---|---|---|---|---|---|\n";
     for l in &report.latency {
         out += &format!(
-            "| {}/s | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
-            l.rate, l.workers, l.samples, l.p50_ms, l.p99_ms, l.p999_ms, l.lost, l.duplicates
+            "| {} | {}/s | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+            l.strategy,
+            l.rate,
+            l.workers,
+            l.samples,
+            l.p50_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.lost,
+            l.duplicates
         );
+    }
+    if !report.steady.is_empty() {
+        out += "\n| strategy | steady at | workers | achieved/s | CPU µs/msg | peak RSS MiB | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
+        for r in &report.steady {
+            out += &format!(
+                "| {} | {}/s | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
+                r.strategy,
+                r.target_rate,
+                r.workers,
+                r.rate,
+                r.cpu_us_per_message,
+                r.peak_rss_mib,
+                r.lost,
+                r.duplicates
+            );
+        }
     }
     out
 }
@@ -705,23 +821,40 @@ pub fn svg(report: &Report) -> String {
         y(report.ceiling_rate) - 6.0,
         report.ceiling_rate
     );
-    let points: Vec<String> = report
-        .bridge
-        .iter()
-        .map(|r| format!("{:.1},{:.1}", x(r.workers), y(r.rate)))
-        .collect();
-    s += &format!(
-        "<polyline points=\"{}\" fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\"/>\n",
-        points.join(" ")
-    );
-    for r in &report.bridge {
+    let mut strategies: Vec<&str> = report.bridge.iter().map(|r| r.strategy).collect();
+    strategies.dedup();
+    for (i, strategy) in strategies.iter().enumerate() {
+        let color = ["steelblue", "darkorange", "seagreen"][i % 3];
+        let rows: Vec<&BridgeRow> = report
+            .bridge
+            .iter()
+            .filter(|r| r.strategy == *strategy)
+            .collect();
+        let points: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{:.1},{:.1}", x(r.workers), y(r.rate)))
+            .collect();
         s += &format!(
-            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>\n",
-            x(r.workers),
-            y(r.rate),
-            x(r.workers),
-            y(r.rate) - 8.0,
-            r.rate
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
+            points.join(" ")
+        );
+        for r in rows {
+            s += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>\n",
+                x(r.workers),
+                y(r.rate),
+                x(r.workers),
+                y(r.rate) - 8.0,
+                r.rate
+            );
+        }
+        let ly = top + 16.0 + 16.0 * i as f64;
+        s += &format!(
+            "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{2}\" y=\"{3}\">{strategy}</text>\n",
+            w - right - 140.0,
+            w - right - 120.0,
+            w - right - 114.0,
+            ly + 4.0
         );
     }
     s += "</svg>\n";

@@ -121,6 +121,30 @@ pub enum OutputFormat {
     Flat,
 }
 
+/// How the workers share the duty to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Strategy {
+    /// Each message has one owner among the live workers (a hash of its
+    /// bytes); the owner writes it, the others drop their copy once the
+    /// owner's watermark covers it, and take it over if it does not in time.
+    /// Redis work per message does not grow with the number of workers.
+    #[default]
+    Partitioned,
+    /// The design card's protocol: every worker races for every message's
+    /// lock; the winner writes. Redis work per message grows with the workers.
+    Race,
+}
+
+impl Strategy {
+    /// The setting's value (`partitioned`, `race`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Partitioned => "partitioned",
+            Strategy::Race => "race",
+        }
+    }
+}
+
 /// `optimus consume` settings, as text. [`ConsumeArgs::to_config`] checks them.
 #[derive(Debug, Clone, Args)]
 pub struct ConsumeArgs {
@@ -154,6 +178,12 @@ pub struct ConsumeArgs {
     /// messages wait before another worker takes them over.
     #[arg(long, env = "LOCK_TTL", default_value = "2")]
     pub lock_ttl: String,
+    /// Partitioned strategy: seconds a copy waits for its owner's watermark
+    /// to cover it, while that watermark is not moving, before this worker
+    /// takes the message over. A message is safe while at least one worker
+    /// holding it outlives this window.
+    #[arg(long, env = "TAKEOVER_AFTER", default_value = "0.25")]
+    pub takeover_after: String,
     /// Seconds a worker keeps its copy of a message another worker locked,
     /// waiting for its ACK, before dropping it as expired.
     #[arg(long, env = "PENDING_RETENTION", default_value = "30")]
@@ -165,6 +195,11 @@ pub struct ConsumeArgs {
     /// Seconds a presence key lives without a refresh (refreshed every third of it).
     #[arg(long, env = "PRESENCE_TTL", default_value = "5")]
     pub presence_ttl: String,
+    /// How workers share the writing: `partitioned` (one owner per message,
+    /// cost independent of the worker count) or `race` (every worker races for
+    /// every message's lock).
+    #[arg(long, env = "STRATEGY", default_value = "partitioned", value_enum)]
+    pub strategy: Strategy,
     /// Stream entry layout.
     #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope", value_enum)]
     pub output_format: OutputFormat,
@@ -195,10 +230,12 @@ pub struct BridgeConfig {
     pub(crate) consumers_list: String,
     pub(crate) message_id_field: String,
     pub(crate) lock_ttl: Duration,
+    pub(crate) takeover_after: Duration,
     pub(crate) pending_retention: Duration,
     pub(crate) ack_ttl: Duration,
     pub(crate) presence_ttl: Duration,
     pub(crate) output_format: OutputFormat,
+    pub(crate) strategy: Strategy,
     pub(crate) queue_capacity: usize,
     pub(crate) max_payload_bytes: usize,
     /// `None`: `<OUTPUT_STREAM>:dead`.
@@ -235,10 +272,12 @@ impl BridgeConfig {
             consumers_list: "consumer:ids".into(),
             message_id_field: "message_id".into(),
             lock_ttl: Duration::from_secs(2),
+            takeover_after: Duration::from_millis(250),
             pending_retention: Duration::from_secs(30),
             ack_ttl: Duration::from_secs(60),
             presence_ttl: Duration::from_secs(5),
             output_format: OutputFormat::Envelope,
+            strategy: Strategy::Partitioned,
             queue_capacity: 50_000,
             max_payload_bytes: 1 << 20,
             dead_letter_stream: None,
@@ -255,6 +294,8 @@ impl BridgeConfig {
         monitoring_interval: Duration;
         /// Per-message lock lifetime, the takeover window (LOCK_TTL).
         lock_ttl: Duration;
+        /// How long a copy waits for a silent owner (TAKEOVER_AFTER).
+        takeover_after: Duration;
         /// How long a copy waits for another worker's ACK (PENDING_RETENTION).
         pending_retention: Duration;
         /// ACK key lifetime (ACK_TTL).
@@ -263,6 +304,8 @@ impl BridgeConfig {
         presence_ttl: Duration;
         /// Stream entry layout (OUTPUT_FORMAT).
         output_format: OutputFormat;
+        /// How workers share the writing (STRATEGY).
+        strategy: Strategy;
         /// Per-worker bound of the read queue (QUEUE_CAPACITY).
         queue_capacity: usize;
         /// Larger payloads are dead-lettered (MAX_PAYLOAD_BYTES).
@@ -365,6 +408,23 @@ impl BridgeConfig {
                 ));
             }
         }
+        if self.takeover_after < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "TAKEOVER_AFTER",
+                secs(self.takeover_after),
+                "must be at least 0.1 seconds (two watermark cycles)",
+            ));
+        }
+        if self.pending_retention < self.takeover_after * 2 {
+            return Err(ConfigError::new(
+                "PENDING_RETENTION",
+                secs(self.pending_retention),
+                format!(
+                    "must be at least twice TAKEOVER_AFTER ({})",
+                    secs(self.takeover_after)
+                ),
+            ));
+        }
         if self.pending_retention < self.lock_ttl {
             return Err(ConfigError::new(
                 "PENDING_RETENTION",
@@ -403,10 +463,12 @@ impl ConsumeArgs {
             consumers_list: self.consumers_list.clone(),
             message_id_field: self.message_id_field.clone(),
             lock_ttl: parse_secs("LOCK_TTL", &self.lock_ttl)?,
+            takeover_after: parse_secs("TAKEOVER_AFTER", &self.takeover_after)?,
             pending_retention: parse_secs("PENDING_RETENTION", &self.pending_retention)?,
             ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
             presence_ttl: parse_secs("PRESENCE_TTL", &self.presence_ttl)?,
             output_format: self.output_format,
+            strategy: self.strategy,
             queue_capacity: parse_num("QUEUE_CAPACITY", &self.queue_capacity)?,
             max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &self.max_payload_bytes)?,
             dead_letter_stream: self.dead_letter_stream.clone(),

@@ -37,6 +37,6 @@ pub mod monitor;
 pub mod publish;
 
 pub use bridge::{Bridge, BridgeError};
-pub use config::{BridgeConfig, ConfigError, OutputFormat, PublishConfig};
+pub use config::{BridgeConfig, ConfigError, OutputFormat, PublishConfig, Strategy};
 pub use monitor::{Counters, Snapshot};
 pub use publish::{PublishError, PublishSummary, Publisher};

@@ -55,12 +55,27 @@ enum Command {
         /// Worker counts to measure, comma-separated.
         #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
         workers: Vec<usize>,
+        /// Strategies to measure, comma-separated.
+        #[arg(
+            long,
+            default_value = "partitioned,race",
+            value_delimiter = ',',
+            value_enum
+        )]
+        strategies: Vec<optimus::Strategy>,
         /// Steady rate of the latency run, messages/s.
         #[arg(long, default_value = "10000")]
         latency_rate: u64,
         /// Seconds of the latency run.
         #[arg(long, default_value = "5")]
         latency_seconds: u64,
+        /// Steady rate (messages/s) of the memory run, with the most workers
+        /// of --workers, first strategy; 0 skips it.
+        #[arg(long, default_value = "50000")]
+        steady_rate: u64,
+        /// Seconds of the memory run.
+        #[arg(long, default_value = "10")]
+        steady_seconds: u64,
         /// Where the JSON results go.
         #[arg(long, default_value = "bench.json")]
         json: std::path::PathBuf,
@@ -97,8 +112,11 @@ fn main() -> ExitCode {
             Command::Bench {
                 messages,
                 workers,
+                strategies,
                 latency_rate,
                 latency_seconds,
+                steady_rate,
+                steady_seconds,
                 json,
                 svg,
             } => {
@@ -106,8 +124,11 @@ fn main() -> ExitCode {
                     redis_url: cli.connect.redis_url.clone(),
                     messages,
                     workers,
+                    strategies,
                     latency_rate,
                     latency_duration: std::time::Duration::from_secs(latency_seconds),
+                    steady_rate,
+                    steady_duration: std::time::Duration::from_secs(steady_seconds),
                     json_out: json,
                     svg_out: svg,
                     exe: std::env::current_exe().expect("the path of this program"),

@@ -4,7 +4,7 @@
 //! monitor prints one line on stdout:
 //!
 //! ```text
-//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0
+//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0
 //! ```
 
 use std::fmt;
@@ -19,6 +19,9 @@ pub struct Counters {
     pub written: AtomicU64,
     /// Copies dropped because another worker had written the message.
     pub duplicates_skipped: AtomicU64,
+    /// Of `written`: messages written for an owner that had not written them
+    /// in time (partitioned strategy).
+    pub taken_over: AtomicU64,
     /// Copies held, waiting for another worker's ACK (a gauge).
     pub pending: AtomicU64,
     /// Copies dropped after PENDING_RETENTION without an ACK or a lock to take.
@@ -53,6 +56,7 @@ impl Counters {
             received: get(&self.received),
             written: get(&self.written),
             duplicates_skipped: get(&self.duplicates_skipped),
+            taken_over: get(&self.taken_over),
             pending: get(&self.pending),
             expired: get(&self.expired),
             dead_lettered: get(&self.dead_lettered),
@@ -71,6 +75,7 @@ pub struct Snapshot {
     pub received: u64,
     pub written: u64,
     pub duplicates_skipped: u64,
+    pub taken_over: u64,
     pub pending: u64,
     pub expired: u64,
     pub dead_lettered: u64,
@@ -102,10 +107,11 @@ impl fmt::Display for MonitorLine {
         }
         write!(
             f,
-            " received={} written={} duplicates_skipped={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={}",
+            " received={} written={} duplicates_skipped={} taken_over={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={}",
             c.received,
             c.written,
             c.duplicates_skipped,
+            c.taken_over,
             c.pending,
             c.expired,
             c.dead_lettered,
@@ -137,7 +143,7 @@ mod tests {
         };
         assert_eq!(
             line.to_string(),
-            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0"
+            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0"
         );
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::RngExt;
 use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::delivery::{Delivery, Destination, Settled};
@@ -84,7 +85,9 @@ pub struct BatchOutcome {
 }
 
 /// Publishes batches on a channel; with a fast-path stream, what reaches no
-/// subscriber is written there directly, exactly once.
+/// subscriber is written there directly, exactly once. Clones share the
+/// connection: batches sent from several clones at once are pipelined.
+#[derive(Clone)]
 pub struct Publisher {
     conn: ConnectionManager,
     channel: String,
@@ -150,13 +153,11 @@ impl Publisher {
             let now = Instant::now();
             let messages: Vec<Incoming> = missed
                 .into_iter()
-                .map(|payload| Incoming {
+                .map(|payload| {
                     // A payload without an id gets one of its own: nobody else saw it.
-                    id: json_id(payload, "message_id")
-                        .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4())),
-                    payload: payload.clone(),
-                    received_at: now,
-                    rejected: None,
+                    let id = json_id(payload, "message_id")
+                        .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4()));
+                    Incoming::new(id, payload.clone(), now)
                 })
                 .collect();
             let refs: Vec<&Incoming> = messages.iter().collect();
@@ -198,7 +199,7 @@ pub async fn run(
 ) -> Result<PublishSummary, PublishError> {
     let server = mask_password(&config.redis_url);
     let mut summary = PublishSummary::default();
-    let mut publisher = Publisher::connect(config)
+    let publisher = Publisher::connect(config)
         .await
         .map_err(|source| PublishError {
             server: server.clone(),
@@ -210,6 +211,10 @@ pub async fn run(
     let mut last_progress = (start, 0u64);
     let mut rng = rand::rng();
     let mut seq = 0u64;
+    // Batches on their way: sent from clones of the publisher, pipelined on
+    // its one connection, so the next batch is built while Redis works.
+    let mut sending: JoinSet<Sent> = JoinSet::new();
+    let mut failure = None;
     loop {
         let elapsed = start.elapsed();
         let remaining = match config.limit {
@@ -239,34 +244,25 @@ pub async fn run(
             .map(|s| test_message(s, config.payload_size).into_bytes())
             .collect();
         seq += n;
-        match send_confirmed(
-            &mut publisher,
-            &payloads,
-            config.retry_for,
-            &shutdown,
-            &mut summary,
-        )
-        .await
-        {
-            Ok(outcome) => {
-                summary.published += n;
-                summary.no_subscriber += outcome.no_subscriber;
-                summary.stored_directly += outcome.stored_directly;
-            }
-            Err(source) if is_fatal(&source) || summary.published == 0 && summary.failed == 0 => {
-                summary.failed += n;
-                summary.elapsed = start.elapsed();
-                return Err(PublishError {
-                    server,
-                    source,
-                    summary,
-                });
-            }
-            Err(source) => {
-                summary.failed += n;
-                tracing::error!(cause = %source, messages = n, "gave up a batch Redis did not confirm");
+        while sending.len() >= IN_FLIGHT {
+            let joined = join(sending.join_next().await);
+            if let Err(err) = account(&mut summary, joined) {
+                failure = Some(err);
+                break;
             }
         }
+        if failure.is_some() {
+            break;
+        }
+        let mut sender = publisher.clone();
+        let retry_for = config.retry_for;
+        let stop = shutdown.clone();
+        sending.spawn(async move {
+            (
+                n,
+                send_confirmed(&mut sender, &payloads, retry_for, &stop).await,
+            )
+        });
         summary.elapsed = start.elapsed();
 
         if let Some(every) = config.progress_interval
@@ -296,24 +292,75 @@ pub async fn run(
             }
         }
     }
+    while let Some(joined) = sending.join_next().await {
+        if let Err(err) = account(&mut summary, join(Some(joined))) {
+            failure.get_or_insert(err);
+        }
+    }
     summary.elapsed = start.elapsed();
-    Ok(summary)
+    match failure {
+        Some(source) => Err(PublishError {
+            server,
+            source,
+            summary,
+        }),
+        None => Ok(summary),
+    }
+}
+
+/// A batch's size, and what sending it gave: the outcome and the number of
+/// messages re-sent, or the error that made the publisher give it up.
+type Sent = (u64, Result<(BatchOutcome, u64), RedisError>);
+
+/// Adds a finished batch to the summary; an error that ends the run (fatal,
+/// or the very first batch) is returned.
+fn account(summary: &mut PublishSummary, (n, result): Sent) -> Result<(), RedisError> {
+    match result {
+        Ok((outcome, resent)) => {
+            summary.published += n;
+            summary.resent += resent;
+            summary.no_subscriber += outcome.no_subscriber;
+            summary.stored_directly += outcome.stored_directly;
+            Ok(())
+        }
+        Err(source) if is_fatal(&source) || summary.published == 0 && summary.failed == 0 => {
+            summary.failed += n;
+            Err(source)
+        }
+        Err(source) => {
+            summary.failed += n;
+            tracing::error!(cause = %source, messages = n, "gave up a batch Redis did not confirm");
+            Ok(())
+        }
+    }
+}
+
+/// Batches a publisher keeps on their way at once.
+pub const IN_FLIGHT: usize = 4;
+
+/// A finished sending task's result (a panic in it is re-raised).
+fn join<T>(joined: Option<Result<T, tokio::task::JoinError>>) -> T {
+    match joined.expect("a batch was on its way") {
+        Ok(value) => value,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
+    }
 }
 
 /// Sends one batch until Redis confirms it, backing off between tries, for
-/// at most `retry_for` (and not past a shutdown). Counts re-sent messages.
+/// at most `retry_for` (and not past a shutdown). Returns the outcome and how
+/// many messages were sent again.
 async fn send_confirmed(
     publisher: &mut Publisher,
     payloads: &[Vec<u8>],
     retry_for: Duration,
     shutdown: &CancellationToken,
-    summary: &mut PublishSummary,
-) -> Result<BatchOutcome, RedisError> {
+) -> Result<(BatchOutcome, u64), RedisError> {
     let give_up = Instant::now() + retry_for;
     let mut backoff = reconnect_backoff();
+    let mut resent = 0;
     loop {
         let err = match publisher.publish_batch(payloads).await {
-            Ok(outcome) => return Ok(outcome),
+            Ok(outcome) => return Ok((outcome, resent)),
             Err(err) => err,
         };
         let wait = backoff.next().unwrap_or(Duration::from_secs(5));
@@ -322,7 +369,7 @@ async fn send_confirmed(
         }
         tracing::warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, messages = payloads.len(), "batch not confirmed; sending it again");
         tokio::time::sleep(wait).await;
-        summary.resent += payloads.len() as u64;
+        resent += payloads.len() as u64;
     }
 }
 

@@ -24,6 +24,10 @@ fn a_small_benchmark_measures_every_row() {
             "1000",
             "--latency-seconds",
             "1",
+            "--steady-rate",
+            "2000",
+            "--steady-seconds",
+            "1",
             "--json",
             json.to_str().unwrap(),
             "--svg",
@@ -39,11 +43,12 @@ fn a_small_benchmark_measures_every_row() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(stdout.contains("| partitioned | 2 |"), "{stdout}");
     assert!(stdout.contains("| race | 2 |"), "{stdout}");
 
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = report["bridge"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 4, "two strategies, two worker counts");
     for row in rows {
         assert_eq!(row["lost"], 0, "{row}");
         assert_eq!(row["duplicates"], 0, "{row}");
@@ -51,7 +56,16 @@ fn a_small_benchmark_measures_every_row() {
         assert!(row["commands_per_message"].as_f64().unwrap() > 1.0, "{row}");
     }
     assert!(report["ceiling_rate"].as_f64().unwrap() > 0.0);
-    assert_eq!(report["latency"][0]["samples"], 1000);
+    for latency in report["latency"].as_array().unwrap() {
+        assert_eq!(latency["samples"], 1000, "{latency}");
+        assert_eq!(latency["lost"], 0, "{latency}");
+    }
+    let steady = &report["steady"][0];
+    assert_eq!(steady["strategy"], "partitioned", "{steady}");
+    assert_eq!(steady["workers"], 2, "{steady}");
+    assert_eq!(steady["messages"], 2000, "{steady}");
+    assert_eq!(steady["lost"], 0, "{steady}");
+    assert!(steady["peak_rss_mib"].as_f64().unwrap() > 0.0, "{steady}");
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(
         chart.starts_with("<svg") && chart.contains("polyline"),

@@ -80,6 +80,7 @@ fn three_workers_write_ten_thousand_messages_exactly_once() {
             "rate",
             "received",
             "reconnects",
+            "taken_over",
             "written"
         ],
         "fields of {:?}",
@@ -255,6 +256,8 @@ fn a_second_signal_exits_at_once() {
         &server,
         &[
             ("CONSUMERS_COUNT", "1"),
+            // The race strategy makes a copy easy to hold: a foreign lock.
+            ("STRATEGY", "race"),
             ("LOCK_TTL", "60"),
             ("PENDING_RETENTION", "60"),
             ("ACK_TTL", "200"),
@@ -324,5 +327,61 @@ fn an_oversized_message_is_dead_lettered_once_and_the_workers_go_on() {
         consume.stderr().contains("dead-lettered"),
         "{}",
         consume.describe()
+    );
+}
+
+/// Calls of one command since the last `CONFIG RESETSTAT` (from INFO
+/// commandstats; commands run inside scripts count too).
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.conn())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map(|n| n.parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// Redis `SET` calls for bridging `n` messages with 4 workers (2 processes)
+/// of `strategy`.
+fn sets_for(strategy: &str, n: u64) -> u64 {
+    let server = RedisServer::start();
+    let env = [("STRATEGY", strategy)];
+    let a = OptimusProcess::consume(&server, &env);
+    let b = OptimusProcess::consume(&server, &env);
+    a.wait_consumers(4);
+    b.wait_consumers(4);
+    // A few cycles, so that every worker has the same view of the members.
+    std::thread::sleep(Duration::from_millis(500));
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut server.conn())
+        .unwrap();
+    let summary = publish(&server, n);
+    let entries = settled_entries(&server, &[&a, &b], n as usize);
+    assert_eq!(summary.num("published"), n);
+    assert_exactly_once(&entries, 0..n);
+    assert_eq!(calls(&server, "xadd"), n, "one XADD per message");
+    calls(&server, "set")
+}
+
+/// The point of the partitioned strategy: a message costs its owner one SET
+/// (the ACK) and one XADD, and the other workers drop their copies without a
+/// command of their own (a takeover, rare here, would add a SET). The race
+/// strategy spends a lock per worker per message on top of the ACK.
+#[test]
+fn non_owners_drop_their_copies_without_asking_redis() {
+    let n = 20_000;
+    let partitioned = sets_for("partitioned", n);
+    assert!(
+        partitioned < n + n / 10,
+        "partitioned: {partitioned} SETs for {n} messages, expected about one each"
+    );
+    let race = sets_for("race", n);
+    assert!(
+        race >= 2 * n,
+        "race: {race} SETs for {n} messages, expected a lock and an ACK each at least"
     );
 }

@@ -151,7 +151,18 @@ fn pause(min_ms: u64, max_ms: u64) {
 /// kills, never all processes at once.
 #[test]
 fn sigkill_and_restart_one_process_at_a_time() {
-    let mut pool = Pool::start(RedisServer::start(), 3, &[]);
+    sigkill_and_restart(&[]);
+}
+
+/// Fault 1 again with the design card's strategy (STRATEGY=race), which stays
+/// available as a setting.
+#[test]
+fn sigkill_and_restart_with_the_race_strategy() {
+    sigkill_and_restart(&[("STRATEGY", "race")]);
+}
+
+fn sigkill_and_restart(env: &[(&'static str, &str)]) {
+    let mut pool = Pool::start(RedisServer::start(), 3, env);
     let mut publisher = pool.publisher(5000, 8);
     let mut kills = 0;
     pool.while_publishing(&mut publisher, |pool| {
@@ -162,6 +173,40 @@ fn sigkill_and_restart_one_process_at_a_time() {
     });
     let summary = pool.finish(&mut publisher);
     assert!(kills >= 10, "only {kills} kills");
+    pool.check(&summary);
+}
+
+/// Workers join and leave while messages flow. With the partitioned strategy
+/// every change of the membership changes which worker owns which message:
+/// a process joins, one leaves with SIGTERM (handing everything over before it
+/// exits), another joins, one is SIGKILLed and replaced.
+#[test]
+fn workers_joining_and_leaving_mid_run_lose_nothing() {
+    let mut pool = Pool::start(RedisServer::start(), 2, &[]);
+    let mut publisher = pool.publisher(5000, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    let joined = pool.spawn();
+    pool.processes.push(joined);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut leaving = pool.processes.remove(0);
+    leaving.signal("TERM");
+    let status = leaving.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{}", leaving.describe());
+    let last = leaving.latest_line("monitor ").unwrap();
+    assert_eq!(
+        last.num("pending"),
+        0,
+        "a graceful leave settles everything: {}",
+        last.line
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    let joined = pool.spawn();
+    pool.processes.push(joined);
+    std::thread::sleep(Duration::from_secs(1));
+    pool.replace(0);
+    let summary = pool.finish(&mut publisher);
     pool.check(&summary);
 }
 

@@ -35,12 +35,11 @@ async fn two_workers() -> (RedisServer, Delivery, Delivery) {
 }
 
 fn message(id: &str) -> Incoming {
-    Incoming {
-        id: id.into(),
-        payload: format!(r#"{{"message_id":"{id}"}}"#).into_bytes(),
-        received_at: Instant::now(),
-        rejected: None,
-    }
+    Incoming::new(
+        id,
+        format!(r#"{{"message_id":"{id}"}}"#).into_bytes(),
+        Instant::now(),
+    )
 }
 
 /// The lock of `id` disappears, as it does when its TTL runs out.
@@ -146,12 +145,11 @@ async fn flat_format_copies_json_fields_into_the_entry() {
         Duration::from_secs(5),
         Duration::from_secs(60),
     );
-    let m = Incoming {
-        id: "f1".into(),
-        payload: br#"{"message_id":"f1","user":"ann","n":3}"#.to_vec(),
-        received_at: Instant::now(),
-        rejected: None,
-    };
+    let m = Incoming::new(
+        "f1",
+        br#"{"message_id":"f1","user":"ann","n":3}"#.to_vec(),
+        Instant::now(),
+    );
     assert_eq!(d.claim(&[&m]).await.unwrap(), [Claim::Won]);
     assert_eq!(d.write(&[&m]).await.unwrap(), [Write::Written]);
     let entry = &server.stream_entries(STREAM)[0];

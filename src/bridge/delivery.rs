@@ -17,7 +17,16 @@
 //! done; a free lock without an ACK means the holder died, and the claim
 //! takes the message over.
 //!
-//! Both keys carry the output stream's name as hash tag
+//! That is the `race` strategy. The default, `partitioned`, uses the same ACK
+//! keys but no locks: each message has one *owner* among the live workers
+//! (see [`super::partition`]), which writes it with [`Delivery::write_owned`]:
+//! per message `SET <ack> NX PX <ACK_TTL>` and, only if that set it, `XADD`,
+//! in one script. A non-owner that has to take a message over uses the same
+//! call, so whoever comes second finds the ACK and writes nothing. The
+//! membership, the clock and the watermarks that let non-owners drop their
+//! copies without asking Redis are kept by [`Delivery::cycle`].
+//!
+//! All keys carry the output stream's name as hash tag
 //! (`{messages:processed}:lock:<id>`), so on a cluster they live on the
 //! stream's shard and both scripts run there.
 
@@ -64,11 +73,18 @@ pub enum Settled {
     LockLost,
 }
 
-/// Names of the per-message keys.
+/// Names of the protocol's keys.
 #[derive(Debug, Clone)]
 pub struct Keys {
     lock_prefix: String,
     ack_prefix: String,
+    /// Partitioned strategy: the live workers, a sorted set scored by the
+    /// server time (ms) at which each one's membership lapses.
+    pub members: String,
+    /// Partitioned strategy: the counter that orders marks.
+    pub clock: String,
+    watermark_prefix: String,
+    mark_prefix: String,
 }
 
 impl Keys {
@@ -76,7 +92,19 @@ impl Keys {
         Self {
             lock_prefix: format!("{{{stream}}}:lock:"),
             ack_prefix: format!("{{{stream}}}:ack:"),
+            members: format!("{{{stream}}}:members"),
+            clock: format!("{{{stream}}}:clock"),
+            watermark_prefix: format!("{{{stream}}}:watermark:"),
+            mark_prefix: format!("{{{stream}}}:mark:"),
         }
+    }
+    /// A worker's watermark (partitioned strategy).
+    pub fn watermark(&self, worker: &str) -> String {
+        format!("{}{worker}", self.watermark_prefix)
+    }
+    /// The channel a worker's marks are published on (partitioned strategy).
+    pub fn mark_channel(&self, worker: &str) -> String {
+        format!("{}{worker}", self.mark_prefix)
     }
     pub fn lock(&self, id: &str) -> String {
         format!("{}{id}", self.lock_prefix)
@@ -160,7 +188,81 @@ end
 return out
 "#;
 
-/// One worker's side of the protocol.
+/// KEYS: output stream, dead-letter stream, ack1, ack2, …
+/// ARGV: ACK TTL in ms, then per message: the target (1 = output stream, 2 =
+/// dead-letter stream), field count n, then n values.
+/// Returns per message 1 = written, 2 = acked (written before: nothing added).
+const WRITE_OWNED: &str = r#"
+local a = 2
+local out = {}
+for i = 3, #KEYS do
+  local target = tonumber(ARGV[a])
+  local n = tonumber(ARGV[a + 1])
+  if redis.call('SET', KEYS[i], 1, 'NX', 'PX', ARGV[1]) then
+    redis.call('XADD', KEYS[target], '*', unpack(ARGV, a + 2, a + 1 + n))
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 2
+  end
+  a = a + 2 + n
+end
+return out
+"#;
+
+/// One step of the partitioned strategy's bookkeeping, atomic.
+/// KEYS: members, clock, this worker's watermark, then the watermarks asked for.
+/// ARGV: worker id, membership TTL in ms (0 = leave), mark channel, this
+/// worker's progress (beat and watermark), its TTL in ms.
+/// Renews (or ends) this worker's membership, drops lapsed members, stores the
+/// watermark, then takes the next clock value and publishes it as a mark on
+/// the worker's own channel: on that subscription, everything before the mark
+/// was published before this clock value, everything after it, after.
+/// Returns {clock, members, watermarks asked for}.
+const CYCLE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+local clock = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], clock)
+local marks = {}
+if #KEYS > 3 then
+  marks = redis.call('MGET', unpack(KEYS, 4))
+end
+return {clock, members, marks}
+"#;
+
+/// KEYS: clock. ARGV: mark channel. A mark alone (see CYCLE), for a
+/// subscription about to stop: it closes the last stretch of messages.
+const MARK: &str = r#"
+local clock = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], clock)
+return clock
+"#;
+
+/// Every script of the protocol, loaded together when the server lacks one.
+const SCRIPTS: [&str; 5] = [CLAIM, WRITE, WRITE_OWNED, CYCLE, MARK];
+
+/// What one [`Delivery::cycle`] returned.
+#[derive(Debug, Clone)]
+pub struct CycleReply {
+    /// The clock value of the mark just published.
+    pub clock: u64,
+    /// The live members, in no particular order.
+    pub members: Vec<String>,
+    /// The watermarks asked for, in order (`None`: none stored).
+    pub watermarks: Vec<Option<String>>,
+}
+
+/// One worker's side of the protocol. Clones share the connection.
+#[derive(Clone)]
 pub struct Delivery {
     conn: ConnectionManager,
     keys: Keys,
@@ -170,6 +272,8 @@ pub struct Delivery {
     ack_ttl_ms: u64,
     claim: Script,
     write: Script,
+    write_owned: Script,
+    cycle: Script,
 }
 
 impl Delivery {
@@ -189,7 +293,70 @@ impl Delivery {
             ack_ttl_ms: ack_ttl.as_millis().max(1) as u64,
             claim: Script::new(CLAIM),
             write: Script::new(WRITE),
+            write_owned: Script::new(WRITE_OWNED),
+            cycle: Script::new(CYCLE),
         }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Partitioned strategy: writes messages without locks, each only if its
+    /// ACK does not exist yet (setting it in the same step). For an owner
+    /// writing its own messages and for a worker taking messages over alike.
+    /// Returns `Written` or `Acked` per message.
+    pub async fn write_owned(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Write>> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.write_owned.get_hash()).arg(2 + messages.len());
+        cmd.arg(&self.to.stream).arg(&self.to.dead_stream);
+        for m in messages {
+            cmd.arg(self.keys.ack(&m.id));
+        }
+        cmd.arg(self.ack_ttl_ms);
+        for m in messages {
+            push_entry(&mut cmd, m, &self.worker_id, &self.to);
+        }
+        self.run_write(messages, cmd).await
+    }
+
+    /// Partitioned strategy: renews this worker's membership (`membership`
+    /// long; `None` leaves), stores its `progress` (beat and watermark, see
+    /// [`super::partition::Progress`]), publishes a mark on its mark channel,
+    /// and reads the progress of the workers `asked`.
+    pub async fn cycle(
+        &mut self,
+        membership: Option<Duration>,
+        progress: &str,
+        watermark_ttl: Duration,
+        asked: &[String],
+    ) -> RedisResult<CycleReply> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.cycle.get_hash()).arg(3 + asked.len());
+        cmd.arg(&self.keys.members)
+            .arg(&self.keys.clock)
+            .arg(self.keys.watermark(&self.worker_id));
+        for worker in asked {
+            cmd.arg(self.keys.watermark(worker));
+        }
+        cmd.arg(&self.worker_id)
+            .arg(membership.map_or(0, |d| d.as_millis().max(1) as u64))
+            .arg(self.keys.mark_channel(&self.worker_id))
+            .arg(progress)
+            .arg(watermark_ttl.as_millis().max(1) as u64);
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        let ((clock, members, watermarks),): ((u64, Vec<String>, Vec<Option<String>>),) =
+            self.query(&pipe).await?;
+        Ok(CycleReply {
+            clock,
+            members,
+            watermarks,
+        })
     }
 
     /// Step 1 alone, for a whole batch in one round trip.
@@ -207,6 +374,15 @@ impl Delivery {
     /// atomic script.
     pub async fn write(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Write>> {
         let cmd = self.write_cmd(messages);
+        self.run_write(messages, cmd).await
+    }
+
+    /// Runs one of the write scripts over a batch.
+    async fn run_write(
+        &mut self,
+        messages: &[&Incoming],
+        cmd: redis::Cmd,
+    ) -> RedisResult<Vec<Write>> {
         Ok(self
             .run_one(messages, cmd)
             .await?
@@ -286,19 +462,42 @@ impl Delivery {
             Err(err)
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
-                redis::pipe()
-                    .cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(CLAIM)
-                    .cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(WRITE)
-                    .query_async::<()>(&mut self.conn)
-                    .await?;
+                load_scripts(&mut self.conn).await?;
                 pipe.query_async(&mut self.conn).await
             }
             result => result,
         }
+    }
+}
+
+/// Loads every script of the protocol.
+async fn load_scripts<C: redis::aio::ConnectionLike>(conn: &mut C) -> RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for script in SCRIPTS {
+        pipe.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+    }
+    pipe.query_async::<()>(conn).await
+}
+
+/// Publishes a mark on `channel` (see [`Keys::mark_channel`]) over any
+/// connection, including a subscribed RESP3 one.
+pub async fn publish_mark<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &Keys,
+    channel: &str,
+) -> RedisResult<u64> {
+    let script = Script::new(MARK);
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
+        .arg(1)
+        .arg(&keys.clock)
+        .arg(channel);
+    match cmd.query_async(conn).await {
+        Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            load_scripts(conn).await?;
+            cmd.query_async(conn).await
+        }
+        result => result,
     }
 }
 

@@ -25,6 +25,47 @@ pub struct Incoming {
     pub received_at: Instant,
     /// Why it goes to the dead-letter stream instead of the output stream.
     pub rejected: Option<String>,
+    /// xxh3-64 of the payload: decides the owner (partitioned strategy).
+    pub hash: u64,
+}
+
+impl Incoming {
+    /// A message to write to the output stream.
+    pub fn new(id: impl Into<String>, payload: Vec<u8>, received_at: Instant) -> Self {
+        Self {
+            id: id.into(),
+            hash: xxhash_rust::xxh3::xxh3_64(&payload),
+            payload,
+            received_at,
+            rejected: None,
+        }
+    }
+}
+
+/// What a subscription hands its worker, in the order it arrived.
+#[derive(Debug)]
+pub enum Item {
+    Message(Incoming),
+    /// One of the worker's own marks (partitioned strategy): every message
+    /// before it was published before the clock took the value `clock`, every
+    /// message after it, after. `overflowed`: this worker dropped messages
+    /// (QUEUE_CAPACITY) since its previous mark.
+    Mark {
+        clock: u64,
+        overflowed: bool,
+    },
+    /// The subscription was (re)established: what follows does not continue
+    /// what came before.
+    Subscribed,
+}
+
+impl Item {
+    pub fn into_message(self) -> Option<Incoming> {
+        match self {
+            Item::Message(m) => Some(m),
+            _ => None,
+        }
+    }
 }
 
 /// Ids longer than this are refused (they become key names twice over).
@@ -215,10 +256,8 @@ impl IdAssigner {
             }
         };
         Incoming {
-            id,
-            payload,
-            received_at,
             rejected,
+            ..Incoming::new(id, payload, received_at)
         }
     }
 }

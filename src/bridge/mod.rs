@@ -1,8 +1,10 @@
 //! The bridge: a pool of workers that turns a Pub/Sub channel into a stream.
 //!
 //! Each worker is two tasks: its [`subscription`] reads the channel into a
-//! bounded queue, and its [`worker`] loop settles batches from that queue
-//! through the lock/ACK protocol in [`delivery`]. Beside them, one task keeps
+//! bounded queue, and its loop settles batches from that queue through the
+//! protocol in [`delivery`]: [`partitioned`] (the default: each message has
+//! one owner, see [`partition`]) or [`worker`] (the `race` strategy: every
+//! worker races for every message's lock). Beside them, one task keeps
 //! the workers' [`presence`] keys alive and one prints the monitoring line.
 //!
 //! Shutdown is by cancellation: the token stops the subscriptions; each worker
@@ -11,6 +13,8 @@
 
 pub mod delivery;
 pub mod message;
+pub mod partition;
+pub mod partitioned;
 pub mod presence;
 pub mod subscription;
 pub mod worker;
@@ -23,13 +27,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BridgeConfig, ConfigError, mask_password};
+use crate::config::{BridgeConfig, ConfigError, Strategy, mask_password};
 use crate::connect::connection_manager;
 use crate::monitor::{Counters, MonitorLine, Snapshot};
-use delivery::{Delivery, Destination};
+use delivery::{Delivery, Destination, Keys};
 use message::IdAssigner;
+use partitioned::PartitionedWorker;
 use presence::Presence;
-use subscription::Subscription;
+use subscription::{Marks, Subscription};
 use worker::Worker;
 
 /// Why a bridge stopped other than by being asked to.
@@ -135,6 +140,11 @@ impl Bridge {
             // Half the bound waits between the socket and the subscription
             // task, half between it and the worker.
             let (queue_tx, queue_rx) = mpsc::channel((config.queue_capacity / 2).max(1));
+            let keys = Keys::new(&config.output_stream);
+            let marks = (config.strategy == Strategy::Partitioned).then(|| Marks {
+                channel: keys.mark_channel(id),
+                keys,
+            });
             let subscription = Subscription {
                 client: client.clone(),
                 channel: config.input_channel.clone(),
@@ -147,25 +157,43 @@ impl Bridge {
                 counters: self.counters.clone(),
                 coverage: coverage.clone(),
                 queue: queue_tx,
+                marks,
                 read_buffer: config.queue_capacity.div_ceil(2),
                 cancel: stop_reading.clone(),
             };
-            let worker = Worker {
-                id: id.clone(),
-                delivery: Delivery::new(
-                    worker_conn,
-                    destination.clone(),
-                    id.clone(),
-                    config.lock_ttl,
-                    config.ack_ttl,
-                ),
-                counters: self.counters.clone(),
-                batch_size: config.batch_size,
-                lock_ttl: config.lock_ttl,
-                retention: config.pending_retention,
-            };
+            let delivery = Delivery::new(
+                worker_conn,
+                destination.clone(),
+                id.clone(),
+                config.lock_ttl,
+                config.ack_ttl,
+            );
             tasks.spawn(subscription.run());
-            tasks.spawn(worker.run(queue_rx));
+            match config.strategy {
+                Strategy::Partitioned => tasks.spawn(
+                    PartitionedWorker {
+                        id: id.clone(),
+                        delivery,
+                        counters: self.counters.clone(),
+                        batch_size: config.batch_size,
+                        takeover_after: config.takeover_after,
+                        retention: config.pending_retention,
+                        membership_ttl: config.presence_ttl,
+                    }
+                    .run(queue_rx),
+                ),
+                Strategy::Race => tasks.spawn(
+                    Worker {
+                        id: id.clone(),
+                        delivery,
+                        counters: self.counters.clone(),
+                        batch_size: config.batch_size,
+                        lock_ttl: config.lock_ttl,
+                        retention: config.pending_retention,
+                    }
+                    .run(queue_rx),
+                ),
+            };
         }
 
         let aux = tokio::spawn(keep_present(

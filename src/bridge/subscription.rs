@@ -17,10 +17,15 @@
 //!   half-open socket would otherwise go unnoticed).
 //! - **Lost connection**: it reconnects with backoff and subscribes again,
 //!   counting the reconnect and logging how long it was away.
+//! - **Marks** (partitioned strategy): it also listens to the worker's own
+//!   mark channel, and hands each mark to the worker in its place among the
+//!   messages (see [`super::partition`]); each (re)subscription is announced
+//!   with [`Item::Subscribed`]. Before it unsubscribes it publishes one last
+//!   mark, which closes the last stretch of messages.
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -28,7 +33,8 @@ use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::message::{IdAssigner, Incoming};
+use super::delivery::{Keys, publish_mark};
+use super::message::{IdAssigner, Incoming, Item};
 use crate::connect::retry_until_connected;
 use crate::monitor::Counters;
 
@@ -46,15 +52,25 @@ pub struct Subscription {
     pub counters: Arc<Counters>,
     pub coverage: Arc<Coverage>,
     /// Where received messages go; the worker reads the other end.
-    pub queue: mpsc::Sender<Incoming>,
+    pub queue: mpsc::Sender<Item>,
+    /// The worker's mark channel, if it uses marks (partitioned strategy).
+    pub marks: Option<Marks>,
     /// How many messages may wait between the socket and this task.
     pub read_buffer: usize,
     pub cancel: CancellationToken,
 }
 
+/// A worker's mark channel.
+#[derive(Debug, Clone)]
+pub struct Marks {
+    pub keys: Keys,
+    pub channel: String,
+}
+
 /// What the client library's reader hands over.
 enum Pushed {
     Message(Vec<u8>),
+    Mark { clock: u64, overflowed: bool },
     Disconnected,
 }
 
@@ -81,6 +97,10 @@ impl Subscription {
                 return Ok(());
             };
             self.coverage.up(&self.counters);
+            if self.queue.send(Item::Subscribed).await.is_err() {
+                self.coverage.down(false);
+                return Ok(());
+            }
             match lost_at.take() {
                 Some(t) => {
                     Counters::add(&self.counters.reconnects, 1);
@@ -123,12 +143,13 @@ impl Subscription {
                         }
                     }
                 };
-                let Some(Pushed::Message(payload)) = event else {
-                    break;
+                let item = match event {
+                    Some(Pushed::Message(payload)) => Item::Message(self.receive(payload)),
+                    Some(Pushed::Mark { clock, overflowed }) => Item::Mark { clock, overflowed },
+                    Some(Pushed::Disconnected) | None => break,
                 };
                 last_heard = Instant::now();
-                let incoming = self.receive(payload);
-                if self.queue.send(incoming).await.is_err() {
+                if self.queue.send(item).await.is_err() {
                     self.coverage.down(false);
                     return Ok(()); // the worker is gone
                 }
@@ -144,15 +165,30 @@ impl Subscription {
         self.ids.assign(payload, Instant::now())
     }
 
+    /// The channels subscribed to: the input channel, and the mark channel.
+    fn channels(&self) -> Vec<&str> {
+        let mut channels = vec![self.channel.as_str()];
+        if let Some(marks) = &self.marks {
+            channels.push(&marks.channel);
+        }
+        channels
+    }
+
     /// Stops reading without losing what the server already sent: once
     /// UNSUBSCRIBE is confirmed, every message published before it has been
     /// read off the connection (replies come in order), and goes to the worker.
+    /// A last mark, published first, tells the worker where those messages end.
     async fn unsubscribe_and_drain(
         &mut self,
         conn: &mut MultiplexedConnection,
         pushed: &mut mpsc::Receiver<Pushed>,
     ) {
-        match tokio::time::timeout(PING_TIMEOUT, conn.unsubscribe(&self.channel)).await {
+        if let Some(marks) = &self.marks
+            && let Err(err) = publish_mark(conn, &marks.keys, &marks.channel).await
+        {
+            tracing::debug!(worker = %self.worker_id, cause = %err, "no last mark");
+        }
+        match tokio::time::timeout(PING_TIMEOUT, conn.unsubscribe(self.channels())).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::warn!(worker = %self.worker_id, cause = %err, "UNSUBSCRIBE failed; handing over what has arrived")
@@ -162,11 +198,13 @@ impl Subscription {
             }
         }
         while let Ok(event) = pushed.try_recv() {
-            if let Pushed::Message(payload) = event {
-                let incoming = self.receive(payload);
-                if self.queue.send(incoming).await.is_err() {
-                    return;
-                }
+            let item = match event {
+                Pushed::Message(payload) => Item::Message(self.receive(payload)),
+                Pushed::Mark { clock, overflowed } => Item::Mark { clock, overflowed },
+                Pushed::Disconnected => continue,
+            };
+            if self.queue.send(item).await.is_err() {
+                return;
             }
         }
     }
@@ -184,17 +222,42 @@ impl Subscription {
         // Milliseconds after `started` before which no overflow warning is
         // logged again: at most one a second.
         let next_warning = AtomicU64::new(0);
+        // Whether a message was dropped since the last mark handed over.
+        let overflowed = AtomicBool::new(false);
+        let mark_channel = self.marks.as_ref().map(|m| m.channel.clone().into_bytes());
         let on_push = move |info: PushInfo| -> Result<(), ()> {
             match info.kind {
                 PushKind::Message => {
-                    Counters::add(&counters.received, 1);
-                    let payload = match info.data.into_iter().nth(1) {
-                        Some(redis::Value::BulkString(bytes)) => bytes,
-                        _ => return Ok(()),
+                    let mut data = info.data.into_iter();
+                    let (
+                        Some(redis::Value::BulkString(channel)),
+                        Some(redis::Value::BulkString(payload)),
+                    ) = (data.next(), data.next())
+                    else {
+                        return Ok(());
                     };
+                    if mark_channel.as_ref() == Some(&channel) {
+                        let Some(clock) = std::str::from_utf8(&payload)
+                            .ok()
+                            .and_then(|c| c.parse().ok())
+                        else {
+                            return Ok(());
+                        };
+                        let mark = Pushed::Mark {
+                            clock,
+                            overflowed: overflowed.swap(false, Ordering::Relaxed),
+                        };
+                        if pushed.try_send(mark).is_err() {
+                            // The mark is lost: the next one reports the drop.
+                            overflowed.store(true, Ordering::Relaxed);
+                        }
+                        return Ok(());
+                    }
+                    Counters::add(&counters.received, 1);
                     if let Err(mpsc::error::TrySendError::Full(_)) =
                         pushed.try_send(Pushed::Message(payload))
                     {
+                        overflowed.store(true, Ordering::Relaxed);
                         Counters::add(&counters.overflow, 1);
                         let now = started.elapsed().as_millis() as u64;
                         let next = next_warning.load(Ordering::Relaxed);
@@ -228,7 +291,7 @@ impl Subscription {
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        conn.subscribe(&self.channel).await?;
+        conn.subscribe(self.channels()).await?;
         Ok(conn)
     }
 }

@@ -1,4 +1,4 @@
-//! One worker's loop: take what has arrived (up to a batch), run it through
+//! One worker's loop for the `race` strategy: take what has arrived (up to a batch), run it through
 //! the lock/ACK protocol, keep the copies other workers hold, look at them
 //! again when their lock could have expired, and drop them when they are
 //! written or too old.
@@ -11,7 +11,7 @@ use redis::RedisError;
 use tokio::sync::mpsc;
 
 use super::delivery::{Delivery, Settled};
-use super::message::Incoming;
+use super::message::{Incoming, Item};
 use crate::connect::{is_fatal, reconnect_backoff};
 use crate::monitor::Counters;
 
@@ -70,12 +70,13 @@ impl Worker {
     /// Runs until the queue is closed (the subscription stopped) and every
     /// copy in hand is settled, or until `LOCK_TTL` + 1 s after the close,
     /// whichever is first. Returns an error only for a fatal Redis error.
-    pub async fn run(mut self, mut queue: mpsc::Receiver<Incoming>) -> Result<(), RedisError> {
+    pub async fn run(mut self, mut queue: mpsc::Receiver<Item>) -> Result<(), RedisError> {
         let mut pending = PendingBatch::default();
         let mut reported_pending = 0usize;
         // Messages whose claim or write must be tried again at once.
         let mut retry: Vec<Incoming> = Vec::new();
         let mut batch: Vec<Incoming> = Vec::with_capacity(self.batch_size);
+        let mut items: Vec<Item> = Vec::with_capacity(self.batch_size);
         let mut closed_at: Option<Instant> = None;
         let mut backoff = reconnect_backoff();
 
@@ -86,17 +87,18 @@ impl Worker {
             if closed_at.is_none() && batch.is_empty() {
                 let wake = pending.next_due();
                 tokio::select! {
-                    n = queue.recv_many(&mut batch, self.batch_size) => {
+                        n = queue.recv_many(&mut items, self.batch_size) => {
                         if n == 0 {
                             closed_at = Some(Instant::now());
                         }
+                        batch.extend(items.drain(..).filter_map(Item::into_message));
                     }
                     _ = sleep_until(wake), if wake.is_some() => {}
                 }
             } else if closed_at.is_none() {
                 while batch.len() < self.batch_size {
                     match queue.try_recv() {
-                        Ok(m) => batch.push(m),
+                        Ok(item) => batch.extend(item.into_message()),
                         Err(mpsc::error::TryRecvError::Empty) => break,
                         Err(mpsc::error::TryRecvError::Disconnected) => {
                             closed_at = Some(Instant::now());
@@ -216,12 +218,7 @@ mod tests {
     use super::*;
 
     fn msg(id: &str, received_at: Instant) -> Incoming {
-        Incoming {
-            id: id.into(),
-            payload: Vec::new(),
-            received_at,
-            rejected: None,
-        }
+        Incoming::new(id, Vec::new(), received_at)
     }
 
     #[test]
