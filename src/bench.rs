@@ -420,7 +420,16 @@ async fn spawn_bridge(
             .arg(CHANNEL)
             .query_async(conn)
             .await?;
-        if subs.first().map(|s| s.1) == Some(workers) {
+        let members: usize = redis::cmd("ZCARD")
+            .arg(format!("{{{STREAM}}}:members"))
+            .query_async(conn)
+            .await?;
+        if subs.first().map(|s| s.1) == Some(workers)
+            && (strategy == Strategy::Race || members == workers)
+        {
+            // A few cycles more, so that every worker has the same view of
+            // the members: the rows measure the bridge running, not starting.
+            tokio::time::sleep(Duration::from_millis(300)).await;
             return Ok(child);
         }
         if Instant::now() > deadline {
@@ -527,6 +536,7 @@ async fn bridge_commands(conn: &mut MultiplexedConnection) -> Result<u64> {
         "config|resetstat",
         "config",
         "pubsub|numsub",
+        "zcard",
         "pubsub",
         "ping",
         "client|setinfo",

@@ -336,7 +336,7 @@ fn account(summary: &mut PublishSummary, (n, result): Sent) -> Result<(), RedisE
 }
 
 /// Batches a publisher keeps on their way at once.
-pub const IN_FLIGHT: usize = 4;
+pub const IN_FLIGHT: usize = 16;
 
 /// A finished sending task's result (a panic in it is re-raised).
 fn join<T>(joined: Option<Result<T, tokio::task::JoinError>>) -> T {

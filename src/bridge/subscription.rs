@@ -87,13 +87,9 @@ impl Subscription {
         let client = Client::open(info.set_redis_settings(settings))?;
         let mut lost_at: Option<Instant> = None;
         loop {
-            let (pushed_tx, mut pushed) = mpsc::channel(self.read_buffer.max(1));
-            let connected = retry_until_connected(&client, &self.cancel, || {
-                self.subscribe(&client, pushed_tx.clone())
-            })
-            .await?;
-            drop(pushed_tx);
-            let Some(mut conn) = connected else {
+            let connected =
+                retry_until_connected(&client, &self.cancel, || self.subscribe(&client)).await?;
+            let Some((mut conn, mut pushed)) = connected else {
                 return Ok(());
             };
             self.coverage.up(&self.counters);
@@ -209,13 +205,15 @@ impl Subscription {
         }
     }
 
-    /// A RESP3 connection whose pushed messages go to `pushed` (or, when it
-    /// is full, are dropped and counted), subscribed to the channel.
+    /// A RESP3 connection subscribed to the channel, and the buffer its
+    /// pushed messages go to (when it is full they are dropped and counted).
+    /// Each attempt has a buffer of its own, so nothing from an attempt that
+    /// failed half-way (a message, its end of connection) reaches the worker.
     async fn subscribe(
         &self,
         client: &Client,
-        pushed: mpsc::Sender<Pushed>,
-    ) -> Result<MultiplexedConnection, RedisError> {
+    ) -> Result<(MultiplexedConnection, mpsc::Receiver<Pushed>), RedisError> {
+        let (pushed, receiver) = mpsc::channel(self.read_buffer.max(1));
         let counters = self.counters.clone();
         let worker = self.worker_id.clone();
         let started = Instant::now();
@@ -253,25 +251,28 @@ impl Subscription {
                         }
                         return Ok(());
                     }
-                    Counters::add(&counters.received, 1);
-                    if let Err(mpsc::error::TrySendError::Full(_)) =
-                        pushed.try_send(Pushed::Message(payload))
-                    {
-                        overflowed.store(true, Ordering::Relaxed);
-                        Counters::add(&counters.overflow, 1);
-                        let now = started.elapsed().as_millis() as u64;
-                        let next = next_warning.load(Ordering::Relaxed);
-                        if now >= next
-                            && next_warning
-                                .compare_exchange(
-                                    next,
-                                    now + 1000,
-                                    Ordering::Relaxed,
-                                    Ordering::Relaxed,
-                                )
-                                .is_ok()
-                        {
-                            tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
+                    match pushed.try_send(Pushed::Message(payload)) {
+                        Ok(()) => Counters::add(&counters.received, 1),
+                        // This connection was given up: nothing here received it.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            Counters::add(&counters.received, 1);
+                            overflowed.store(true, Ordering::Relaxed);
+                            Counters::add(&counters.overflow, 1);
+                            let now = started.elapsed().as_millis() as u64;
+                            let next = next_warning.load(Ordering::Relaxed);
+                            if now >= next
+                                && next_warning
+                                    .compare_exchange(
+                                        next,
+                                        now + 1000,
+                                        Ordering::Relaxed,
+                                        Ordering::Relaxed,
+                                    )
+                                    .is_ok()
+                            {
+                                tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
+                            }
                         }
                     }
                 }
@@ -292,7 +293,12 @@ impl Subscription {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         conn.subscribe(self.channels()).await?;
-        Ok(conn)
+        // A first mark at once: what arrives before it can only be taken over
+        // (nothing bounds it), so that stretch is kept as short as can be.
+        if let Some(marks) = &self.marks {
+            publish_mark(&mut conn, &marks.keys, &marks.channel).await?;
+        }
+        Ok((conn, receiver))
     }
 }
 
