@@ -854,11 +854,16 @@ pub fn svg(report: &Report) -> String {
                 x(r.workers),
                 y(r.rate),
                 x(r.workers),
-                y(r.rate) - 8.0,
+                // The first line's labels above its points, the others' below.
+                if i == 0 {
+                    y(r.rate) - 8.0
+                } else {
+                    y(r.rate) + 18.0
+                },
                 r.rate
             );
         }
-        let ly = top + 16.0 + 16.0 * i as f64;
+        let ly = top + 40.0 + 16.0 * i as f64;
         s += &format!(
             "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{2}\" y=\"{3}\">{strategy}</text>\n",
             w - right - 140.0,
