@@ -198,11 +198,12 @@ pub struct ConsumeArgs {
     /// How workers share the writing: `partitioned` (one owner per message,
     /// cost independent of the worker count) or `race` (every worker races for
     /// every message's lock).
-    #[arg(long, env = "STRATEGY", default_value = "partitioned", value_enum)]
-    pub strategy: Strategy,
-    /// Stream entry layout.
-    #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope", value_enum)]
-    pub output_format: OutputFormat,
+    #[arg(long, env = "STRATEGY", default_value = "partitioned")]
+    pub strategy: String,
+    /// Stream entry layout: `envelope` (message_id, payload, consumer_id) or
+    /// `flat` (also the top-level fields of a JSON object payload).
+    #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope")]
+    pub output_format: String,
     /// Messages a worker may hold between reading and writing (half read off
     /// the socket, half waiting for the worker); when full, the newest message
     /// is dropped by that worker and counted as `overflow`.
@@ -450,6 +451,18 @@ impl BridgeConfig {
     }
 }
 
+/// One of a setting's named values (any case), or one line naming them.
+fn parse_choice<T: ValueEnum>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
+    T::from_str(raw.trim(), true).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|v| v.get_name().to_string())
+            .collect();
+        ConfigError::new(var, raw, format!("expected one of {}", names.join(", ")))
+    })
+}
+
 impl ConsumeArgs {
     /// Turns the raw settings into a validated [`BridgeConfig`].
     pub fn to_config(&self, connect: &ConnectArgs) -> Result<BridgeConfig, ConfigError> {
@@ -467,8 +480,8 @@ impl ConsumeArgs {
             pending_retention: parse_secs("PENDING_RETENTION", &self.pending_retention)?,
             ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
             presence_ttl: parse_secs("PRESENCE_TTL", &self.presence_ttl)?,
-            output_format: self.output_format,
-            strategy: self.strategy,
+            output_format: parse_choice("OUTPUT_FORMAT", &self.output_format)?,
+            strategy: parse_choice("STRATEGY", &self.strategy)?,
             queue_capacity: parse_num("QUEUE_CAPACITY", &self.queue_capacity)?,
             max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &self.max_payload_bytes)?,
             dead_letter_stream: self.dead_letter_stream.clone(),

@@ -41,6 +41,10 @@ fn bad_settings_give_one_line_and_exit_code_2() {
             "PENDING_RETENTION",
             "1",
         ),
+        (&[("TAKEOVER_AFTER", "0.01")], "TAKEOVER_AFTER", "0.01"),
+        (&[("TAKEOVER_AFTER", "later")], "TAKEOVER_AFTER", "later"),
+        (&[("STRATEGY", "fastest")], "STRATEGY", "fastest"),
+        (&[("OUTPUT_FORMAT", "xml")], "OUTPUT_FORMAT", "xml"),
         (&[("LOGLEVEL", "LOUD")], "LOGLEVEL", "LOUD"),
         (&[("REDIS_PORT", "99999")], "REDIS_PORT", "99999"),
         (&[("REDIS_URL", "http://nope")], "REDIS_URL", "http://nope"),
@@ -101,6 +105,9 @@ fn help_lists_every_variable_with_its_default() {
         ("ACK_TTL", "60"),
         ("PENDING_RETENTION", "30"),
         ("PRESENCE_TTL", "5"),
+        ("STRATEGY", "partitioned"),
+        ("TAKEOVER_AFTER", "0.25"),
+        ("OUTPUT_FORMAT", "envelope"),
     ] {
         let lines: Vec<&str> = help.lines().map(str::trim).collect();
         let at = lines

@@ -457,7 +457,9 @@ impl PartitionedWorker {
         let mut due = Vec::new();
         let mut covered = 0u64;
         let latest_wait = self.retention.saturating_sub(self.takeover_after);
-        let mut reasons = [0u32; 2];
+        // Why copies are taken over: their owner's range does not reach them
+        // (another view, a restart, no watermark), or it fell silent.
+        let (mut out_of_range, mut silent) = (0u32, 0u32);
         for segment in st.held.iter_mut() {
             let overdue = now >= segment.closed_at + self.takeover_after;
             let verdicts: Vec<Verdict> = segment
@@ -481,7 +483,11 @@ impl PartitionedWorker {
                     if heading && alive {
                         return Verdict::Wait;
                     }
-                    reasons[usize::from(heading) + usize::from(alive)] += 1;
+                    if heading {
+                        silent += 1;
+                    } else {
+                        out_of_range += 1;
+                    }
                     Verdict::TakeOver
                 })
                 .collect();
@@ -503,7 +509,7 @@ impl PartitionedWorker {
         }
         st.held.retain(|s| !s.copies.is_empty());
         if !due.is_empty() {
-            tracing::debug!(worker = %self.id, due = due.len(), neither_heading_nor_alive = reasons[0], heading_or_alive = reasons[1], "taking over");
+            tracing::debug!(worker = %self.id, due = due.len(), out_of_range, silent, "taking over");
         }
         Counters::add(&self.counters.duplicates_skipped, covered);
         due
