@@ -83,6 +83,16 @@ enum Command {
         #[arg(long, default_value = "bench.svg")]
         svg: std::path::PathBuf,
     },
+    /// Look at and manage streams: list, info, create, delete, trim.
+    Streams {
+        #[command(subcommand)]
+        action: StreamsAction,
+    },
+    /// Look at and manage the consumer groups of a stream and their consumers.
+    Groups {
+        #[command(subcommand)]
+        action: GroupsAction,
+    },
     Audit {
         /// How many messages the publisher reported as published.
         #[arg(long)]
@@ -90,6 +100,90 @@ enum Command {
         /// Stream to check.
         #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
         stream: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StreamsAction {
+    /// Every stream in the database: length, groups, last id.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A stream's length, first and last entries, and its groups with their
+    /// consumers, pending entries and lag.
+    Info {
+        stream: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create an empty stream (an error if it exists).
+    Create { stream: String },
+    /// Delete a stream with its entries and groups.
+    Delete {
+        stream: String,
+        /// Really delete it.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Trim a stream, exactly: keep the newest N entries, or drop the ones
+    /// below an id.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["maxlen", "minid"])))]
+    Trim {
+        stream: String,
+        /// Keep the newest N entries.
+        #[arg(long)]
+        maxlen: Option<u64>,
+        /// Drop the entries whose id is lower.
+        #[arg(long)]
+        minid: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupsAction {
+    /// The consumer groups of a stream: consumers, pending, lag.
+    List {
+        stream: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One group and its consumers, with their pending entries and idle times.
+    Info {
+        stream: String,
+        group: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a group.
+    Create {
+        stream: String,
+        group: String,
+        /// Where the group starts: `$` (new entries only), `0` (the whole
+        /// stream) or an entry id.
+        #[arg(long, default_value = "$")]
+        from: String,
+        /// Create the stream too if it is missing.
+        #[arg(long)]
+        mkstream: bool,
+    },
+    /// Delete a group (its pending entries are forgotten).
+    Delete {
+        stream: String,
+        group: String,
+        /// Really delete it.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Move a group's last delivered id (`$`: the end; `0`: the start).
+    SetId {
+        stream: String,
+        group: String,
+        id: String,
     },
 }
 
@@ -109,6 +203,8 @@ fn main() -> ExitCode {
             Command::Consume(args) => consume(&cli.connect, &args).await,
             Command::Publish(args) => publish(&cli.connect, &args).await,
             Command::Audit { published, stream } => audit(&cli.connect, &stream, published).await,
+            Command::Streams { action } => manage(&cli.connect, Managed::Streams(action)).await,
+            Command::Groups { action } => manage(&cli.connect, Managed::Groups(action)).await,
             Command::Bench {
                 messages,
                 workers,
@@ -199,6 +295,122 @@ async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode 
         }
         Err(err) => {
             eprintln!("optimus: cannot read {stream}: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Managed {
+    Streams(StreamsAction),
+    Groups(GroupsAction),
+}
+
+/// `optimus streams …` and `optimus groups …`: a table (or JSON) on stdout;
+/// exit 1 for a missing stream or group or a Redis error, 2 for a deletion
+/// without --yes.
+async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
+    use optimus::manage::{self, ManageError, Trim, render};
+    let url = match connect.url() {
+        Ok(url) => url,
+        Err(err) => return bad_setting(&err),
+    };
+    let server = optimus::config::mask_password(&url);
+    let mut conn = match redis::Client::open(url.as_str()) {
+        Ok(client) => match client.get_multiplexed_async_connection().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                eprintln!("optimus: cannot connect to Redis at {server}: {err}");
+                return ExitCode::from(1);
+            }
+        },
+        Err(err) => {
+            eprintln!("optimus: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let c = &mut conn;
+    fn show<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> String {
+        if json {
+            serde_json::to_string_pretty(value).expect("plain data") + "\n"
+        } else {
+            text(value)
+        }
+    }
+    let result: Result<String, ManageError> = match what {
+        Managed::Streams(action) => match action {
+            StreamsAction::List { json } => manage::list_streams(c)
+                .await
+                .map(|l| show(json, &l, |l| render::streams(l))),
+            StreamsAction::Info { stream, json } => manage::stream_info(c, &stream)
+                .await
+                .map(|i| show(json, &i, render::stream)),
+            StreamsAction::Create { stream } => manage::create_stream(c, &stream)
+                .await
+                .map(|()| format!("created stream {stream}\n")),
+            StreamsAction::Delete { stream, yes } => manage::delete_stream(c, &stream, yes)
+                .await
+                .map(|()| format!("deleted stream {stream}\n")),
+            StreamsAction::Trim {
+                stream,
+                maxlen,
+                minid,
+            } => {
+                let trim = match (maxlen, minid) {
+                    (Some(n), _) => Trim::MaxLen(n),
+                    (None, Some(id)) => Trim::MinId(id),
+                    (None, None) => unreachable!("clap requires one"),
+                };
+                manage::trim_stream(c, &stream, &trim)
+                    .await
+                    .map(|n| format!("trimmed {n} entries from {stream}\n"))
+            }
+        },
+        Managed::Groups(action) => match action {
+            GroupsAction::List { stream, json } => manage::list_groups(c, &stream)
+                .await
+                .map(|l| show(json, &l, |l| render::groups(l))),
+            GroupsAction::Info {
+                stream,
+                group,
+                json,
+            } => manage::group_info(c, &stream, &group)
+                .await
+                .map(|d| show(json, &d, render::group)),
+            GroupsAction::Create {
+                stream,
+                group,
+                from,
+                mkstream,
+            } => manage::create_group(c, &stream, &group, &from, mkstream)
+                .await
+                .map(|()| format!("created group {group} of stream {stream} from {from}\n")),
+            GroupsAction::Delete { stream, group, yes } => {
+                manage::delete_group(c, &stream, &group, yes)
+                    .await
+                    .map(|()| format!("deleted group {group} of stream {stream}\n"))
+            }
+            GroupsAction::SetId { stream, group, id } => {
+                manage::set_group_id(c, &stream, &group, &id)
+                    .await
+                    .map(|()| format!("group {group} of stream {stream} now at {id}\n"))
+            }
+        },
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err @ ManageError::NotConfirmed(_)) => {
+            eprintln!("optimus: {err}");
+            ExitCode::from(2)
+        }
+        Err(ManageError::Redis(err)) => {
+            eprintln!("optimus: Redis at {server}: {err}");
+            ExitCode::from(1)
+        }
+        Err(err) => {
+            eprintln!("optimus: {err}");
             ExitCode::from(1)
         }
     }
