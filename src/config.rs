@@ -25,7 +25,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(var: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        var: &'static str,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
         Self {
             var,
             value: value.to_string(),
@@ -645,7 +649,7 @@ impl PublishArgs {
     }
 }
 
-fn parse_num<T: FromStr>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
+pub(crate) fn parse_num<T: FromStr>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
     raw.trim()
         .parse()
         .map_err(|_| ConfigError::new(var, raw, "expected a whole number"))

@@ -93,6 +93,10 @@ enum Command {
         #[command(subcommand)]
         action: GroupsAction,
     },
+    /// Check a stream, its consumer groups and the bridge's workers against
+    /// ok / warn / alert thresholds: one line per check; exit 0 (ok), 1 (warn)
+    /// or 2 (alert). Redis unreachable or the stream missing is an alert.
+    Health(optimus::health::HealthArgs),
     Audit {
         /// How many messages the publisher reported as published.
         #[arg(long)]
@@ -203,6 +207,7 @@ fn main() -> ExitCode {
             Command::Consume(args) => consume(&cli.connect, &args).await,
             Command::Publish(args) => publish(&cli.connect, &args).await,
             Command::Audit { published, stream } => audit(&cli.connect, &stream, published).await,
+            Command::Health(args) => health(&cli.connect, &args).await,
             Command::Streams { action } => manage(&cli.connect, Managed::Streams(action)).await,
             Command::Groups { action } => manage(&cli.connect, Managed::Groups(action)).await,
             Command::Bench {
@@ -298,6 +303,32 @@ async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode 
             ExitCode::from(1)
         }
     }
+}
+
+async fn health(connect: &ConnectArgs, args: &optimus::health::HealthArgs) -> ExitCode {
+    use optimus::health::{Check, Level, Report};
+    let (url, config) = match connect.url().and_then(|url| Ok((url, args.to_config()?))) {
+        Ok(both) => both,
+        Err(err) => return bad_setting(&err),
+    };
+    let server = optimus::config::mask_password(&url);
+    let connected = match redis::Client::open(url.as_str()) {
+        Ok(client) => redis::aio::ConnectionManager::new(client).await,
+        Err(err) => Err(err),
+    };
+    let report = match connected {
+        Ok(mut conn) => optimus::health::check(&mut conn, &config).await,
+        Err(err) => Report {
+            checks: vec![Check {
+                level: Level::Alert,
+                name: "redis".into(),
+                value: "-".into(),
+                rule: format!("cannot reach {server}: {err}"),
+            }],
+        },
+    };
+    print!("{report}");
+    ExitCode::from(report.level().exit_code())
 }
 
 enum Managed {

@@ -1,0 +1,457 @@
+//! `optimus health`: checks a stream, its consumer groups and the bridge's
+//! workers against ok / warn / alert thresholds, one line per check, and
+//! exits 0 / 1 / 2 for the worst result, as monitoring systems that run a
+//! command expect.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::bridge::presence::Presence;
+use crate::config::ConfigError;
+use crate::manage::{self, render};
+
+/// The result of one check (ordered: the worst wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    Warn,
+    Alert,
+}
+
+impl Level {
+    /// 0, 1 or 2.
+    pub fn exit_code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Ok => "OK",
+            Level::Warn => "WARN",
+            Level::Alert => "ALERT",
+        })
+    }
+}
+
+/// A warn and an alert threshold. For counts that must stay high (workers)
+/// a value *below* a threshold trips it; for the others, a value *above*.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub warn: u64,
+    pub alert: u64,
+    pub below: bool,
+}
+
+impl Limit {
+    pub fn level(&self, value: u64) -> Level {
+        let trips = |t: u64| if self.below { value < t } else { value > t };
+        if trips(self.alert) {
+            Level::Alert
+        } else if trips(self.warn) {
+            Level::Warn
+        } else {
+            Level::Ok
+        }
+    }
+
+    fn describe(&self, unit: &str) -> String {
+        let op = if self.below { "<" } else { ">" };
+        format!(
+            "warn {op} {}{unit}, alert {op} {}{unit}",
+            self.warn, self.alert
+        )
+    }
+
+    /// Checks that the alert threshold is the stricter one.
+    pub fn validate(&self, warn_var: &'static str) -> Result<(), ConfigError> {
+        let ordered = if self.below {
+            self.alert <= self.warn
+        } else {
+            self.alert >= self.warn
+        };
+        if ordered {
+            return Ok(());
+        }
+        Err(ConfigError::new(
+            warn_var,
+            self.warn.to_string(),
+            format!(
+                "must be {} the alert threshold ({})",
+                if self.below { "at least" } else { "at most" },
+                self.alert
+            ),
+        ))
+    }
+}
+
+/// Every threshold of `optimus health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Live bridge workers (presence keys), all hosts.
+    pub bridge_consumers: Limit,
+    /// Consumers in each group.
+    pub group_consumers: Limit,
+    /// Entries not delivered to a group yet.
+    pub lag: Limit,
+    /// Entries delivered to a group's consumers and not acknowledged.
+    pub pending: Limit,
+    /// Age of a group's oldest pending entry, in seconds.
+    pub pending_age_secs: Limit,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            bridge_consumers: Limit {
+                warn: 2,
+                alert: 1,
+                below: true,
+            },
+            group_consumers: Limit {
+                warn: 1,
+                alert: 1,
+                below: true,
+            },
+            lag: Limit {
+                warn: 1_000,
+                alert: 10_000,
+                below: false,
+            },
+            pending: Limit {
+                warn: 1_000,
+                alert: 10_000,
+                below: false,
+            },
+            pending_age_secs: Limit {
+                warn: 60,
+                alert: 300,
+                below: false,
+            },
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub level: Level,
+    pub name: String,
+    /// The measured value, as shown (`-` when it could not be measured).
+    pub value: String,
+    /// The thresholds, or why the check failed.
+    pub rule: String,
+}
+
+/// All checks, and the worst level.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn level(&self) -> Level {
+        self.checks
+            .iter()
+            .map(|c| c.level)
+            .max()
+            .unwrap_or(Level::Ok)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<Vec<String>> = self
+            .checks
+            .iter()
+            .map(|c| {
+                vec![
+                    c.level.to_string(),
+                    c.name.clone(),
+                    c.value.clone(),
+                    c.rule.clone(),
+                ]
+            })
+            .collect();
+        let table = render::table(&["level", "check", "value", "rule"], &rows);
+        // One line per check: no header.
+        for line in table.lines().skip(1) {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What to check.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub stream: String,
+    /// CONSUMERS_LIST of the bridge whose workers are counted.
+    pub consumers_list: String,
+    /// Only this group (`None`: every group of the stream).
+    pub group: Option<String>,
+    pub thresholds: Thresholds,
+}
+
+/// Runs every check. Redis being unreachable or the stream missing are
+/// alerts, not errors.
+pub async fn check(conn: &mut ConnectionManager, config: &HealthConfig) -> Report {
+    let t = &config.thresholds;
+    let mut checks = Vec::new();
+    let measured = |name: String, value: u64, limit: &Limit, unit: &str| Check {
+        level: limit.level(value),
+        name,
+        value: value.to_string(),
+        rule: limit.describe(unit),
+    };
+    let failed = |name: String, why: String| Check {
+        level: Level::Alert,
+        name,
+        value: "-".into(),
+        rule: why,
+    };
+
+    let presence = Presence::new(
+        &config.consumers_list,
+        Duration::from_secs(1),
+        String::new(),
+    );
+    match presence.count(conn).await {
+        Ok(n) => checks.push(measured(
+            "bridge consumers".into(),
+            n,
+            &t.bridge_consumers,
+            "",
+        )),
+        Err(err) => {
+            checks.push(failed("bridge consumers".into(), format!("Redis: {err}")));
+            return Report { checks };
+        }
+    }
+
+    let info = match manage::stream_info(conn, &config.stream).await {
+        Ok(info) => info,
+        Err(err) => {
+            checks.push(failed(format!("stream {}", config.stream), err.to_string()));
+            return Report { checks };
+        }
+    };
+    let now_ms = server_time_ms(conn).await.unwrap_or(0);
+    let groups: Vec<_> = info
+        .groups
+        .iter()
+        .filter(|g| config.group.as_ref().is_none_or(|name| *name == g.name))
+        .collect();
+    if let Some(name) = &config.group
+        && groups.is_empty()
+    {
+        checks.push(failed(
+            format!("group {name}"),
+            format!("stream {} has no group named {name}", config.stream),
+        ));
+    }
+    for g in groups {
+        let name = |what: &str| format!("group {} {what}", g.name);
+        checks.push(measured(
+            name("consumers"),
+            g.consumers as u64,
+            &t.group_consumers,
+            "",
+        ));
+        match g.lag {
+            Some(lag) => checks.push(measured(name("lag"), lag as u64, &t.lag, "")),
+            None => checks.push(Check {
+                level: Level::Warn,
+                name: name("lag"),
+                value: "-".into(),
+                rule: "Redis cannot tell (entries deleted in the middle of the stream)".into(),
+            }),
+        }
+        checks.push(measured(name("pending"), g.pending as u64, &t.pending, ""));
+        let age = match oldest_pending_ms(conn, &config.stream, &g.name).await {
+            Ok(Some(oldest)) => now_ms.saturating_sub(oldest) / 1000,
+            Ok(None) => 0,
+            Err(err) => {
+                checks.push(failed(name("oldest pending"), format!("Redis: {err}")));
+                continue;
+            }
+        };
+        checks.push(measured(
+            name("oldest pending (s)"),
+            age,
+            &t.pending_age_secs,
+            " s",
+        ));
+    }
+    Report { checks }
+}
+
+async fn server_time_ms(conn: &mut ConnectionManager) -> redis::RedisResult<u64> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(secs * 1000 + micros / 1000)
+}
+
+/// When a group's oldest pending entry was added (ms, from its id).
+async fn oldest_pending_ms(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<Option<u64>> {
+    let reply: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await?;
+    Ok(match reply {
+        redis::streams::StreamPendingReply::Data(data) => data
+            .start_id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_thresholds() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: HealthArgs,
+        }
+        let config = Cli::parse_from(["health"]).args.to_config().unwrap();
+        assert_eq!(config.thresholds, Thresholds::default());
+    }
+
+    #[test]
+    fn limits_trip_below_or_above() {
+        let workers = Limit {
+            warn: 2,
+            alert: 1,
+            below: true,
+        };
+        assert_eq!(workers.level(3), Level::Ok);
+        assert_eq!(workers.level(2), Level::Ok);
+        assert_eq!(workers.level(1), Level::Warn);
+        assert_eq!(workers.level(0), Level::Alert);
+        let lag = Limit {
+            warn: 10,
+            alert: 100,
+            below: false,
+        };
+        assert_eq!(lag.level(10), Level::Ok);
+        assert_eq!(lag.level(11), Level::Warn);
+        assert_eq!(lag.level(101), Level::Alert);
+        assert!(lag.validate("X").is_ok());
+        let backwards = Limit {
+            warn: 100,
+            alert: 10,
+            below: false,
+        };
+        assert!(backwards.validate("HEALTH_LAG_WARN").is_err());
+    }
+}
+
+/// `optimus health` settings, as text; [`HealthArgs::to_config`] checks them.
+/// Thresholds named `…_WARN` / `…_ALERT`: consumers trip *below* them, the
+/// others *above*.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthArgs {
+    /// Stream to check.
+    #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
+    pub stream: String,
+    /// Check only this consumer group (default: every group of the stream).
+    #[arg(long, env = "HEALTH_GROUP")]
+    pub group: Option<String>,
+    /// The bridge's CONSUMERS_LIST, whose presence keys count its live workers.
+    #[arg(long, env = "CONSUMERS_LIST", default_value = "consumer:ids")]
+    pub consumers_list: String,
+    /// Warn when fewer live bridge workers than this.
+    #[arg(long, env = "HEALTH_BRIDGE_CONSUMERS_WARN", default_value = "2")]
+    pub bridge_consumers_warn: String,
+    /// Alert when fewer live bridge workers than this.
+    #[arg(long, env = "HEALTH_BRIDGE_CONSUMERS_ALERT", default_value = "1")]
+    pub bridge_consumers_alert: String,
+    /// Warn when a group has fewer consumers than this.
+    #[arg(long, env = "HEALTH_GROUP_CONSUMERS_WARN", default_value = "1")]
+    pub group_consumers_warn: String,
+    /// Alert when a group has fewer consumers than this.
+    #[arg(long, env = "HEALTH_GROUP_CONSUMERS_ALERT", default_value = "1")]
+    pub group_consumers_alert: String,
+    /// Warn when more entries than this are not yet delivered to a group.
+    #[arg(long, env = "HEALTH_LAG_WARN", default_value = "1000")]
+    pub lag_warn: String,
+    /// Alert when more entries than this are not yet delivered to a group.
+    #[arg(long, env = "HEALTH_LAG_ALERT", default_value = "10000")]
+    pub lag_alert: String,
+    /// Warn when more entries than this are delivered and not acknowledged.
+    #[arg(long, env = "HEALTH_PENDING_WARN", default_value = "1000")]
+    pub pending_warn: String,
+    /// Alert when more entries than this are delivered and not acknowledged.
+    #[arg(long, env = "HEALTH_PENDING_ALERT", default_value = "10000")]
+    pub pending_alert: String,
+    /// Warn when a group's oldest pending entry is older than this (seconds).
+    #[arg(long, env = "HEALTH_PENDING_AGE_WARN", default_value = "60")]
+    pub pending_age_warn: String,
+    /// Alert when a group's oldest pending entry is older than this (seconds).
+    #[arg(long, env = "HEALTH_PENDING_AGE_ALERT", default_value = "300")]
+    pub pending_age_alert: String,
+}
+
+impl HealthArgs {
+    pub fn to_config(&self) -> Result<HealthConfig, ConfigError> {
+        use crate::config::parse_num;
+        let limit = |warn: (&'static str, &str), alert: (&'static str, &str), below| {
+            let limit = Limit {
+                warn: parse_num(warn.0, warn.1)?,
+                alert: parse_num(alert.0, alert.1)?,
+                below,
+            };
+            limit.validate(warn.0)?;
+            Ok::<_, ConfigError>(limit)
+        };
+        Ok(HealthConfig {
+            stream: self.stream.clone(),
+            consumers_list: self.consumers_list.clone(),
+            group: self.group.clone(),
+            thresholds: Thresholds {
+                bridge_consumers: limit(
+                    ("HEALTH_BRIDGE_CONSUMERS_WARN", &self.bridge_consumers_warn),
+                    (
+                        "HEALTH_BRIDGE_CONSUMERS_ALERT",
+                        &self.bridge_consumers_alert,
+                    ),
+                    true,
+                )?,
+                group_consumers: limit(
+                    ("HEALTH_GROUP_CONSUMERS_WARN", &self.group_consumers_warn),
+                    ("HEALTH_GROUP_CONSUMERS_ALERT", &self.group_consumers_alert),
+                    true,
+                )?,
+                lag: limit(
+                    ("HEALTH_LAG_WARN", &self.lag_warn),
+                    ("HEALTH_LAG_ALERT", &self.lag_alert),
+                    false,
+                )?,
+                pending: limit(
+                    ("HEALTH_PENDING_WARN", &self.pending_warn),
+                    ("HEALTH_PENDING_ALERT", &self.pending_alert),
+                    false,
+                )?,
+                pending_age_secs: limit(
+                    ("HEALTH_PENDING_AGE_WARN", &self.pending_age_warn),
+                    ("HEALTH_PENDING_AGE_ALERT", &self.pending_age_alert),
+                    false,
+                )?,
+            },
+        })
+    }
+}

@@ -1,0 +1,144 @@
+//! `optimus health` against a real redis-server: one line per check, exit
+//! code 0 / 1 / 2 for the worst of ok / warn / alert.
+
+mod support;
+
+use std::process::Output;
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer, run_optimus};
+
+fn health(server: &RedisServer, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let url = server.url();
+    let mut all = vec!["health"];
+    all.extend_from_slice(args);
+    let mut env = env.to_vec();
+    env.push(("REDIS_URL", url.as_str()));
+    run_optimus(&all, &env, Duration::from_secs(20))
+}
+
+/// The line of the check named `check`: (level, value).
+fn line<'a>(out: &'a str, check: &str) -> (&'a str, &'a str) {
+    let l = out
+        .lines()
+        .find(|l| l.contains(&format!(" {check} ")))
+        .unwrap_or_else(|| panic!("no {check:?} line in:\n{out}"));
+    let level = l.split_whitespace().next().unwrap();
+    let value = l[l.find(check).unwrap() + check.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap();
+    (level, value)
+}
+
+fn redis(server: &RedisServer, args: &[&str]) {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    let _: redis::Value = c.query(&mut server.conn()).unwrap();
+}
+
+#[test]
+fn a_missing_bridge_and_stream_are_alerts() {
+    let server = RedisServer::start();
+    let out = health(&server, &[], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert_eq!(line(&text, "bridge consumers"), ("ALERT", "0"));
+    assert!(
+        text.contains("no stream named messages:processed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn checks_follow_the_thresholds() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2")]);
+    consume.wait_consumers(2);
+    support::publish(&server, &["--count", "50"]);
+    consume.wait_settled(Duration::from_secs(20));
+    redis(
+        &server,
+        &["XGROUP", "CREATE", "messages:processed", "downstream", "0"],
+    );
+    redis(
+        &server,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "downstream",
+            "w1",
+            "COUNT",
+            "10",
+            "STREAMS",
+            "messages:processed",
+            ">",
+        ],
+    );
+
+    let out = health(&server, &[], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(text.lines().count(), 5, "one line per check:\n{text}");
+    assert_eq!(line(&text, "bridge consumers"), ("OK", "2"));
+    assert_eq!(line(&text, "group downstream consumers"), ("OK", "1"));
+    assert_eq!(line(&text, "group downstream lag"), ("OK", "40"));
+    assert_eq!(line(&text, "group downstream pending"), ("OK", "10"));
+
+    // Thresholds from flags or variables.
+    let out = health(&server, &["--lag-warn", "10"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(line(&text, "group downstream lag"), ("WARN", "40"));
+    let out = health(
+        &server,
+        &[],
+        &[("HEALTH_PENDING_WARN", "1"), ("HEALTH_PENDING_ALERT", "5")],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert_eq!(line(&text, "group downstream pending"), ("ALERT", "10"));
+    let out = health(&server, &[], &[("HEALTH_BRIDGE_CONSUMERS_WARN", "3")]);
+    assert_eq!(out.status.code(), Some(1));
+
+    // A bad threshold is a bad setting: one line naming it, exit 2.
+    let out = health(&server, &[], &[("HEALTH_LAG_WARN", "lots")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("HEALTH_LAG_WARN"), "{err}");
+}
+
+#[test]
+fn an_old_pending_entry_is_an_alert() {
+    let server = RedisServer::start();
+    // An entry added at 1 s after the epoch, delivered and never acknowledged.
+    redis(&server, &["XADD", "jobs", "1000-0", "n", "1"]);
+    redis(&server, &["XGROUP", "CREATE", "jobs", "g", "0"]);
+    redis(
+        &server,
+        &["XREADGROUP", "GROUP", "g", "c", "STREAMS", "jobs", ">"],
+    );
+    let out = health(
+        &server,
+        &[
+            "--stream",
+            "jobs",
+            "--group",
+            "g",
+            "--bridge-consumers-warn",
+            "0",
+            "--bridge-consumers-alert",
+            "0",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert_eq!(line(&text, "bridge consumers").0, "OK");
+    let (level, age) = line(&text, "group g oldest pending (s)");
+    assert_eq!(level, "ALERT", "{text}");
+    assert!(age.parse::<u64>().unwrap() > 1_000_000_000, "{text}");
+}
