@@ -37,6 +37,7 @@ pub mod health;
 pub mod manage;
 pub mod monitor;
 pub mod publish;
+pub mod work;
 
 pub use bridge::{Bridge, BridgeError};
 pub use config::{BridgeConfig, ConfigError, OutputFormat, PublishConfig, Strategy};

@@ -93,6 +93,12 @@ enum Command {
         #[command(subcommand)]
         action: GroupsAction,
     },
+    /// Read the output stream through a consumer group and run a handler for
+    /// every entry: `optimus work -- <program> [args]` gets the payload on
+    /// stdin; exit 0 acknowledges the entry, anything else leaves it pending
+    /// to be retried. Idle entries are claimed from dead or hung consumers;
+    /// after WORK_MAX_DELIVERIES an entry goes to the dead-letter stream.
+    Work(optimus::work::WorkArgs),
     /// Check a stream, its consumer groups and the bridge's workers against
     /// ok / warn / alert thresholds: one line per check; exit 0 (ok), 1 (warn)
     /// or 2 (alert). Redis unreachable or the stream missing is an alert.
@@ -208,6 +214,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => publish(&cli.connect, &args).await,
             Command::Audit { published, stream } => audit(&cli.connect, &stream, published).await,
             Command::Health(args) => health(&cli.connect, &args).await,
+            Command::Work(args) => work(&cli.connect, &args).await,
             Command::Streams { action } => manage(&cli.connect, Managed::Streams(action)).await,
             Command::Groups { action } => manage(&cli.connect, Managed::Groups(action)).await,
             Command::Bench {
@@ -300,6 +307,22 @@ async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode 
         }
         Err(err) => {
             eprintln!("optimus: cannot read {stream}: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode {
+    let config = match connect.url().and_then(|url| args.to_config(url)) {
+        Ok(config) => config,
+        Err(err) => return bad_setting(&err),
+    };
+    let server = optimus::config::mask_password(&config.redis_url);
+    let counters = std::sync::Arc::default();
+    match optimus::work::run(config, counters, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("optimus: Redis at {server} refused the workers: {err}");
             ExitCode::from(1)
         }
     }

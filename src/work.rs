@@ -1,0 +1,536 @@
+//! `optimus work`: downstream workers that read the output stream through a
+//! consumer group, at their own pace, and run a handler for every entry.
+//!
+//! - **Read**: XREADGROUP in batches (new entries, `>`).
+//! - **Handle**: a command that gets the entry's `payload` on stdin (exit 0 =
+//!   success), or, in the library, a Rust closure.
+//! - **Acknowledge**: XACK on success only. A failed entry stays pending and
+//!   is delivered again once it has been idle for WORK_CLAIM_IDLE.
+//! - **Claim**: entries idle longer than WORK_CLAIM_IDLE (their consumer died,
+//!   hung, or failed them) are claimed with XCLAIM; each claim is logged as a
+//!   warning with the entry id, the previous owner and the delivery count, and
+//!   counted.
+//! - **Dead letters**: an entry delivered WORK_MAX_DELIVERIES times without
+//!   success goes to the dead-letter stream, with its reason, and is
+//!   acknowledged there and then (one atomic step).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::{RedisError, Value};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::presence::Presence;
+use crate::config::{ConfigError, parse_num};
+use crate::connect::{connection_manager, is_fatal, reconnect_backoff};
+
+/// What handles an entry: `Ok` acknowledges it, `Err` leaves it pending.
+#[derive(Clone)]
+pub enum Handler {
+    /// A program and its arguments; the payload goes to its stdin, the entry
+    /// id to OPTIMUS_ENTRY_ID, the delivery count to OPTIMUS_DELIVERIES.
+    Command(Vec<String>),
+    /// A closure (library use).
+    Closure(Arc<HandlerFn>),
+}
+
+/// A handler closure: `Ok` acknowledges the entry, `Err(why)` leaves it pending.
+pub type HandlerFn = dyn Fn(&Entry) -> Result<(), String> + Send + Sync;
+
+/// One stream entry, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    /// The `payload` field, or (for entries without one) all fields as a
+    /// JSON object.
+    pub payload: Vec<u8>,
+    pub fields: HashMap<String, Vec<u8>>,
+    /// How many times the entry has been delivered, this time included.
+    pub deliveries: u64,
+}
+
+/// The validated settings of `optimus work`.
+#[derive(Clone)]
+pub struct WorkConfig {
+    pub redis_url: String,
+    pub stream: String,
+    pub group: String,
+    pub consumers: usize,
+    pub batch_size: usize,
+    pub claim_idle: Duration,
+    pub max_deliveries: u64,
+    pub dead_stream: String,
+    pub consumers_list: String,
+    pub presence_ttl: Duration,
+    pub monitoring_interval: Duration,
+    pub print_monitor: bool,
+    pub handler: Handler,
+}
+
+/// The counters of a pool of downstream workers.
+#[derive(Debug, Default)]
+pub struct WorkCounters {
+    pub handled: AtomicU64,
+    pub failed: AtomicU64,
+    pub claimed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub redis_errors: AtomicU64,
+}
+
+impl WorkCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `work handled= failed= claimed= dead= errors=`
+    pub fn line(&self, consumers: Option<u64>) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "work consumers={} handled={} failed={} claimed={} dead={} errors={}",
+            consumers.map_or("?".into(), |n| n.to_string()),
+            get(&self.handled),
+            get(&self.failed),
+            get(&self.claimed),
+            get(&self.dead_lettered),
+            get(&self.redis_errors)
+        )
+    }
+}
+
+/// Runs the workers until `shutdown`, then lets each finish the entry in hand.
+/// Creates the group (from the start of the stream) if it does not exist.
+pub async fn run(
+    config: WorkConfig,
+    counters: Arc<WorkCounters>,
+    shutdown: CancellationToken,
+) -> Result<(), RedisError> {
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let Some(mut conn) = connection_manager(&client, &shutdown).await? else {
+        return Ok(());
+    };
+    let created: Result<(), RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&config.stream)
+        .arg(&config.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    match created {
+        Err(err) if err.code() == Some("BUSYGROUP") => {}
+        other => other?,
+    }
+    let host = crate::bridge::host_name();
+    let pid = std::process::id();
+    let nonce: u16 = rand::random();
+    let ids: Vec<String> = (0..config.consumers)
+        .map(|i| format!("{host}-{pid}-{nonce:04x}-{i}"))
+        .collect();
+    let presence = Presence::new(
+        &config.consumers_list,
+        config.presence_ttl,
+        format!("host={host} pid={pid}"),
+    );
+    presence.refresh(&mut conn, &ids).await?;
+    tracing::info!(stream = %config.stream, group = %config.group, workers = config.consumers, "work starting");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in &ids {
+        let worker = Worker {
+            config: config.clone(),
+            consumer: id.clone(),
+            conn: conn.clone(),
+            counters: counters.clone(),
+        };
+        tasks.spawn(worker.run(shutdown.clone()));
+    }
+    let stop_aux = CancellationToken::new();
+    let aux = tokio::spawn(housekeeping(
+        presence.clone(),
+        conn.clone(),
+        ids.clone(),
+        counters.clone(),
+        config.monitoring_interval,
+        config.print_monitor,
+        stop_aux.clone(),
+    ));
+    let mut fatal = None;
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(err) = joined.expect("a work task panicked") {
+            fatal.get_or_insert(err);
+            shutdown.cancel();
+        }
+    }
+    stop_aux.cancel();
+    let _ = aux.await;
+    let _ = presence.remove(&mut conn, &ids).await;
+    if config.print_monitor {
+        println!("{}", counters.line(presence.count(&mut conn).await.ok()));
+    }
+    match fatal {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+async fn housekeeping(
+    presence: Presence,
+    mut conn: ConnectionManager,
+    ids: Vec<String>,
+    counters: Arc<WorkCounters>,
+    interval: Duration,
+    print: bool,
+    cancel: CancellationToken,
+) {
+    let mut refresh = tokio::time::interval(presence.refresh_every());
+    let mut monitor = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = refresh.tick() => {
+                if let Err(err) = presence.refresh(&mut conn, &ids).await {
+                    tracing::warn!(cause = %err, "could not refresh presence keys");
+                }
+            }
+            _ = monitor.tick() => {
+                let line = counters.line(presence.count(&mut conn).await.ok());
+                if print {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+}
+
+struct Worker {
+    config: WorkConfig,
+    consumer: String,
+    conn: ConnectionManager,
+    counters: Arc<WorkCounters>,
+}
+
+impl Worker {
+    async fn run(mut self, shutdown: CancellationToken) -> Result<(), RedisError> {
+        let mut backoff = reconnect_backoff();
+        let mut last_claim = Instant::now() - self.config.claim_idle;
+        while !shutdown.is_cancelled() {
+            let step = async {
+                if last_claim.elapsed() >= self.config.claim_idle / 2 {
+                    last_claim = Instant::now();
+                    self.claim_idle(&shutdown).await?;
+                }
+                self.read_new(&shutdown).await
+            };
+            match step.await {
+                Ok(()) => backoff = reconnect_backoff(),
+                Err(err) if is_fatal(&err) => return Err(err),
+                Err(err) => {
+                    WorkCounters::add(&self.counters.redis_errors, 1);
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(consumer = %self.consumer, cause = %err, retry_in_ms = wait.as_millis() as u64, "Redis command failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// New entries for this consumer, handled one by one.
+    async fn read_new(&mut self, shutdown: &CancellationToken) -> Result<(), RedisError> {
+        let block_ms = (self.config.claim_idle.as_millis() as u64 / 2).clamp(10, 1000);
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.config.batch_size)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&self.config.stream)
+            .arg(">");
+        let reply: Option<StreamReadReply> = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            reply = read.query_async(&mut self.conn) => reply?,
+        };
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                // A fresh delivery: this is its first.
+                self.handle(entry, 1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries idle longer than WORK_CLAIM_IDLE: dead-lettered when they have
+    /// had their deliveries, claimed and handled otherwise.
+    async fn claim_idle(&mut self, shutdown: &CancellationToken) -> Result<(), RedisError> {
+        let idle_ms = self.config.claim_idle.as_millis() as u64;
+        let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg("IDLE")
+            .arg(idle_ms)
+            .arg("-")
+            .arg("+")
+            .arg(self.config.batch_size)
+            .query_async(&mut self.conn)
+            .await?;
+        for p in pending.ids {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let deliveries = p.times_delivered as u64;
+            if deliveries >= self.config.max_deliveries {
+                self.dead_letter(&p.id, &p.consumer, deliveries).await?;
+                continue;
+            }
+            let claimed: StreamClaimReply = redis::cmd("XCLAIM")
+                .arg(&self.config.stream)
+                .arg(&self.config.group)
+                .arg(&self.consumer)
+                .arg(idle_ms)
+                .arg(&p.id)
+                .query_async(&mut self.conn)
+                .await?;
+            // Empty when another worker claimed it first (or it was deleted).
+            for entry in claimed.ids {
+                WorkCounters::add(&self.counters.claimed, 1);
+                tracing::warn!(
+                    consumer = %self.consumer,
+                    entry = %entry.id,
+                    previous_owner = %p.consumer,
+                    deliveries = deliveries + 1,
+                    idle_ms = p.last_delivered_ms,
+                    "claimed an idle entry"
+                );
+                self.handle(entry, deliveries + 1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves an entry to the dead-letter stream and acknowledges it, in one
+    /// step, unless another worker did so first.
+    async fn dead_letter(
+        &mut self,
+        id: &str,
+        owner: &str,
+        deliveries: u64,
+    ) -> Result<(), RedisError> {
+        // Claim it first, so that exactly one worker moves it.
+        let claimed: StreamClaimReply = redis::cmd("XCLAIM")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(self.config.claim_idle.as_millis() as u64)
+            .arg(id)
+            .query_async(&mut self.conn)
+            .await?;
+        let Some(entry) = claimed.ids.into_iter().next() else {
+            return Ok(());
+        };
+        let reason = format!(
+            "not handled after {deliveries} deliveries (WORK_MAX_DELIVERIES={})",
+            self.config.max_deliveries
+        );
+        let payload = payload_of(&entry);
+        redis::pipe()
+            .atomic()
+            .cmd("XADD")
+            .arg(&self.config.dead_stream)
+            .arg("*")
+            .arg("entry_id")
+            .arg(&entry.id)
+            .arg("stream")
+            .arg(&self.config.stream)
+            .arg("group")
+            .arg(&self.config.group)
+            .arg("reason")
+            .arg(&reason)
+            .arg("payload")
+            .arg(payload)
+            .ignore()
+            .cmd("XACK")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&entry.id)
+            .ignore()
+            .query_async::<()>(&mut self.conn)
+            .await?;
+        WorkCounters::add(&self.counters.dead_lettered, 1);
+        tracing::warn!(consumer = %self.consumer, entry = %entry.id, previous_owner = %owner, deliveries, dead_stream = %self.config.dead_stream, "entry dead-lettered");
+        Ok(())
+    }
+
+    /// Runs the handler; acknowledges on success.
+    async fn handle(&mut self, entry: StreamId, deliveries: u64) -> Result<(), RedisError> {
+        let payload = payload_of(&entry);
+        let fields = entry
+            .map
+            .iter()
+            .filter_map(|(k, v)| bytes(v).map(|b| (k.clone(), b)))
+            .collect();
+        let entry = Entry {
+            id: entry.id,
+            payload,
+            fields,
+            deliveries,
+        };
+        let outcome = match &self.config.handler {
+            Handler::Closure(f) => f(&entry),
+            Handler::Command(argv) => run_command(argv, &entry).await,
+        };
+        match outcome {
+            Ok(()) => {
+                redis::cmd("XACK")
+                    .arg(&self.config.stream)
+                    .arg(&self.config.group)
+                    .arg(&entry.id)
+                    .query_async::<()>(&mut self.conn)
+                    .await?;
+                WorkCounters::add(&self.counters.handled, 1);
+            }
+            Err(why) => {
+                WorkCounters::add(&self.counters.failed, 1);
+                tracing::warn!(consumer = %self.consumer, entry = %entry.id, deliveries, cause = %why, "handler failed; the entry stays pending and will be retried");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bytes(value: &Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+/// The `payload` field, or all fields as a JSON object.
+fn payload_of(entry: &StreamId) -> Vec<u8> {
+    if let Some(payload) = entry.map.get("payload").and_then(bytes) {
+        return payload;
+    }
+    let object: serde_json::Map<String, serde_json::Value> = entry
+        .map
+        .iter()
+        .filter_map(|(k, v)| {
+            bytes(v).map(|b| {
+                (
+                    k.clone(),
+                    serde_json::Value::String(String::from_utf8_lossy(&b).into_owned()),
+                )
+            })
+        })
+        .collect();
+    serde_json::Value::Object(object).to_string().into_bytes()
+}
+
+/// Runs the handler command with the payload on stdin.
+async fn run_command(argv: &[String], entry: &Entry) -> Result<(), String> {
+    let mut child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("OPTIMUS_ENTRY_ID", &entry.id)
+        .env("OPTIMUS_DELIVERIES", entry.deliveries.to_string())
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A handler that does not read its input is its own business.
+        let _ = stdin.write_all(&entry.payload).await;
+    }
+    let status = child.wait().await.map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} exited with {status}", argv[0]))
+    }
+}
+
+/// `optimus work` settings, as text; [`WorkArgs::to_config`] checks them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkArgs {
+    /// Stream to read.
+    #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
+    pub stream: String,
+    /// Consumer group (created from the start of the stream if missing).
+    #[arg(long, env = "WORK_GROUP", default_value = "optimus-work")]
+    pub group: String,
+    /// Workers (group consumers) in this process.
+    #[arg(long = "consumers", env = "WORK_CONSUMERS", default_value = "1")]
+    pub consumers: String,
+    /// Entries a worker reads at a time.
+    #[arg(long = "batch-size", env = "WORK_BATCH_SIZE", default_value = "10")]
+    pub batch_size: String,
+    /// Seconds an entry may stay pending (its consumer dead, hung, or its
+    /// handler failed) before another worker claims it.
+    #[arg(long, env = "WORK_CLAIM_IDLE", default_value = "30")]
+    pub claim_idle: String,
+    /// Deliveries after which an entry goes to the dead-letter stream.
+    #[arg(long, env = "WORK_MAX_DELIVERIES", default_value = "5")]
+    pub max_deliveries: String,
+    /// Where entries that were never handled go [default: <stream>:work-dead].
+    #[arg(long, env = "WORK_DEAD_LETTER_STREAM")]
+    pub dead_letter_stream: Option<String>,
+    /// Prefix of the workers' presence keys, and name of their sorted set.
+    #[arg(long, env = "WORK_CONSUMERS_LIST", default_value = "work:ids")]
+    pub consumers_list: String,
+    /// Seconds between monitoring lines on stdout.
+    #[arg(long, env = "MONITORING_INTERVAL", default_value = "3")]
+    pub monitoring_interval: String,
+    /// The handler: a program and its arguments, after `--`. It gets the
+    /// entry's payload on stdin; exit 0 acknowledges the entry.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+impl WorkArgs {
+    pub fn to_config(&self, redis_url: String) -> Result<WorkConfig, ConfigError> {
+        let positive = |var: &'static str, raw: &str| -> Result<u64, ConfigError> {
+            let n: u64 = parse_num(var, raw)?;
+            if n == 0 {
+                return Err(ConfigError::new(var, raw, "must be at least 1"));
+            }
+            Ok(n)
+        };
+        let secs = |var: &'static str, raw: &str| -> Result<Duration, ConfigError> {
+            match raw.trim().parse::<f64>() {
+                Ok(s) if s.is_finite() && s >= 0.01 => Ok(Duration::from_secs_f64(s)),
+                _ => Err(ConfigError::new(
+                    var,
+                    raw,
+                    "expected seconds, at least 0.01",
+                )),
+            }
+        };
+        Ok(WorkConfig {
+            redis_url,
+            stream: self.stream.clone(),
+            group: self.group.clone(),
+            consumers: positive("WORK_CONSUMERS", &self.consumers)? as usize,
+            batch_size: positive("WORK_BATCH_SIZE", &self.batch_size)? as usize,
+            claim_idle: secs("WORK_CLAIM_IDLE", &self.claim_idle)?,
+            max_deliveries: positive("WORK_MAX_DELIVERIES", &self.max_deliveries)?,
+            dead_stream: self
+                .dead_letter_stream
+                .clone()
+                .unwrap_or_else(|| format!("{}:work-dead", self.stream)),
+            consumers_list: self.consumers_list.clone(),
+            presence_ttl: Duration::from_secs(5),
+            monitoring_interval: secs("MONITORING_INTERVAL", &self.monitoring_interval)?,
+            print_monitor: true,
+            handler: Handler::Command(self.command.clone()),
+        })
+    }
+}

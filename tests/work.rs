@@ -1,0 +1,167 @@
+//! `optimus work` against a real redis-server: handled entries are
+//! acknowledged, failed ones retried and finally dead-lettered, and a killed
+//! worker's entries are claimed and handled by another.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer};
+
+const STREAM: &str = "messages:processed";
+const GROUP: &str = "optimus-work";
+
+fn redis<T: redis::FromRedisValue>(server: &RedisServer, args: &[&str]) -> T {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query(&mut server.conn()).unwrap()
+}
+
+fn add(server: &RedisServer, payload: &str) {
+    let _: String = redis(server, &["XADD", STREAM, "*", "payload", payload]);
+}
+
+/// `optimus work` with `env`, handler `sh -c <script>`.
+fn work(server: &RedisServer, env: &[(&str, &str)], script: &str) -> OptimusProcess {
+    let url = server.url();
+    let mut env = env.to_vec();
+    env.push(("REDIS_URL", url.as_str()));
+    env.push(("MONITORING_INTERVAL", "0.2"));
+    OptimusProcess::spawn(&["work", "--", "sh", "-c", script], &env)
+}
+
+/// Pending entries of the group (delivered, not acknowledged); 0 before the
+/// worker has created the group.
+fn pending(server: &RedisServer) -> u64 {
+    let summary: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+        .arg(STREAM)
+        .arg(GROUP)
+        .query(&mut server.conn());
+    match summary {
+        Ok(redis::Value::Array(items)) => redis::from_redis_value(items[0].clone()).unwrap(),
+        Err(err) if err.code() == Some("NOGROUP") => 0,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn lines(path: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn handled_entries_are_acknowledged_failed_ones_end_as_dead_letters() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("handled");
+    for p in ["a", "b", "bad", "c"] {
+        add(&server, p);
+    }
+    // Succeeds for every payload but "bad", which it records as a failure.
+    let script = format!(
+        r#"p=$(cat); if [ "$p" = bad ]; then echo "$OPTIMUS_DELIVERIES" >> {0}.tries; exit 3; fi; echo "$p" >> {0}"#,
+        out.display()
+    );
+    let mut worker = work(
+        &server,
+        &[("WORK_CLAIM_IDLE", "0.2"), ("WORK_MAX_DELIVERIES", "3")],
+        &script,
+    );
+    let line = worker.wait_for_line("work ", Duration::from_secs(20), |f| {
+        f.num("handled") == 3 && f.num("dead") == 1
+    });
+    assert_eq!(
+        line.num("failed"),
+        3,
+        "bad failed on each of its 3 deliveries: {}",
+        line.line
+    );
+    assert_eq!(
+        line.num("claimed"),
+        2,
+        "delivered again twice: {}",
+        line.line
+    );
+    assert_eq!(lines(&out), ["a", "b", "c"]);
+    assert_eq!(
+        lines(&dir.path().join("handled.tries")),
+        ["1", "2", "3"],
+        "the handler sees the delivery count"
+    );
+
+    let dead: Vec<(String, Vec<(String, String)>)> = {
+        let reply: redis::streams::StreamRangeReply = redis(
+            &server,
+            &["XRANGE", "messages:processed:work-dead", "-", "+"],
+        );
+        reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                let mut fields: Vec<(String, String)> = e
+                    .map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), redis::from_redis_value(v.clone()).unwrap()))
+                    .collect();
+                fields.sort();
+                (e.id, fields)
+            })
+            .collect()
+    };
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields: std::collections::HashMap<_, _> = dead[0].1.iter().cloned().collect();
+    assert_eq!(fields["payload"], "bad");
+    assert!(fields["reason"].contains("3 deliveries"), "{fields:?}");
+    assert_eq!(
+        pending(&server),
+        0,
+        "everything handled or dead-lettered is acknowledged"
+    );
+
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn a_killed_worker_s_entries_are_claimed_and_handled_by_another() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("handled");
+    for p in ["x", "y", "z"] {
+        add(&server, p);
+    }
+    // The first worker takes the three entries and hangs on the first.
+    let hung = work(
+        &server,
+        &[("WORK_CLAIM_IDLE", "0.5"), ("WORK_BATCH_SIZE", "10")],
+        "sleep 5",
+    );
+    support::wait_for(
+        "three entries pending at the hung worker",
+        Duration::from_secs(20),
+        || (pending(&server) == 3).then_some(()),
+        || hung.describe(),
+    );
+    hung.signal("KILL");
+
+    let script = format!(r#"cat >> {0}; echo >> {0}"#, out.display());
+    let mut rescuer = work(&server, &[("WORK_CLAIM_IDLE", "0.5")], &script);
+    let line = rescuer.wait_for_line("work ", Duration::from_secs(20), |f| f.num("handled") == 3);
+    assert_eq!(line.num("claimed"), 3, "{}", line.line);
+    assert_eq!(lines(&out), ["x", "y", "z"]);
+    assert_eq!(pending(&server), 0);
+    let log = rescuer.stderr();
+    assert!(
+        log.contains("claimed an idle entry") && log.contains("previous_owner="),
+        "each claim is logged with the previous owner:\n{log}"
+    );
+    rescuer.signal("TERM");
+    assert!(rescuer.wait_exit(Duration::from_secs(10)).success());
+}
