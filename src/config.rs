@@ -220,6 +220,24 @@ pub struct ConsumeArgs {
     /// reason [default: <OUTPUT_STREAM>:dead].
     #[arg(long, env = "DEAD_LETTER_STREAM")]
     pub dead_letter_stream: Option<String>,
+    /// Serve Prometheus metrics on `http://<this address>/metrics` (e.g.
+    /// 127.0.0.1:9100) [default: off].
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
+/// METRICS_ADDR, if set: a socket address.
+pub fn parse_metrics_addr(raw: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    match raw.map(str::trim).filter(|r| !r.is_empty()) {
+        None => Ok(None),
+        Some(raw) => raw.parse().map(Some).map_err(|_| {
+            ConfigError::new(
+                "METRICS_ADDR",
+                raw,
+                "expected host:port, e.g. 127.0.0.1:9100",
+            )
+        }),
+    }
 }
 
 /// The validated settings of a bridge (`optimus consume`). Build one with
@@ -341,6 +359,11 @@ impl BridgeConfig {
         self.dead_letter_stream
             .clone()
             .unwrap_or_else(|| format!("{}:dead", self.output_stream))
+    }
+
+    /// Workers in this process.
+    pub fn worker_count(&self) -> usize {
+        self.consumers
     }
 
     /// The stream this bridge writes.

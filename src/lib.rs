@@ -35,6 +35,7 @@ pub mod config;
 pub mod connect;
 pub mod health;
 pub mod manage;
+pub mod metrics;
 pub mod monitor;
 pub mod publish;
 pub mod work;

@@ -252,11 +252,23 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return bad_setting(&err),
     };
+    let metrics_addr = match optimus::config::parse_metrics_addr(args.metrics_addr.as_deref()) {
+        Ok(addr) => addr,
+        Err(err) => return bad_setting(&err),
+    };
+    let workers = config.worker_count();
     let bridge = match Bridge::new(config) {
         Ok(bridge) => bridge,
         Err(err) => return bad_setting(&err),
     };
-    match bridge.run(shutdown_on_signal()).await {
+    let shutdown = shutdown_on_signal();
+    if let Some(addr) = metrics_addr {
+        let registry = optimus::metrics::bridge_registry(bridge.counters(), workers);
+        if let Err(code) = serve_metrics(addr, registry, &shutdown).await {
+            return code;
+        }
+    }
+    match bridge.run(shutdown).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(BridgeError::Config(err)) => bad_setting(&err),
         Err(err) => {
@@ -317,13 +329,43 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
         Ok(config) => config,
         Err(err) => return bad_setting(&err),
     };
+    let metrics_addr = match optimus::config::parse_metrics_addr(args.metrics_addr.as_deref()) {
+        Ok(addr) => addr,
+        Err(err) => return bad_setting(&err),
+    };
     let server = optimus::config::mask_password(&config.redis_url);
-    let counters = std::sync::Arc::default();
-    match optimus::work::run(config, counters, shutdown_on_signal()).await {
+    let counters = std::sync::Arc::new(optimus::work::WorkCounters::default());
+    let shutdown = shutdown_on_signal();
+    if let Some(addr) = metrics_addr {
+        let registry = optimus::metrics::work_registry(counters.clone(), config.consumers);
+        if let Err(code) = serve_metrics(addr, registry, &shutdown).await {
+            return code;
+        }
+    }
+    match optimus::work::run(config, counters, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("optimus: Redis at {server} refused the workers: {err}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Starts the metrics endpoint; an address that cannot be listened on is a
+/// bad setting.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: prometheus_client::registry::Registry,
+    shutdown: &CancellationToken,
+) -> Result<(), ExitCode> {
+    match optimus::metrics::serve(addr, registry, shutdown.clone()).await {
+        Ok(_) => {
+            tracing::info!(%addr, "serving metrics on /metrics");
+            Ok(())
+        }
+        Err(err) => {
+            eprintln!("optimus: invalid METRICS_ADDR=\"{addr}\": cannot listen there: {err}");
+            Err(ExitCode::from(2))
         }
     }
 }

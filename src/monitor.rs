@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters of one bridge process, summed over its workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// Messages received from the channel (every worker receives every message).
     pub received: AtomicU64,
@@ -38,6 +38,34 @@ pub struct Counters {
     pub gap_ms: AtomicU64,
     /// Redis commands that failed and were retried.
     pub redis_errors: AtomicU64,
+    /// Live workers on every host, as last counted by the monitor (a gauge).
+    pub live_workers: AtomicU64,
+    /// Seconds each write batch took (its round trip to Redis).
+    pub batch_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            received: AtomicU64::default(),
+            written: AtomicU64::default(),
+            duplicates_skipped: AtomicU64::default(),
+            taken_over: AtomicU64::default(),
+            pending: AtomicU64::default(),
+            expired: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            overflow: AtomicU64::default(),
+            reconnects: AtomicU64::default(),
+            gaps: AtomicU64::default(),
+            gap_ms: AtomicU64::default(),
+            redis_errors: AtomicU64::default(),
+            live_workers: AtomicU64::default(),
+            // 0.1 ms to about 3 s.
+            batch_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
+            ),
+        }
+    }
 }
 
 impl Counters {

@@ -73,13 +73,31 @@ pub struct WorkConfig {
 }
 
 /// The counters of a pool of downstream workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkCounters {
     pub handled: AtomicU64,
     pub failed: AtomicU64,
     pub claimed: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub redis_errors: AtomicU64,
+    /// Seconds each handler run took.
+    pub handle_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for WorkCounters {
+    fn default() -> Self {
+        Self {
+            handled: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            claimed: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            redis_errors: AtomicU64::default(),
+            // 1 ms to about 30 s.
+            handle_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
+        }
+    }
 }
 
 impl WorkCounters {
@@ -385,10 +403,14 @@ impl Worker {
             fields,
             deliveries,
         };
+        let started = Instant::now();
         let outcome = match &self.config.handler {
             Handler::Closure(f) => f(&entry),
             Handler::Command(argv) => run_command(argv, &entry).await,
         };
+        self.counters
+            .handle_seconds
+            .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => {
                 redis::cmd("XACK")
@@ -489,6 +511,9 @@ pub struct WorkArgs {
     /// Seconds between monitoring lines on stdout.
     #[arg(long, env = "MONITORING_INTERVAL", default_value = "3")]
     pub monitoring_interval: String,
+    /// Serve Prometheus metrics on `http://<this address>/metrics` [default: off].
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// The handler: a program and its arguments, after `--`. It gets the
     /// entry's payload on stdin; exit 0 acknowledges the entry.
     #[arg(last = true, required = true)]

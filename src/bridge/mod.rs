@@ -287,7 +287,12 @@ async fn monitor(
             _ = tick.tick() => {}
         }
         let consumers = match presence.count(&mut conn).await {
-            Ok(n) => Some(n),
+            Ok(n) => {
+                counters
+                    .live_workers
+                    .store(n, std::sync::atomic::Ordering::Relaxed);
+                Some(n)
+            }
             Err(err) => {
                 tracing::debug!(cause = %err, "could not count consumers");
                 None

@@ -345,7 +345,11 @@ impl PartitionedWorker {
     /// Writes messages (each only if nobody has) and counts the outcome.
     async fn write(&mut self, batch: &[Incoming], taking_over: bool) -> Result<(), RedisError> {
         let refs: Vec<&Incoming> = batch.iter().collect();
+        let started = Instant::now();
         let results = self.delivery.write_owned(&refs).await?;
+        self.counters
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         let (mut written, mut dead, mut skipped) = (0, 0, 0);
         for (msg, result) in batch.iter().zip(results) {
             match (result, &msg.rejected) {

@@ -166,7 +166,11 @@ impl Worker {
         retry: &mut Vec<Incoming>,
     ) -> Result<(), RedisError> {
         let refs: Vec<&Incoming> = batch.iter().collect();
+        let started = Instant::now();
         let settled = self.delivery.settle(&refs).await?;
+        self.counters
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
 
         let due = Instant::now() + self.lock_ttl;
         let (mut written, mut dead, mut skipped) = (0, 0, 0);

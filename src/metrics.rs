@@ -1,0 +1,257 @@
+//! Prometheus metrics: with METRICS_ADDR set, `consume` and `work` serve
+//! `GET /metrics` in the Prometheus text format (prometheus-client encodes
+//! it; the counters are read at each scrape).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::monitor::Counters;
+use crate::work::WorkCounters;
+
+/// Encodes counters and gauges read at scrape time.
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: &AtomicU64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstCounter::new(value.load(Ordering::Relaxed));
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// The bridge's counters (`optimus consume`).
+#[derive(Debug)]
+struct BridgeCollector {
+    counters: Arc<Counters>,
+    workers: usize,
+}
+
+impl Collector for BridgeCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.counters;
+        counter(
+            &mut e,
+            "optimus_received",
+            "Messages received from the channel, every worker counting its copy",
+            &c.received,
+        )?;
+        counter(
+            &mut e,
+            "optimus_written",
+            "Messages this process wrote to the stream",
+            &c.written,
+        )?;
+        counter(
+            &mut e,
+            "optimus_skipped",
+            "Copies dropped because another worker wrote the message",
+            &c.duplicates_skipped,
+        )?;
+        counter(
+            &mut e,
+            "optimus_taken_over",
+            "Messages written for an owner that had not written them in time",
+            &c.taken_over,
+        )?;
+        counter(
+            &mut e,
+            "optimus_expired",
+            "Copies dropped after PENDING_RETENTION",
+            &c.expired,
+        )?;
+        counter(
+            &mut e,
+            "optimus_dead_lettered",
+            "Messages written to the dead-letter stream",
+            &c.dead_lettered,
+        )?;
+        counter(
+            &mut e,
+            "optimus_overflow",
+            "Messages dropped because a worker's queue was full",
+            &c.overflow,
+        )?;
+        counter(
+            &mut e,
+            "optimus_reconnects",
+            "Subscriptions re-established after a lost connection",
+            &c.reconnects,
+        )?;
+        counter(
+            &mut e,
+            "optimus_gaps",
+            "Times no worker of this process was subscribed",
+            &c.gaps,
+        )?;
+        counter(
+            &mut e,
+            "optimus_redis_errors",
+            "Redis commands that failed and were retried",
+            &c.redis_errors,
+        )?;
+        gauge(
+            &mut e,
+            "optimus_pending",
+            "Copies held and owned messages not yet written",
+            c.pending.load(Ordering::Relaxed) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "optimus_workers",
+            "Workers in this process",
+            self.workers as i64,
+        )?;
+        gauge(
+            &mut e,
+            "optimus_live_workers",
+            "Live workers on every host, at the last monitoring line",
+            c.live_workers.load(Ordering::Relaxed) as i64,
+        )?;
+        Ok(())
+    }
+}
+
+/// The downstream workers' counters (`optimus work`).
+#[derive(Debug)]
+struct WorkCollector {
+    counters: Arc<WorkCounters>,
+    workers: usize,
+}
+
+impl Collector for WorkCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.counters;
+        counter(
+            &mut e,
+            "optimus_work_handled",
+            "Entries handled and acknowledged",
+            &c.handled,
+        )?;
+        counter(
+            &mut e,
+            "optimus_work_failed",
+            "Handler runs that failed (the entry stays pending)",
+            &c.failed,
+        )?;
+        counter(
+            &mut e,
+            "optimus_work_claimed",
+            "Idle entries claimed from other consumers",
+            &c.claimed,
+        )?;
+        counter(
+            &mut e,
+            "optimus_work_dead_lettered",
+            "Entries moved to the dead-letter stream",
+            &c.dead_lettered,
+        )?;
+        counter(
+            &mut e,
+            "optimus_work_redis_errors",
+            "Redis commands that failed and were retried",
+            &c.redis_errors,
+        )?;
+        gauge(
+            &mut e,
+            "optimus_work_workers",
+            "Workers in this process",
+            self.workers as i64,
+        )?;
+        Ok(())
+    }
+}
+
+/// The registry for a bridge process.
+pub fn bridge_registry(counters: Arc<Counters>, workers: usize) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "optimus_batch_seconds",
+        "Time of one write batch (its round trip to Redis)",
+        counters.batch_seconds.clone(),
+    );
+    registry.register_collector(Box::new(BridgeCollector { counters, workers }));
+    registry
+}
+
+/// The registry for a `work` process.
+pub fn work_registry(counters: Arc<WorkCounters>, workers: usize) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "optimus_work_handle_seconds",
+        "Time of one handler run",
+        counters.handle_seconds.clone(),
+    );
+    registry.register_collector(Box::new(WorkCollector { counters, workers }));
+    registry
+}
+
+/// Binds `addr` (so that a taken port is an error at start-up) and serves
+/// `GET /metrics` until `cancel`.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    cancel: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    let registry = Arc::new(registry);
+    Ok(tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        tracing::warn!(cause = %err, "metrics: accept failed");
+                        continue;
+                    }
+                },
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                // One request per connection; only its first line matters.
+                let mut request = vec![0u8; 4096];
+                let n = match socket.read(&mut request).await {
+                    Ok(n) => n,
+                    Err(_) => return,
+                };
+                let first = String::from_utf8_lossy(&request[..n]);
+                let path = first.split_whitespace().nth(1).unwrap_or("");
+                let response = if first.starts_with("GET ") && path == "/metrics" {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        Err(_) => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+                    }
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .into()
+                };
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    }))
+}

@@ -1,0 +1,96 @@
+//! METRICS_ADDR: `consume` and `work` serve Prometheus metrics that move
+//! with the work done.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer, free_port};
+
+/// GET /metrics; the body.
+fn scrape(addr: &str) -> String {
+    let mut last_err = None;
+    for _ in 0..100 {
+        match std::net::TcpStream::connect(addr) {
+            Ok(mut s) => {
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+                return out.split_once("\r\n\r\n").unwrap().1.to_string();
+            }
+            Err(e) => last_err = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("cannot reach {addr}: {last_err:?}");
+}
+
+/// The value of a sample line `name value`.
+fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
+#[test]
+fn consume_serves_counters_that_move() {
+    let server = RedisServer::start();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let consume = OptimusProcess::consume(
+        &server,
+        &[("CONSUMERS_COUNT", "2"), ("METRICS_ADDR", addr.as_str())],
+    );
+    consume.wait_consumers(2);
+    support::publish(&server, &["--count", "100"]);
+    consume.wait_settled(Duration::from_secs(20));
+    let body = scrape(&addr);
+    assert_eq!(sample(&body, "optimus_written_total"), 100.0, "{body}");
+    assert_eq!(sample(&body, "optimus_received_total"), 200.0);
+    assert_eq!(sample(&body, "optimus_skipped_total"), 100.0);
+    assert_eq!(sample(&body, "optimus_workers"), 2.0);
+    assert_eq!(sample(&body, "optimus_live_workers"), 2.0);
+    assert_eq!(sample(&body, "optimus_pending"), 0.0);
+    assert!(sample(&body, "optimus_batch_seconds_count") > 0.0, "{body}");
+
+    support::publish(&server, &["--count", "50"]);
+    consume.wait_settled(Duration::from_secs(20));
+    let body = scrape(&addr);
+    assert_eq!(sample(&body, "optimus_written_total"), 150.0, "{body}");
+
+    let mut other = std::net::TcpStream::connect(&addr).unwrap();
+    other.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    other.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+}
+
+#[test]
+fn work_serves_its_counters() {
+    let server = RedisServer::start();
+    for i in 0..3 {
+        let _: String = redis::cmd("XADD")
+            .arg("messages:processed")
+            .arg("*")
+            .arg("payload")
+            .arg(i)
+            .query(&mut server.conn())
+            .unwrap();
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = server.url();
+    let mut work = OptimusProcess::spawn(
+        &["work", "--", "true"],
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("METRICS_ADDR", addr.as_str()),
+            ("MONITORING_INTERVAL", "0.2"),
+        ],
+    );
+    work.wait_for_line("work ", Duration::from_secs(20), |f| f.num("handled") == 3);
+    let body = scrape(&addr);
+    assert_eq!(sample(&body, "optimus_work_handled_total"), 3.0, "{body}");
+    assert_eq!(sample(&body, "optimus_work_handle_seconds_count"), 3.0);
+}
