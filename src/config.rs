@@ -224,6 +224,28 @@ pub struct ConsumeArgs {
     /// 127.0.0.1:9100) [default: off].
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Stop (gracefully, exit 0) after this many seconds without a message
+    /// [default: never].
+    #[arg(long, env = "IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+}
+
+/// IDLE_TIMEOUT, if set: seconds, at least 0.01.
+pub fn parse_idle_timeout(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    match raw.map(str::trim).filter(|r| !r.is_empty()) {
+        None => Ok(None),
+        Some(raw) => {
+            let d = parse_secs("IDLE_TIMEOUT", raw)?;
+            if d < Duration::from_millis(10) {
+                return Err(ConfigError::new(
+                    "IDLE_TIMEOUT",
+                    raw,
+                    "must be at least 0.01 seconds",
+                ));
+            }
+            Ok(Some(d))
+        }
+    }
 }
 
 /// METRICS_ADDR, if set: a socket address.
@@ -359,6 +381,11 @@ impl BridgeConfig {
         self.dead_letter_stream
             .clone()
             .unwrap_or_else(|| format!("{}:dead", self.output_stream))
+    }
+
+    /// The server, as given (with its password, if any).
+    pub fn redis_url(&self) -> &str {
+        &self.redis_url
     }
 
     /// Workers in this process.

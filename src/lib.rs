@@ -33,6 +33,7 @@ pub mod bench;
 pub mod bridge;
 pub mod config;
 pub mod connect;
+pub mod control;
 pub mod health;
 pub mod manage;
 pub mod metrics;

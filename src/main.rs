@@ -99,6 +99,13 @@ enum Command {
     /// to be retried. Idle entries are claimed from dead or hung consumers;
     /// after WORK_MAX_DELIVERIES an entry goes to the dead-letter stream.
     Work(optimus::work::WorkArgs),
+    /// The control plane: `ctl stop` sets the kill switch (every consume and
+    /// work process stops gracefully within a second or two), `ctl resume`
+    /// clears it.
+    Ctl {
+        #[command(subcommand)]
+        action: CtlAction,
+    },
     /// Check a stream, its consumer groups and the bridge's workers against
     /// ok / warn / alert thresholds: one line per check; exit 0 (ok), 1 (warn)
     /// or 2 (alert). Redis unreachable or the stream missing is an alert.
@@ -111,6 +118,14 @@ enum Command {
         #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
         stream: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Set the kill switch: every consume and work process stops gracefully.
+    Stop,
+    /// Clear the kill switch: processes can run again (start them again).
+    Resume,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +230,7 @@ fn main() -> ExitCode {
             Command::Audit { published, stream } => audit(&cli.connect, &stream, published).await,
             Command::Health(args) => health(&cli.connect, &args).await,
             Command::Work(args) => work(&cli.connect, &args).await,
+            Command::Ctl { action } => ctl(&cli.connect, action).await,
             Command::Streams { action } => manage(&cli.connect, Managed::Streams(action)).await,
             Command::Groups { action } => manage(&cli.connect, Managed::Groups(action)).await,
             Command::Bench {
@@ -256,12 +272,30 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
         Ok(addr) => addr,
         Err(err) => return bad_setting(&err),
     };
+    let idle_timeout = match optimus::config::parse_idle_timeout(args.idle_timeout.as_deref()) {
+        Ok(timeout) => timeout,
+        Err(err) => return bad_setting(&err),
+    };
     let workers = config.worker_count();
+    let client = match redis::Client::open(config.redis_url()) {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("optimus: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let bridge = match Bridge::new(config) {
         Ok(bridge) => bridge,
         Err(err) => return bad_setting(&err),
     };
     let shutdown = shutdown_on_signal();
+    let counters = bridge.counters();
+    tokio::spawn(optimus::control::watch(
+        client,
+        move || counters.received.load(std::sync::atomic::Ordering::Relaxed),
+        idle_timeout,
+        shutdown.clone(),
+    ));
     if let Some(addr) = metrics_addr {
         let registry = optimus::metrics::bridge_registry(bridge.counters(), workers);
         if let Err(code) = serve_metrics(addr, registry, &shutdown).await {
@@ -333,9 +367,25 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
         Ok(addr) => addr,
         Err(err) => return bad_setting(&err),
     };
+    let idle_timeout = match optimus::config::parse_idle_timeout(args.idle_timeout.as_deref()) {
+        Ok(timeout) => timeout,
+        Err(err) => return bad_setting(&err),
+    };
     let server = optimus::config::mask_password(&config.redis_url);
     let counters = std::sync::Arc::new(optimus::work::WorkCounters::default());
     let shutdown = shutdown_on_signal();
+    if let Ok(client) = redis::Client::open(config.redis_url.as_str()) {
+        let counters = counters.clone();
+        tokio::spawn(optimus::control::watch(
+            client,
+            move || {
+                use std::sync::atomic::Ordering::Relaxed;
+                counters.handled.load(Relaxed) + counters.failed.load(Relaxed)
+            },
+            idle_timeout,
+            shutdown.clone(),
+        ));
+    }
     if let Some(addr) = metrics_addr {
         let registry = optimus::metrics::work_registry(counters.clone(), config.consumers);
         if let Err(code) = serve_metrics(addr, registry, &shutdown).await {
@@ -346,6 +396,45 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("optimus: Redis at {server} refused the workers: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
+    let url = match connect.url() {
+        Ok(url) => url,
+        Err(err) => return bad_setting(&err),
+    };
+    let server = optimus::config::mask_password(&url);
+    let result = async {
+        let mut conn = redis::Client::open(url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        match action {
+            CtlAction::Stop => {
+                let who = format!("{}:{}", optimus::bridge::host_name(), std::process::id());
+                optimus::control::stop(&mut conn, &who).await?;
+                Ok::<_, redis::RedisError>(format!(
+                    "kill switch set ({}): every consume and work process stops within seconds",
+                    optimus::control::STOP_KEY
+                ))
+            }
+            CtlAction::Resume => Ok(if optimus::control::resume(&mut conn).await? {
+                "kill switch cleared: processes may run again".to_string()
+            } else {
+                "kill switch was not set".to_string()
+            }),
+        }
+    }
+    .await;
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("optimus: Redis at {server}: {err}");
             ExitCode::from(1)
         }
     }

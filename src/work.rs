@@ -514,6 +514,10 @@ pub struct WorkArgs {
     /// Serve Prometheus metrics on `http://<this address>/metrics` [default: off].
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Stop (gracefully, exit 0) after this many seconds without an entry
+    /// [default: never].
+    #[arg(long, env = "IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
     /// The handler: a program and its arguments, after `--`. It gets the
     /// entry's payload on stdin; exit 0 acknowledges the entry.
     #[arg(last = true, required = true)]

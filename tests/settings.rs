@@ -46,6 +46,7 @@ fn bad_settings_give_one_line_and_exit_code_2() {
         (&[("STRATEGY", "fastest")], "STRATEGY", "fastest"),
         (&[("OUTPUT_FORMAT", "xml")], "OUTPUT_FORMAT", "xml"),
         (&[("METRICS_ADDR", "nowhere")], "METRICS_ADDR", "nowhere"),
+        (&[("IDLE_TIMEOUT", "soon")], "IDLE_TIMEOUT", "soon"),
         (&[("LOGLEVEL", "LOUD")], "LOGLEVEL", "LOUD"),
         (&[("REDIS_PORT", "99999")], "REDIS_PORT", "99999"),
         (&[("REDIS_URL", "http://nope")], "REDIS_URL", "http://nope"),

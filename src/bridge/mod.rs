@@ -316,7 +316,7 @@ async fn monitor(
 }
 
 /// This machine's name, for worker ids and presence values.
-pub(crate) fn host_name() -> String {
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

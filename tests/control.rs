@@ -1,0 +1,92 @@
+//! The control plane: the kill switch (`optimus ctl stop|resume`) and the
+//! idle stop (IDLE_TIMEOUT).
+
+mod support;
+
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer, run_optimus};
+
+fn ctl(server: &RedisServer, action: &str) -> String {
+    let url = server.url();
+    let out = run_optimus(
+        &["ctl", action],
+        &[("REDIS_URL", url.as_str())],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_kill_switch_stops_every_process_until_resumed() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut consumers = vec![
+        OptimusProcess::consume(&server, &[]),
+        OptimusProcess::consume(&server, &[]),
+    ];
+    for c in &consumers {
+        c.wait_consumers(4);
+    }
+    let mut work = OptimusProcess::spawn(
+        &["work", "--", "true"],
+        &[("REDIS_URL", url.as_str()), ("MONITORING_INTERVAL", "0.2")],
+    );
+    work.wait_for_line("work ", Duration::from_secs(20), |_| true);
+
+    assert!(ctl(&server, "stop").contains("kill switch set"));
+    for p in consumers.iter_mut().chain(std::iter::once(&mut work)) {
+        let status = p.wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "a graceful stop: {}", p.describe());
+        assert!(p.stderr().contains("kill switch set"), "{}", p.describe());
+    }
+    // A process started while the switch is set stops too.
+    let mut late = OptimusProcess::consume(&server, &[]);
+    assert!(late.wait_exit(Duration::from_secs(15)).success());
+
+    assert!(ctl(&server, "resume").contains("cleared"));
+    assert!(ctl(&server, "resume").contains("was not set"));
+    let mut again = OptimusProcess::consume(&server, &[]);
+    again.wait_consumers(2);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        again.try_exit().is_none(),
+        "runs after resume: {}",
+        again.describe()
+    );
+    again.signal("TERM");
+    assert!(again.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn idle_timeout_stops_a_consumer_with_nothing_to_do() {
+    let server = RedisServer::start();
+    let mut consume = OptimusProcess::consume(
+        &server,
+        &[("IDLE_TIMEOUT", "3"), ("MONITORING_INTERVAL", "0.2")],
+    );
+    consume.wait_consumers(2);
+    let summary = support::publish(&server, &["--count", "100"]);
+    assert_eq!(
+        summary.num("no_subscriber"),
+        0,
+        "the bridge was there: {}",
+        summary.line
+    );
+    let status = consume.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{}", consume.describe());
+    assert!(
+        consume.stderr().contains("IDLE_TIMEOUT"),
+        "{}",
+        consume.describe()
+    );
+    let last = consume.latest_line("monitor ").unwrap();
+    assert_eq!(
+        last.num("written"),
+        100,
+        "what came was written first: {}",
+        last.line
+    );
+    assert_eq!(server.xlen("messages:processed"), 100);
+}
