@@ -126,6 +126,16 @@ enum CtlAction {
     Stop,
     /// Clear the kill switch: processes can run again (start them again).
     Resume,
+    /// The kill switch, and the live consume and work processes: host, pid,
+    /// workers.
+    Status {
+        /// The bridge's CONSUMERS_LIST.
+        #[arg(long, env = "CONSUMERS_LIST", default_value = "consumer:ids")]
+        consumers_list: String,
+        /// The work processes' WORK_CONSUMERS_LIST.
+        #[arg(long, env = "WORK_CONSUMERS_LIST", default_value = "work:ids")]
+        work_consumers_list: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -408,14 +418,64 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
     };
     let server = optimus::config::mask_password(&url);
     let result = async {
-        let mut conn = redis::Client::open(url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?;
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
         match action {
+            CtlAction::Status {
+                consumers_list,
+                work_consumers_list,
+            } => {
+                let mut manager = redis::aio::ConnectionManager::new(client).await?;
+                let switch: Option<String> = redis::cmd("GET")
+                    .arg(optimus::control::STOP_KEY)
+                    .query_async(&mut conn)
+                    .await?;
+                let mut rows: Vec<Vec<String>> = Vec::new();
+                for (kind, list) in [("consume", consumers_list), ("work", work_consumers_list)] {
+                    let presence = optimus::bridge::presence::Presence::new(
+                        &list,
+                        std::time::Duration::from_secs(1),
+                        String::new(),
+                    );
+                    // Workers grouped by process (their presence value).
+                    let mut processes: std::collections::BTreeMap<String, usize> =
+                        Default::default();
+                    for (_, value) in presence.list(&mut manager).await? {
+                        *processes.entry(value).or_default() += 1;
+                    }
+                    for (value, workers) in processes {
+                        let field = |name: &str| {
+                            value
+                                .split_whitespace()
+                                .find_map(|f| f.strip_prefix(name))
+                                .unwrap_or("?")
+                                .to_string()
+                        };
+                        rows.push(vec![
+                            kind.to_string(),
+                            field("host="),
+                            field("pid="),
+                            workers.to_string(),
+                        ]);
+                    }
+                }
+                let mut text = format!(
+                    "kill switch: {}\n\n",
+                    switch.map_or("off".to_string(), |v| format!("ON ({v})"))
+                );
+                if rows.is_empty() {
+                    text += "no live processes";
+                } else {
+                    text +=
+                        optimus::manage::render::table(&["kind", "host", "pid", "workers"], &rows)
+                            .trim_end();
+                }
+                Ok(text)
+            }
             CtlAction::Stop => {
                 let who = format!("{}:{}", optimus::bridge::host_name(), std::process::id());
                 optimus::control::stop(&mut conn, &who).await?;
-                Ok::<_, redis::RedisError>(format!(
+                Ok(format!(
                     "kill switch set ({}): every consume and work process stops within seconds",
                     optimus::control::STOP_KEY
                 ))
@@ -428,6 +488,7 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
         }
     }
     .await;
+    let result: Result<String, redis::RedisError> = result;
     match result {
         Ok(text) => {
             println!("{text}");

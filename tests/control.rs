@@ -35,6 +35,24 @@ fn the_kill_switch_stops_every_process_until_resumed() {
     );
     work.wait_for_line("work ", Duration::from_secs(20), |_| true);
 
+    let status = ctl(&server, "status");
+    assert!(status.starts_with("kill switch: off"), "{status}");
+    let rows: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("consume ") || l.starts_with("work "))
+        .collect();
+    assert_eq!(
+        rows.len(),
+        3,
+        "two consume processes and one work process:\n{status}"
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r.starts_with("consume"))
+            .all(|r| r.ends_with(" 2")),
+        "{status}"
+    );
+
     assert!(ctl(&server, "stop").contains("kill switch set"));
     for p in consumers.iter_mut().chain(std::iter::once(&mut work)) {
         let status = p.wait_exit(Duration::from_secs(15));
@@ -44,6 +62,10 @@ fn the_kill_switch_stops_every_process_until_resumed() {
     // A process started while the switch is set stops too.
     let mut late = OptimusProcess::consume(&server, &[]);
     assert!(late.wait_exit(Duration::from_secs(15)).success());
+
+    let status = ctl(&server, "status");
+    assert!(status.starts_with("kill switch: ON (by "), "{status}");
+    assert!(status.contains("no live processes"), "{status}");
 
     assert!(ctl(&server, "resume").contains("cleared"));
     assert!(ctl(&server, "resume").contains("was not set"));

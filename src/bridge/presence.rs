@@ -32,6 +32,19 @@ return redis.call('ZCARD', KEYS[1])
 "#;
 
 /// The presence keys of one process's workers.
+const LIST: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local out = {}
+for i, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('GET', ARGV[1] .. ':' .. id) or ''
+end
+return out
+"#;
+
 #[derive(Clone)]
 pub struct Presence {
     prefix: String,
@@ -87,6 +100,15 @@ impl Presence {
     }
 
     /// Live workers, all processes and hosts together.
+    /// The live workers and their presence values (`host=… pid=…`).
+    pub async fn list(&self, conn: &mut ConnectionManager) -> RedisResult<Vec<(String, String)>> {
+        Script::new(LIST)
+            .key(self.index())
+            .arg(&self.prefix)
+            .invoke_async(conn)
+            .await
+    }
+
     pub async fn count(&self, conn: &mut ConnectionManager) -> RedisResult<u64> {
         self.count.key(self.index()).invoke_async(conn).await
     }
