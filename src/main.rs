@@ -41,8 +41,6 @@ enum Command {
     Consume(ConsumeArgs),
     /// Publish timed batches of test messages ({"message_id": "<uuid>", "seq": n, "sent_ms": t}).
     Publish(PublishArgs),
-    /// Check a stream against a run of `optimus publish`: lost and duplicated
-    /// messages. Exits 0 when there are none, 1 otherwise.
     /// Measure the bridge in one run (starts its own redis-server unless
     /// REDIS_URL is set, which it then FLUSHALLs): ceiling, throughput per
     /// worker count, commands, CPU and memory per message, latency; prints a
@@ -101,7 +99,7 @@ enum Command {
     Work(optimus::work::WorkArgs),
     /// The control plane: `ctl stop` sets the kill switch (every consume and
     /// work process stops gracefully within a second or two), `ctl resume`
-    /// clears it.
+    /// clears it, `ctl status` shows it and the live processes.
     Ctl {
         #[command(subcommand)]
         action: CtlAction,
@@ -110,6 +108,8 @@ enum Command {
     /// ok / warn / alert thresholds: one line per check; exit 0 (ok), 1 (warn)
     /// or 2 (alert). Redis unreachable or the stream missing is an alert.
     Health(optimus::health::HealthArgs),
+    /// Check a stream against a run of `optimus publish`: lost and duplicated
+    /// messages. Exits 0 when there are none, 1 otherwise.
     Audit {
         /// How many messages the publisher reported as published.
         #[arg(long)]
