@@ -99,7 +99,8 @@ enum Command {
     Work(optimus::work::WorkArgs),
     /// The control plane: `ctl stop` sets the kill switch (every consume and
     /// work process stops gracefully within a second or two), `ctl resume`
-    /// clears it, `ctl status` shows it and the live processes.
+    /// clears it, `ctl scale N` sets the total number of bridge workers, `ctl
+    /// status` shows all that and the live processes.
     Ctl {
         #[command(subcommand)]
         action: CtlAction,
@@ -126,8 +127,19 @@ enum CtlAction {
     Stop,
     /// Clear the kill switch: processes can run again (start them again).
     Resume,
-    /// The kill switch, and the live consume and work processes: host, pid,
-    /// workers.
+    /// Set the total number of bridge workers, split across the live consume
+    /// processes (the remainder spread); they start and stop workers within
+    /// a second or two. `--off` goes back to each process's CONSUMERS_COUNT.
+    #[command(group(clap::ArgGroup::new("total").required(true).args(["workers", "off"])))]
+    Scale {
+        workers: Option<usize>,
+        #[arg(long)]
+        off: bool,
+    },
+    /// The kill switch, the total set with `ctl scale`, and the live consume
+    /// and work processes: host, pid, workers, and the rate of each (messages
+    /// written or entries handled per second over its last monitoring
+    /// interval).
     Status {
         /// The bridge's CONSUMERS_LIST.
         #[arg(long, env = "CONSUMERS_LIST", default_value = "consumer:ids")]
@@ -444,6 +456,10 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
                         *processes.entry(value).or_default() += 1;
                     }
                     for (value, workers) in processes {
+                        let rate: Option<String> = redis::cmd("GET")
+                            .arg(format!("{}{value}", optimus::control::RATE_PREFIX))
+                            .query_async(&mut conn)
+                            .await?;
                         let field = |name: &str| {
                             value
                                 .split_whitespace()
@@ -456,19 +472,30 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
                             field("host="),
                             field("pid="),
                             workers.to_string(),
+                            rate.unwrap_or_else(|| "-".into()),
                         ]);
                     }
                 }
+                let desired: Option<usize> = redis::cmd("GET")
+                    .arg(optimus::control::WORKERS_KEY)
+                    .query_async(&mut conn)
+                    .await?;
                 let mut text = format!(
-                    "kill switch: {}\n\n",
-                    switch.map_or("off".to_string(), |v| format!("ON ({v})"))
+                    "kill switch: {}\ntotal workers: {}\n\n",
+                    switch.map_or("off".to_string(), |v| format!("ON ({v})")),
+                    desired.map_or(
+                        "not set (each process runs CONSUMERS_COUNT)".to_string(),
+                        |n| { format!("{n} (ctl scale)") }
+                    )
                 );
                 if rows.is_empty() {
                     text += "no live processes";
                 } else {
-                    text +=
-                        optimus::manage::render::table(&["kind", "host", "pid", "workers"], &rows)
-                            .trim_end();
+                    text += optimus::manage::render::table(
+                        &["kind", "host", "pid", "workers", "rate/s"],
+                        &rows,
+                    )
+                    .trim_end();
                 }
                 Ok(text)
             }
@@ -479,6 +506,17 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
                     "kill switch set ({}): every consume and work process stops within seconds",
                     optimus::control::STOP_KEY
                 ))
+            }
+            CtlAction::Scale { workers, .. } => {
+                optimus::control::set_scale(&mut conn, workers).await?;
+                Ok(match workers {
+                    Some(n) => {
+                        format!("total bridge workers set to {n}: the consume processes share them")
+                    }
+                    None => {
+                        "total cleared: each consume process runs its CONSUMERS_COUNT".to_string()
+                    }
+                })
             }
             CtlAction::Resume => Ok(if optimus::control::resume(&mut conn).await? {
                 "kill switch cleared: processes may run again".to_string()

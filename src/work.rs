@@ -207,6 +207,7 @@ async fn housekeeping(
 ) {
     let mut refresh = tokio::time::interval(presence.refresh_every());
     let mut monitor = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut last = (counters.handled.load(Ordering::Relaxed), Instant::now());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -216,6 +217,10 @@ async fn housekeeping(
                 }
             }
             _ = monitor.tick() => {
+                let handled = counters.handled.load(Ordering::Relaxed);
+                let rate = (handled - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
+                last = (handled, Instant::now());
+                crate::control::report_rate(&mut conn, presence.value(), rate, interval).await;
                 let line = counters.line(presence.count(&mut conn).await.ok());
                 if print {
                     println!("{line}");

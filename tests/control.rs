@@ -49,7 +49,7 @@ fn the_kill_switch_stops_every_process_until_resumed() {
     assert!(
         rows.iter()
             .filter(|r| r.starts_with("consume"))
-            .all(|r| r.ends_with(" 2")),
+            .all(|r| r.split_whitespace().nth(3) == Some("2")),
         "{status}"
     );
 
@@ -111,4 +111,88 @@ fn idle_timeout_stops_a_consumer_with_nothing_to_do() {
         last.line
     );
     assert_eq!(server.xlen("messages:processed"), 100);
+}
+
+/// The workers column of `ctl status` for the consume processes, sorted.
+fn consume_workers(server: &RedisServer) -> Vec<u64> {
+    let mut workers: Vec<u64> = ctl(server, "status")
+        .lines()
+        .filter(|l| l.starts_with("consume "))
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .collect();
+    workers.sort();
+    workers
+}
+
+fn wait_for_workers(server: &RedisServer, expected: &[u64]) {
+    support::wait_for(
+        &format!("consume processes running {expected:?} workers"),
+        Duration::from_secs(30),
+        || (consume_workers(server) == expected).then_some(()),
+        || ctl(server, "status"),
+    );
+}
+
+/// `ctl scale 7` over three processes gives 3 + 2 + 2; when one is killed the
+/// two left share its part (4 + 3); messages published all along land
+/// exactly once; `ctl stop` stops the rest.
+#[test]
+fn ctl_scale_splits_the_workers_and_survivors_take_over_a_share() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut processes: Vec<OptimusProcess> = (0..3)
+        .map(|_| OptimusProcess::consume(&server, &[]))
+        .collect();
+    for p in &processes {
+        p.wait_consumers(6);
+    }
+    let mut publisher = OptimusProcess::spawn(
+        &[
+            "publish",
+            "--rate",
+            "2000",
+            "--count",
+            "20000",
+            "--batch-size",
+            "100",
+        ],
+        &[("REDIS_URL", url.as_str())],
+    );
+
+    let out = run_optimus(
+        &["ctl", "scale", "7"],
+        &[("REDIS_URL", url.as_str())],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_for_workers(&server, &[2, 2, 3]);
+
+    processes[0].signal("KILL");
+    processes.remove(0);
+    wait_for_workers(&server, &[3, 4]);
+
+    let status = publisher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{}", publisher.describe());
+    let summary = publisher.wait_for_line("publish done", Duration::from_secs(1), |_| true);
+    let published = summary.num("published");
+    support::wait_for(
+        &format!("{published} entries"),
+        Duration::from_secs(30),
+        || (server.xlen("messages:processed") as u64 >= published).then_some(()),
+        || processes.iter().map(|p| p.describe()).collect(),
+    );
+    for p in &processes {
+        p.wait_settled(Duration::from_secs(30));
+    }
+    let tally = support::Tally::of(&server.stream_entries("messages:processed"), 0..published);
+    assert!(tally.is_exact(), "{tally}");
+
+    ctl(&server, "stop");
+    for p in processes.iter_mut() {
+        assert!(
+            p.wait_exit(Duration::from_secs(15)).success(),
+            "{}",
+            p.describe()
+        );
+    }
 }

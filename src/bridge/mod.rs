@@ -102,9 +102,11 @@ impl Bridge {
         tracing::info!(server = %server, channel = %config.input_channel, stream = %config.output_stream, workers = config.consumers, "bridge starting");
 
         let process = ProcessIdentity::new();
-        let worker_ids: Vec<String> = (0..config.consumers)
-            .map(|i| process.worker_id(i))
-            .collect();
+        // How many workers to run: CONSUMERS_COUNT, or this process's share
+        // of the total set with `optimus ctl scale`.
+        let scale = crate::control::Scale::new(process.name(), config.consumers);
+        let first = scale.target(&mut conn).await.map_err(refused)?;
+        let worker_ids: Vec<String> = (0..first).map(|i| process.worker_id(i)).collect();
         let presence = Presence::new(
             &config.consumers_list,
             config.presence_ttl,
@@ -117,89 +119,35 @@ impl Bridge {
 
         // Stops the subscriptions; the workers follow once their queues drain.
         let stop_reading = shutdown.child_token();
-        // Stops presence and monitoring, after the workers are done.
+        // Stops presence, monitoring and scaling, after the workers are done.
         let stop_aux = CancellationToken::new();
         let mut tasks: JoinSet<Result<(), RedisError>> = JoinSet::new();
-        let destination = Destination {
-            stream: config.output_stream.clone(),
-            dead_stream: config.dead_stream(),
-            channel: config.input_channel.clone(),
-            format: config.output_format,
-            id_field: config.message_id_field.clone(),
-        };
-        // An id-less payload's count must outlive any ACK it could collide with.
-        let forget_ids_after = config.ack_ttl + config.pending_retention + config.lock_ttl;
-        let coverage = Arc::new(subscription::Coverage::default());
-        for id in &worker_ids {
-            let Some(worker_conn) = connection_manager(&client, &shutdown)
-                .await
-                .map_err(refused)?
-            else {
-                break;
-            };
-            // Half the bound waits between the socket and the subscription
-            // task, half between it and the worker.
-            let (queue_tx, queue_rx) = mpsc::channel((config.queue_capacity / 2).max(1));
-            let keys = Keys::new(&config.output_stream);
-            let marks = (config.strategy == Strategy::Partitioned).then(|| Marks {
-                channel: keys.mark_channel(id),
-                keys,
-            });
-            let subscription = Subscription {
-                client: client.clone(),
+        let spawner = Spawner {
+            client: client.clone(),
+            config: config.clone(),
+            destination: Destination {
+                stream: config.output_stream.clone(),
+                dead_stream: config.dead_stream(),
                 channel: config.input_channel.clone(),
-                worker_id: id.clone(),
-                ids: IdAssigner::new(
-                    config.message_id_field.clone(),
-                    forget_ids_after,
-                    config.max_payload_bytes,
-                ),
-                counters: self.counters.clone(),
-                coverage: coverage.clone(),
-                queue: queue_tx,
-                marks,
-                read_buffer: config.queue_capacity.div_ceil(2),
-                cancel: stop_reading.clone(),
-            };
-            let delivery = Delivery::new(
-                worker_conn,
-                destination.clone(),
-                id.clone(),
-                config.lock_ttl,
-                config.ack_ttl,
-            );
-            tasks.spawn(subscription.run());
-            match config.strategy {
-                Strategy::Partitioned => tasks.spawn(
-                    PartitionedWorker {
-                        id: id.clone(),
-                        delivery,
-                        counters: self.counters.clone(),
-                        batch_size: config.batch_size,
-                        takeover_after: config.takeover_after,
-                        retention: config.pending_retention,
-                        membership_ttl: config.presence_ttl,
-                    }
-                    .run(queue_rx),
-                ),
-                Strategy::Race => tasks.spawn(
-                    Worker {
-                        id: id.clone(),
-                        delivery,
-                        counters: self.counters.clone(),
-                        batch_size: config.batch_size,
-                        lock_ttl: config.lock_ttl,
-                        retention: config.pending_retention,
-                    }
-                    .run(queue_rx),
-                ),
-            };
-        }
+                format: config.output_format,
+                id_field: config.message_id_field.clone(),
+            },
+            counters: self.counters.clone(),
+            coverage: Arc::new(subscription::Coverage::default()),
+        };
 
+        let (target_tx, mut target_rx) = tokio::sync::watch::channel(first);
+        let scaler = tokio::spawn(
+            scale
+                .clone()
+                .watch(conn.clone(), target_tx, stop_aux.clone()),
+        );
+
+        let live = Arc::new(std::sync::Mutex::new(Vec::new()));
         let aux = tokio::spawn(keep_present(
             presence.clone(),
             conn.clone(),
-            worker_ids.clone(),
+            live.clone(),
             stop_aux.clone(),
         ));
         let monitor = tokio::spawn(monitor(
@@ -211,20 +159,71 @@ impl Bridge {
             stop_aux.clone(),
         ));
 
+        // The workers running, newest last, each with its own stop.
+        let mut running: Vec<(String, CancellationToken)> = Vec::new();
+        let mut ever: Vec<String> = Vec::new();
+        let mut next_index = 0;
+        let mut scaler_alive = true;
         let mut fatal = None;
-        while let Some(joined) = tasks.join_next().await {
-            let result =
-                joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
-            if let Err(err) = result {
-                tracing::error!(cause = %err, "Redis refused the bridge; stopping");
-                fatal.get_or_insert(err);
-                stop_reading.cancel();
+        loop {
+            if !stop_reading.is_cancelled() {
+                let target = *target_rx.borrow_and_update();
+                while running.len() < target {
+                    let id = process.worker_id(next_index);
+                    next_index += 1;
+                    let stop = stop_reading.child_token();
+                    if !spawner
+                        .spawn(&id, stop.clone(), &mut tasks, &shutdown)
+                        .await
+                        .map_err(refused)?
+                    {
+                        break;
+                    }
+                    if next_index > first {
+                        tracing::info!(worker = %id, workers = running.len() + 1, "worker started (ctl scale)");
+                    }
+                    live.lock().unwrap().push(id.clone());
+                    ever.push(id.clone());
+                    running.push((id, stop));
+                }
+                while running.len() > target {
+                    let (id, stop) = running.pop().expect("more running than the target");
+                    stop.cancel();
+                    live.lock().unwrap().retain(|w| *w != id);
+                    let _ = presence.remove(&mut conn, std::slice::from_ref(&id)).await;
+                    tracing::info!(worker = %id, workers = running.len(), "worker stopping (ctl scale): it settles what it holds first");
+                }
+            }
+            if stop_reading.is_cancelled() && tasks.is_empty() {
+                break;
+            }
+            tokio::select! {
+                joined = tasks.join_next(), if !tasks.is_empty() => {
+                    let Some(joined) = joined else { continue };
+                    let result =
+                        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+                    if let Err(err) = result {
+                        tracing::error!(cause = %err, "Redis refused the bridge; stopping");
+                        fatal.get_or_insert(err);
+                        stop_reading.cancel();
+                    }
+                }
+                changed = target_rx.changed(), if scaler_alive && !stop_reading.is_cancelled() => {
+                    scaler_alive = changed.is_ok();
+                }
+                _ = stop_reading.cancelled(), if tasks.is_empty() && !stop_reading.is_cancelled() => {}
             }
         }
         stop_aux.cancel();
         let _ = aux.await;
         let _ = monitor.await;
-        if let Err(err) = presence.remove(&mut conn, &worker_ids).await {
+        let _ = scaler.await;
+        // Also the keys registered at start for workers a shutdown kept from
+        // starting.
+        ever.extend(worker_ids);
+        ever.sort();
+        ever.dedup();
+        if let Err(err) = presence.remove(&mut conn, &ever).await {
             tracing::warn!(cause = %err, "could not delete the presence keys; they expire by themselves");
         }
         let totals = self.counters.snapshot();
@@ -251,11 +250,97 @@ impl Bridge {
     }
 }
 
+/// Starts workers: each a subscription task and a worker loop.
+struct Spawner {
+    client: redis::Client,
+    config: BridgeConfig,
+    destination: Destination,
+    counters: Arc<Counters>,
+    coverage: Arc<subscription::Coverage>,
+}
+
+impl Spawner {
+    /// Starts worker `id`, whose subscription stops with `stop`. Returns
+    /// false when `shutdown` came first.
+    async fn spawn(
+        &self,
+        id: &str,
+        stop: CancellationToken,
+        tasks: &mut JoinSet<Result<(), RedisError>>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, RedisError> {
+        let config = &self.config;
+        let Some(worker_conn) = connection_manager(&self.client, shutdown).await? else {
+            return Ok(false);
+        };
+        // An id-less payload's count must outlive any ACK it could collide with.
+        let forget_ids_after = config.ack_ttl + config.pending_retention + config.lock_ttl;
+        // Half the bound waits between the socket and the subscription task,
+        // half between it and the worker.
+        let (queue_tx, queue_rx) = mpsc::channel((config.queue_capacity / 2).max(1));
+        let keys = Keys::new(&config.output_stream);
+        let marks = (config.strategy == Strategy::Partitioned).then(|| Marks {
+            channel: keys.mark_channel(id),
+            keys,
+        });
+        let subscription = Subscription {
+            client: self.client.clone(),
+            channel: config.input_channel.clone(),
+            worker_id: id.to_string(),
+            ids: IdAssigner::new(
+                config.message_id_field.clone(),
+                forget_ids_after,
+                config.max_payload_bytes,
+            ),
+            counters: self.counters.clone(),
+            coverage: self.coverage.clone(),
+            queue: queue_tx,
+            marks,
+            read_buffer: config.queue_capacity.div_ceil(2),
+            cancel: stop,
+        };
+        let delivery = Delivery::new(
+            worker_conn,
+            self.destination.clone(),
+            id.to_string(),
+            config.lock_ttl,
+            config.ack_ttl,
+        );
+        tasks.spawn(subscription.run());
+        match config.strategy {
+            Strategy::Partitioned => tasks.spawn(
+                PartitionedWorker {
+                    id: id.to_string(),
+                    delivery,
+                    counters: self.counters.clone(),
+                    batch_size: config.batch_size,
+                    takeover_after: config.takeover_after,
+                    retention: config.pending_retention,
+                    membership_ttl: config.presence_ttl,
+                }
+                .run(queue_rx),
+            ),
+            Strategy::Race => tasks.spawn(
+                Worker {
+                    id: id.to_string(),
+                    delivery,
+                    counters: self.counters.clone(),
+                    batch_size: config.batch_size,
+                    lock_ttl: config.lock_ttl,
+                    retention: config.pending_retention,
+                }
+                .run(queue_rx),
+            ),
+        };
+        Ok(true)
+    }
+}
+
 /// Refreshes the presence keys until cancelled.
 async fn keep_present(
     presence: Presence,
     mut conn: redis::aio::ConnectionManager,
-    workers: Vec<String>,
+    workers: Arc<std::sync::Mutex<Vec<String>>>,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(presence.refresh_every());
@@ -264,6 +349,7 @@ async fn keep_present(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let workers = workers.lock().unwrap().clone();
         if let Err(err) = presence.refresh(&mut conn, &workers).await {
             tracing::warn!(cause = %err, "could not refresh presence keys");
         }
@@ -303,6 +389,7 @@ async fn monitor(
         let elapsed = now.duration_since(last.0).as_secs_f64();
         let rate = (snapshot.written - last.1) as f64 / elapsed.max(1e-9);
         last = (now, snapshot.written);
+        crate::control::report_rate(&mut conn, presence.value(), rate, interval).await;
         let line = MonitorLine {
             consumers,
             counters: snapshot,
@@ -348,5 +435,10 @@ impl ProcessIdentity {
 
     fn describe(&self) -> String {
         format!("host={} pid={}", self.host, self.pid)
+    }
+
+    /// This process, among the processes registered for `ctl scale`.
+    fn name(&self) -> String {
+        format!("{}-{}-{:04x}", self.host, self.pid, self.nonce)
     }
 }

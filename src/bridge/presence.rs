@@ -67,6 +67,11 @@ impl Presence {
     }
 
     /// How often the keys are refreshed: three times per TTL.
+    /// What each presence key holds: `host=… pid=…`.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
     pub fn refresh_every(&self) -> Duration {
         self.ttl / 3
     }
