@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
-use crate::config::{Pace, PublishConfig, PublishLimit, Strategy};
+use crate::config::{Pace, PublishConfig, Strategy};
 use crate::publish::test_message;
 
 const CHANNEL: &str = "bench:published";
@@ -376,16 +376,28 @@ async fn publisher_vs_pipe(
 /// Publishes `messages` test messages as fast as `optimus publish` can (the
 /// same code, in batches of 1,000, fast path off); returns when it started.
 async fn publish_burst(url: &str, messages: u64) -> Result<Instant> {
-    let mut config = PublishConfig::new(url, CHANNEL, messages);
-    config.fast_path_stream = None;
-    config.batch_size = 1000;
-    config.progress_interval = None;
     let start = Instant::now();
-    let summary = crate::publish::run(&config, tokio_util::sync::CancellationToken::new()).await?;
+    let summary = publish_at(url, messages, f64::INFINITY, 1000).await?;
     if summary.published != messages {
         bail!("the publisher sent {} of {messages}", summary.published);
     }
     Ok(start)
+}
+
+/// `optimus publish` (the same code) of `total` test messages at `rate`
+/// messages/s (infinite: as fast as it goes), in batches of `batch`, fast
+/// path off.
+async fn publish_at(
+    url: &str,
+    total: u64,
+    rate: f64,
+    batch: usize,
+) -> Result<crate::publish::PublishSummary> {
+    let mut config = PublishConfig::new(url, CHANNEL, total);
+    config.fast_path_stream = None;
+    config.pace = Pace::Rate(rate);
+    config.batch_size = batch;
+    Ok(crate::publish::run(&config, tokio_util::sync::CancellationToken::new()).await?)
 }
 
 /// `optimus consume` with `workers` workers, waiting until all are subscribed.
@@ -595,12 +607,7 @@ async fn latency_row(
         }
         anyhow::Ok(latencies)
     });
-    let mut publish = PublishConfig::new(url, CHANNEL, total);
-    publish.fast_path_stream = None;
-    publish.pace = Pace::Rate(config.latency_rate as f64);
-    publish.limit = PublishLimit::Count(total);
-    publish.batch_size = 100;
-    crate::publish::run(&publish, tokio_util::sync::CancellationToken::new()).await?;
+    publish_at(url, total, config.latency_rate as f64, 100).await?;
     let mut latencies = reader.await??;
     stop(child);
     let audit = crate::audit::audit(url, STREAM, total).await?;
@@ -635,14 +642,8 @@ async fn steady_row(
     let child = spawn_bridge(config, url, conn, strategy, workers).await?;
     let cpu_before = cpu_time(child.id());
     let total = config.steady_rate * config.steady_duration.as_secs().max(1);
-    let mut publish = PublishConfig::new(url, CHANNEL, total);
-    publish.fast_path_stream = None;
-    publish.pace = Pace::Rate(config.steady_rate as f64);
-    publish.limit = PublishLimit::Count(total);
-    publish.batch_size = 500;
-    publish.progress_interval = None;
     let start = Instant::now();
-    crate::publish::run(&publish, tokio_util::sync::CancellationToken::new()).await?;
+    publish_at(url, total, config.steady_rate as f64, 500).await?;
     let done = wait_for_len(conn, total, Duration::from_secs(10)).await?;
     let cpu = cpu_time(child.id()).saturating_sub(cpu_before);
     let rss = peak_rss(child.id());

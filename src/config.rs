@@ -234,17 +234,7 @@ pub struct ConsumeArgs {
 pub fn parse_idle_timeout(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
     match raw.map(str::trim).filter(|r| !r.is_empty()) {
         None => Ok(None),
-        Some(raw) => {
-            let d = parse_secs("IDLE_TIMEOUT", raw)?;
-            if d < Duration::from_millis(10) {
-                return Err(ConfigError::new(
-                    "IDLE_TIMEOUT",
-                    raw,
-                    "must be at least 0.01 seconds",
-                ));
-            }
-            Ok(Some(d))
-        }
+        Some(raw) => parse_interval("IDLE_TIMEOUT", raw).map(Some),
     }
 }
 
@@ -724,6 +714,15 @@ fn parse_secs(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
     let value = parse_secs_allow_zero(var, raw)?;
     if value.is_zero() {
         return Err(ConfigError::new(var, raw, "must be above 0 seconds"));
+    }
+    Ok(value)
+}
+
+/// Seconds, at least 0.01 (the shortest interval any setting allows).
+pub(crate) fn parse_interval(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    let value = parse_secs(var, raw)?;
+    if value < Duration::from_millis(10) {
+        return Err(ConfigError::new(var, raw, "must be at least 0.01 seconds"));
     }
     Ok(value)
 }

@@ -85,11 +85,16 @@ pub struct Scale {
     me: String,
     /// CONSUMERS_COUNT: the count while no total is set.
     default: usize,
+    script: redis::Script,
 }
 
 impl Scale {
     pub fn new(me: String, default: usize) -> Self {
-        Self { me, default }
+        Self {
+            me,
+            default,
+            script: redis::Script::new(SCALE),
+        }
     }
 
     /// Registers (or, with `leave`, unregisters) this process and returns how
@@ -104,7 +109,8 @@ impl Scale {
         } else {
             REGISTRATION_TTL.as_millis() as u64
         };
-        let (desired, processes): (Option<usize>, Vec<String>) = redis::Script::new(SCALE)
+        let (desired, processes): (Option<usize>, Vec<String>) = self
+            .script
             .key(PROCESSES_KEY)
             .key(WORKERS_KEY)
             .arg(&self.me)

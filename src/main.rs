@@ -290,39 +290,28 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return bad_setting(&err),
     };
-    let metrics_addr = match optimus::config::parse_metrics_addr(args.metrics_addr.as_deref()) {
-        Ok(addr) => addr,
-        Err(err) => return bad_setting(&err),
-    };
-    let idle_timeout = match optimus::config::parse_idle_timeout(args.idle_timeout.as_deref()) {
-        Ok(timeout) => timeout,
+    let controls = match Controls::parse(&args.metrics_addr, &args.idle_timeout) {
+        Ok(controls) => controls,
         Err(err) => return bad_setting(&err),
     };
     let workers = config.worker_count();
-    let client = match redis::Client::open(config.redis_url()) {
-        Ok(client) => client,
-        Err(err) => {
-            eprintln!("optimus: {err}");
-            return ExitCode::from(2);
-        }
-    };
+    let url = config.redis_url().to_string();
     let bridge = match Bridge::new(config) {
         Ok(bridge) => bridge,
         Err(err) => return bad_setting(&err),
     };
     let shutdown = shutdown_on_signal();
     let counters = bridge.counters();
-    tokio::spawn(optimus::control::watch(
-        client,
-        move || counters.received.load(std::sync::atomic::Ordering::Relaxed),
-        idle_timeout,
-        shutdown.clone(),
-    ));
-    if let Some(addr) = metrics_addr {
-        let registry = optimus::metrics::bridge_registry(bridge.counters(), workers);
-        if let Err(code) = serve_metrics(addr, registry, &shutdown).await {
-            return code;
-        }
+    let started = controls
+        .start(
+            &url,
+            move || counters.received.load(std::sync::atomic::Ordering::Relaxed),
+            || optimus::metrics::bridge_registry(bridge.counters(), workers),
+            &shutdown,
+        )
+        .await;
+    if let Err(code) = started {
+        return code;
     }
     match bridge.run(shutdown).await {
         Ok(_) => ExitCode::SUCCESS,
@@ -385,34 +374,27 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
         Ok(config) => config,
         Err(err) => return bad_setting(&err),
     };
-    let metrics_addr = match optimus::config::parse_metrics_addr(args.metrics_addr.as_deref()) {
-        Ok(addr) => addr,
-        Err(err) => return bad_setting(&err),
-    };
-    let idle_timeout = match optimus::config::parse_idle_timeout(args.idle_timeout.as_deref()) {
-        Ok(timeout) => timeout,
+    let controls = match Controls::parse(&args.metrics_addr, &args.idle_timeout) {
+        Ok(controls) => controls,
         Err(err) => return bad_setting(&err),
     };
     let server = optimus::config::mask_password(&config.redis_url);
     let counters = std::sync::Arc::new(optimus::work::WorkCounters::default());
     let shutdown = shutdown_on_signal();
-    if let Ok(client) = redis::Client::open(config.redis_url.as_str()) {
-        let counters = counters.clone();
-        tokio::spawn(optimus::control::watch(
-            client,
+    let watched = counters.clone();
+    let started = controls
+        .start(
+            &config.redis_url,
             move || {
                 use std::sync::atomic::Ordering::Relaxed;
-                counters.handled.load(Relaxed) + counters.failed.load(Relaxed)
+                watched.handled.load(Relaxed) + watched.failed.load(Relaxed)
             },
-            idle_timeout,
-            shutdown.clone(),
-        ));
-    }
-    if let Some(addr) = metrics_addr {
-        let registry = optimus::metrics::work_registry(counters.clone(), config.consumers);
-        if let Err(code) = serve_metrics(addr, registry, &shutdown).await {
-            return code;
-        }
+            || optimus::metrics::work_registry(counters.clone(), config.consumers),
+            &shutdown,
+        )
+        .await;
+    if let Err(code) = started {
+        return code;
     }
     match optimus::work::run(config, counters, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -539,21 +521,56 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
     }
 }
 
-/// Starts the metrics endpoint; an address that cannot be listened on is a
-/// bad setting.
-async fn serve_metrics(
-    addr: std::net::SocketAddr,
-    registry: prometheus_client::registry::Registry,
-    shutdown: &CancellationToken,
-) -> Result<(), ExitCode> {
-    match optimus::metrics::serve(addr, registry, shutdown.clone()).await {
-        Ok(_) => {
-            tracing::info!(%addr, "serving metrics on /metrics");
-            Ok(())
-        }
-        Err(err) => {
-            eprintln!("optimus: invalid METRICS_ADDR=\"{addr}\": cannot listen there: {err}");
-            Err(ExitCode::from(2))
+/// What `consume` and `work` share around their run: METRICS_ADDR and
+/// IDLE_TIMEOUT.
+struct Controls {
+    metrics_addr: Option<std::net::SocketAddr>,
+    idle_timeout: Option<std::time::Duration>,
+}
+
+impl Controls {
+    fn parse(
+        metrics_addr: &Option<String>,
+        idle_timeout: &Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            metrics_addr: optimus::config::parse_metrics_addr(metrics_addr.as_deref())?,
+            idle_timeout: optimus::config::parse_idle_timeout(idle_timeout.as_deref())?,
+        })
+    }
+
+    /// Watches the kill switch and, with IDLE_TIMEOUT, the `activity` count;
+    /// with METRICS_ADDR, serves the `registry`. An address that cannot be
+    /// listened on is a bad setting.
+    async fn start(
+        self,
+        url: &str,
+        activity: impl Fn() -> u64 + Send + 'static,
+        registry: impl FnOnce() -> prometheus_client::registry::Registry,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ExitCode> {
+        let client = redis::Client::open(url).map_err(|err| {
+            eprintln!("optimus: {err}");
+            ExitCode::from(2)
+        })?;
+        tokio::spawn(optimus::control::watch(
+            client,
+            activity,
+            self.idle_timeout,
+            shutdown.clone(),
+        ));
+        let Some(addr) = self.metrics_addr else {
+            return Ok(());
+        };
+        match optimus::metrics::serve(addr, registry(), shutdown.clone()).await {
+            Ok(_) => {
+                tracing::info!(%addr, "serving metrics on /metrics");
+                Ok(())
+            }
+            Err(err) => {
+                eprintln!("optimus: invalid METRICS_ADDR=\"{addr}\": cannot listen there: {err}");
+                Err(ExitCode::from(2))
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::presence::Presence;
-use crate::config::{ConfigError, parse_num};
+use crate::config::{ConfigError, parse_interval, parse_num};
 use crate::connect::{connection_manager, is_fatal, reconnect_backoff};
 
 /// What handles an entry: `Ok` acknowledges it, `Err` leaves it pending.
@@ -538,23 +538,13 @@ impl WorkArgs {
             }
             Ok(n)
         };
-        let secs = |var: &'static str, raw: &str| -> Result<Duration, ConfigError> {
-            match raw.trim().parse::<f64>() {
-                Ok(s) if s.is_finite() && s >= 0.01 => Ok(Duration::from_secs_f64(s)),
-                _ => Err(ConfigError::new(
-                    var,
-                    raw,
-                    "expected seconds, at least 0.01",
-                )),
-            }
-        };
         Ok(WorkConfig {
             redis_url,
             stream: self.stream.clone(),
             group: self.group.clone(),
             consumers: positive("WORK_CONSUMERS", &self.consumers)? as usize,
             batch_size: positive("WORK_BATCH_SIZE", &self.batch_size)? as usize,
-            claim_idle: secs("WORK_CLAIM_IDLE", &self.claim_idle)?,
+            claim_idle: parse_interval("WORK_CLAIM_IDLE", &self.claim_idle)?,
             max_deliveries: positive("WORK_MAX_DELIVERIES", &self.max_deliveries)?,
             dead_stream: self
                 .dead_letter_stream
@@ -562,7 +552,7 @@ impl WorkArgs {
                 .unwrap_or_else(|| format!("{}:work-dead", self.stream)),
             consumers_list: self.consumers_list.clone(),
             presence_ttl: Duration::from_secs(5),
-            monitoring_interval: secs("MONITORING_INTERVAL", &self.monitoring_interval)?,
+            monitoring_interval: parse_interval("MONITORING_INTERVAL", &self.monitoring_interval)?,
             print_monitor: true,
             handler: Handler::Command(self.command.clone()),
         })
