@@ -31,14 +31,6 @@ fn line<'a>(out: &'a str, check: &str) -> (&'a str, &'a str) {
     (level, value)
 }
 
-fn redis(server: &RedisServer, args: &[&str]) {
-    let mut c = redis::cmd(args[0]);
-    for a in &args[1..] {
-        c.arg(*a);
-    }
-    let _: redis::Value = c.query(&mut server.conn()).unwrap();
-}
-
 #[test]
 fn a_missing_bridge_and_stream_are_alerts() {
     let server = RedisServer::start();
@@ -59,24 +51,18 @@ fn checks_follow_the_thresholds() {
     consume.wait_consumers(2);
     support::publish(&server, &["--count", "50"]);
     consume.wait_settled(Duration::from_secs(20));
-    redis(
-        &server,
-        &["XGROUP", "CREATE", "messages:processed", "downstream", "0"],
-    );
-    redis(
-        &server,
-        &[
-            "XREADGROUP",
-            "GROUP",
-            "downstream",
-            "w1",
-            "COUNT",
-            "10",
-            "STREAMS",
-            "messages:processed",
-            ">",
-        ],
-    );
+    server.command::<redis::Value>(&["XGROUP", "CREATE", "messages:processed", "downstream", "0"]);
+    server.command::<redis::Value>(&[
+        "XREADGROUP",
+        "GROUP",
+        "downstream",
+        "w1",
+        "COUNT",
+        "10",
+        "STREAMS",
+        "messages:processed",
+        ">",
+    ]);
 
     let out = health(&server, &[], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -115,12 +101,9 @@ fn checks_follow_the_thresholds() {
 fn an_old_pending_entry_is_an_alert() {
     let server = RedisServer::start();
     // An entry added at 1 s after the epoch, delivered and never acknowledged.
-    redis(&server, &["XADD", "jobs", "1000-0", "n", "1"]);
-    redis(&server, &["XGROUP", "CREATE", "jobs", "g", "0"]);
-    redis(
-        &server,
-        &["XREADGROUP", "GROUP", "g", "c", "STREAMS", "jobs", ">"],
-    );
+    server.command::<redis::Value>(&["XADD", "jobs", "1000-0", "n", "1"]);
+    server.command::<redis::Value>(&["XGROUP", "CREATE", "jobs", "g", "0"]);
+    server.command::<redis::Value>(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "jobs", ">"]);
     let out = health(
         &server,
         &[

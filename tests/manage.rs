@@ -47,14 +47,6 @@ fn fails(server: &RedisServer, args: &[&str], code: i32, says: &str) {
     assert!(err.contains(says), "optimus {args:?} says {says:?}: {err}");
 }
 
-fn cmd(server: &RedisServer, args: &[&str]) -> redis::Value {
-    let mut c = redis::cmd(args[0]);
-    for a in &args[1..] {
-        c.arg(*a);
-    }
-    c.query(&mut server.conn()).unwrap()
-}
-
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
@@ -63,12 +55,9 @@ fn json(text: &str) -> serde_json::Value {
 fn streams_are_listed_described_trimmed_and_deleted() {
     let server = RedisServer::start();
     for i in 0..5 {
-        cmd(
-            &server,
-            &["XADD", "orders", &format!("{i}-1"), "n", &i.to_string()],
-        );
+        server.command::<redis::Value>(&["XADD", "orders", &format!("{i}-1"), "n", &i.to_string()]);
     }
-    cmd(&server, &["SET", "not-a-stream", "x"]);
+    server.command::<redis::Value>(&["SET", "not-a-stream", "x"]);
     ok(&server, &["streams", "create", "empty"]);
 
     let list = json(&ok(&server, &["streams", "list", "--json"]));
@@ -143,31 +132,25 @@ fn streams_are_listed_described_trimmed_and_deleted() {
 fn groups_show_consumers_pending_and_lag() {
     let server = RedisServer::start();
     for i in 1..=4 {
-        cmd(
-            &server,
-            &["XADD", "s", &format!("{i}-0"), "n", &i.to_string()],
-        );
+        server.command::<redis::Value>(&["XADD", "s", &format!("{i}-0"), "n", &i.to_string()]);
     }
     ok(
         &server,
         &["groups", "create", "s", "workers", "--from", "0"],
     );
     // Consumer c1 reads three entries and acknowledges one.
-    cmd(
-        &server,
-        &[
-            "XREADGROUP",
-            "GROUP",
-            "workers",
-            "c1",
-            "COUNT",
-            "3",
-            "STREAMS",
-            "s",
-            ">",
-        ],
-    );
-    cmd(&server, &["XACK", "s", "workers", "1-0"]);
+    server.command::<redis::Value>(&[
+        "XREADGROUP",
+        "GROUP",
+        "workers",
+        "c1",
+        "COUNT",
+        "3",
+        "STREAMS",
+        "s",
+        ">",
+    ]);
+    server.command::<redis::Value>(&["XACK", "s", "workers", "1-0"]);
 
     let detail = json(&ok(&server, &["groups", "info", "s", "workers", "--json"]));
     assert_eq!(detail["group"]["pending"], 2);

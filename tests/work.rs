@@ -11,16 +11,8 @@ use support::{OptimusProcess, RedisServer};
 const STREAM: &str = "messages:processed";
 const GROUP: &str = "optimus-work";
 
-fn redis<T: redis::FromRedisValue>(server: &RedisServer, args: &[&str]) -> T {
-    let mut c = redis::cmd(args[0]);
-    for a in &args[1..] {
-        c.arg(*a);
-    }
-    c.query(&mut server.conn()).unwrap()
-}
-
 fn add(server: &RedisServer, payload: &str) {
-    let _: String = redis(server, &["XADD", STREAM, "*", "payload", payload]);
+    let _: String = server.command(&["XADD", STREAM, "*", "payload", payload]);
 }
 
 /// `optimus work` with `env`, handler `sh -c <script>`.
@@ -97,10 +89,8 @@ fn handled_entries_are_acknowledged_failed_ones_end_as_dead_letters() {
     );
 
     let dead: Vec<(String, Vec<(String, String)>)> = {
-        let reply: redis::streams::StreamRangeReply = redis(
-            &server,
-            &["XRANGE", "messages:processed:work-dead", "-", "+"],
-        );
+        let reply: redis::streams::StreamRangeReply =
+            server.command(&["XRANGE", "messages:processed:work-dead", "-", "+"]);
         reply
             .ids
             .into_iter()

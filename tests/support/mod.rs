@@ -127,6 +127,16 @@ impl RedisServer {
     }
 
     /// A plain synchronous connection for the test's own checks.
+    /// Runs one command given as words (`["XADD", "s", "*", "n", "1"]`).
+    pub fn command<T: redis::FromRedisValue>(&self, words: &[&str]) -> T {
+        let mut cmd = redis::cmd(words[0]);
+        for w in &words[1..] {
+            cmd.arg(*w);
+        }
+        cmd.query(&mut self.conn())
+            .unwrap_or_else(|e| panic!("{words:?}: {e}"))
+    }
+
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.admin_url())
             .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
