@@ -41,8 +41,13 @@ impl fmt::Display for AuditReport {
 }
 
 /// Reads the whole stream (in pages) and checks it against `published`.
-pub async fn audit(url: &str, stream: &str, published: u64) -> Result<AuditReport, RedisError> {
-    let mut conn = redis::Client::open(url)?
+pub async fn audit(
+    endpoint: &crate::connect::Endpoint,
+    stream: &str,
+    published: u64,
+) -> Result<AuditReport, RedisError> {
+    let mut conn = endpoint
+        .client()?
         .get_multiplexed_async_connection()
         .await?;
     let mut report = AuditReport {

@@ -482,7 +482,8 @@ async fn bridge_row(
     // Let late copies settle before the audit, then stop the bridge.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop(child);
-    let audit = crate::audit::audit(url, STREAM, config.messages).await?;
+    let audit =
+        crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, config.messages).await?;
     Ok(BridgeRow {
         strategy: strategy.name(),
         workers,
@@ -610,7 +611,7 @@ async fn latency_row(
     publish_at(url, total, config.latency_rate as f64, 100).await?;
     let mut latencies = reader.await??;
     stop(child);
-    let audit = crate::audit::audit(url, STREAM, total).await?;
+    let audit = crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total).await?;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -649,7 +650,7 @@ async fn steady_row(
     let rss = peak_rss(child.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop(child);
-    let audit = crate::audit::audit(url, STREAM, total).await?;
+    let audit = crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total).await?;
     Ok(SteadyRow {
         strategy: strategy.name(),
         workers,

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+pub use crate::connect::{Endpoint, TlsFiles};
+
 /// A setting that cannot be used: which variable, what it held, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {var}={value:?}: {reason}")]
@@ -38,11 +40,11 @@ impl ConfigError {
     }
 }
 
-/// Where Redis is. Shared by every subcommand.
+/// Where Redis is and how to log in. Shared by every subcommand.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Connection and logging")]
 pub struct ConnectArgs {
-    /// Redis URL (`redis://[user:pass@]host:port/db` or `unix:///path`); overrides REDIS_HOST and REDIS_PORT.
+    /// Redis URL (`redis://[user:pass@]host:port/db`, `rediss://…` for TLS, or `unix:///path`); overrides REDIS_HOST and REDIS_PORT. Several, comma-separated: the seed nodes of a Redis Cluster.
     #[arg(
         long,
         env = "REDIS_URL",
@@ -57,18 +59,83 @@ pub struct ConnectArgs {
     /// Redis port, used when REDIS_URL is unset.
     #[arg(long, env = "REDIS_PORT", default_value = "6379", global = true)]
     pub redis_port: String,
+    /// ACL user name (overrides one in REDIS_URL).
+    #[arg(long, env = "REDIS_USERNAME", value_name = "USER", global = true)]
+    pub redis_username: Option<String>,
+    /// Password (overrides one in REDIS_URL). Never printed; prefer REDIS_PASSWORD_FILE.
+    #[arg(
+        long,
+        env = "REDIS_PASSWORD",
+        value_name = "PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redis_password: Option<String>,
+    /// File holding the password (one line; a trailing newline is ignored).
+    #[arg(long, env = "REDIS_PASSWORD_FILE", value_name = "PATH", global = true)]
+    pub redis_password_file: Option<String>,
+    /// Redis Cluster mode (1/true/yes), with REDIS_URL (or host and port) as a seed node. Implied by several URLs in REDIS_URL.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER",
+        value_name = "BOOL",
+        global = true,
+        default_value = "0"
+    )]
+    pub redis_cluster: String,
+    /// Pub/Sub flavour: `classic` (SUBSCRIBE/PUBLISH; a cluster broadcasts it to every node) or `sharded` (SSUBSCRIBE/SPUBLISH, Redis 7: only the channel's shard carries it).
+    #[arg(
+        long,
+        env = "PUBSUB_MODE",
+        value_name = "MODE",
+        global = true,
+        default_value = "classic"
+    )]
+    pub pubsub_mode: String,
+    /// PEM file of the CA to trust for `rediss://` instead of the system's.
+    #[arg(long, env = "REDIS_TLS_CA_FILE", value_name = "PATH", global = true)]
+    pub redis_tls_ca_file: Option<String>,
+    /// PEM client certificate for mutual TLS (with REDIS_TLS_KEY_FILE).
+    #[arg(long, env = "REDIS_TLS_CERT_FILE", value_name = "PATH", global = true)]
+    pub redis_tls_cert_file: Option<String>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "REDIS_TLS_KEY_FILE", value_name = "PATH", global = true)]
+    pub redis_tls_key_file: Option<String>,
+}
+
+/// An optional setting that is set and not blank.
+fn given(raw: &Option<String>) -> Option<&str> {
+    raw.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The bytes of the file a setting names, or one line saying why not.
+fn read_setting_file(var: &'static str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError::new(var, path, format!("cannot read it: {e}")))
+}
+
+/// PEM bytes from the file a setting names, checked for at least one PEM block.
+fn read_pem(var: &'static str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    let bytes = read_setting_file(var, path)?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(ConfigError::new(var, path, "not a PEM file"));
+    }
+    Ok(bytes)
 }
 
 impl ConnectArgs {
     /// The URL to connect to, checked for form (not for reachability).
     pub fn url(&self) -> Result<String, ConfigError> {
+        let tls_files = [&self.redis_tls_ca_file, &self.redis_tls_cert_file]
+            .iter()
+            .any(|f| given(f).is_some());
         let url = match &self.redis_url {
-            Some(url) => {
-                let url = url.trim().to_string();
-                redis::Client::open(url.as_str()).map_err(|e| {
-                    ConfigError::new("REDIS_URL", mask_password(&url), e.to_string())
-                })?;
-                return Ok(url);
+            Some(urls) => {
+                for url in urls.split(',') {
+                    redis::Client::open(url.trim()).map_err(|e| {
+                        ConfigError::new("REDIS_URL", mask_password(urls), e.to_string())
+                    })?;
+                }
+                return Ok(urls.trim().to_string());
             }
             None => {
                 let port: u16 = parse_num("REDIS_PORT", &self.redis_port)?;
@@ -87,12 +154,140 @@ impl ConnectArgs {
                         "must be a host name or address",
                     ));
                 }
-                format!("redis://{host}:{port}")
+                let scheme = if tls_files { "rediss" } else { "redis" };
+                format!("{scheme}://{host}:{port}")
             }
         };
         redis::Client::open(url.as_str())
             .map_err(|e| ConfigError::new("REDIS_HOST", &self.redis_host, e.to_string()))?;
         Ok(url)
+    }
+
+    /// The server with its credentials and certificates, every file read and
+    /// checked: a missing or malformed one is a [`ConfigError`] naming it.
+    pub fn endpoint(&self) -> Result<Endpoint, ConfigError> {
+        let url = self.url()?;
+        let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+        let cluster = match self.redis_cluster.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" | "" => seeds.len() > 1,
+            _ => {
+                return Err(ConfigError::new(
+                    "REDIS_CLUSTER",
+                    &self.redis_cluster,
+                    "expected 1 or 0 (true/false, yes/no)",
+                ));
+            }
+        };
+        let sharded =
+            parse_choice::<PubSubMode>("PUBSUB_MODE", &self.pubsub_mode)? == PubSubMode::Sharded;
+        if sharded && !cluster {
+            return Err(ConfigError::new(
+                "PUBSUB_MODE",
+                &self.pubsub_mode,
+                "sharded Pub/Sub needs a cluster (REDIS_CLUSTER=1)",
+            ));
+        }
+        let mut endpoint = if cluster {
+            if seeds.iter().any(|s| s.starts_with("unix:")) {
+                return Err(ConfigError::new(
+                    "REDIS_URL",
+                    mask_password(&url),
+                    "a cluster is reached over TCP, not a unix socket",
+                ));
+            }
+            Endpoint::cluster(seeds.iter().copied())
+        } else {
+            Endpoint::new(url.clone())
+        }
+        .sharded_pubsub(sharded);
+        if let Some(user) = given(&self.redis_username) {
+            endpoint = endpoint.username(user);
+        }
+        match (
+            given(&self.redis_password),
+            given(&self.redis_password_file),
+        ) {
+            (Some(_), Some(path)) => {
+                return Err(ConfigError::new(
+                    "REDIS_PASSWORD_FILE",
+                    path,
+                    "REDIS_PASSWORD is set too: set one of them",
+                ));
+            }
+            (Some(password), None) => endpoint = endpoint.password(password),
+            (None, Some(path)) => {
+                let bytes = read_setting_file("REDIS_PASSWORD_FILE", path)?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| ConfigError::new("REDIS_PASSWORD_FILE", path, "not UTF-8 text"))?;
+                let password = text.trim_end_matches(['\n', '\r']);
+                if password.is_empty() {
+                    return Err(ConfigError::new("REDIS_PASSWORD_FILE", path, "is empty"));
+                }
+                endpoint = endpoint.password(password);
+            }
+            (None, None) => {}
+        }
+        let ca = given(&self.redis_tls_ca_file);
+        let cert = given(&self.redis_tls_cert_file);
+        let key = given(&self.redis_tls_key_file);
+        if ca.is_none() && cert.is_none() && key.is_none() {
+            return Ok(endpoint);
+        }
+        if !endpoint.is_tls() {
+            let var = if ca.is_some() {
+                "REDIS_TLS_CA_FILE"
+            } else if cert.is_some() {
+                "REDIS_TLS_CERT_FILE"
+            } else {
+                "REDIS_TLS_KEY_FILE"
+            };
+            let path = ca.or(cert).or(key).unwrap_or_default();
+            return Err(ConfigError::new(
+                var,
+                path,
+                format!(
+                    "TLS files need a rediss:// server, but REDIS_URL is {}",
+                    mask_password(&url)
+                ),
+            ));
+        }
+        let mut files = TlsFiles::default();
+        if let Some(path) = ca {
+            files.ca = Some(read_pem("REDIS_TLS_CA_FILE", path)?);
+            Endpoint::new(url.clone())
+                .tls(files.clone())
+                .check()
+                .map_err(|e| ConfigError::new("REDIS_TLS_CA_FILE", path, e.to_string()))?;
+        }
+        match (cert, key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                files.client_cert_and_key = Some((
+                    read_pem("REDIS_TLS_CERT_FILE", cert)?,
+                    read_pem("REDIS_TLS_KEY_FILE", key)?,
+                ));
+                Endpoint::new(url.clone())
+                    .tls(files.clone())
+                    .check()
+                    .map_err(|e| ConfigError::new("REDIS_TLS_CERT_FILE", cert, e.to_string()))?;
+            }
+            (Some(cert), None) => {
+                return Err(ConfigError::new(
+                    "REDIS_TLS_CERT_FILE",
+                    cert,
+                    "needs REDIS_TLS_KEY_FILE too",
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(ConfigError::new(
+                    "REDIS_TLS_KEY_FILE",
+                    key,
+                    "needs REDIS_TLS_CERT_FILE too",
+                ));
+            }
+        }
+        Ok(endpoint.tls(files))
     }
 }
 
@@ -123,6 +318,17 @@ pub enum OutputFormat {
     /// Like envelope, plus every top-level string/number/bool field of a JSON
     /// object payload copied into the entry (as the replaced system did).
     Flat,
+}
+
+/// Which Pub/Sub commands carry the messages (PUBSUB_MODE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum PubSubMode {
+    /// SUBSCRIBE and PUBLISH; on a cluster, every node relays every message.
+    #[default]
+    Classic,
+    /// SSUBSCRIBE and SPUBLISH (Redis 7): only the shard that holds the
+    /// channel's slot carries its messages.
+    Sharded,
 }
 
 /// How the workers share the duty to write.
@@ -201,9 +407,9 @@ pub struct ConsumeArgs {
     pub presence_ttl: String,
     /// How workers share the writing: `partitioned` (one owner per message,
     /// cost independent of the worker count) or `race` (every worker races for
-    /// every message's lock).
-    #[arg(long, env = "STRATEGY", default_value = "partitioned")]
-    pub strategy: String,
+    /// every message's lock). [default: partitioned; on a cluster, race]
+    #[arg(long, env = "STRATEGY")]
+    pub strategy: Option<String>,
     /// Stream entry layout: `envelope` (message_id, payload, consumer_id) or
     /// `flat` (also the top-level fields of a JSON object payload).
     #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope")]
@@ -252,11 +458,21 @@ pub fn parse_metrics_addr(raw: Option<&str>) -> Result<Option<std::net::SocketAd
     }
 }
 
+/// The dead-letter stream of `stream`: `<stream>:dead`, or on a cluster
+/// `{<stream>}:dead`, in the stream's slot (the write script touches both).
+pub fn default_dead_stream(stream: &str, cluster: bool) -> String {
+    if cluster {
+        format!("{{{stream}}}:dead")
+    } else {
+        format!("{stream}:dead")
+    }
+}
+
 /// The validated settings of a bridge (`optimus consume`). Build one with
 /// [`BridgeConfig::new`] and the setters, or from the command line.
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
-    pub(crate) redis_url: String,
+    pub(crate) endpoint: Endpoint,
     pub(crate) consumers: usize,
     pub(crate) batch_size: usize,
     pub(crate) input_channel: String,
@@ -298,7 +514,7 @@ impl BridgeConfig {
     /// The defaults of the system optimus replaces, against `redis_url`.
     pub fn new(redis_url: impl Into<String>) -> Self {
         Self {
-            redis_url: redis_url.into(),
+            endpoint: Endpoint::new(redis_url),
             consumers: 2,
             batch_size: 100,
             input_channel: "messages:published".into(),
@@ -366,16 +582,27 @@ impl BridgeConfig {
         self
     }
 
-    /// Where rejected messages go: DEAD_LETTER_STREAM, or `<OUTPUT_STREAM>:dead`.
+    /// Where rejected messages go: DEAD_LETTER_STREAM, or
+    /// `<OUTPUT_STREAM>:dead` (`{<OUTPUT_STREAM>}:dead` on a cluster).
     pub fn dead_stream(&self) -> String {
         self.dead_letter_stream
             .clone()
-            .unwrap_or_else(|| format!("{}:dead", self.output_stream))
+            .unwrap_or_else(|| default_dead_stream(&self.output_stream, self.endpoint.is_cluster()))
     }
 
-    /// The server, as given (with its password, if any).
-    pub fn redis_url(&self) -> &str {
-        &self.redis_url
+    /// The server, with credentials and certificates (see [`Endpoint`]). A
+    /// cluster also sets the `race` strategy, the one that works there.
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        if endpoint.is_cluster() {
+            self.strategy = Strategy::Race;
+        }
+        self.endpoint = endpoint;
+        self
+    }
+
+    /// The server this bridge connects to.
+    pub fn server(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// Workers in this process.
@@ -391,9 +618,9 @@ impl BridgeConfig {
     /// Checks every value and how they fit together. The error names the
     /// environment variable that carries the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
-            ConfigError::new("REDIS_URL", mask_password(&self.redis_url), e.to_string())
-        })?;
+        self.endpoint
+            .check()
+            .map_err(|e| ConfigError::new("REDIS_URL", &self.endpoint, e.to_string()))?;
         if self.consumers == 0 {
             return Err(ConfigError::new("CONSUMERS_COUNT", 0, "must be at least 1"));
         }
@@ -410,6 +637,32 @@ impl BridgeConfig {
                 "DEAD_LETTER_STREAM",
                 self.dead_stream(),
                 "must differ from OUTPUT_STREAM",
+            ));
+        }
+        if self.endpoint.is_cluster() {
+            use redis::cluster_routing::Slot;
+            if Slot::for_key(self.dead_stream()) != Slot::for_key(&self.output_stream) {
+                return Err(ConfigError::new(
+                    "DEAD_LETTER_STREAM",
+                    self.dead_stream(),
+                    format!(
+                        "on a cluster it must be in OUTPUT_STREAM's slot: give it the hash tag {{{}}}",
+                        self.output_stream
+                    ),
+                ));
+            }
+            if self.strategy == Strategy::Partitioned {
+                return Err(ConfigError::new(
+                    "STRATEGY",
+                    "partitioned",
+                    "needs one server's order of marks and messages; on a cluster use race (the default there)",
+                ));
+            }
+        } else if self.endpoint.is_sharded() {
+            return Err(ConfigError::new(
+                "PUBSUB_MODE",
+                "sharded",
+                "sharded Pub/Sub needs a cluster (REDIS_CLUSTER=1)",
             ));
         }
         if self.batch_size == 0 {
@@ -510,8 +763,9 @@ fn parse_choice<T: ValueEnum>(var: &'static str, raw: &str) -> Result<T, ConfigE
 impl ConsumeArgs {
     /// Turns the raw settings into a validated [`BridgeConfig`].
     pub fn to_config(&self, connect: &ConnectArgs) -> Result<BridgeConfig, ConfigError> {
+        let endpoint = connect.endpoint()?;
         let config = BridgeConfig {
-            redis_url: connect.url()?,
+            endpoint: endpoint.clone(),
             consumers: parse_num("CONSUMERS_COUNT", &self.consumers_count)?,
             batch_size: parse_num("PROCESSING_BATCH_SIZE", &self.processing_batch_size)?,
             input_channel: self.input_channel.clone(),
@@ -525,7 +779,11 @@ impl ConsumeArgs {
             ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
             presence_ttl: parse_secs("PRESENCE_TTL", &self.presence_ttl)?,
             output_format: parse_choice("OUTPUT_FORMAT", &self.output_format)?,
-            strategy: parse_choice("STRATEGY", &self.strategy)?,
+            strategy: match &self.strategy {
+                Some(raw) => parse_choice("STRATEGY", raw)?,
+                None if endpoint.is_cluster() => Strategy::Race,
+                None => Strategy::Partitioned,
+            },
             queue_capacity: parse_num("QUEUE_CAPACITY", &self.queue_capacity)?,
             max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &self.max_payload_bytes)?,
             dead_letter_stream: self.dead_letter_stream.clone(),
@@ -602,7 +860,7 @@ pub enum Pace {
 /// The validated settings of `optimus publish`.
 #[derive(Debug, Clone)]
 pub struct PublishConfig {
-    pub redis_url: String,
+    pub endpoint: Endpoint,
     pub channel: String,
     pub limit: PublishLimit,
     pub batch_size: usize,
@@ -623,7 +881,7 @@ impl PublishConfig {
     /// messages that reach no subscriber go straight to `messages:processed`.
     pub fn new(redis_url: impl Into<String>, channel: impl Into<String>, count: u64) -> Self {
         Self {
-            redis_url: redis_url.into(),
+            endpoint: Endpoint::new(redis_url),
             channel: channel.into(),
             limit: PublishLimit::Count(count),
             batch_size: 1000,
@@ -675,7 +933,7 @@ impl PublishArgs {
             return Err(ConfigError::new("INPUT_CHANNEL", "", "must not be empty"));
         }
         Ok(PublishConfig {
-            redis_url: connect.url()?,
+            endpoint: connect.endpoint()?,
             channel: self.channel.clone(),
             limit,
             batch_size,

@@ -13,22 +13,22 @@ use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
 /// The kill switch's key.
-pub const STOP_KEY: &str = "optimus:ctl:stop";
+pub const STOP_KEY: &str = "{optimus:ctl}:stop";
 
 /// How often a process looks at the kill switch (and its idle time), and
 /// renews its registration for `ctl scale`.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// The desired total number of bridge workers, all processes together.
-pub const WORKERS_KEY: &str = "optimus:ctl:workers";
+pub const WORKERS_KEY: &str = "{optimus:ctl}:workers";
 
 /// The live `consume` processes: a sorted set scored by the server time (ms)
 /// at which each registration lapses.
-pub const PROCESSES_KEY: &str = "optimus:ctl:processes";
+pub const PROCESSES_KEY: &str = "{optimus:ctl}:processes";
 
 /// Where a process reports its rate for `ctl status`: this prefix and its
 /// presence value (`host=… pid=…`).
-pub const RATE_PREFIX: &str = "optimus:ctl:rate:";
+pub const RATE_PREFIX: &str = "{optimus:ctl}:rate:";
 
 /// Stores a process's rate (messages or entries per second over its last
 /// monitoring interval) for `ctl status`; it lapses after three intervals.

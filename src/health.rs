@@ -6,7 +6,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 
 use crate::bridge::presence::Presence;
 use crate::config::ConfigError;
@@ -198,7 +198,7 @@ pub struct HealthConfig {
 
 /// Runs every check. Redis being unreachable or the stream missing are
 /// alerts, not errors.
-pub async fn check(conn: &mut ConnectionManager, config: &HealthConfig) -> Report {
+pub async fn check(conn: &mut (impl ConnectionLike + Send), config: &HealthConfig) -> Report {
     let t = &config.thresholds;
     let mut checks = Vec::new();
     let measured = |name: String, value: u64, limit: &Limit, unit: &str| Check {
@@ -289,14 +289,14 @@ pub async fn check(conn: &mut ConnectionManager, config: &HealthConfig) -> Repor
     Report { checks }
 }
 
-async fn server_time_ms(conn: &mut ConnectionManager) -> redis::RedisResult<u64> {
+async fn server_time_ms(conn: &mut (impl ConnectionLike + Send)) -> redis::RedisResult<u64> {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
     Ok(secs * 1000 + micros / 1000)
 }
 
 /// When a group's oldest pending entry was added (ms, from its id).
 async fn oldest_pending_ms(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     group: &str,
 ) -> redis::RedisResult<Option<u64>> {

@@ -295,7 +295,7 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
         Err(err) => return bad_setting(&err),
     };
     let workers = config.worker_count();
-    let url = config.redis_url().to_string();
+    let endpoint = config.server().clone();
     let bridge = match Bridge::new(config) {
         Ok(bridge) => bridge,
         Err(err) => return bad_setting(&err),
@@ -304,7 +304,7 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
     let counters = bridge.counters();
     let started = controls
         .start(
-            &url,
+            &endpoint,
             move || counters.received.load(std::sync::atomic::Ordering::Relaxed),
             || optimus::metrics::bridge_registry(bridge.counters(), workers),
             &shutdown,
@@ -349,11 +349,11 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
 }
 
 async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode {
-    let url = match connect.url() {
-        Ok(url) => url,
+    let endpoint = match connect.endpoint() {
+        Ok(endpoint) => endpoint,
         Err(err) => return bad_setting(&err),
     };
-    match optimus::audit::audit(&url, stream, published).await {
+    match optimus::audit::audit(&endpoint, stream, published).await {
         Ok(report) => {
             println!("{report}");
             if report.ok() {
@@ -370,7 +370,10 @@ async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode 
 }
 
 async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode {
-    let config = match connect.url().and_then(|url| args.to_config(url)) {
+    let config = match connect
+        .endpoint()
+        .and_then(|endpoint| args.to_config(endpoint))
+    {
         Ok(config) => config,
         Err(err) => return bad_setting(&err),
     };
@@ -378,13 +381,13 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
         Ok(controls) => controls,
         Err(err) => return bad_setting(&err),
     };
-    let server = optimus::config::mask_password(&config.redis_url);
+    let server = config.endpoint.to_string();
     let counters = std::sync::Arc::new(optimus::work::WorkCounters::default());
     let shutdown = shutdown_on_signal();
     let watched = counters.clone();
     let started = controls
         .start(
-            &config.redis_url,
+            &config.endpoint,
             move || {
                 use std::sync::atomic::Ordering::Relaxed;
                 watched.handled.load(Relaxed) + watched.failed.load(Relaxed)
@@ -399,20 +402,23 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
     match optimus::work::run(config, counters, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("optimus: Redis at {server} refused the workers: {err}");
+            eprintln!(
+                "optimus: Redis at {server} refused the workers: {}",
+                optimus::connect::explain(&err)
+            );
             ExitCode::from(1)
         }
     }
 }
 
 async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
-    let url = match connect.url() {
-        Ok(url) => url,
+    let endpoint = match connect.endpoint() {
+        Ok(endpoint) => endpoint,
         Err(err) => return bad_setting(&err),
     };
-    let server = optimus::config::mask_password(&url);
+    let server = endpoint.to_string();
     let result = async {
-        let client = redis::Client::open(url.as_str())?;
+        let client = endpoint.client()?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         match action {
             CtlAction::Status {
@@ -430,7 +436,8 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
                         &list,
                         std::time::Duration::from_secs(1),
                         String::new(),
-                    );
+                    )
+                    .on_cluster(endpoint.is_cluster());
                     // Workers grouped by process (their presence value).
                     let mut processes: std::collections::BTreeMap<String, usize> =
                         Default::default();
@@ -544,12 +551,12 @@ impl Controls {
     /// listened on is a bad setting.
     async fn start(
         self,
-        url: &str,
+        endpoint: &optimus::config::Endpoint,
         activity: impl Fn() -> u64 + Send + 'static,
         registry: impl FnOnce() -> prometheus_client::registry::Registry,
         shutdown: &CancellationToken,
     ) -> Result<(), ExitCode> {
-        let client = redis::Client::open(url).map_err(|err| {
+        let client = endpoint.client().map_err(|err| {
             eprintln!("optimus: {err}");
             ExitCode::from(2)
         })?;
@@ -577,12 +584,15 @@ impl Controls {
 
 async fn health(connect: &ConnectArgs, args: &optimus::health::HealthArgs) -> ExitCode {
     use optimus::health::{Check, Level, Report};
-    let (url, config) = match connect.url().and_then(|url| Ok((url, args.to_config()?))) {
+    let (endpoint, config) = match connect
+        .endpoint()
+        .and_then(|endpoint| Ok((endpoint, args.to_config()?)))
+    {
         Ok(both) => both,
         Err(err) => return bad_setting(&err),
     };
-    let server = optimus::config::mask_password(&url);
-    let connected = match redis::Client::open(url.as_str()) {
+    let server = endpoint.to_string();
+    let connected = match endpoint.client() {
         Ok(client) => redis::aio::ConnectionManager::new(client).await,
         Err(err) => Err(err),
     };
@@ -611,12 +621,12 @@ enum Managed {
 /// without --yes.
 async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
     use optimus::manage::{self, ManageError, Trim, render};
-    let url = match connect.url() {
-        Ok(url) => url,
+    let endpoint = match connect.endpoint() {
+        Ok(endpoint) => endpoint,
         Err(err) => return bad_setting(&err),
     };
-    let server = optimus::config::mask_password(&url);
-    let mut conn = match redis::Client::open(url.as_str()) {
+    let server = endpoint.to_string();
+    let mut conn = match endpoint.client() {
         Ok(client) => match client.get_multiplexed_async_connection().await {
             Ok(conn) => conn,
             Err(err) => {

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::bridge::delivery::{Delivery, Destination, Settled};
 use crate::bridge::host_name;
 use crate::bridge::message::{Incoming, json_id};
-use crate::config::{Pace, PublishConfig, PublishLimit, mask_password};
-use crate::connect::{is_fatal, reconnect_backoff};
+use crate::config::{Pace, PublishConfig, PublishLimit};
+use crate::connect::{Conn, is_fatal, reconnect_backoff};
 
 /// What a publisher run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -67,7 +67,7 @@ impl std::fmt::Display for PublishSummary {
 
 /// Publishing stopped; `summary` says what went out before.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot publish to {server}: {source}")]
+#[error("cannot publish to {server}: {}", crate::connect::explain(.source))]
 pub struct PublishError {
     pub server: String,
     pub source: RedisError,
@@ -89,8 +89,10 @@ pub struct BatchOutcome {
 /// connection: batches sent from several clones at once are pipelined.
 #[derive(Clone)]
 pub struct Publisher {
-    conn: ConnectionManager,
+    conn: Conn,
     channel: String,
+    /// SPUBLISH instead of PUBLISH.
+    sharded: bool,
     fast_path: Option<Delivery>,
 }
 
@@ -98,17 +100,30 @@ impl Publisher {
     /// Connects (failing at once when Redis cannot be reached: a publisher
     /// should hear about it rather than wait).
     pub async fn connect(config: &PublishConfig) -> Result<Self, RedisError> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
-        let conn_config = ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)));
-        let conn = ConnectionManager::new_with_config(client, conn_config).await?;
+        let endpoint = &config.endpoint;
+        let conn = if endpoint.is_cluster() {
+            Conn::Cluster(
+                endpoint
+                    .cluster_builder()?
+                    .build()?
+                    .get_async_connection()
+                    .await?,
+            )
+        } else {
+            let conn_config = ConnectionManagerConfig::new()
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(2))
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(10)));
+            Conn::Single(ConnectionManager::new_with_config(endpoint.client()?, conn_config).await?)
+        };
         let fast_path = config.fast_path_stream.as_ref().map(|stream| {
             Delivery::new(
                 conn.clone(),
-                Destination::new(stream, &config.channel),
+                Destination {
+                    dead_stream: crate::config::default_dead_stream(stream, endpoint.is_cluster()),
+                    ..Destination::new(stream, &config.channel)
+                },
                 format!("publisher-{}-{}", host_name(), std::process::id()),
                 Duration::from_secs(2),
                 config.ack_ttl,
@@ -116,6 +131,7 @@ impl Publisher {
         });
         Ok(Self {
             conn,
+            sharded: endpoint.is_sharded(),
             channel: config.channel.clone(),
             fast_path,
         })
@@ -133,8 +149,9 @@ impl Publisher {
         payloads: &[Vec<u8>],
     ) -> Result<BatchOutcome, RedisError> {
         let mut pipe = redis::pipe();
+        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         for payload in payloads {
-            pipe.publish(&self.channel, payload);
+            pipe.cmd(command).arg(&self.channel).arg(payload);
         }
         let receivers: Vec<u64> = pipe.query_async(&mut self.conn).await?;
         let missed: Vec<&Vec<u8>> = payloads
@@ -197,7 +214,7 @@ pub async fn run(
     config: &PublishConfig,
     shutdown: CancellationToken,
 ) -> Result<PublishSummary, PublishError> {
-    let server = mask_password(&config.redis_url);
+    let server = config.endpoint.to_string();
     let mut summary = PublishSummary::default();
     let publisher = Publisher::connect(config)
         .await

@@ -57,7 +57,7 @@ pub struct Entry {
 /// The validated settings of `optimus work`.
 #[derive(Clone)]
 pub struct WorkConfig {
-    pub redis_url: String,
+    pub endpoint: crate::connect::Endpoint,
     pub stream: String,
     pub group: String,
     pub consumers: usize,
@@ -127,7 +127,7 @@ pub async fn run(
     counters: Arc<WorkCounters>,
     shutdown: CancellationToken,
 ) -> Result<(), RedisError> {
-    let client = redis::Client::open(config.redis_url.as_str())?;
+    let client = config.endpoint.client()?;
     let Some(mut conn) = connection_manager(&client, &shutdown).await? else {
         return Ok(());
     };
@@ -153,7 +153,8 @@ pub async fn run(
         &config.consumers_list,
         config.presence_ttl,
         format!("host={host} pid={pid}"),
-    );
+    )
+    .on_cluster(config.endpoint.is_cluster());
     presence.refresh(&mut conn, &ids).await?;
     tracing::info!(stream = %config.stream, group = %config.group, workers = config.consumers, "work starting");
 
@@ -530,7 +531,7 @@ pub struct WorkArgs {
 }
 
 impl WorkArgs {
-    pub fn to_config(&self, redis_url: String) -> Result<WorkConfig, ConfigError> {
+    pub fn to_config(&self, endpoint: crate::connect::Endpoint) -> Result<WorkConfig, ConfigError> {
         let positive = |var: &'static str, raw: &str| -> Result<u64, ConfigError> {
             let n: u64 = parse_num(var, raw)?;
             if n == 0 {
@@ -538,8 +539,15 @@ impl WorkArgs {
             }
             Ok(n)
         };
+        if endpoint.is_cluster() {
+            return Err(ConfigError::new(
+                "REDIS_CLUSTER",
+                "1",
+                "optimus work does not run on a cluster yet (its dead-letter step spans two slots)",
+            ));
+        }
         Ok(WorkConfig {
-            redis_url,
+            endpoint,
             stream: self.stream.clone(),
             group: self.group.clone(),
             consumers: positive("WORK_CONSUMERS", &self.consumers)? as usize,

@@ -18,7 +18,7 @@ async fn worker(server: &RedisServer, id: &str, lock_ttl: Duration) -> Delivery 
     let client = redis::Client::open(server.url()).unwrap();
     let conn = client.get_connection_manager().await.unwrap();
     Delivery::new(
-        conn,
+        optimus::connect::Conn::Single(conn),
         Destination::new(STREAM, "s:in"),
         id.to_string(),
         lock_ttl,
@@ -136,7 +136,7 @@ async fn flat_format_copies_json_fields_into_the_entry() {
     let server = RedisServer::start();
     let client = redis::Client::open(server.url()).unwrap();
     let mut d = Delivery::new(
-        client.get_connection_manager().await.unwrap(),
+        optimus::connect::Conn::Single(client.get_connection_manager().await.unwrap()),
         Destination {
             format: OutputFormat::Flat,
             ..Destination::new(STREAM, "s:in")

@@ -51,6 +51,25 @@ fn bad_settings_give_one_line_and_exit_code_2() {
         (&[("REDIS_PORT", "99999")], "REDIS_PORT", "99999"),
         (&[("REDIS_URL", "http://nope")], "REDIS_URL", "http://nope"),
         (&[("OUTPUT_STREAM", "a{b}")], "OUTPUT_STREAM", "a{b}"),
+        (&[("REDIS_CLUSTER", "maybe")], "REDIS_CLUSTER", "maybe"),
+        (&[("PUBSUB_MODE", "sharded")], "PUBSUB_MODE", "sharded"),
+        (&[("PUBSUB_MODE", "loud")], "PUBSUB_MODE", "loud"),
+        (
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
+                ("STRATEGY", "partitioned"),
+            ],
+            "STRATEGY",
+            "partitioned",
+        ),
+        (
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
+                ("DEAD_LETTER_STREAM", "elsewhere"),
+            ],
+            "DEAD_LETTER_STREAM",
+            "elsewhere",
+        ),
     ];
     for (env, var, value) in cases {
         let out = run_optimus(&["consume"], env, Duration::from_secs(10));
@@ -95,6 +114,14 @@ fn help_lists_every_variable_with_its_default() {
         ("REDIS_URL", ""),
         ("REDIS_HOST", "localhost"),
         ("REDIS_PORT", "6379"),
+        ("REDIS_USERNAME", ""),
+        ("REDIS_PASSWORD", ""),
+        ("REDIS_PASSWORD_FILE", ""),
+        ("REDIS_TLS_CA_FILE", ""),
+        ("REDIS_TLS_CERT_FILE", ""),
+        ("REDIS_TLS_KEY_FILE", ""),
+        ("REDIS_CLUSTER", "0"),
+        ("PUBSUB_MODE", "classic"),
         ("CONSUMERS_COUNT", "2"),
         ("PROCESSING_BATCH_SIZE", "100"),
         ("LOGLEVEL", "INFO"),
@@ -107,7 +134,7 @@ fn help_lists_every_variable_with_its_default() {
         ("ACK_TTL", "60"),
         ("PENDING_RETENTION", "30"),
         ("PRESENCE_TTL", "5"),
-        ("STRATEGY", "partitioned"),
+        ("STRATEGY", ""), // partitioned, or race on a cluster: said in its help
         ("TAKEOVER_AFTER", "0.25"),
         ("OUTPUT_FORMAT", "envelope"),
     ] {

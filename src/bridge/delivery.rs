@@ -32,7 +32,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connect::Conn;
 use redis::{RedisResult, Script};
 
 use super::message::Incoming;
@@ -264,7 +264,7 @@ pub struct CycleReply {
 /// One worker's side of the protocol. Clones share the connection.
 #[derive(Clone)]
 pub struct Delivery {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     to: Destination,
     worker_id: String,
@@ -278,7 +278,7 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(
-        conn: ConnectionManager,
+        conn: Conn,
         to: Destination,
         worker_id: String,
         lock_ttl: Duration,
@@ -459,9 +459,7 @@ impl Delivery {
     /// (first use, or after a restart) it loads them and runs it again.
     async fn query<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> RedisResult<T> {
         match pipe.query_async(&mut self.conn).await {
-            Err(err)
-                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
+            Err(err) if is_noscript(&err) => {
                 load_scripts(&mut self.conn).await?;
                 pipe.query_async(&mut self.conn).await
             }
@@ -470,13 +468,29 @@ impl Delivery {
     }
 }
 
-/// Loads every script of the protocol.
+/// Whether Redis did not know a script: the error of a single EVALSHA, or
+/// of one in a pipeline (a cluster reports those one by one).
+fn is_noscript(err: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+        || err.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, e)| e.kind() == Some(ServerErrorKind::NoScript))
+        })
+}
+
+/// Loads every script of the protocol: one command each, which a cluster
+/// connection sends to every node.
 async fn load_scripts<C: redis::aio::ConnectionLike>(conn: &mut C) -> RedisResult<()> {
-    let mut pipe = redis::pipe();
     for script in SCRIPTS {
-        pipe.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script)
+            .query_async::<redis::Value>(conn)
+            .await?;
     }
-    pipe.query_async::<()>(conn).await
+    Ok(())
 }
 
 /// Publishes a mark on `channel` (see [`Keys::mark_channel`]) over any
@@ -493,7 +507,7 @@ pub async fn publish_mark<C: redis::aio::ConnectionLike>(
         .arg(&keys.clock)
         .arg(channel);
     match cmd.query_async(conn).await {
-        Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+        Err(err) if is_noscript(&err) => {
             load_scripts(conn).await?;
             cmd.query_async(conn).await
         }

@@ -27,8 +27,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BridgeConfig, ConfigError, Strategy, mask_password};
-use crate::connect::connection_manager;
+use crate::config::{BridgeConfig, ConfigError, Strategy};
+use crate::connect::{Conn, connection};
 use crate::monitor::{Counters, MonitorLine, Snapshot};
 use delivery::{Delivery, Destination, Keys};
 use message::IdAssigner;
@@ -43,7 +43,7 @@ pub enum BridgeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// Redis refused us in a way retrying cannot mend (credentials, permissions).
-    #[error("Redis at {server} refused the bridge: {source}")]
+    #[error("Redis at {server} refused the bridge: {}", crate::connect::explain(.source))]
     Refused { server: String, source: RedisError },
 }
 
@@ -87,13 +87,12 @@ impl Bridge {
     /// credentials or permissions.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Snapshot, BridgeError> {
         let config = &self.config;
-        let server = mask_password(&config.redis_url);
+        let server = config.endpoint.to_string();
         let refused = |source| BridgeError::Refused {
             server: server.clone(),
             source,
         };
-        let client = redis::Client::open(config.redis_url.as_str()).map_err(refused)?;
-        let Some(mut conn) = connection_manager(&client, &shutdown)
+        let Some(mut conn) = connection(&config.endpoint, &shutdown)
             .await
             .map_err(refused)?
         else {
@@ -111,7 +110,8 @@ impl Bridge {
             &config.consumers_list,
             config.presence_ttl,
             process.describe(),
-        );
+        )
+        .on_cluster(config.endpoint.is_cluster());
         presence
             .refresh(&mut conn, &worker_ids)
             .await
@@ -123,7 +123,6 @@ impl Bridge {
         let stop_aux = CancellationToken::new();
         let mut tasks: JoinSet<Result<(), RedisError>> = JoinSet::new();
         let spawner = Spawner {
-            client: client.clone(),
             config: config.clone(),
             destination: Destination {
                 stream: config.output_stream.clone(),
@@ -252,7 +251,6 @@ impl Bridge {
 
 /// Starts workers: each a subscription task and a worker loop.
 struct Spawner {
-    client: redis::Client,
     config: BridgeConfig,
     destination: Destination,
     counters: Arc<Counters>,
@@ -270,7 +268,7 @@ impl Spawner {
         shutdown: &CancellationToken,
     ) -> Result<bool, RedisError> {
         let config = &self.config;
-        let Some(worker_conn) = connection_manager(&self.client, shutdown).await? else {
+        let Some(worker_conn) = connection(&config.endpoint, shutdown).await? else {
             return Ok(false);
         };
         // An id-less payload's count must outlive any ACK it could collide with.
@@ -284,7 +282,7 @@ impl Spawner {
             keys,
         });
         let subscription = Subscription {
-            client: self.client.clone(),
+            endpoint: config.endpoint.clone(),
             channel: config.input_channel.clone(),
             worker_id: id.to_string(),
             ids: IdAssigner::new(
@@ -339,7 +337,7 @@ impl Spawner {
 /// Refreshes the presence keys until cancelled.
 async fn keep_present(
     presence: Presence,
-    mut conn: redis::aio::ConnectionManager,
+    mut conn: Conn,
     workers: Arc<std::sync::Mutex<Vec<String>>>,
     cancel: CancellationToken,
 ) {
@@ -359,7 +357,7 @@ async fn keep_present(
 /// Prints the monitoring line every `interval` until cancelled.
 async fn monitor(
     presence: Presence,
-    mut conn: redis::aio::ConnectionManager,
+    mut conn: Conn,
     counters: Arc<Counters>,
     interval: Duration,
     print: bool,

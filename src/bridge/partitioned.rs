@@ -230,7 +230,26 @@ impl PartitionedWorker {
                 let late = Instant::now() >= deadline;
                 if pending == 0 || late {
                     if late && pending > 0 {
-                        tracing::warn!(worker = %self.id, unsettled = pending, "stopping with copies still unsettled; their owners are expected to write them");
+                        // Their owners may be stopping too (a whole process
+                        // shutting down): take them over rather than leave
+                        // them to no one. The ACK check makes a second
+                        // write of any of them a no-op.
+                        let rest: Vec<Incoming> = st
+                            .held
+                            .drain(..)
+                            .flat_map(|segment| segment.copies.into_iter().map(|c| c.msg))
+                            .chain(st.owned.drain(..))
+                            .collect();
+                        let mut unsettled = 0;
+                        for chunk in rest.chunks(self.batch_size) {
+                            if let Err(err) = self.write(chunk, true).await {
+                                tracing::debug!(worker = %self.id, cause = %err, "last takeover failed");
+                                unsettled += chunk.len();
+                            }
+                        }
+                        if unsettled > 0 {
+                            tracing::warn!(worker = %self.id, unsettled, "stopping with copies Redis did not take; their owners are expected to write them");
+                        }
                         Counters::sub(&self.counters.pending, reported_pending as u64);
                     }
                     st.left = true;

@@ -5,10 +5,13 @@
 //! to the server time its key expires; counting live workers is then one
 //! cheap script instead of a SCAN over the whole keyspace. Both use the
 //! server's clock, so hosts whose clocks differ still agree.
+//!
+//! On a Redis Cluster the keys are `{<CONSUMERS_LIST>}:<worker id>`: the hash
+//! tag puts them in the sorted set's slot, so one script can touch them all.
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
 
 /// KEYS: index, key1, key2, …  ARGV: TTL in ms, value, id1, id2, …
@@ -48,6 +51,8 @@ return out
 #[derive(Clone)]
 pub struct Presence {
     prefix: String,
+    /// The prefix of the per-worker keys: `prefix`, or `{prefix}` on a cluster.
+    key_prefix: String,
     ttl: Duration,
     /// What each key holds: where the worker runs.
     value: String,
@@ -59,6 +64,7 @@ impl Presence {
     pub fn new(prefix: &str, ttl: Duration, value: String) -> Self {
         Self {
             prefix: prefix.to_string(),
+            key_prefix: prefix.to_string(),
             ttl,
             value,
             refresh: Script::new(REFRESH),
@@ -80,14 +86,24 @@ impl Presence {
         self.prefix.clone()
     }
 
+    /// On a cluster: keys in the index's slot (see the module's notes).
+    pub fn on_cluster(mut self, cluster: bool) -> Self {
+        self.key_prefix = if cluster {
+            format!("{{{}}}", self.prefix)
+        } else {
+            self.prefix.clone()
+        };
+        self
+    }
+
     fn key(&self, worker: &str) -> String {
-        format!("{}:{worker}", self.prefix)
+        format!("{}:{worker}", self.key_prefix)
     }
 
     /// Registers (or keeps alive) these workers.
     pub async fn refresh(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut (impl ConnectionLike + Send),
         workers: &[String],
     ) -> RedisResult<()> {
         if workers.is_empty() {
@@ -106,22 +122,25 @@ impl Presence {
 
     /// Live workers, all processes and hosts together.
     /// The live workers and their presence values (`host=… pid=…`).
-    pub async fn list(&self, conn: &mut ConnectionManager) -> RedisResult<Vec<(String, String)>> {
+    pub async fn list(
+        &self,
+        conn: &mut (impl ConnectionLike + Send),
+    ) -> RedisResult<Vec<(String, String)>> {
         Script::new(LIST)
             .key(self.index())
-            .arg(&self.prefix)
+            .arg(&self.key_prefix)
             .invoke_async(conn)
             .await
     }
 
-    pub async fn count(&self, conn: &mut ConnectionManager) -> RedisResult<u64> {
+    pub async fn count(&self, conn: &mut (impl ConnectionLike + Send)) -> RedisResult<u64> {
         self.count.key(self.index()).invoke_async(conn).await
     }
 
     /// Removes these workers' keys (at shutdown).
     pub async fn remove(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut (impl ConnectionLike + Send),
         workers: &[String],
     ) -> RedisResult<()> {
         if workers.is_empty() {

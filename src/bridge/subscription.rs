@@ -22,20 +22,24 @@
 //!   messages (see [`super::partition`]); each (re)subscription is announced
 //!   with [`Item::Subscribed`]. Before it unsubscribes it publishes one last
 //!   mark, which closes the last stretch of messages.
+//! - **Cluster**: the cluster client subscribes on the node that serves the
+//!   channel's slot (SUBSCRIBE, or SSUBSCRIBE with sharded Pub/Sub) and
+//!   subscribes again by itself after a reconnect, a failover or a slot move
+//!   (a server's SUNSUBSCRIBE). Each such loss is counted as a reconnect,
+//!   and the time until the new subscription is confirmed as a gap.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, RedisError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::delivery::{Keys, publish_mark};
 use super::message::{IdAssigner, Incoming, Item};
-use crate::connect::retry_until_connected;
+use crate::connect::{Conn, Endpoint, retry_until_connected};
 use crate::monitor::Counters;
 
 /// Silence on the subscription after which it is checked with a PING.
@@ -45,7 +49,7 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Everything the subscription task needs.
 pub struct Subscription {
-    pub client: Client,
+    pub endpoint: Endpoint,
     pub channel: String,
     pub worker_id: String,
     pub ids: IdAssigner,
@@ -70,8 +74,48 @@ pub struct Marks {
 /// What the client library's reader hands over.
 enum Pushed {
     Message(Vec<u8>),
-    Mark { clock: u64, overflowed: bool },
+    Mark {
+        clock: u64,
+        overflowed: bool,
+    },
     Disconnected,
+    /// Cluster: the server ended the subscription to the input channel (its
+    /// slot moved) or a node's connection dropped; the client subscribes
+    /// again by itself.
+    Lost,
+    /// Cluster: the subscription to the input channel is confirmed (again).
+    Confirmed,
+}
+
+/// The subscribed connection: a RESP3 connection to one server
+/// ([`Conn::Plain`]), or to a cluster, whose (S)SUBSCRIBE is `sharded`.
+struct SubConn {
+    conn: Conn,
+    sharded: bool,
+}
+
+impl SubConn {
+    async fn subscribe(&mut self, channels: Vec<&str>) -> Result<(), RedisError> {
+        match &mut self.conn {
+            Conn::Cluster(c) if self.sharded => c.ssubscribe(channels).await,
+            Conn::Cluster(c) => c.subscribe(channels).await,
+            Conn::Plain(c) => c.subscribe(channels).await,
+            Conn::Single(_) => unreachable!("subscriptions use a plain connection"),
+        }
+    }
+
+    async fn unsubscribe(&mut self, channels: Vec<&str>) -> Result<(), RedisError> {
+        match &mut self.conn {
+            Conn::Cluster(c) if self.sharded => c.sunsubscribe(channels).await,
+            Conn::Cluster(c) => c.unsubscribe(channels).await,
+            Conn::Plain(c) => c.unsubscribe(channels).await,
+            Conn::Single(_) => unreachable!("subscriptions use a plain connection"),
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
 }
 
 impl Subscription {
@@ -79,16 +123,22 @@ impl Subscription {
     /// help (credentials, permissions). Dropping the queue's sender on return
     /// tells the worker that nothing more is coming.
     pub async fn run(mut self) -> Result<(), RedisError> {
-        let info = self.client.get_connection_info().clone();
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = Client::open(info.set_redis_settings(settings))?;
+        let client = if self.endpoint.is_cluster() {
+            None
+        } else {
+            let info = self.endpoint.client()?.get_connection_info().clone();
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3);
+            Some(Client::open(info.set_redis_settings(settings))?)
+        };
+        let shown = self.endpoint.to_string();
         let mut lost_at: Option<Instant> = None;
         loop {
             let connected =
-                retry_until_connected(&client, &self.cancel, || self.subscribe(&client)).await?;
+                retry_until_connected(&shown, &self.cancel, || self.subscribe(client.as_ref()))
+                    .await?;
             let Some((mut conn, mut pushed)) = connected else {
                 return Ok(());
             };
@@ -129,7 +179,7 @@ impl Subscription {
                             continue;
                         }
                         let ping = redis::cmd("PING");
-                        match tokio::time::timeout(PING_TIMEOUT, ping.query_async::<()>(&mut conn)).await {
+                        match tokio::time::timeout(PING_TIMEOUT, ping.query_async::<()>(&mut conn.conn)).await {
                             Ok(Ok(())) => {
                                 last_heard = Instant::now();
                                 keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
@@ -142,6 +192,37 @@ impl Subscription {
                 let item = match event {
                     Some(Pushed::Message(payload)) => Item::Message(self.receive(payload)),
                     Some(Pushed::Mark { clock, overflowed }) => Item::Mark { clock, overflowed },
+                    Some(Pushed::Lost) => {
+                        if lost_at.is_none() {
+                            tracing::warn!(worker = %self.worker_id, channel = %self.channel, "cluster subscription lost; the client subscribes again");
+                            self.coverage.down(true);
+                            lost_at = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                    Some(Pushed::Confirmed) => {
+                        if let Some(t) = lost_at.take() {
+                            self.coverage.up(&self.counters);
+                            Counters::add(&self.counters.reconnects, 1);
+                            tracing::warn!(
+                                worker = %self.worker_id,
+                                channel = %self.channel,
+                                gap_ms = t.elapsed().as_millis() as u64,
+                                "resubscribed on the cluster; messages published during the gap reached only the other workers"
+                            );
+                        }
+                        last_heard = Instant::now();
+                        continue;
+                    }
+                    Some(Pushed::Disconnected) if conn.is_cluster() => {
+                        // One node's connection; the cluster client reconnects
+                        // and subscribes again where the channel is served.
+                        if lost_at.is_none() {
+                            self.coverage.down(true);
+                            lost_at = Some(Instant::now());
+                        }
+                        continue;
+                    }
                     Some(Pushed::Disconnected) | None => break,
                 };
                 last_heard = Instant::now();
@@ -151,8 +232,10 @@ impl Subscription {
                 }
             }
             tracing::warn!(worker = %self.worker_id, channel = %self.channel, "subscription lost, reconnecting");
-            self.coverage.down(true);
-            lost_at = Some(Instant::now());
+            if lost_at.is_none() {
+                self.coverage.down(true);
+                lost_at = Some(Instant::now());
+            }
         }
     }
 
@@ -176,11 +259,11 @@ impl Subscription {
     /// A last mark, published first, tells the worker where those messages end.
     async fn unsubscribe_and_drain(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut SubConn,
         pushed: &mut mpsc::Receiver<Pushed>,
     ) {
         if let Some(marks) = &self.marks
-            && let Err(err) = publish_mark(conn, &marks.keys, &marks.channel).await
+            && let Err(err) = publish_mark(&mut conn.conn, &marks.keys, &marks.channel).await
         {
             tracing::debug!(worker = %self.worker_id, cause = %err, "no last mark");
         }
@@ -197,7 +280,7 @@ impl Subscription {
             let item = match event {
                 Pushed::Message(payload) => Item::Message(self.receive(payload)),
                 Pushed::Mark { clock, overflowed } => Item::Mark { clock, overflowed },
-                Pushed::Disconnected => continue,
+                Pushed::Disconnected | Pushed::Lost | Pushed::Confirmed => continue,
             };
             if self.queue.send(item).await.is_err() {
                 return;
@@ -211,8 +294,8 @@ impl Subscription {
     /// failed half-way (a message, its end of connection) reaches the worker.
     async fn subscribe(
         &self,
-        client: &Client,
-    ) -> Result<(MultiplexedConnection, mpsc::Receiver<Pushed>), RedisError> {
+        client: Option<&Client>,
+    ) -> Result<(SubConn, mpsc::Receiver<Pushed>), RedisError> {
         let (pushed, receiver) = mpsc::channel(self.read_buffer.max(1));
         let counters = self.counters.clone();
         let worker = self.worker_id.clone();
@@ -223,9 +306,20 @@ impl Subscription {
         // Whether a message was dropped since the last mark handed over.
         let overflowed = AtomicBool::new(false);
         let mark_channel = self.marks.as_ref().map(|m| m.channel.clone().into_bytes());
+        let input_channel = self.channel.clone().into_bytes();
         let on_push = move |info: PushInfo| -> Result<(), ()> {
             match info.kind {
-                PushKind::Message => {
+                PushKind::SUnsubscribe | PushKind::Unsubscribe if matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == input_channel) =>
+                {
+                    let pushed = pushed.clone();
+                    tokio::spawn(async move { pushed.send(Pushed::Lost).await });
+                }
+                PushKind::SSubscribe | PushKind::Subscribe if matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == input_channel) =>
+                {
+                    let pushed = pushed.clone();
+                    tokio::spawn(async move { pushed.send(Pushed::Confirmed).await });
+                }
+                PushKind::Message | PushKind::SMessage => {
                     let mut data = info.data.into_iter();
                     let (
                         Some(redis::Value::BulkString(channel)),
@@ -285,18 +379,39 @@ impl Subscription {
             }
             Ok(())
         };
-        let config = AsyncConnectionConfig::new()
-            .set_push_sender(on_push)
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(PING_TIMEOUT));
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut conn = match client {
+            Some(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_push_sender(on_push)
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(PING_TIMEOUT));
+                SubConn {
+                    conn: Conn::Plain(
+                        client
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await?,
+                    ),
+                    sharded: false,
+                }
+            }
+            None => SubConn {
+                conn: Conn::Cluster(
+                    self.endpoint
+                        .cluster_builder()?
+                        .use_protocol(ProtocolVersion::RESP3)
+                        .push_sender(on_push)
+                        .build()?
+                        .get_async_connection()
+                        .await?,
+                ),
+                sharded: self.endpoint.is_sharded(),
+            },
+        };
         conn.subscribe(self.channels()).await?;
         // A first mark at once: what arrives before it can only be taken over
         // (nothing bounds it), so that stretch is kept as short as can be.
         if let Some(marks) = &self.marks {
-            publish_mark(&mut conn, &marks.keys, &marks.channel).await?;
+            publish_mark(&mut conn.conn, &marks.keys, &marks.channel).await?;
         }
         Ok((conn, receiver))
     }

@@ -7,6 +7,9 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod certs;
+pub mod cluster;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -150,27 +153,7 @@ impl RedisServer {
 
     /// Every entry of a stream, as field maps.
     pub fn stream_entries(&self, stream: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
-        let mut conn = self.conn();
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query(&mut conn)
-            .expect("XRANGE");
-        reply
-            .ids
-            .into_iter()
-            .map(|entry| {
-                entry
-                    .map
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let bytes: Vec<u8> = redis::from_redis_value(v).expect("bytes");
-                        (k, bytes)
-                    })
-                    .collect()
-            })
-            .collect()
+        stream_entries(&mut self.conn(), stream)
     }
 
     pub fn xlen(&self, stream: &str) -> usize {
@@ -280,14 +263,15 @@ pub fn run_optimus(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Ou
 /// Runs `optimus publish` against `server` with no pauses and these extra
 /// flags; checks it succeeded and returns its `publish done` summary.
 pub fn publish(server: &RedisServer, args: &[&str]) -> Fields {
-    let url = server.url();
+    publish_with(&[("REDIS_URL", server.url().as_str())], args)
+}
+
+/// Runs `optimus publish` with these settings (where Redis is, how to log
+/// in) and flags, as [`publish`] does.
+pub fn publish_with(env: &[(&str, &str)], args: &[&str]) -> Fields {
     let mut all = vec!["publish", "--pause-min", "0", "--pause-max", "0"];
     all.extend_from_slice(args);
-    let out = run_optimus(
-        &all,
-        &[("REDIS_URL", url.as_str())],
-        Duration::from_secs(60),
-    );
+    let out = run_optimus(&all, env, Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -631,4 +615,32 @@ pub fn assert_exactly_once(
 /// Path of a file in the crate, for tests that read the README or scripts.
 pub fn crate_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Every entry of a stream, as field maps, through any connection (a
+/// server's or a cluster's).
+pub fn stream_entries(
+    conn: &mut impl redis::ConnectionLike,
+    stream: &str,
+) -> Vec<BTreeMap<String, Vec<u8>>> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .expect("XRANGE");
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            entry
+                .map
+                .into_iter()
+                .map(|(k, v)| {
+                    let bytes: Vec<u8> = redis::from_redis_value(v).expect("bytes");
+                    (k, bytes)
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -1,0 +1,240 @@
+//! A Redis Cluster of the test's own: `redis-server --cluster-enabled yes`
+//! processes on free ports (each needs its port + 10000 for the cluster
+//! bus), joined by `redis-cli --cluster create`. Killed when dropped.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::wait_for;
+
+/// One node: its process, port and directory.
+pub struct ClusterNode {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// A port whose cluster-bus port (+10000) is free too.
+fn free_node_port() -> u16 {
+    use std::net::TcpListener;
+    for _ in 0..200 {
+        let port = 20000 + rand_port() % 25000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
+fn rand_port() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (nanos ^ (std::process::id() << 7)) as u16
+}
+
+fn spawn_node(dir: &Path, port: u16) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1500"])
+        .args(["--cluster-config-file", "nodes.conf"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot run redis-server: is it installed? (tests/run.sh installs it)")
+}
+
+impl RedisCluster {
+    /// `masters` masters, each with `replicas` replicas, every slot
+    /// assigned and every replica in sync.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let count = masters * (1 + replicas);
+        let mut nodes: Vec<ClusterNode> = Vec::new();
+        for _ in 0..count {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let port = free_node_port();
+            let child = spawn_node(dir.path(), port);
+            nodes.push(ClusterNode {
+                child: Some(child),
+                port,
+                dir,
+            });
+        }
+        let cluster = RedisCluster { nodes };
+        for node in &cluster.nodes {
+            wait_for(
+                &format!("node {} to answer PING", node.port),
+                Duration::from_secs(10),
+                || node.query::<String>(&["PING"]).ok(),
+                || cluster.logs(),
+            );
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("cannot run redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_healthy(count, Duration::from_secs(30));
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is ok and sees `known`
+    /// nodes, and every replica's link to its master is up.
+    pub fn wait_healthy(&self, known: usize, timeout: Duration) {
+        wait_for(
+            "the cluster to be healthy",
+            timeout,
+            || {
+                self.live()
+                    .all(|node| {
+                        let info: String = node.query(&["CLUSTER", "INFO"]).unwrap_or_default();
+                        let repl: String = node.query(&["INFO", "replication"]).unwrap_or_default();
+                        info.contains("cluster_state:ok")
+                            && info.contains(&format!("cluster_known_nodes:{known}"))
+                            && (repl.contains("role:master")
+                                || repl.contains("master_link_status:up"))
+                    })
+                    .then_some(())
+            },
+            || self.logs(),
+        );
+    }
+
+    fn live(&self) -> impl Iterator<Item = &ClusterNode> {
+        self.nodes.iter().filter(|n| n.child.is_some())
+    }
+
+    /// The seed list for REDIS_URL: every node, comma-separated.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A cluster connection for the test's own checks.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        let seeds: Vec<String> = self
+            .live()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect();
+        redis::cluster::ClusterClient::new(seeds)
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("cannot connect to the test cluster: {e}\n{}", self.logs()))
+    }
+
+    /// The port of the live master serving `key`'s slot.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot: u16 = self
+            .live()
+            .next()
+            .expect("a live node")
+            .query(&["CLUSTER", "KEYSLOT", key])
+            .expect("CLUSTER KEYSLOT");
+        for node in self.live() {
+            let nodes: String = node.query(&["CLUSTER", "NODES"]).unwrap_or_default();
+            for line in nodes.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                    continue;
+                }
+                let serves = fields[8..].iter().any(|range| {
+                    let mut ends = range.split('-');
+                    let lo: u16 = ends.next().and_then(|v| v.parse().ok()).unwrap_or(u16::MAX);
+                    let hi: u16 = ends.next().and_then(|v| v.parse().ok()).unwrap_or(lo);
+                    (lo..=hi).contains(&slot)
+                });
+                if serves {
+                    let port = fields[1].split(['@', ':']).nth(1).unwrap_or_default();
+                    return port.parse().expect("node port");
+                }
+            }
+        }
+        panic!(
+            "no live master serves slot {slot} of {key}\n{}",
+            self.logs()
+        );
+    }
+
+    /// SIGKILLs the node on `port`, as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node on that port");
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let log =
+                    std::fs::read_to_string(n.dir.path().join("redis.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "--- node {} ---\n{}",
+                    n.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl ClusterNode {
+    /// One command on this node alone.
+    pub fn query<T: redis::FromRedisValue>(&self, words: &[&str]) -> redis::RedisResult<T> {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?
+            .get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut cmd = redis::cmd(words[0]);
+        for w in &words[1..] {
+            cmd.arg(*w);
+        }
+        cmd.query(&mut conn)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
