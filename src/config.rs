@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+pub use crate::bridge::delivery::{Cap, Trim};
+pub use crate::bridge::route::Route;
 pub use crate::connect::{Endpoint, TlsFiles};
 
 /// A setting that cannot be used: which variable, what it held, and why.
@@ -374,6 +376,20 @@ pub struct ConsumeArgs {
     /// Stream to write.
     #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
     pub output_stream: String,
+    /// Several channels or patterns, each to its stream, instead of
+    /// INPUT_CHANNEL=OUTPUT_STREAM: `orders=orders:processed,events:*={channel}:processed;maxlen=100000`
+    /// ({channel}: the channel a message came on; per route `maxlen=N` or `max_age=SECONDS`).
+    #[arg(long, env = "ROUTES", value_name = "ROUTES")]
+    pub routes: Option<String>,
+    /// Cap every output stream at about this many entries (XADD MAXLEN ~) [default: no cap].
+    #[arg(long, env = "STREAM_MAXLEN")]
+    pub stream_maxlen: Option<String>,
+    /// Trim entries older than this many seconds from every output stream (XADD MINID ~) [default: no cap].
+    #[arg(long, env = "STREAM_MAX_AGE")]
+    pub stream_max_age: Option<String>,
+    /// How caps trim: `approximate` (whole macro nodes, cheap) or `exact`.
+    #[arg(long, env = "STREAM_TRIM", default_value = "approximate")]
+    pub stream_trim: String,
     /// Seconds between monitoring lines on stdout (fractions allowed).
     #[arg(long, env = "MONITORING_INTERVAL", default_value = "3")]
     pub monitoring_interval: String,
@@ -491,6 +507,10 @@ pub struct BridgeConfig {
     pub(crate) max_payload_bytes: usize,
     /// `None`: `<OUTPUT_STREAM>:dead`.
     pub(crate) dead_letter_stream: Option<String>,
+    /// ROUTES (empty: INPUT_CHANNEL=OUTPUT_STREAM).
+    pub(crate) routes: Vec<Route>,
+    /// STREAM_MAXLEN / STREAM_MAX_AGE.
+    pub(crate) trim: Option<Trim>,
     /// Whether the periodic monitoring line is printed on stdout (the CLI does;
     /// an embedding service reads [`crate::Counters`] instead).
     pub(crate) print_monitor: bool,
@@ -533,6 +553,8 @@ impl BridgeConfig {
             max_payload_bytes: 1 << 20,
             dead_letter_stream: None,
             print_monitor: false,
+            routes: Vec::new(),
+            trim: None,
         }
     }
 
@@ -610,9 +632,42 @@ impl BridgeConfig {
         self.consumers
     }
 
-    /// The stream this bridge writes.
+    /// The stream this bridge writes (with several routes: the one whose
+    /// name tags the partitioned strategy's bookkeeping keys).
     pub fn stream(&self) -> &str {
         &self.output_stream
+    }
+
+    /// Adds a route (ROUTES): messages on `source` (a channel, or a pattern)
+    /// go to `target` (a stream, or a template with `{channel}`). With any
+    /// route, INPUT_CHANNEL and OUTPUT_STREAM are no longer a route.
+    pub fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// Caps every output stream (STREAM_MAXLEN, STREAM_MAX_AGE); a route's
+    /// own cap wins.
+    pub fn trim(mut self, trim: Option<Trim>) -> Self {
+        self.trim = trim;
+        self
+    }
+
+    /// The routes in effect: ROUTES, or INPUT_CHANNEL=OUTPUT_STREAM; each
+    /// with its cap.
+    pub fn effective_routes(&self) -> Vec<Route> {
+        let routes = if self.routes.is_empty() {
+            vec![Route::new(&self.input_channel, &self.output_stream)]
+        } else {
+            self.routes.clone()
+        };
+        routes
+            .into_iter()
+            .map(|r| Route {
+                trim: r.trim.or(self.trim),
+                ..r
+            })
+            .collect()
     }
 
     /// Checks every value and how they fit together. The error names the
@@ -637,6 +692,37 @@ impl BridgeConfig {
                 "DEAD_LETTER_STREAM",
                 self.dead_stream(),
                 "must differ from OUTPUT_STREAM",
+            ));
+        }
+        for route in &self.routes {
+            route.check("ROUTES")?;
+        }
+        let routes_var = if self.routes.is_empty() {
+            "INPUT_CHANNEL"
+        } else {
+            "ROUTES"
+        };
+        for route in &self.effective_routes() {
+            if route.pattern && self.endpoint.is_sharded() {
+                return Err(ConfigError::new(
+                    routes_var,
+                    route,
+                    "sharded Pub/Sub has no patterns (there is no SPSUBSCRIBE): use PUBSUB_MODE=classic",
+                ));
+            }
+        }
+        if self.endpoint.is_cluster()
+            && let Some(dead) = &self.dead_letter_stream
+            && self.routes.iter().any(|r| {
+                r.is_template()
+                    || redis::cluster_routing::Slot::for_key(&r.target)
+                        != redis::cluster_routing::Slot::for_key(dead)
+            })
+        {
+            return Err(ConfigError::new(
+                "DEAD_LETTER_STREAM",
+                dead,
+                "on a cluster with several streams, leave it unset: each stream gets {<stream>}:dead in its own slot",
             ));
         }
         if self.endpoint.is_cluster() {
@@ -788,7 +874,45 @@ impl ConsumeArgs {
             max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &self.max_payload_bytes)?,
             dead_letter_stream: self.dead_letter_stream.clone(),
             print_monitor: true,
+            routes: Vec::new(),
+            trim: None,
         };
+        let exact = match self.stream_trim.trim().to_ascii_lowercase().as_str() {
+            "approximate" | "approx" | "~" => false,
+            "exact" | "=" => true,
+            _ => {
+                return Err(ConfigError::new(
+                    "STREAM_TRIM",
+                    &self.stream_trim,
+                    "expected approximate or exact",
+                ));
+            }
+        };
+        let maxlen = given(&self.stream_maxlen)
+            .map(|raw| parse_num::<u64>("STREAM_MAXLEN", raw))
+            .transpose()?;
+        let max_age = given(&self.stream_max_age)
+            .map(|raw| parse_secs("STREAM_MAX_AGE", raw))
+            .transpose()?;
+        let cap = match (maxlen, max_age) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "STREAM_MAX_AGE",
+                    self.stream_max_age.clone().unwrap_or_default(),
+                    "STREAM_MAXLEN is set too: a stream is capped by length or by age",
+                ));
+            }
+            (Some(0), None) => {
+                return Err(ConfigError::new("STREAM_MAXLEN", 0, "must be at least 1"));
+            }
+            (Some(n), None) => Some(Cap::MaxLen(n)),
+            (None, Some(age)) => Some(Cap::MaxAge(age)),
+            (None, None) => None,
+        };
+        let mut config = config.trim(cap.map(|cap| Trim { cap, exact }));
+        if let Some(raw) = given(&self.routes) {
+            config.routes = crate::bridge::route::parse_routes(raw, exact)?;
+        }
         config.validate()?;
         Ok(config)
     }

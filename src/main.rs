@@ -33,12 +33,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run N workers that subscribe to INPUT_CHANNEL and write every message to
-    /// OUTPUT_STREAM exactly once, printing a monitoring line every MONITORING_INTERVAL.
+    /// Run N workers that subscribe to INPUT_CHANNEL (or every ROUTES source)
+    /// and write every message to OUTPUT_STREAM (or its route's stream)
+    /// exactly once, printing a monitoring line every MONITORING_INTERVAL.
     ///
     /// SIGINT/SIGTERM stop reading, finish what was received, delete the presence
     /// keys and exit 0; a second signal exits at once.
-    Consume(ConsumeArgs),
+    Consume(Box<ConsumeArgs>),
     /// Publish timed batches of test messages ({"message_id": "<uuid>", "seq": n, "sent_ms": t}).
     Publish(PublishArgs),
     /// Measure the bridge in one run (starts its own redis-server unless

@@ -253,3 +253,64 @@ fn published(publisher: &OptimusProcess) -> u64 {
         .unwrap_or_else(|| panic!("{}", publisher.describe()))
         .num("published")
 }
+
+/// Several routes on a cluster: each stream is written on the master that
+/// serves it (its ACK keys beside it), so the streams spread over the
+/// shards; a pattern route works too (classic Pub/Sub reaches every node).
+#[test]
+fn routes_write_each_stream_on_its_own_shard() {
+    let cluster = RedisCluster::start(3, 0);
+    let orders = "orders:out";
+    let payments = stream_apart_from(&cluster, orders);
+    let routes = format!("orders={orders},payments={payments},events:*={{channel}}:out");
+    let seeds = cluster.seeds();
+    let consume = OptimusProcess::spawn(
+        &["consume"],
+        &[
+            ("REDIS_URL", seeds.as_str()),
+            ("ROUTES", routes.as_str()),
+            ("CONSUMERS_COUNT", "3"),
+            ("MONITORING_INTERVAL", "0.2"),
+        ],
+    );
+    consume.wait_consumers(3);
+    for (channel, count) in [("orders", 1000), ("payments", 600), ("events:eu", 400)] {
+        let done = publish_with(
+            &[("REDIS_URL", seeds.as_str()), ("INPUT_CHANNEL", channel)],
+            &["--count", &count.to_string(), "--no-fast-path"],
+        );
+        // A node's PUBLISH counts only its own subscribers: the pattern's
+        // subscription is on the pattern's node, reached over the bus.
+        if !channel.starts_with("events:") {
+            assert_eq!(
+                done.num("no_subscriber"),
+                0,
+                "{channel}: the workers got it"
+            );
+        }
+    }
+    for (stream, count) in [
+        (orders, 1000),
+        (payments.as_str(), 600),
+        ("events:eu:out", 400),
+    ] {
+        support::wait_for(
+            &format!("{count} entries in {stream}"),
+            Duration::from_secs(30),
+            || (xlen(&cluster, stream) >= count).then_some(()),
+            || consume.describe(),
+        );
+        consume.wait_settled(Duration::from_secs(20));
+        assert_exactly_once(
+            &stream_entries(&mut cluster.conn(), stream),
+            0..count as u64,
+        );
+        let home = cluster.master_of(stream);
+        assert_eq!(
+            keys_on(&cluster, home, &format!("{{{stream}}}:ack:*")),
+            count,
+            "{stream}'s ACK keys are on its master"
+        );
+    }
+    assert_ne!(cluster.master_of(orders), cluster.master_of(&payments));
+}

@@ -390,3 +390,35 @@ fn audit_counts_lost_and_duplicated_messages() {
         report.line
     );
 }
+
+#[test]
+fn bad_routes_and_caps_are_bad_settings() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("ROUTES", "orders")], "ROUTES"),
+        (&[("ROUTES", "a=b;maxlen=zero")], "ROUTES"),
+        (&[("ROUTES", "a={channel}:x")], "ROUTES"),
+        (&[("STREAM_MAXLEN", "many")], "STREAM_MAXLEN"),
+        (&[("STREAM_MAXLEN", "0")], "STREAM_MAXLEN"),
+        (&[("STREAM_MAX_AGE", "-1")], "STREAM_MAX_AGE"),
+        (
+            &[("STREAM_MAXLEN", "10"), ("STREAM_MAX_AGE", "5")],
+            "STREAM_MAX_AGE",
+        ),
+        (&[("STREAM_TRIM", "sloppy")], "STREAM_TRIM"),
+        (
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
+                ("PUBSUB_MODE", "sharded"),
+                ("ROUTES", "events:*={channel}:out"),
+            ],
+            "ROUTES",
+        ),
+    ];
+    for (env, var) in cases {
+        let out = run_optimus(&["consume"], env, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{env:?}: one line:\n{stderr}");
+        assert!(stderr.contains(var), "{env:?}: names {var}: {stderr}");
+    }
+}

@@ -30,6 +30,7 @@
 //! (`{messages:processed}:lock:<id>`), so on a cluster they live on the
 //! stream's shard and both scripts run there.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::connect::Conn;
@@ -142,6 +143,87 @@ impl Destination {
     }
 }
 
+/// How an output stream is kept short: a length or an age, trimmed with
+/// each write (approximately, by whole macro nodes, unless `exact`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trim {
+    pub cap: Cap,
+    pub exact: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// XADD MAXLEN: at most this many entries.
+    MaxLen(u64),
+    /// XADD MINID: no entry older than this (by its id's time).
+    MaxAge(Duration),
+}
+
+impl Trim {
+    /// The three script arguments: kind (0 none, 1 MAXLEN, 2 MINID by age),
+    /// operator, limit (entries, or milliseconds of age).
+    fn args(trim: Option<Trim>) -> (u8, &'static str, u64) {
+        match trim {
+            None => (0, "~", 0),
+            Some(t) => {
+                let op = if t.exact { "=" } else { "~" };
+                match t.cap {
+                    Cap::MaxLen(n) => (1, op, n),
+                    Cap::MaxAge(age) => (2, op, age.as_millis() as u64),
+                }
+            }
+        }
+    }
+}
+
+/// One output stream: where its messages go, its keys, and its cap. Each
+/// message carries the lane of its route (see [`super::route`]); messages of
+/// several lanes in one batch are written lane by lane.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub to: Destination,
+    pub keys: Keys,
+    pub trim: Option<Trim>,
+}
+
+impl Lane {
+    pub fn new(to: Destination, trim: Option<Trim>) -> Self {
+        Self {
+            keys: Keys::new(&to.stream),
+            to,
+            trim,
+        }
+    }
+}
+
+/// The XADD of the write scripts, prepended to them. ARGV[first..first+2]:
+/// trim kind, operator, limit (see [`Trim::args`]); only the output stream
+/// (target 1) is trimmed.
+macro_rules! xadd_lua {
+    () => {
+        r#"
+local function xadd_for(first)
+  local trim, op, limit = tonumber(ARGV[first]), ARGV[first + 1], tonumber(ARGV[first + 2])
+  local minid
+  if trim == 2 then
+    local t = redis.call('TIME')
+    minid = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - limit
+    if minid < 0 then minid = 0 end
+  end
+  return function(target, from, to)
+    if target == 1 and trim == 1 then
+      redis.call('XADD', KEYS[1], 'MAXLEN', op, limit, '*', unpack(ARGV, from, to))
+    elseif target == 1 and trim == 2 then
+      redis.call('XADD', KEYS[1], 'MINID', op, minid, '*', unpack(ARGV, from, to))
+    else
+      redis.call('XADD', KEYS[target], '*', unpack(ARGV, from, to))
+    end
+  end
+end
+"#
+    };
+}
+
 /// KEYS: lock1, ack1, lock2, ack2, …  ARGV: worker id, lock TTL in ms.
 /// Returns per message 0 = held, 1 = won, 2 = acked. A lock this worker
 /// already holds (a claim whose write failed, retried) counts as won.
@@ -163,13 +245,16 @@ return out
 "#;
 
 /// KEYS: output stream, dead-letter stream, lock1, ack1, lock2, ack2, …
-/// ARGV: worker id, ACK TTL in ms, then per message: the target (1 = output
-/// stream, 2 = dead-letter stream), field count n, then n values (field,
-/// value, field, value, …).
+/// ARGV: worker id, ACK TTL in ms, trim kind, operator, limit (see [`xadd_lua`]),
+/// then per message: the target (1 = output stream, 2 = dead-letter stream),
+/// field count n, then n values (field, value, field, value, …).
 /// Returns per message 0 = lock not this worker's, 1 = written, 2 = acked.
-const WRITE: &str = r#"
+const WRITE: &str = concat!(
+    xadd_lua!(),
+    r#"
+local xadd = xadd_for(3)
 local me = ARGV[1]
-local a = 3
+local a = 6
 local out = {}
 for i = 3, #KEYS, 2 do
   local target = tonumber(ARGV[a])
@@ -179,27 +264,32 @@ for i = 3, #KEYS, 2 do
   elseif redis.call('EXISTS', KEYS[i + 1]) == 1 then
     out[#out + 1] = 2
   else
-    redis.call('XADD', KEYS[target], '*', unpack(ARGV, a + 2, a + 1 + n))
+    xadd(target, a + 2, a + 1 + n)
     redis.call('SET', KEYS[i + 1], 1, 'PX', ARGV[2])
     out[#out + 1] = 1
   end
   a = a + 2 + n
 end
 return out
-"#;
+"#
+);
 
 /// KEYS: output stream, dead-letter stream, ack1, ack2, …
-/// ARGV: ACK TTL in ms, then per message: the target (1 = output stream, 2 =
-/// dead-letter stream), field count n, then n values.
+/// ARGV: ACK TTL in ms, trim kind, operator, limit (see [`xadd_lua`]), then per
+/// message: the target (1 = output stream, 2 = dead-letter stream), field
+/// count n, then n values.
 /// Returns per message 1 = written, 2 = acked (written before: nothing added).
-const WRITE_OWNED: &str = r#"
-local a = 2
+const WRITE_OWNED: &str = concat!(
+    xadd_lua!(),
+    r#"
+local xadd = xadd_for(2)
+local a = 5
 local out = {}
 for i = 3, #KEYS do
   local target = tonumber(ARGV[a])
   local n = tonumber(ARGV[a + 1])
   if redis.call('SET', KEYS[i], 1, 'NX', 'PX', ARGV[1]) then
-    redis.call('XADD', KEYS[target], '*', unpack(ARGV, a + 2, a + 1 + n))
+    xadd(target, a + 2, a + 1 + n)
     out[#out + 1] = 1
   else
     out[#out + 1] = 2
@@ -207,7 +297,8 @@ for i = 3, #KEYS do
   a = a + 2 + n
 end
 return out
-"#;
+"#
+);
 
 /// One step of the partitioned strategy's bookkeeping, atomic.
 /// KEYS: members, clock, this worker's watermark, then the watermarks asked for.
@@ -265,8 +356,9 @@ pub struct CycleReply {
 #[derive(Clone)]
 pub struct Delivery {
     conn: Conn,
-    keys: Keys,
-    to: Destination,
+    /// Where messages without a lane of their own go; its keys also hold
+    /// the partitioned strategy's bookkeeping (members, clock, watermarks).
+    lane: Arc<Lane>,
     worker_id: String,
     lock_ttl_ms: u64,
     ack_ttl_ms: u64,
@@ -274,6 +366,13 @@ pub struct Delivery {
     write: Script,
     write_owned: Script,
     cycle: Script,
+}
+
+/// The messages of a batch that go to one lane, and their places in it.
+struct Group<'a> {
+    lane: Arc<Lane>,
+    messages: Vec<&'a Incoming>,
+    places: Vec<usize>,
 }
 
 impl Delivery {
@@ -286,8 +385,7 @@ impl Delivery {
     ) -> Self {
         Self {
             conn,
-            keys: Keys::new(&to.stream),
-            to,
+            lane: Arc::new(Lane::new(to, None)),
             worker_id,
             lock_ttl_ms: lock_ttl.as_millis().max(1) as u64,
             ack_ttl_ms: ack_ttl.as_millis().max(1) as u64,
@@ -298,12 +396,41 @@ impl Delivery {
         }
     }
 
+    /// The default lane's cap (OUTPUT_STREAM's).
+    pub fn with_trim(mut self, trim: Option<Trim>) -> Self {
+        self.lane = Arc::new(Lane::new(self.lane.to.clone(), trim));
+        self
+    }
+
     pub fn keys(&self) -> &Keys {
-        &self.keys
+        &self.lane.keys
     }
 
     pub fn worker_id(&self) -> &str {
         &self.worker_id
+    }
+
+    /// A batch split by lane, in the order the lanes first appear.
+    fn groups<'a>(&self, messages: &[&'a Incoming]) -> Vec<Group<'a>> {
+        let mut groups: Vec<Group<'a>> = Vec::new();
+        for (place, m) in messages.iter().enumerate() {
+            let lane = m.lane.as_ref().unwrap_or(&self.lane);
+            let found = groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(&g.lane, lane) || g.lane.to.stream == lane.to.stream);
+            match found {
+                Some(g) => {
+                    g.messages.push(m);
+                    g.places.push(place);
+                }
+                None => groups.push(Group {
+                    lane: lane.clone(),
+                    messages: vec![m],
+                    places: vec![place],
+                }),
+            }
+        }
+        groups
     }
 
     /// Partitioned strategy: writes messages without locks, each only if its
@@ -311,17 +438,25 @@ impl Delivery {
     /// writing its own messages and for a worker taking messages over alike.
     /// Returns `Written` or `Acked` per message.
     pub async fn write_owned(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Write>> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.write_owned.get_hash()).arg(2 + messages.len());
-        cmd.arg(&self.to.stream).arg(&self.to.dead_stream);
-        for m in messages {
-            cmd.arg(self.keys.ack(&m.id));
+        let mut out = vec![Write::Acked; messages.len()];
+        for group in self.groups(messages) {
+            let lane = &group.lane;
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.write_owned.get_hash())
+                .arg(2 + group.messages.len());
+            cmd.arg(&lane.to.stream).arg(&lane.to.dead_stream);
+            for m in &group.messages {
+                cmd.arg(lane.keys.ack(&m.id));
+            }
+            let (kind, op, limit) = Trim::args(lane.trim);
+            cmd.arg(self.ack_ttl_ms).arg(kind).arg(op).arg(limit);
+            for m in &group.messages {
+                push_entry(&mut cmd, m, &self.worker_id, &lane.to);
+            }
+            let written = self.run_write(&group.messages, cmd).await?;
+            place(&mut out, &group.places, written);
         }
-        cmd.arg(self.ack_ttl_ms);
-        for m in messages {
-            push_entry(&mut cmd, m, &self.worker_id, &self.to);
-        }
-        self.run_write(messages, cmd).await
+        Ok(out)
     }
 
     /// Partitioned strategy: renews this worker's membership (`membership`
@@ -335,17 +470,18 @@ impl Delivery {
         watermark_ttl: Duration,
         asked: &[String],
     ) -> RedisResult<CycleReply> {
+        let keys = &self.lane.keys;
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.cycle.get_hash()).arg(3 + asked.len());
-        cmd.arg(&self.keys.members)
-            .arg(&self.keys.clock)
-            .arg(self.keys.watermark(&self.worker_id));
+        cmd.arg(&keys.members)
+            .arg(&keys.clock)
+            .arg(keys.watermark(&self.worker_id));
         for worker in asked {
-            cmd.arg(self.keys.watermark(worker));
+            cmd.arg(keys.watermark(worker));
         }
         cmd.arg(&self.worker_id)
             .arg(membership.map_or(0, |d| d.as_millis().max(1) as u64))
-            .arg(self.keys.mark_channel(&self.worker_id))
+            .arg(keys.mark_channel(&self.worker_id))
             .arg(progress)
             .arg(watermark_ttl.as_millis().max(1) as u64);
         let mut pipe = redis::pipe();
@@ -359,22 +495,31 @@ impl Delivery {
         })
     }
 
-    /// Step 1 alone, for a whole batch in one round trip.
+    /// Step 1 alone, for a whole batch in one round trip per lane.
     pub async fn claim(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Claim>> {
-        let cmd = self.claim_cmd(messages);
-        Ok(self
-            .run_one(messages, cmd)
-            .await?
-            .into_iter()
-            .map(claim_from_code)
-            .collect())
+        let mut out = vec![Claim::Held; messages.len()];
+        for group in self.groups(messages) {
+            let cmd = self.claim_cmd(&group.lane, &group.messages);
+            let codes = self.run_one(&group.messages, cmd).await?;
+            place(
+                &mut out,
+                &group.places,
+                codes.into_iter().map(claim_from_code).collect(),
+            );
+        }
+        Ok(out)
     }
 
     /// Step 2 alone: writes the messages whose lock this worker holds, in one
-    /// atomic script.
+    /// atomic script per lane.
     pub async fn write(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Write>> {
-        let cmd = self.write_cmd(messages);
-        self.run_write(messages, cmd).await
+        let mut out = vec![Write::LockLost; messages.len()];
+        for group in self.groups(messages) {
+            let cmd = self.write_cmd(&group.lane, &group.messages);
+            let written = self.run_write(&group.messages, cmd).await?;
+            place(&mut out, &group.places, written);
+        }
+        Ok(out)
     }
 
     /// Runs one of the write scripts over a batch.
@@ -402,55 +547,63 @@ impl Delivery {
         Ok(codes)
     }
 
-    /// Both steps for a batch in ONE round trip: the claim script and the
-    /// write script go out together, and the write takes exactly the messages
-    /// whose lock the claim just won (it checks lock ownership itself).
+    /// Both steps for a batch in ONE round trip per lane: the claim script
+    /// and the write script go out together, and the write takes exactly the
+    /// messages whose lock the claim just won (it checks lock ownership
+    /// itself).
     ///
     /// Sending them together closes the window in which a worker killed
     /// between its claim and its write would leave locks that block the other
     /// workers until LOCK_TTL: the server receives both commands at once.
     pub async fn settle(&mut self, messages: &[&Incoming]) -> RedisResult<Vec<Settled>> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
+        let mut out = vec![Settled::Held; messages.len()];
+        for group in self.groups(messages) {
+            let mut pipe = redis::pipe();
+            pipe.add_command(self.claim_cmd(&group.lane, &group.messages))
+                .add_command(self.write_cmd(&group.lane, &group.messages));
+            let (claims, writes): (Vec<u8>, Vec<u8>) = self.query(&pipe).await?;
+            let settled = claims
+                .into_iter()
+                .zip(writes)
+                .map(
+                    |(claim, write)| match (claim_from_code(claim), write_from_code(write)) {
+                        (Claim::Acked, _) | (_, Write::Acked) => Settled::Acked,
+                        (Claim::Held, _) => Settled::Held,
+                        (Claim::Won, Write::Written) => Settled::Written,
+                        (Claim::Won, Write::LockLost) => Settled::LockLost,
+                    },
+                )
+                .collect();
+            place(&mut out, &group.places, settled);
         }
-        let mut pipe = redis::pipe();
-        pipe.add_command(self.claim_cmd(messages))
-            .add_command(self.write_cmd(messages));
-        let (claims, writes): (Vec<u8>, Vec<u8>) = self.query(&pipe).await?;
-        Ok(claims
-            .into_iter()
-            .zip(writes)
-            .map(
-                |(claim, write)| match (claim_from_code(claim), write_from_code(write)) {
-                    (Claim::Acked, _) | (_, Write::Acked) => Settled::Acked,
-                    (Claim::Held, _) => Settled::Held,
-                    (Claim::Won, Write::Written) => Settled::Written,
-                    (Claim::Won, Write::LockLost) => Settled::LockLost,
-                },
-            )
-            .collect())
+        Ok(out)
     }
 
-    fn claim_cmd(&self, messages: &[&Incoming]) -> redis::Cmd {
+    fn claim_cmd(&self, lane: &Lane, messages: &[&Incoming]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.claim.get_hash()).arg(messages.len() * 2);
         for m in messages {
-            cmd.arg(self.keys.lock(&m.id)).arg(self.keys.ack(&m.id));
+            cmd.arg(lane.keys.lock(&m.id)).arg(lane.keys.ack(&m.id));
         }
         cmd.arg(&self.worker_id).arg(self.lock_ttl_ms);
         cmd
     }
 
-    fn write_cmd(&self, messages: &[&Incoming]) -> redis::Cmd {
+    fn write_cmd(&self, lane: &Lane, messages: &[&Incoming]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.write.get_hash()).arg(2 + messages.len() * 2);
-        cmd.arg(&self.to.stream).arg(&self.to.dead_stream);
+        cmd.arg(&lane.to.stream).arg(&lane.to.dead_stream);
         for m in messages {
-            cmd.arg(self.keys.lock(&m.id)).arg(self.keys.ack(&m.id));
+            cmd.arg(lane.keys.lock(&m.id)).arg(lane.keys.ack(&m.id));
         }
-        cmd.arg(&self.worker_id).arg(self.ack_ttl_ms);
+        let (kind, op, limit) = Trim::args(lane.trim);
+        cmd.arg(&self.worker_id)
+            .arg(self.ack_ttl_ms)
+            .arg(kind)
+            .arg(op)
+            .arg(limit);
         for m in messages {
-            push_entry(&mut cmd, m, &self.worker_id, &self.to);
+            push_entry(&mut cmd, m, &self.worker_id, &lane.to);
         }
         cmd
     }
@@ -465,6 +618,13 @@ impl Delivery {
             }
             result => result,
         }
+    }
+}
+
+/// Puts a group's results back in their places in the batch.
+fn place<T>(out: &mut [T], places: &[usize], results: Vec<T>) {
+    for (place, result) in places.iter().zip(results) {
+        out[*place] = result;
     }
 }
 
@@ -558,7 +718,8 @@ fn push_entry(cmd: &mut redis::Cmd, m: &Incoming, worker_id: &str, to: &Destinat
             cmd.arg(2).arg(10);
             cmd.arg("message_id").arg(&m.id);
             cmd.arg("reason").arg(reason);
-            cmd.arg("channel").arg(&to.channel);
+            let channel = m.channel.as_deref().unwrap_or(&to.channel);
+            cmd.arg("channel").arg(channel);
             cmd.arg("payload").arg(m.payload.as_slice());
             cmd.arg("consumer_id").arg(worker_id);
         }

@@ -10,9 +10,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use super::delivery::Lane;
 
 /// A message received from the channel, with the id every worker agrees on.
 #[derive(Debug, Clone)]
@@ -27,6 +30,10 @@ pub struct Incoming {
     pub rejected: Option<String>,
     /// xxh3-64 of the payload: decides the owner (partitioned strategy).
     pub hash: u64,
+    /// Where it goes, when its route says (`None`: the worker's own stream).
+    pub lane: Option<Arc<Lane>>,
+    /// The channel it came on, when not the worker's one input channel.
+    pub channel: Option<Arc<str>>,
 }
 
 impl Incoming {
@@ -38,6 +45,8 @@ impl Incoming {
             payload,
             received_at,
             rejected: None,
+            lane: None,
+            channel: None,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod message;
 pub mod partition;
 pub mod partitioned;
 pub mod presence;
+pub mod route;
 pub mod subscription;
 pub mod worker;
 
@@ -98,7 +99,13 @@ impl Bridge {
         else {
             return Ok(self.counters.snapshot());
         };
-        tracing::info!(server = %server, channel = %config.input_channel, stream = %config.output_stream, workers = config.consumers, "bridge starting");
+        let routes = config.effective_routes();
+        let routes_shown = routes
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        tracing::info!(server = %server, routes = %routes_shown, workers = config.consumers, "bridge starting");
 
         let process = ProcessIdentity::new();
         // How many workers to run: CONSUMERS_COUNT, or this process's share
@@ -122,7 +129,18 @@ impl Bridge {
         // Stops presence, monitoring and scaling, after the workers are done.
         let stop_aux = CancellationToken::new();
         let mut tasks: JoinSet<Result<(), RedisError>> = JoinSet::new();
+        let router = Arc::new(route::Router::new(
+            routes,
+            route::LanePlan {
+                dead_letter_stream: config.dead_letter_stream.clone(),
+                cluster: config.endpoint.is_cluster(),
+                format: config.output_format,
+                id_field: config.message_id_field.clone(),
+            },
+        ));
         let spawner = Spawner {
+            router,
+            routes_shown,
             config: config.clone(),
             destination: Destination {
                 stream: config.output_stream.clone(),
@@ -251,6 +269,9 @@ impl Bridge {
 
 /// Starts workers: each a subscription task and a worker loop.
 struct Spawner {
+    router: Arc<route::Router>,
+    /// The routes, as logs name them.
+    routes_shown: String,
     config: BridgeConfig,
     destination: Destination,
     counters: Arc<Counters>,
@@ -283,7 +304,9 @@ impl Spawner {
         });
         let subscription = Subscription {
             endpoint: config.endpoint.clone(),
-            channel: config.input_channel.clone(),
+            router: self.router.clone(),
+            channel: self.routes_shown.clone(),
+            lanes: Default::default(),
             worker_id: id.to_string(),
             ids: IdAssigner::new(
                 config.message_id_field.clone(),

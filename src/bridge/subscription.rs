@@ -28,6 +28,7 @@
 //!   (a server's SUNSUBSCRIBE). Each such loss is counted as a reconnect,
 //!   and the time until the new subscription is confirmed as a gap.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -37,8 +38,10 @@ use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::delivery::Lane;
 use super::delivery::{Keys, publish_mark};
 use super::message::{IdAssigner, Incoming, Item};
+use super::route::Router;
 use crate::connect::{Conn, Endpoint, retry_until_connected};
 use crate::monitor::Counters;
 
@@ -50,7 +53,12 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 /// Everything the subscription task needs.
 pub struct Subscription {
     pub endpoint: Endpoint,
+    /// The channels and patterns to read, and where their messages go.
+    pub router: Arc<Router>,
+    /// The routes, as logs name them.
     pub channel: String,
+    /// Pattern routes' lanes by channel (see [`LANE_CACHE`]).
+    pub lanes: HashMap<Vec<u8>, (Arc<Lane>, Arc<str>)>,
     pub worker_id: String,
     pub ids: IdAssigner,
     pub counters: Arc<Counters>,
@@ -71,9 +79,19 @@ pub struct Marks {
     pub channel: String,
 }
 
+/// Pattern routes' lanes by channel, so that a lane is looked up in the
+/// shared [`Router`] once per channel, not per message. Cleared when it
+/// grows past this (channels can be many and short-lived).
+const LANE_CACHE: usize = 10_000;
+
 /// What the client library's reader hands over.
 enum Pushed {
-    Message(Vec<u8>),
+    /// A message by route `route`; `channel` is given for pattern routes.
+    Message {
+        route: usize,
+        channel: Option<Vec<u8>>,
+        payload: Vec<u8>,
+    },
     Mark {
         clock: u64,
         overflowed: bool,
@@ -95,19 +113,62 @@ struct SubConn {
 }
 
 impl SubConn {
-    async fn subscribe(&mut self, channels: Vec<&str>) -> Result<(), RedisError> {
+    async fn subscribe(
+        &mut self,
+        channels: Vec<&str>,
+        patterns: Vec<&str>,
+    ) -> Result<(), RedisError> {
         match &mut self.conn {
-            Conn::Cluster(c) if self.sharded => c.ssubscribe(channels).await,
-            Conn::Cluster(c) => c.subscribe(channels).await,
-            Conn::Plain(c) => c.subscribe(channels).await,
+            // One channel at a time: each on the node that serves its slot,
+            // where that node's PUBLISH counts it.
+            Conn::Cluster(c) if self.sharded => {
+                for channel in channels {
+                    c.ssubscribe(channel).await?;
+                }
+            }
+            Conn::Cluster(c) => {
+                for channel in channels {
+                    c.subscribe(channel).await?;
+                }
+            }
+            Conn::Plain(c) => c.subscribe(channels).await?,
+            Conn::Single(_) => unreachable!("subscriptions use a plain connection"),
+        }
+        if patterns.is_empty() {
+            return Ok(());
+        }
+        match &mut self.conn {
+            Conn::Cluster(c) => c.psubscribe(patterns).await,
+            Conn::Plain(c) => c.psubscribe(patterns).await,
             Conn::Single(_) => unreachable!("subscriptions use a plain connection"),
         }
     }
 
-    async fn unsubscribe(&mut self, channels: Vec<&str>) -> Result<(), RedisError> {
+    async fn unsubscribe(
+        &mut self,
+        channels: Vec<&str>,
+        patterns: Vec<&str>,
+    ) -> Result<(), RedisError> {
+        if !patterns.is_empty() {
+            match &mut self.conn {
+                Conn::Cluster(c) => c.punsubscribe(patterns).await?,
+                Conn::Plain(c) => c.punsubscribe(patterns).await?,
+                Conn::Single(_) => unreachable!("subscriptions use a plain connection"),
+            }
+        }
         match &mut self.conn {
-            Conn::Cluster(c) if self.sharded => c.sunsubscribe(channels).await,
-            Conn::Cluster(c) => c.unsubscribe(channels).await,
+            Conn::Cluster(c) if self.sharded => {
+                for channel in channels {
+                    c.sunsubscribe(channel).await?;
+                }
+                Ok(())
+            }
+            Conn::Cluster(c) => {
+                for channel in channels {
+                    c.unsubscribe(channel).await?;
+                }
+                Ok(())
+            }
             Conn::Plain(c) => c.unsubscribe(channels).await,
             Conn::Single(_) => unreachable!("subscriptions use a plain connection"),
         }
@@ -190,7 +251,11 @@ impl Subscription {
                     }
                 };
                 let item = match event {
-                    Some(Pushed::Message(payload)) => Item::Message(self.receive(payload)),
+                    Some(Pushed::Message {
+                        route,
+                        channel,
+                        payload,
+                    }) => Item::Message(self.receive(route, channel, payload)),
                     Some(Pushed::Mark { clock, overflowed }) => Item::Mark { clock, overflowed },
                     Some(Pushed::Lost) => {
                         if lost_at.is_none() {
@@ -239,14 +304,37 @@ impl Subscription {
         }
     }
 
-    /// Gives a message its id (it was counted as it came off the socket).
-    fn receive(&mut self, payload: Vec<u8>) -> Incoming {
-        self.ids.assign(payload, Instant::now())
+    /// Gives a message its id (it was counted as it came off the socket)
+    /// and its route's lane.
+    fn receive(&mut self, route: usize, channel: Option<Vec<u8>>, payload: Vec<u8>) -> Incoming {
+        let mut m = self.ids.assign(payload, Instant::now());
+        let (lane, source) = match channel {
+            None => self
+                .router
+                .fixed(route)
+                .expect("a channel's route has one stream"),
+            Some(channel) => {
+                if self.lanes.len() > LANE_CACHE {
+                    self.lanes.clear();
+                }
+                let router = &self.router;
+                self.lanes
+                    .entry(channel)
+                    .or_insert_with_key(|channel| {
+                        let name = String::from_utf8_lossy(channel);
+                        (router.lane(route, &name), Arc::from(name.as_ref()))
+                    })
+                    .clone()
+            }
+        };
+        m.lane = Some(lane);
+        m.channel = Some(source);
+        m
     }
 
-    /// The channels subscribed to: the input channel, and the mark channel.
+    /// The channels subscribed to: the routes' channels, and the mark channel.
     fn channels(&self) -> Vec<&str> {
-        let mut channels = vec![self.channel.as_str()];
+        let mut channels = self.router.channels();
         if let Some(marks) = &self.marks {
             channels.push(&marks.channel);
         }
@@ -267,7 +355,8 @@ impl Subscription {
         {
             tracing::debug!(worker = %self.worker_id, cause = %err, "no last mark");
         }
-        match tokio::time::timeout(PING_TIMEOUT, conn.unsubscribe(self.channels())).await {
+        let unsubscribe = conn.unsubscribe(self.channels(), self.router.patterns());
+        match tokio::time::timeout(PING_TIMEOUT, unsubscribe).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::warn!(worker = %self.worker_id, cause = %err, "UNSUBSCRIBE failed; handing over what has arrived")
@@ -278,7 +367,11 @@ impl Subscription {
         }
         while let Ok(event) = pushed.try_recv() {
             let item = match event {
-                Pushed::Message(payload) => Item::Message(self.receive(payload)),
+                Pushed::Message {
+                    route,
+                    channel,
+                    payload,
+                } => Item::Message(self.receive(route, channel, payload)),
                 Pushed::Mark { clock, overflowed } => Item::Mark { clock, overflowed },
                 Pushed::Disconnected | Pushed::Lost | Pushed::Confirmed => continue,
             };
@@ -306,26 +399,59 @@ impl Subscription {
         // Whether a message was dropped since the last mark handed over.
         let overflowed = AtomicBool::new(false);
         let mark_channel = self.marks.as_ref().map(|m| m.channel.clone().into_bytes());
-        let input_channel = self.channel.clone().into_bytes();
+        // The subscription whose loss and return stand for all of them.
+        let watched = self
+            .router
+            .channels()
+            .first()
+            .or(self.router.patterns().first())
+            .map(|name| name.as_bytes().to_vec())
+            .unwrap_or_default();
+        let router = self.router.clone();
         let on_push = move |info: PushInfo| -> Result<(), ()> {
-            match info.kind {
-                PushKind::SUnsubscribe | PushKind::Unsubscribe if matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == input_channel) =>
+            let is_watched =
+                matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == watched);
+            // Control pushes are handed over without a bound (the end of a
+            // connection must not be lost); messages through `hand_over`.
+            let control = match info.kind {
+                PushKind::SUnsubscribe | PushKind::Unsubscribe | PushKind::PUnsubscribe
+                    if is_watched =>
                 {
-                    let pushed = pushed.clone();
-                    tokio::spawn(async move { pushed.send(Pushed::Lost).await });
+                    Some(Pushed::Lost)
                 }
-                PushKind::SSubscribe | PushKind::Subscribe if matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == input_channel) =>
-                {
-                    let pushed = pushed.clone();
-                    tokio::spawn(async move { pushed.send(Pushed::Confirmed).await });
+                PushKind::SSubscribe | PushKind::Subscribe | PushKind::PSubscribe if is_watched => {
+                    Some(Pushed::Confirmed)
+                }
+                PushKind::Disconnection => Some(Pushed::Disconnected),
+                _ => None,
+            };
+            if let Some(control) = control {
+                let pushed = pushed.clone();
+                tokio::spawn(async move { pushed.send(control).await });
+                return Ok(());
+            }
+            let mut data = info.data.into_iter().map(|v| match v {
+                redis::Value::BulkString(bytes) => Some(bytes),
+                _ => None,
+            });
+            let mut next = || data.next().flatten();
+            let message = match info.kind {
+                PushKind::PMessage => {
+                    let (Some(pattern), Some(channel), Some(payload)) = (next(), next(), next())
+                    else {
+                        return Ok(());
+                    };
+                    let Some(route) = router.for_pattern(&pattern) else {
+                        return Ok(());
+                    };
+                    Pushed::Message {
+                        route,
+                        channel: Some(channel),
+                        payload,
+                    }
                 }
                 PushKind::Message | PushKind::SMessage => {
-                    let mut data = info.data.into_iter();
-                    let (
-                        Some(redis::Value::BulkString(channel)),
-                        Some(redis::Value::BulkString(payload)),
-                    ) = (data.next(), data.next())
-                    else {
+                    let (Some(channel), Some(payload)) = (next(), next()) else {
                         return Ok(());
                     };
                     if mark_channel.as_ref() == Some(&channel) {
@@ -345,38 +471,26 @@ impl Subscription {
                         }
                         return Ok(());
                     }
-                    match pushed.try_send(Pushed::Message(payload)) {
-                        Ok(()) => Counters::add(&counters.received, 1),
-                        // This connection was given up: nothing here received it.
-                        Err(mpsc::error::TrySendError::Closed(_)) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            Counters::add(&counters.received, 1);
-                            overflowed.store(true, Ordering::Relaxed);
-                            Counters::add(&counters.overflow, 1);
-                            let now = started.elapsed().as_millis() as u64;
-                            let next = next_warning.load(Ordering::Relaxed);
-                            if now >= next
-                                && next_warning
-                                    .compare_exchange(
-                                        next,
-                                        now + 1000,
-                                        Ordering::Relaxed,
-                                        Ordering::Relaxed,
-                                    )
-                                    .is_ok()
-                            {
-                                tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
-                            }
-                        }
+                    let Some(route) = router.for_channel(&channel) else {
+                        return Ok(());
+                    };
+                    Pushed::Message {
+                        route,
+                        channel: None,
+                        payload,
                     }
                 }
-                PushKind::Disconnection => {
-                    // Wait for room if need be: the end must not be lost.
-                    let pushed = pushed.clone();
-                    tokio::spawn(async move { pushed.send(Pushed::Disconnected).await });
-                }
-                _ => {}
-            }
+                _ => return Ok(()),
+            };
+            hand_over(
+                &pushed,
+                message,
+                &counters,
+                &overflowed,
+                &next_warning,
+                started,
+                &worker,
+            );
             Ok(())
         };
         let mut conn = match client {
@@ -407,13 +521,47 @@ impl Subscription {
                 sharded: self.endpoint.is_sharded(),
             },
         };
-        conn.subscribe(self.channels()).await?;
+        conn.subscribe(self.channels(), self.router.patterns())
+            .await?;
         // A first mark at once: what arrives before it can only be taken over
         // (nothing bounds it), so that stretch is kept as short as can be.
         if let Some(marks) = &self.marks {
             publish_mark(&mut conn.conn, &marks.keys, &marks.channel).await?;
         }
         Ok((conn, receiver))
+    }
+}
+
+/// Puts a message in the subscription's buffer, or, when the buffer is
+/// full, drops it, counts it as `overflow` and says so (at most once a
+/// second); either way it was received.
+fn hand_over(
+    pushed: &mpsc::Sender<Pushed>,
+    message: Pushed,
+    counters: &Counters,
+    overflowed: &AtomicBool,
+    next_warning: &AtomicU64,
+    started: Instant,
+    worker: &str,
+) {
+    match pushed.try_send(message) {
+        Ok(()) => Counters::add(&counters.received, 1),
+        // This connection was given up: nothing here received it.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            Counters::add(&counters.received, 1);
+            overflowed.store(true, Ordering::Relaxed);
+            Counters::add(&counters.overflow, 1);
+            let now = started.elapsed().as_millis() as u64;
+            let next = next_warning.load(Ordering::Relaxed);
+            if now >= next
+                && next_warning
+                    .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
+            }
+        }
     }
 }
 

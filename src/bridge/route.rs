@@ -1,0 +1,321 @@
+//! Routes: which channels, or channel patterns, go to which stream.
+//!
+//! ROUTES is a comma-separated list of `source=target[;option]…`:
+//! - `source`: a channel, or a pattern (PSUBSCRIBE glob: `*`, `?`, `[…]`);
+//! - `target`: a stream, or a template in which `{channel}` stands for the
+//!   channel a message came on (`events:*={channel}:processed` writes
+//!   `events:eu` to `events:eu:processed`);
+//! - options: `maxlen=N` or `max_age=SECONDS` caps that route's streams,
+//!   instead of STREAM_MAXLEN / STREAM_MAX_AGE.
+//!
+//! Without ROUTES, `INPUT_CHANNEL=OUTPUT_STREAM` is the one route. Every
+//! worker subscribes to every route's source, so every worker still sees
+//! every message; each message carries the [`Lane`] of its stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::delivery::{Cap, Destination, Lane, Trim};
+use crate::config::{ConfigError, OutputFormat, default_dead_stream};
+
+/// One route: a source and where its messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// A channel, or a pattern when `pattern`.
+    pub source: String,
+    pub pattern: bool,
+    /// A stream name, or a template with `{channel}`.
+    pub target: String,
+    /// This route's cap (`None`: the global one, if any).
+    pub trim: Option<Trim>,
+}
+
+/// What a template's channel placeholder looks like.
+pub const CHANNEL: &str = "{channel}";
+
+/// Whether a channel name is a PSUBSCRIBE pattern.
+pub fn is_pattern(source: &str) -> bool {
+    source.contains(['*', '?', '['])
+}
+
+impl Route {
+    /// A route from `source` (a channel or a pattern) to `target`.
+    pub fn new(source: impl Into<String>, target: impl Into<String>) -> Self {
+        let source = source.into();
+        Self {
+            pattern: is_pattern(&source),
+            source,
+            target: target.into(),
+            trim: None,
+        }
+    }
+
+    /// The stream a message on `channel` goes to.
+    pub fn stream_for(&self, channel: &str) -> String {
+        self.target.replace(CHANNEL, channel)
+    }
+
+    /// Whether the stream depends on the channel.
+    pub fn is_template(&self) -> bool {
+        self.target.contains(CHANNEL)
+    }
+
+    /// Checks the route; errors name `var`.
+    pub fn check(&self, var: &'static str) -> Result<(), ConfigError> {
+        let bad = |why: &str| Err(ConfigError::new(var, self.to_string(), why));
+        if self.source.trim().is_empty() {
+            return bad("a route needs a channel or pattern before '='");
+        }
+        if self.target.trim().is_empty() {
+            return bad("a route needs a stream after '='");
+        }
+        if self.target.replace(CHANNEL, "").contains(['{', '}']) {
+            return bad(
+                "a stream name has no '{' or '}' (they become its keys' hash tag); {channel} is the only placeholder",
+            );
+        }
+        if self.is_template() && !self.pattern {
+            // Harmless, but the user probably meant a pattern.
+            return bad("{channel} in the stream only makes sense with a pattern (events:*)");
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.source, self.target)
+    }
+}
+
+/// Parses ROUTES (see the module's notes); `exact` is STREAM_TRIM=exact.
+pub fn parse_routes(raw: &str, exact: bool) -> Result<Vec<Route>, ConfigError> {
+    const VAR: &str = "ROUTES";
+    let mut routes = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let mut parts = item.split(';').map(str::trim);
+        let head = parts.next().unwrap_or_default();
+        let Some((source, target)) = head.split_once('=') else {
+            return Err(ConfigError::new(
+                VAR,
+                item,
+                "expected channel=stream (or pattern=template), e.g. orders=orders:processed",
+            ));
+        };
+        let mut route = Route::new(source.trim(), target.trim());
+        for option in parts {
+            let (name, value) = option.split_once('=').unwrap_or((option, ""));
+            let cap = match name.trim() {
+                "maxlen" => value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .map(Cap::MaxLen),
+                "max_age" => value
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| *s > 0.0 && s.is_finite())
+                    .map(|s| Cap::MaxAge(Duration::from_secs_f64(s))),
+                _ => {
+                    return Err(ConfigError::new(
+                        VAR,
+                        item,
+                        "options are maxlen=N or max_age=SECONDS",
+                    ));
+                }
+            };
+            let Some(cap) = cap else {
+                return Err(ConfigError::new(
+                    VAR,
+                    item,
+                    format!("{name} needs a number above 0"),
+                ));
+            };
+            route.trim = Some(Trim { cap, exact });
+        }
+        route.check(VAR)?;
+        routes.push(route);
+    }
+    if routes.is_empty() {
+        return Err(ConfigError::new(VAR, raw, "no route in it"));
+    }
+    for (i, route) in routes.iter().enumerate() {
+        if routes[..i].iter().any(|r| r.source == route.source) {
+            return Err(ConfigError::new(
+                VAR,
+                raw,
+                format!("{} is routed twice", route.source),
+            ));
+        }
+    }
+    Ok(routes)
+}
+
+/// How lanes are made: what all streams share.
+#[derive(Debug, Clone)]
+pub struct LanePlan {
+    /// DEAD_LETTER_STREAM, when set: one for all streams.
+    pub dead_letter_stream: Option<String>,
+    pub cluster: bool,
+    pub format: OutputFormat,
+    pub id_field: String,
+}
+
+/// A process's routes, resolved to lanes. Shared by its workers.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    /// Per route: its lane, when its stream does not depend on the channel.
+    fixed: Vec<Option<Arc<Lane>>>,
+    /// Per route: its source, as the channel recorded in dead letters.
+    sources: Vec<Arc<str>>,
+    /// Lanes of template routes, by stream name.
+    made: Mutex<HashMap<String, Arc<Lane>>>,
+    plan: LanePlan,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Route>, plan: LanePlan) -> Self {
+        let mut router = Router {
+            fixed: Vec::new(),
+            sources: routes
+                .iter()
+                .map(|r| Arc::from(r.source.as_str()))
+                .collect(),
+            routes,
+            made: Mutex::default(),
+            plan,
+        };
+        router.fixed = (0..router.routes.len())
+            .map(|i| {
+                let route = &router.routes[i];
+                (!route.is_template()).then(|| router.make(route, &route.target))
+            })
+            .collect();
+        router
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The channels to SUBSCRIBE to.
+    pub fn channels(&self) -> Vec<&str> {
+        self.routes
+            .iter()
+            .filter(|r| !r.pattern)
+            .map(|r| r.source.as_str())
+            .collect()
+    }
+
+    /// The patterns to PSUBSCRIBE to.
+    pub fn patterns(&self) -> Vec<&str> {
+        self.routes
+            .iter()
+            .filter(|r| r.pattern)
+            .map(|r| r.source.as_str())
+            .collect()
+    }
+
+    /// The route of a message that came on `channel` (SUBSCRIBE).
+    pub fn for_channel(&self, channel: &[u8]) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|r| !r.pattern && r.source.as_bytes() == channel)
+    }
+
+    /// The route of a message that matched `pattern` (PSUBSCRIBE).
+    pub fn for_pattern(&self, pattern: &[u8]) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|r| r.pattern && r.source.as_bytes() == pattern)
+    }
+
+    /// The route's lane, when it does not depend on the channel.
+    pub fn fixed(&self, route: usize) -> Option<(Arc<Lane>, Arc<str>)> {
+        let lane = self.fixed.get(route)?.clone()?;
+        Some((lane, self.sources[route].clone()))
+    }
+
+    /// The lane of a message on `channel` by route `route`.
+    pub fn lane(&self, route: usize, channel: &str) -> Arc<Lane> {
+        if let Some((lane, _)) = self.fixed(route) {
+            return lane;
+        }
+        let r = &self.routes[route];
+        let stream = r.stream_for(channel);
+        let mut made = self.made.lock().expect("router lock");
+        made.entry(stream)
+            .or_insert_with_key(|stream| self.make(r, stream))
+            .clone()
+    }
+
+    fn make(&self, route: &Route, stream: &str) -> Arc<Lane> {
+        let dead_stream = self
+            .plan
+            .dead_letter_stream
+            .clone()
+            .unwrap_or_else(|| default_dead_stream(stream, self.plan.cluster));
+        Arc::new(Lane::new(
+            Destination {
+                stream: stream.to_string(),
+                dead_stream,
+                channel: route.source.clone(),
+                format: self.plan.format,
+                id_field: self.plan.id_field.clone(),
+            },
+            route.trim,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_with_patterns_templates_and_caps() {
+        let routes = parse_routes(
+            "orders=orders:out, events:*={channel}:processed;maxlen=1000,logs=logs:out;max_age=60",
+            false,
+        )
+        .unwrap();
+        assert_eq!(routes.len(), 3);
+        assert!(!routes[0].pattern && !routes[0].is_template());
+        assert!(routes[1].pattern && routes[1].is_template());
+        assert_eq!(routes[1].stream_for("events:eu"), "events:eu:processed");
+        assert_eq!(
+            routes[1].trim,
+            Some(Trim {
+                cap: Cap::MaxLen(1000),
+                exact: false
+            })
+        );
+        assert_eq!(
+            routes[2].trim.map(|t| t.cap),
+            Some(Cap::MaxAge(Duration::from_secs(60)))
+        );
+    }
+
+    #[test]
+    fn bad_routes_are_one_error_naming_routes() {
+        for raw in [
+            "orders",
+            "=s",
+            "a=",
+            "a=b;maxlen=x",
+            "a=b;maxlen=0",
+            "a=b;size=3",
+            "a=b{c}",
+            "a=b,a=c",
+            "a={channel}:x",
+            "",
+        ] {
+            let err = parse_routes(raw, false).unwrap_err();
+            assert_eq!(err.var, "ROUTES", "{raw}: {err}");
+        }
+    }
+}

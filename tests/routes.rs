@@ -1,0 +1,170 @@
+//! Several channels and patterns, each routed to its stream, and capped
+//! streams: ROUTES, STREAM_MAXLEN, STREAM_MAX_AGE, STREAM_TRIM.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer, Tally, assert_exactly_once, publish_with};
+
+/// Publishes `count` test messages on `channel` (no fast path: what reached
+/// no worker is only counted).
+fn publish_on(server: &RedisServer, channel: &str, count: u64) {
+    let url = server.url();
+    let done = publish_with(
+        &[("REDIS_URL", url.as_str()), ("INPUT_CHANNEL", channel)],
+        &["--count", &count.to_string(), "--no-fast-path"],
+    );
+    assert_eq!(
+        done.num("no_subscriber"),
+        0,
+        "every message on {channel} reached the workers"
+    );
+}
+
+fn wait_len(server: &RedisServer, stream: &str, n: usize, consume: &OptimusProcess) {
+    support::wait_for(
+        &format!("{n} entries in {stream}"),
+        Duration::from_secs(30),
+        || (server.xlen(stream) >= n).then_some(()),
+        || consume.describe(),
+    );
+}
+
+#[test]
+fn each_channel_goes_to_its_own_stream_with_either_strategy() {
+    for strategy in ["partitioned", "race"] {
+        let server = RedisServer::start();
+        let consume = OptimusProcess::consume(
+            &server,
+            &[
+                ("ROUTES", "orders=orders:out, payments=payments:out"),
+                ("CONSUMERS_COUNT", "3"),
+                ("STRATEGY", strategy),
+            ],
+        );
+        consume.wait_consumers(3);
+        publish_on(&server, "orders", 3000);
+        publish_on(&server, "payments", 1000);
+        wait_len(&server, "orders:out", 3000, &consume);
+        wait_len(&server, "payments:out", 1000, &consume);
+        consume.wait_settled(Duration::from_secs(20));
+        // Each stream holds exactly its channel's messages (the publisher
+        // numbers each run from 0).
+        assert_exactly_once(&server.stream_entries("orders:out"), 0..3000);
+        assert_exactly_once(&server.stream_entries("payments:out"), 0..1000);
+        assert_eq!(
+            server.xlen("messages:processed"),
+            0,
+            "{strategy}: no default route any more"
+        );
+        // ACKs are in each stream's own keys.
+        assert_eq!(server.keys("{orders:out}:ack:*").len(), 3000, "{strategy}");
+        assert_eq!(
+            server.keys("{payments:out}:ack:*").len(),
+            1000,
+            "{strategy}"
+        );
+    }
+}
+
+#[test]
+fn a_pattern_with_a_template_makes_one_stream_per_channel() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(
+        &server,
+        &[
+            ("ROUTES", "events:*={channel}:processed"),
+            ("CONSUMERS_COUNT", "2"),
+            ("MAX_PAYLOAD_BYTES", "1000"),
+        ],
+    );
+    consume.wait_consumers(2);
+    publish_on(&server, "events:eu", 1500);
+    publish_on(&server, "events:us", 700);
+    // A message nobody routes reaches no worker.
+    let receivers: i64 = server.command(&["PUBLISH", "other", "x"]);
+    assert_eq!(receivers, 0);
+    // A rejected message goes to its own stream's dead letters, naming the
+    // channel it came on.
+    let big = format!(r#"{{"message_id":"big","pad":"{}"}}"#, "x".repeat(2000));
+    let receivers: i64 = server.command(&["PUBLISH", "events:eu", &big]);
+    assert_eq!(receivers, 2);
+    wait_len(&server, "events:eu:processed", 1500, &consume);
+    wait_len(&server, "events:us:processed", 700, &consume);
+    wait_len(&server, "events:eu:processed:dead", 1, &consume);
+    consume.wait_settled(Duration::from_secs(20));
+    assert_exactly_once(&server.stream_entries("events:eu:processed"), 0..1500);
+    assert_exactly_once(&server.stream_entries("events:us:processed"), 0..700);
+    let dead = server.stream_entries("events:eu:processed:dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["channel"], b"events:eu");
+    assert!(String::from_utf8_lossy(&dead[0]["reason"]).contains("MAX_PAYLOAD_BYTES"));
+}
+
+#[test]
+fn streams_are_capped_by_length_or_age() {
+    let server = RedisServer::start();
+    // Exact trimming: the length is the cap.
+    let consume = OptimusProcess::consume(
+        &server,
+        &[
+            (
+                "ROUTES",
+                "short=short:out;maxlen=100, young=young:out;max_age=1, free=free:out",
+            ),
+            ("STREAM_TRIM", "exact"),
+        ],
+    );
+    consume.wait_consumers(2);
+    publish_on(&server, "short", 1000);
+    publish_on(&server, "young", 500);
+    publish_on(&server, "free", 300);
+    wait_len(&server, "free:out", 300, &consume);
+    support::wait_for(
+        "the capped streams to be written",
+        Duration::from_secs(30),
+        || (consume.latest_line("monitor ")?.num("written") >= 1800).then_some(()),
+        || consume.describe(),
+    );
+    consume.wait_settled(Duration::from_secs(20));
+    assert_eq!(server.xlen("short:out"), 100, "MAXLEN = 100");
+    // The 100 kept are distinct messages of the run (the newest written;
+    // with several writers not strictly the last 100 published).
+    let kept = Tally::of(&server.stream_entries("short:out"), 0..1000);
+    assert!(kept.duplicated.is_empty() && kept.unexpected == 0, "{kept}");
+    assert_eq!(
+        server.xlen("free:out"),
+        300,
+        "a route without a cap keeps all"
+    );
+    // An age cap trims as new entries come: after 1.5 s, ten more leave
+    // only those ten.
+    assert_eq!(server.xlen("young:out"), 500);
+    std::thread::sleep(Duration::from_millis(1500));
+    publish_on(&server, "young", 10);
+    support::wait_for(
+        "the old entries of young:out trimmed",
+        Duration::from_secs(30),
+        || (server.xlen("young:out") == 10).then_some(()),
+        || consume.describe(),
+    );
+}
+
+#[test]
+fn an_approximate_global_cap_keeps_about_the_length() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(&server, &[("STREAM_MAXLEN", "500")]);
+    consume.wait_consumers(2);
+    publish_on(&server, "messages:published", 5000);
+    support::wait_for(
+        "5000 messages written",
+        Duration::from_secs(30),
+        || (consume.latest_line("monitor ")?.num("written") >= 5000).then_some(()),
+        || consume.describe(),
+    );
+    let len = server.xlen("messages:processed");
+    // `~` trims whole macro nodes (100 entries by default): at least the
+    // cap stays, and far less than everything.
+    assert!((500..=1000).contains(&len), "approximately 500, got {len}");
+}
