@@ -22,11 +22,13 @@
 //!   messages (see [`super::partition`]); each (re)subscription is announced
 //!   with [`Item::Subscribed`]. Before it unsubscribes it publishes one last
 //!   mark, which closes the last stretch of messages.
-//! - **Cluster**: the cluster client subscribes on the node that serves the
-//!   channel's slot (SUBSCRIBE, or SSUBSCRIBE with sharded Pub/Sub) and
-//!   subscribes again by itself after a reconnect, a failover or a slot move
-//!   (a server's SUNSUBSCRIBE). Each such loss is counted as a reconnect,
-//!   and the time until the new subscription is confirmed as a gap.
+//! - **Cluster**: the cluster client subscribes on the node that serves each
+//!   channel's slot (SUBSCRIBE, or SSUBSCRIBE with sharded Pub/Sub). When a
+//!   subscription is lost (a node's connection dropped, or the server's
+//!   SUNSUBSCRIBE after a slot move, which the client does not follow) the
+//!   task subscribes again itself, with backoff, the client following MOVED
+//!   to the new node. Each loss counts as a reconnect, and the time until the
+//!   new subscription is confirmed as a gap.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +49,8 @@ use crate::monitor::Counters;
 
 /// Silence on the subscription after which it is checked with a PING.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// Cluster: the first wait before subscribing again after a lost subscription.
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
 /// How long that PING may take (longer than a `CLIENT PAUSE` of a few seconds).
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -226,6 +230,12 @@ impl Subscription {
             // One timer, moved on only when it fires: no timer per message.
             let keepalive = tokio::time::sleep(KEEPALIVE);
             tokio::pin!(keepalive);
+            // Cluster: after a lost subscription, subscribing again ourselves
+            // (a server's SUNSUBSCRIBE after a slot move is not followed by
+            // the client), every `retry_wait`, doubling, until it takes.
+            let mut retry_wait: Option<Duration> = None;
+            let retry = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(retry);
             loop {
                 let event = tokio::select! {
                     _ = self.cancel.cancelled() => {
@@ -234,6 +244,21 @@ impl Subscription {
                         return Ok(());
                     }
                     event = pushed.recv() => event,
+                    _ = &mut retry, if retry_wait.is_some() => {
+                        let subscribe = conn.subscribe(self.channels(), self.router.patterns());
+                        match tokio::time::timeout(PING_TIMEOUT, subscribe).await {
+                            // Its confirmation ends the gap (`Confirmed`).
+                            Ok(Ok(())) => retry_wait = None,
+                            failed => {
+                                let wait = retry_wait.unwrap_or(RESUBSCRIBE_FIRST);
+                                tracing::debug!(worker = %self.worker_id, ?failed, "subscribing again failed; retrying");
+                                let next = (wait * 2).min(KEEPALIVE);
+                                retry_wait = Some(next);
+                                retry.as_mut().reset((Instant::now() + next).into());
+                            }
+                        }
+                        continue;
+                    }
                     _ = &mut keepalive => {
                         if last_heard.elapsed() < KEEPALIVE {
                             keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
@@ -257,14 +282,22 @@ impl Subscription {
                         payload,
                     }) => Item::Message(self.receive(route, channel, payload)),
                     Some(Pushed::Mark { clock, overflowed }) => Item::Mark { clock, overflowed },
-                    Some(Pushed::Lost) => {
+                    Some(Pushed::Lost) | Some(Pushed::Disconnected) if conn.is_cluster() => {
                         if lost_at.is_none() {
-                            tracing::warn!(worker = %self.worker_id, channel = %self.channel, "cluster subscription lost; the client subscribes again");
+                            tracing::warn!(worker = %self.worker_id, channel = %self.channel, "cluster subscription lost; subscribing again");
                             self.coverage.down(true);
                             lost_at = Some(Instant::now());
                         }
+                        if retry_wait.is_none() {
+                            retry_wait = Some(RESUBSCRIBE_FIRST);
+                            retry
+                                .as_mut()
+                                .reset((Instant::now() + RESUBSCRIBE_FIRST).into());
+                        }
                         continue;
                     }
+                    // Our own UNSUBSCRIBE's echo: nothing to do.
+                    Some(Pushed::Lost) => continue,
                     Some(Pushed::Confirmed) => {
                         if let Some(t) = lost_at.take() {
                             self.coverage.up(&self.counters);
@@ -277,15 +310,6 @@ impl Subscription {
                             );
                         }
                         last_heard = Instant::now();
-                        continue;
-                    }
-                    Some(Pushed::Disconnected) if conn.is_cluster() => {
-                        // One node's connection; the cluster client reconnects
-                        // and subscribes again where the channel is served.
-                        if lost_at.is_none() {
-                            self.coverage.down(true);
-                            lost_at = Some(Instant::now());
-                        }
                         continue;
                     }
                     Some(Pushed::Disconnected) | None => break,

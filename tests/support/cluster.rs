@@ -238,3 +238,51 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+impl RedisCluster {
+    /// The node id of the node on `port`.
+    pub fn id_of(&self, port: u16) -> String {
+        self.node(port)
+            .query(&["CLUSTER", "MYID"])
+            .expect("CLUSTER MYID")
+    }
+
+    pub fn node(&self, port: u16) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node on that port")
+    }
+
+    /// Moves `slot` (holding no keys) from the master on `from` to the one on
+    /// `to`, the way `redis-cli --cluster reshard` does, and tells every node.
+    pub fn move_empty_slot(&self, slot: u16, from: u16, to: u16) {
+        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
+        let slot = slot.to_string();
+        let run = |port: u16, words: &[&str]| {
+            let _: String = self
+                .node(port)
+                .query(words)
+                .unwrap_or_else(|e| panic!("{words:?} on {port}: {e}\n{}", self.logs()));
+        };
+        run(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        run(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        run(to, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        run(from, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        for node in self.live() {
+            if node.port != from && node.port != to {
+                let _: redis::RedisResult<String> =
+                    node.query(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            }
+        }
+    }
+
+    /// The slot of `key`.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.live()
+            .next()
+            .expect("a live node")
+            .query(&["CLUSTER", "KEYSLOT", key])
+            .expect("CLUSTER KEYSLOT")
+    }
+}
