@@ -46,10 +46,7 @@ pub async fn audit(
     stream: &str,
     published: u64,
 ) -> Result<AuditReport, RedisError> {
-    let mut conn = endpoint
-        .client()?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn = crate::connect::open(endpoint).await?;
     let mut report = AuditReport {
         published,
         ..AuditReport::default()

@@ -218,6 +218,23 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// One attempt at a command connection, for a command that should fail
+/// rather than wait: a plain connection to one server, or a cluster one.
+pub async fn open(endpoint: &Endpoint) -> RedisResult<Conn> {
+    if endpoint.is_cluster() {
+        let client = endpoint.cluster_builder()?.build()?;
+        return Ok(Conn::Cluster(client.get_async_connection().await?));
+    }
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let conn = endpoint
+        .client()?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    Ok(Conn::Plain(conn))
+}
+
 /// A command connection that reconnects by itself (a cluster connection
 /// also follows the slots), waiting until Redis is reachable. Returns
 /// `Ok(None)` when cancelled first, and an error only when it is [`is_fatal`].

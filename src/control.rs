@@ -208,7 +208,7 @@ pub enum StopReason {
 /// Ends when `shutdown` is cancelled. Redis errors are retried quietly (the
 /// workers report them).
 pub async fn watch(
-    client: redis::Client,
+    endpoint: crate::connect::Endpoint,
     activity: impl Fn() -> u64 + Send + 'static,
     idle_timeout: Option<Duration>,
     shutdown: CancellationToken,
@@ -222,7 +222,7 @@ pub async fn watch(
             _ = tick.tick() => {}
         }
         if conn.is_none() {
-            conn = client.get_multiplexed_async_connection().await.ok();
+            conn = crate::connect::open(&endpoint).await.ok();
         }
         if let Some(c) = conn.as_mut() {
             match redis::cmd("GET")

@@ -419,14 +419,12 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
     };
     let server = endpoint.to_string();
     let result = async {
-        let client = endpoint.client()?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = optimus::connect::open(&endpoint).await?;
         match action {
             CtlAction::Status {
                 consumers_list,
                 work_consumers_list,
             } => {
-                let mut manager = redis::aio::ConnectionManager::new(client).await?;
                 let switch: Option<String> = redis::cmd("GET")
                     .arg(optimus::control::STOP_KEY)
                     .query_async(&mut conn)
@@ -442,7 +440,7 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
                     // Workers grouped by process (their presence value).
                     let mut processes: std::collections::BTreeMap<String, usize> =
                         Default::default();
-                    for (_, value) in presence.list(&mut manager).await? {
+                    for (_, value) in presence.list(&mut conn).await? {
                         *processes.entry(value).or_default() += 1;
                     }
                     for (value, workers) in processes {
@@ -557,12 +555,8 @@ impl Controls {
         registry: impl FnOnce() -> prometheus_client::registry::Registry,
         shutdown: &CancellationToken,
     ) -> Result<(), ExitCode> {
-        let client = endpoint.client().map_err(|err| {
-            eprintln!("optimus: {err}");
-            ExitCode::from(2)
-        })?;
         tokio::spawn(optimus::control::watch(
-            client,
+            endpoint.clone(),
             activity,
             self.idle_timeout,
             shutdown.clone(),
@@ -593,10 +587,7 @@ async fn health(connect: &ConnectArgs, args: &optimus::health::HealthArgs) -> Ex
         Err(err) => return bad_setting(&err),
     };
     let server = endpoint.to_string();
-    let connected = match endpoint.client() {
-        Ok(client) => redis::aio::ConnectionManager::new(client).await,
-        Err(err) => Err(err),
-    };
+    let connected = optimus::connect::open(&endpoint).await;
     let report = match connected {
         Ok(mut conn) => optimus::health::check(&mut conn, &config).await,
         Err(err) => Report {
@@ -627,17 +618,14 @@ async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
         Err(err) => return bad_setting(&err),
     };
     let server = endpoint.to_string();
-    let mut conn = match endpoint.client() {
-        Ok(client) => match client.get_multiplexed_async_connection().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                eprintln!("optimus: cannot connect to Redis at {server}: {err}");
-                return ExitCode::from(1);
-            }
-        },
+    let mut conn = match optimus::connect::open(&endpoint).await {
+        Ok(conn) => conn,
         Err(err) => {
-            eprintln!("optimus: {err}");
-            return ExitCode::from(2);
+            eprintln!(
+                "optimus: cannot connect to Redis at {server}: {}",
+                optimus::connect::explain(&err)
+            );
+            return ExitCode::from(1);
         }
     };
     let c = &mut conn;

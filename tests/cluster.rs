@@ -70,12 +70,31 @@ fn exactly_once_on_three_masters_with_classic_and_sharded_pubsub() {
                 assert_eq!(n, 0, "{mode}: no ACK keys on node {}", node.port);
             }
         }
-        consume.signal("TERM");
+        // The operator's commands work on the cluster too.
+        for command in [
+            &["audit", "--published", "3000"][..],
+            &["streams", "info", &stream],
+            &["health"],
+            &["ctl", "status"],
+        ] {
+            let out = support::run_optimus(command, &env, Duration::from_secs(20));
+            assert!(
+                out.status.success(),
+                "{mode}: optimus {command:?} on the cluster:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // The kill switch reaches the workers wherever its key lives.
+        let out = support::run_optimus(&["ctl", "stop"], &env, Duration::from_secs(20));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(
             consume.wait_exit(Duration::from_secs(20)).success(),
             "{}",
             consume.describe()
         );
+        let out = support::run_optimus(&["ctl", "resume"], &env, Duration::from_secs(20));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
