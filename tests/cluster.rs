@@ -87,14 +87,22 @@ fn exactly_once_on_three_masters_with_classic_and_sharded_pubsub() {
         }
         // The kill switch reaches the workers wherever its key lives.
         let out = support::run_optimus(&["ctl", "stop"], &env, Duration::from_secs(20));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             consume.wait_exit(Duration::from_secs(20)).success(),
             "{}",
             consume.describe()
         );
         let out = support::run_optimus(&["ctl", "resume"], &env, Duration::from_secs(20));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

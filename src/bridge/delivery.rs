@@ -176,9 +176,9 @@ impl Trim {
     }
 }
 
-/// One output stream: where its messages go, its keys, and its cap. Each
-/// message carries the lane of its route (see [`super::route`]); messages of
-/// several lanes in one batch are written lane by lane.
+/// One output stream as a route reaches it: where messages go, the channel
+/// they came on, the stream's keys and cap. Each message carries its lane
+/// (see [`super::route`]); a batch is written stream by stream.
 #[derive(Debug, Clone)]
 pub struct Lane {
     pub to: Destination,
@@ -718,7 +718,7 @@ fn push_entry(cmd: &mut redis::Cmd, m: &Incoming, worker_id: &str, to: &Destinat
             cmd.arg(2).arg(10);
             cmd.arg("message_id").arg(&m.id);
             cmd.arg("reason").arg(reason);
-            let channel = m.channel.as_deref().unwrap_or(&to.channel);
+            let channel = m.lane.as_ref().map_or(&to.channel, |lane| &lane.to.channel);
             cmd.arg("channel").arg(channel);
             cmd.arg("payload").arg(m.payload.as_slice());
             cmd.arg("consumer_id").arg(worker_id);

@@ -30,10 +30,9 @@ pub struct Incoming {
     pub rejected: Option<String>,
     /// xxh3-64 of the payload: decides the owner (partitioned strategy).
     pub hash: u64,
-    /// Where it goes, when its route says (`None`: the worker's own stream).
+    /// Where it goes (and the channel it came on), when its route says
+    /// (`None`: the delivery's own stream).
     pub lane: Option<Arc<Lane>>,
-    /// The channel it came on, when not the worker's one input channel.
-    pub channel: Option<Arc<str>>,
 }
 
 impl Incoming {
@@ -46,7 +45,6 @@ impl Incoming {
             received_at,
             rejected: None,
             lane: None,
-            channel: None,
         }
     }
 }

@@ -168,12 +168,10 @@ pub struct LanePlan {
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
-    /// Per route: its lane, when its stream does not depend on the channel.
+    /// Per route: its lane, for a channel (not a pattern).
     fixed: Vec<Option<Arc<Lane>>>,
-    /// Per route: its source, as the channel recorded in dead letters.
-    sources: Vec<Arc<str>>,
-    /// Lanes of template routes, by stream name.
-    made: Mutex<HashMap<String, Arc<Lane>>>,
+    /// Lanes of pattern routes, by route and channel.
+    made: Mutex<HashMap<(usize, String), Arc<Lane>>>,
     plan: LanePlan,
 }
 
@@ -181,10 +179,6 @@ impl Router {
     pub fn new(routes: Vec<Route>, plan: LanePlan) -> Self {
         let mut router = Router {
             fixed: Vec::new(),
-            sources: routes
-                .iter()
-                .map(|r| Arc::from(r.source.as_str()))
-                .collect(),
             routes,
             made: Mutex::default(),
             plan,
@@ -192,7 +186,7 @@ impl Router {
         router.fixed = (0..router.routes.len())
             .map(|i| {
                 let route = &router.routes[i];
-                (!route.is_template()).then(|| router.make(route, &route.target))
+                (!route.pattern).then(|| router.make(route, &route.source))
             })
             .collect();
         router
@@ -234,26 +228,26 @@ impl Router {
             .position(|r| r.pattern && r.source.as_bytes() == pattern)
     }
 
-    /// The route's lane, when it does not depend on the channel.
-    pub fn fixed(&self, route: usize) -> Option<(Arc<Lane>, Arc<str>)> {
-        let lane = self.fixed.get(route)?.clone()?;
-        Some((lane, self.sources[route].clone()))
+    /// The lane of a channel's route (not a pattern's).
+    pub fn fixed(&self, route: usize) -> Option<Arc<Lane>> {
+        self.fixed.get(route)?.clone()
     }
 
     /// The lane of a message on `channel` by route `route`.
     pub fn lane(&self, route: usize, channel: &str) -> Arc<Lane> {
-        if let Some((lane, _)) = self.fixed(route) {
+        if let Some(lane) = self.fixed(route) {
             return lane;
         }
-        let r = &self.routes[route];
-        let stream = r.stream_for(channel);
         let mut made = self.made.lock().expect("router lock");
-        made.entry(stream)
-            .or_insert_with_key(|stream| self.make(r, stream))
+        made.entry((route, channel.to_string()))
+            .or_insert_with(|| self.make(&self.routes[route], channel))
             .clone()
     }
 
-    fn make(&self, route: &Route, stream: &str) -> Arc<Lane> {
+    /// The lane of messages on `channel` by `route`.
+    fn make(&self, route: &Route, channel: &str) -> Arc<Lane> {
+        let stream = route.stream_for(channel);
+        let stream = stream.as_str();
         let dead_stream = self
             .plan
             .dead_letter_stream
@@ -263,7 +257,7 @@ impl Router {
             Destination {
                 stream: stream.to_string(),
                 dead_stream,
-                channel: route.source.clone(),
+                channel: channel.to_string(),
                 format: self.plan.format,
                 id_field: self.plan.id_field.clone(),
             },

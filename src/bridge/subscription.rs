@@ -62,7 +62,7 @@ pub struct Subscription {
     /// The routes, as logs name them.
     pub channel: String,
     /// Pattern routes' lanes by channel (see [`LANE_CACHE`]).
-    pub lanes: HashMap<Vec<u8>, (Arc<Lane>, Arc<str>)>,
+    pub lanes: HashMap<Vec<u8>, Arc<Lane>>,
     pub worker_id: String,
     pub ids: IdAssigner,
     pub counters: Arc<Counters>,
@@ -332,11 +332,11 @@ impl Subscription {
     /// and its route's lane.
     fn receive(&mut self, route: usize, channel: Option<Vec<u8>>, payload: Vec<u8>) -> Incoming {
         let mut m = self.ids.assign(payload, Instant::now());
-        let (lane, source) = match channel {
+        let lane = match channel {
             None => self
                 .router
                 .fixed(route)
-                .expect("a channel's route has one stream"),
+                .expect("a channel's route has its lane"),
             Some(channel) => {
                 if self.lanes.len() > LANE_CACHE {
                     self.lanes.clear();
@@ -345,14 +345,12 @@ impl Subscription {
                 self.lanes
                     .entry(channel)
                     .or_insert_with_key(|channel| {
-                        let name = String::from_utf8_lossy(channel);
-                        (router.lane(route, &name), Arc::from(name.as_ref()))
+                        router.lane(route, &String::from_utf8_lossy(channel))
                     })
                     .clone()
             }
         };
         m.lane = Some(lane);
-        m.channel = Some(source);
         m
     }
 
