@@ -257,7 +257,8 @@ impl ConnectArgs {
         let mut files = TlsFiles::default();
         if let Some(path) = ca {
             files.ca = Some(read_pem("REDIS_TLS_CA_FILE", path)?);
-            Endpoint::new(url.clone())
+            endpoint
+                .clone()
                 .tls(files.clone())
                 .check()
                 .map_err(|e| ConfigError::new("REDIS_TLS_CA_FILE", path, e.to_string()))?;
@@ -269,7 +270,8 @@ impl ConnectArgs {
                     read_pem("REDIS_TLS_CERT_FILE", cert)?,
                     read_pem("REDIS_TLS_KEY_FILE", key)?,
                 ));
-                Endpoint::new(url.clone())
+                endpoint
+                    .clone()
                     .tls(files.clone())
                     .check()
                     .map_err(|e| ConfigError::new("REDIS_TLS_CERT_FILE", cert, e.to_string()))?;

@@ -396,12 +396,6 @@ impl Delivery {
         }
     }
 
-    /// The default lane's cap (OUTPUT_STREAM's).
-    pub fn with_trim(mut self, trim: Option<Trim>) -> Self {
-        self.lane = Arc::new(Lane::new(self.lane.to.clone(), trim));
-        self
-    }
-
     pub fn keys(&self) -> &Keys {
         &self.lane.keys
     }

@@ -192,10 +192,6 @@ impl Router {
         router
     }
 
-    pub fn routes(&self) -> &[Route] {
-        &self.routes
-    }
-
     /// The channels to SUBSCRIBE to.
     pub fn channels(&self) -> Vec<&str> {
         self.routes
