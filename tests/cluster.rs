@@ -163,9 +163,14 @@ fn the_channel_s_master_killed_mid_run_loses_only_the_counted_gap() {
         publisher.describe()
     );
     let published = published(&publisher);
-    consume.wait_settled(Duration::from_secs(30));
-    let tally = Tally::of(&stream_entries(&mut cluster.conn(), &stream), 0..published);
-    let monitor = consume.latest_line("monitor ").expect("a monitoring line");
+    let (tally, monitor) = outcome(
+        &cluster,
+        &consume,
+        &stream,
+        published,
+        published,
+        Duration::from_secs(30),
+    );
     let (gaps, gap_ms) = (monitor.num("gaps"), monitor.num("gap_ms"));
     eprintln!(
         "failover of the channel's master: published {published}, {tally}; bridge: reconnects={} gaps={gaps} gap_ms={gap_ms}",
@@ -224,15 +229,14 @@ fn the_stream_s_master_killed_mid_run_delays_but_keeps_the_messages() {
         publisher.describe()
     );
     let published = published(&publisher);
-    support::wait_for(
-        "the stream to hold every message",
+    let (tally, monitor) = outcome(
+        &cluster,
+        &consume,
+        &stream,
+        published,
+        50,
         Duration::from_secs(30),
-        || (xlen(&cluster, &stream) as u64 >= published.saturating_sub(50)).then_some(()),
-        || consume.describe(),
     );
-    consume.wait_settled(Duration::from_secs(30));
-    let tally = Tally::of(&stream_entries(&mut cluster.conn(), &stream), 0..published);
-    let monitor = consume.latest_line("monitor ").expect("a monitoring line");
     eprintln!(
         "failover of the stream's master: published {published}, {tally}; bridge: errors={} reconnects={} gaps={}",
         monitor.num("errors"),
@@ -255,6 +259,32 @@ fn the_stream_s_master_killed_mid_run_delays_but_keeps_the_messages() {
         tally.missing.len() <= 50,
         "at most the writes replication had not carried over are missing: {tally}"
     );
+}
+
+/// Once `stream` holds all but `may_miss` of the `published` messages and
+/// the workers have settled: what it holds against them, and the workers'
+/// last monitoring line.
+fn outcome(
+    cluster: &RedisCluster,
+    consume: &OptimusProcess,
+    stream: &str,
+    published: u64,
+    may_miss: u64,
+    settle_within: Duration,
+) -> (Tally, support::Fields) {
+    support::wait_for(
+        &format!(
+            "{stream} to hold at least {} messages",
+            published - may_miss
+        ),
+        Duration::from_secs(30),
+        || (xlen(cluster, stream) as u64 >= published - may_miss).then_some(()),
+        || consume.describe(),
+    );
+    consume.wait_settled(settle_within);
+    let tally = Tally::of(&stream_entries(&mut cluster.conn(), stream), 0..published);
+    let monitor = consume.latest_line("monitor ").expect("a monitoring line");
+    (tally, monitor)
 }
 
 /// `optimus publish`'s summary line.
@@ -384,15 +414,14 @@ fn a_sharded_channel_s_slot_moving_is_followed_and_nothing_is_lost() {
     );
     let done = summary(&publisher);
     let published = done.num("published");
-    support::wait_for(
-        "every message in the stream",
-        Duration::from_secs(30),
-        || (xlen(&cluster, &stream) as u64 >= published).then_some(()),
-        || consume.describe(),
+    let (tally, monitor) = outcome(
+        &cluster,
+        &consume,
+        &stream,
+        published,
+        0,
+        Duration::from_secs(20),
     );
-    consume.wait_settled(Duration::from_secs(20));
-    let tally = Tally::of(&stream_entries(&mut cluster.conn(), &stream), 0..published);
-    let monitor = consume.latest_line("monitor ").expect("a monitoring line");
     eprintln!(
         "slot move: published {published}, no_subscriber {}, {tally}; bridge: reconnects={} gaps={} gap_ms={}",
         done.num("no_subscriber"),
