@@ -477,12 +477,22 @@ pub fn parse_metrics_addr(raw: Option<&str>) -> Result<Option<std::net::SocketAd
 }
 
 /// The dead-letter stream of `stream`: `<stream>:dead`, or on a cluster
-/// `{<stream>}:dead`, in the stream's slot (the write script touches both).
+/// one in the stream's slot (the write script touches both), see
+/// [`slot_mate`].
 pub fn default_dead_stream(stream: &str, cluster: bool) -> String {
-    if cluster {
-        format!("{{{stream}}}:dead")
+    slot_mate(stream, ":dead", cluster)
+}
+
+/// `<key><suffix>`; on a cluster, a name in `key`'s slot: `{<key>}<suffix>`,
+/// or, when `key` has a hash tag of its own (`{orders}:processed`), the
+/// plain `<key><suffix>`, which keeps it.
+pub fn slot_mate(key: &str, suffix: &str, cluster: bool) -> String {
+    use redis::cluster_routing::Slot;
+    let wrapped = format!("{{{key}}}{suffix}");
+    if cluster && Slot::for_key(&wrapped) == Slot::for_key(key) {
+        wrapped
     } else {
-        format!("{stream}:dead")
+        format!("{key}{suffix}")
     }
 }
 
@@ -1135,6 +1145,23 @@ pub fn mask_password(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn slot_mates_share_the_slot_on_a_cluster() {
+        use redis::cluster_routing::Slot;
+        for key in ["messages:processed", "{orders}:processed", "a{b", "x{y}z"] {
+            let mate = slot_mate(key, ":dead", true);
+            assert_eq!(
+                Slot::for_key(&mate),
+                Slot::for_key(key),
+                "{mate} is not in {key}'s slot"
+            );
+            assert!(mate.ends_with(":dead"), "{mate}");
+        }
+        assert_eq!(slot_mate("s", ":dead", true), "{s}:dead");
+        assert_eq!(slot_mate("{o}:s", ":dead", true), "{o}:s:dead");
+        assert_eq!(slot_mate("s", ":dead", false), "s:dead");
+    }
+
     use super::*;
 
     #[test]

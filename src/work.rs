@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use redis::{RedisError, Value};
 use tokio::io::AsyncWriteExt;
@@ -27,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::presence::Presence;
 use crate::config::{ConfigError, parse_interval, parse_num};
-use crate::connect::{connection_manager, is_fatal, reconnect_backoff};
+use crate::connect::{Conn, connection, is_fatal, reconnect_backoff};
 
 /// What handles an entry: `Ok` acknowledges it, `Err` leaves it pending.
 #[derive(Clone)]
@@ -127,8 +126,7 @@ pub async fn run(
     counters: Arc<WorkCounters>,
     shutdown: CancellationToken,
 ) -> Result<(), RedisError> {
-    let client = config.endpoint.client()?;
-    let Some(mut conn) = connection_manager(&client, &shutdown).await? else {
+    let Some(mut conn) = connection(&config.endpoint, &shutdown).await? else {
         return Ok(());
     };
     let created: Result<(), RedisError> = redis::cmd("XGROUP")
@@ -199,7 +197,7 @@ pub async fn run(
 
 async fn housekeeping(
     presence: Presence,
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     ids: Vec<String>,
     counters: Arc<WorkCounters>,
     interval: Duration,
@@ -234,7 +232,7 @@ async fn housekeeping(
 struct Worker {
     config: WorkConfig,
     consumer: String,
-    conn: ConnectionManager,
+    conn: Conn,
     counters: Arc<WorkCounters>,
 }
 
@@ -367,27 +365,16 @@ impl Worker {
             self.config.max_deliveries
         );
         let payload = payload_of(&entry);
-        redis::pipe()
-            .atomic()
-            .cmd("XADD")
+        // One script, so one step (on a cluster both streams share a slot).
+        redis::cmd("EVAL")
+            .arg(DEAD_LETTER)
+            .arg(2)
             .arg(&self.config.dead_stream)
-            .arg("*")
-            .arg("entry_id")
-            .arg(&entry.id)
-            .arg("stream")
             .arg(&self.config.stream)
-            .arg("group")
+            .arg(&entry.id)
             .arg(&self.config.group)
-            .arg("reason")
             .arg(&reason)
-            .arg("payload")
             .arg(payload)
-            .ignore()
-            .cmd("XACK")
-            .arg(&self.config.stream)
-            .arg(&self.config.group)
-            .arg(&entry.id)
-            .ignore()
             .query_async::<()>(&mut self.conn)
             .await?;
         WorkCounters::add(&self.counters.dead_lettered, 1);
@@ -435,6 +422,13 @@ impl Worker {
         Ok(())
     }
 }
+
+/// KEYS: dead-letter stream, stream; ARGV: entry id, group, reason, payload.
+const DEAD_LETTER: &str = r#"
+redis.call('XADD', KEYS[1], '*', 'entry_id', ARGV[1], 'stream', KEYS[2],
+    'group', ARGV[2], 'reason', ARGV[3], 'payload', ARGV[4])
+redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
+"#;
 
 fn bytes(value: &Value) -> Option<Vec<u8>> {
     match value {
@@ -508,7 +502,8 @@ pub struct WorkArgs {
     /// Deliveries after which an entry goes to the dead-letter stream.
     #[arg(long, env = "WORK_MAX_DELIVERIES", default_value = "5")]
     pub max_deliveries: String,
-    /// Where entries that were never handled go [default: <stream>:work-dead].
+    /// Where entries that were never handled go [default: <stream>:work-dead;
+    /// on a cluster {<stream>}:work-dead, in the stream's slot].
     #[arg(long, env = "WORK_DEAD_LETTER_STREAM")]
     pub dead_letter_stream: Option<String>,
     /// Prefix of the workers' presence keys, and name of their sorted set.
@@ -539,12 +534,23 @@ impl WorkArgs {
             }
             Ok(n)
         };
-        if endpoint.is_cluster() {
-            return Err(ConfigError::new(
-                "REDIS_CLUSTER",
-                "1",
-                "optimus work does not run on a cluster yet (its dead-letter step spans two slots)",
-            ));
+        let cluster = endpoint.is_cluster();
+        let dead_stream = self
+            .dead_letter_stream
+            .clone()
+            .unwrap_or_else(|| crate::config::slot_mate(&self.stream, ":work-dead", cluster));
+        {
+            use redis::cluster_routing::Slot;
+            if cluster && Slot::for_key(&dead_stream) != Slot::for_key(&self.stream) {
+                return Err(ConfigError::new(
+                    "WORK_DEAD_LETTER_STREAM",
+                    &dead_stream,
+                    format!(
+                        "on a cluster it must be in the stream's slot, e.g. {}",
+                        crate::config::slot_mate(&self.stream, ":work-dead", true)
+                    ),
+                ));
+            }
         }
         Ok(WorkConfig {
             endpoint,
@@ -554,10 +560,7 @@ impl WorkArgs {
             batch_size: positive("WORK_BATCH_SIZE", &self.batch_size)? as usize,
             claim_idle: parse_interval("WORK_CLAIM_IDLE", &self.claim_idle)?,
             max_deliveries: positive("WORK_MAX_DELIVERIES", &self.max_deliveries)?,
-            dead_stream: self
-                .dead_letter_stream
-                .clone()
-                .unwrap_or_else(|| format!("{}:work-dead", self.stream)),
+            dead_stream,
             consumers_list: self.consumers_list.clone(),
             presence_ttl: Duration::from_secs(5),
             monitoring_interval: parse_interval("MONITORING_INTERVAL", &self.monitoring_interval)?,

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use support::{OptimusProcess, RedisServer, free_port, run_optimus};
 
+/// The settings given, the variable the error must name, and its value.
+type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+
 /// Each bad setting exits 2 with exactly one line on stderr that names the
 /// variable and the value, before any connection is tried.
 #[test]
 fn bad_settings_give_one_line_and_exit_code_2() {
-    /// The settings given, the variable the error must name, and its value.
-    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
     let cases: &[Case] = &[
         (&[("CONSUMERS_COUNT", "abc")], "CONSUMERS_COUNT", "abc"),
         (&[("CONSUMERS_COUNT", "0")], "CONSUMERS_COUNT", "0"),
@@ -420,5 +421,34 @@ fn bad_routes_and_caps_are_bad_settings() {
         assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{env:?}: one line:\n{stderr}");
         assert!(stderr.contains(var), "{env:?}: names {var}: {stderr}");
+    }
+}
+
+/// `optimus work` checks its own settings the same way: one line, exit 2,
+/// before connecting (the cluster's seeds here lead nowhere).
+#[test]
+fn bad_work_settings_give_one_line_and_exit_code_2() {
+    let cluster = "redis://127.0.0.1:1,redis://127.0.0.1:2";
+    let cases: &[Case] = &[
+        (&[("WORK_CONSUMERS", "0")], "WORK_CONSUMERS", "0"),
+        (&[("WORK_CLAIM_IDLE", "soon")], "WORK_CLAIM_IDLE", "soon"),
+        (
+            &[
+                ("REDIS_URL", cluster),
+                ("WORK_DEAD_LETTER_STREAM", "elsewhere"),
+            ],
+            "WORK_DEAD_LETTER_STREAM",
+            "elsewhere",
+        ),
+    ];
+    for (env, var, value) in cases {
+        let out = run_optimus(&["work", "--", "true"], env, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{env:?}: one line:\n{stderr}");
+        assert!(
+            stderr.contains(var) && stderr.contains(value),
+            "{env:?}: names {var} and {value}: {stderr}"
+        );
     }
 }
