@@ -172,6 +172,37 @@ impl Endpoint {
         }
         Ok(builder)
     }
+
+    /// A cluster connection from `builder` (made by [`Endpoint::cluster_builder`]).
+    ///
+    /// The cluster client says why its first connection failed only in
+    /// words, so a wrong password or certificate would look like an
+    /// unreachable cluster and be retried for ever. When it fails, each seed
+    /// is tried once as a single server with the same credentials and
+    /// certificates, and an error retrying cannot mend ([`is_fatal`]) is
+    /// returned in place of the cluster's.
+    pub async fn connect_cluster(
+        &self,
+        builder: ClusterClientBuilder,
+    ) -> RedisResult<ClusterConnection> {
+        let err = match builder.build()?.get_async_connection().await {
+            Ok(conn) => return Ok(conn),
+            Err(err) => err,
+        };
+        for seed in self.cluster.iter().flatten() {
+            let single = Endpoint {
+                url: seed.clone(),
+                cluster: None,
+                ..self.clone()
+            };
+            if let Err(fatal) = open_single(&single).await
+                && is_fatal(&fatal)
+            {
+                return Err(fatal);
+            }
+        }
+        Err(err)
+    }
 }
 
 /// A command connection to a single server or a cluster: the same commands
@@ -218,21 +249,88 @@ impl ConnectionLike for Conn {
     }
 }
 
+impl Conn {
+    /// Every key of a type (`SCAN … TYPE kind`), from every master on a
+    /// cluster (each node SCANs only its own keys), in no order.
+    pub async fn keys_of_type(&mut self, kind: &str) -> RedisResult<Vec<String>> {
+        use redis::cluster_routing::{
+            MultipleNodeRoutingInfo as Many, RoutingInfo, SingleNodeRoutingInfo as One,
+        };
+        let scan = |cursor: u64| {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor).arg("COUNT").arg(1000).arg("TYPE").arg(kind);
+            cmd
+        };
+        let Conn::Cluster(cluster) = self else {
+            let mut keys = Vec::new();
+            let mut cursor = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = scan(cursor).query_async(self).await?;
+                keys.extend(batch);
+                if next == 0 {
+                    return Ok(keys);
+                }
+                cursor = next;
+            }
+        };
+        // The first page from all masters at once, answered per address;
+        // then each node's cursor on that node.
+        let first = cluster
+            .route_command(scan(0), RoutingInfo::MultiNode((Many::AllMasters, None)))
+            .await?;
+        let mut keys = Vec::new();
+        let pages: std::collections::HashMap<String, (u64, Vec<String>)> =
+            redis::from_redis_value(first)?;
+        for (address, (mut cursor, batch)) in pages {
+            keys.extend(batch);
+            let (host, port) = address
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| {
+                    RedisError::from((
+                        ErrorKind::UnexpectedReturnType,
+                        "cluster node address",
+                        address.clone(),
+                    ))
+                })?;
+            while cursor != 0 {
+                let node = One::ByAddress {
+                    host: host.clone(),
+                    port,
+                };
+                let page = cluster
+                    .route_command(scan(cursor), RoutingInfo::SingleNode(node))
+                    .await?;
+                let (next, batch): (u64, Vec<String>) = redis::from_redis_value(page)?;
+                keys.extend(batch);
+                cursor = next;
+            }
+        }
+        Ok(keys)
+    }
+}
+
 /// One attempt at a command connection, for a command that should fail
 /// rather than wait: a plain connection to one server, or a cluster one.
 pub async fn open(endpoint: &Endpoint) -> RedisResult<Conn> {
     if endpoint.is_cluster() {
-        let client = endpoint.cluster_builder()?.build()?;
-        return Ok(Conn::Cluster(client.get_async_connection().await?));
+        let conn = endpoint
+            .connect_cluster(endpoint.cluster_builder()?)
+            .await?;
+        return Ok(Conn::Cluster(conn));
     }
+    Ok(Conn::Plain(open_single(endpoint).await?))
+}
+
+/// One attempt at a plain connection to one server.
+async fn open_single(endpoint: &Endpoint) -> RedisResult<MultiplexedConnection> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(RESPONSE_TIMEOUT));
-    let conn = endpoint
+    endpoint
         .client()?
         .get_multiplexed_async_connection_with_config(&config)
-        .await?;
-    Ok(Conn::Plain(conn))
+        .await
 }
 
 /// A command connection that reconnects by itself (a cluster connection
@@ -246,11 +344,12 @@ pub async fn connection(
         let client = endpoint.client()?;
         return Ok(connection_manager(&client, cancel).await?.map(Conn::Single));
     }
-    let client = endpoint.cluster_builder()?.build()?;
     let shown = endpoint.to_string();
-    retry_until_connected(&shown, cancel, || client.get_async_connection())
-        .await
-        .map(|c| c.map(Conn::Cluster))
+    retry_until_connected(&shown, cancel, || async {
+        endpoint.connect_cluster(endpoint.cluster_builder()?).await
+    })
+    .await
+    .map(|c| c.map(Conn::Cluster))
 }
 
 impl fmt::Display for Endpoint {

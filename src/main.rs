@@ -777,8 +777,11 @@ fn shutdown_on_signal() -> CancellationToken {
 
 fn init_logging(level: tracing::Level) {
     use tracing_subscriber::EnvFilter;
+    // The redis crate's own warnings (a cluster node it could not reach,
+    // say) are left out: optimus reports each failure itself, once, with
+    // what to do; RUST_LOG=redis=warn brings them back.
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,optimus={level}")));
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,redis=error,optimus={level}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

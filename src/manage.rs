@@ -87,25 +87,11 @@ pub enum Trim {
     MinId(String),
 }
 
-/// Every stream in the database (SCAN by type), sorted by name.
-pub async fn list_streams<C: ConnectionLike>(conn: &mut C) -> Result<Vec<StreamSummary>> {
-    let mut names: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(1000)
-            .arg("TYPE")
-            .arg("stream")
-            .query_async(conn)
-            .await?;
-        names.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+/// Every stream in the database (SCAN by type; on a cluster, on every
+/// master), sorted by name.
+pub async fn list_streams(conn: &mut crate::connect::Conn) -> Result<Vec<StreamSummary>> {
+    let mut names = conn.keys_of_type("stream").await?;
+    // SCAN may return a key twice.
     names.sort();
     names.dedup();
     let mut out = Vec::with_capacity(names.len());

@@ -104,9 +104,7 @@ impl Publisher {
         let conn = if endpoint.is_cluster() {
             Conn::Cluster(
                 endpoint
-                    .cluster_builder()?
-                    .build()?
-                    .get_async_connection()
+                    .connect_cluster(endpoint.cluster_builder()?)
                     .await?,
             )
         } else {

@@ -384,6 +384,110 @@ fn routes_write_each_stream_on_its_own_shard() {
         );
     }
     assert_ne!(cluster.master_of(orders), cluster.master_of(&payments));
+
+    // `streams list` finds the streams on every master, not one node's.
+    let out = support::run_optimus(
+        &["streams", "list", "--json"],
+        &[("REDIS_URL", seeds.as_str())],
+        Duration::from_secs(20),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("JSON list");
+    let listed: Vec<(&str, u64)> = listed
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("events:eu:out", 400),
+            (orders, 1000),
+            (payments.as_str(), 600)
+        ],
+        "streams list, sorted by name"
+    );
+}
+
+/// `optimus work` on a cluster: two consumers handle and acknowledge the
+/// entries; one that keeps failing goes to `{stream}:work-dead`, in the
+/// stream's slot, so its move and acknowledgement are one script.
+#[test]
+fn work_handles_and_dead_letters_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    let stream = "jobs:out";
+    let mut conn = cluster.conn();
+    for payload in ["a", "b", "bad", "c"] {
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("payload")
+            .arg(payload)
+            .query(&mut conn)
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("handled");
+    let script = format!(
+        r#"p=$(cat); if [ "$p" = bad ]; then exit 3; fi; echo "$p" >> {}"#,
+        out.display()
+    );
+    let seeds = cluster.seeds();
+    let mut worker = OptimusProcess::spawn(
+        &["work", "--", "sh", "-c", &script],
+        &[
+            ("REDIS_URL", seeds.as_str()),
+            ("OUTPUT_STREAM", stream),
+            ("WORK_CONSUMERS", "2"),
+            // One entry in hand at a time, and a claim only after a second:
+            // an entry is handled again only when its worker failed it.
+            ("WORK_BATCH_SIZE", "1"),
+            ("WORK_CLAIM_IDLE", "1"),
+            ("WORK_MAX_DELIVERIES", "2"),
+            ("MONITORING_INTERVAL", "0.2"),
+        ],
+    );
+    let line = worker.wait_for_line("work ", Duration::from_secs(30), |f| {
+        f.num("handled") == 3 && f.num("dead") == 1
+    });
+    assert_eq!(line.num("errors"), 0, "{}", worker.describe());
+    let mut handled: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    handled.sort();
+    assert_eq!(handled, ["a", "b", "c"]);
+
+    let dead_stream = "{jobs:out}:work-dead";
+    assert_eq!(cluster.master_of(dead_stream), cluster.master_of(stream));
+    let dead = stream_entries(&mut conn, dead_stream);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["payload"], b"bad");
+    assert_eq!(dead[0]["stream"], stream.as_bytes());
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("optimus-work")
+        .query(&mut conn)
+        .unwrap();
+    let redis::Value::Array(summary) = pending else {
+        panic!("{pending:?}")
+    };
+    assert_eq!(
+        redis::from_redis_value::<u64>(summary[0].clone()).unwrap(),
+        0,
+        "everything handled or dead-lettered is acknowledged"
+    );
+    worker.signal("TERM");
+    assert!(
+        worker.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        worker.describe()
+    );
 }
 
 /// With sharded Pub/Sub, the channel's slot moves to another master while
@@ -441,4 +545,61 @@ fn a_sharded_channel_s_slot_moving_is_followed_and_nothing_is_lost() {
         "the workers subscribed again on the new master: {}",
         done.line
     );
+}
+
+/// A cluster that speaks only mutual TLS to clients (and TLS on its bus):
+/// the bridge, the publisher and `streams list` reach every node through
+/// `rediss://` seeds with the certificates given once; a client without a
+/// certificate is one error line and exit 1, not a retry loop.
+#[test]
+fn mutual_tls_to_a_cluster_delivers_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::certs::TestCa::new(dir.path(), "cluster");
+    let cluster = RedisCluster::start_tls(3, &ca);
+    let client = ca.client("bridge");
+    let seeds = cluster.tls_seeds();
+    let file = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (ca_file, cert, key) = (file(&ca.cert_file), file(&client.cert), file(&client.key));
+    let stream = "tls:out";
+    let env = [
+        ("REDIS_URL", seeds.as_str()),
+        ("REDIS_TLS_CA_FILE", ca_file.as_str()),
+        ("REDIS_TLS_CERT_FILE", cert.as_str()),
+        ("REDIS_TLS_KEY_FILE", key.as_str()),
+        ("OUTPUT_STREAM", stream),
+        ("PUBSUB_MODE", "sharded"),
+    ];
+    let mut all = env.to_vec();
+    all.extend([("CONSUMERS_COUNT", "3"), ("MONITORING_INTERVAL", "0.2")]);
+    let consume = OptimusProcess::spawn(&["consume"], &all);
+    consume.wait_consumers(3);
+    let done = publish_with(&env, &["--count", "2000", "--no-fast-path"]);
+    assert_eq!(
+        done.num("no_subscriber"),
+        0,
+        "every SPUBLISH reached the workers"
+    );
+    support::wait_for(
+        "2000 entries",
+        Duration::from_secs(30),
+        || (xlen(&cluster, stream) >= 2000).then_some(()),
+        || consume.describe(),
+    );
+    consume.wait_settled(Duration::from_secs(20));
+    assert_exactly_once(&stream_entries(&mut cluster.conn(), stream), 0..2000);
+
+    let out = support::run_optimus(&["streams", "list"], &env, Duration::from_secs(20));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(stream) && stdout.contains("2000"),
+        "streams list over TLS:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The same seeds without a client certificate: refused by every node.
+    let out = support::run_optimus(&["consume"], &env[..2], Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line:\n{stderr}");
+    assert!(stderr.to_lowercase().contains("tls"), "{stderr}");
 }

@@ -533,11 +533,12 @@ impl Subscription {
             None => SubConn {
                 conn: Conn::Cluster(
                     self.endpoint
-                        .cluster_builder()?
-                        .use_protocol(ProtocolVersion::RESP3)
-                        .push_sender(on_push)
-                        .build()?
-                        .get_async_connection()
+                        .connect_cluster(
+                            self.endpoint
+                                .cluster_builder()?
+                                .use_protocol(ProtocolVersion::RESP3)
+                                .push_sender(on_push),
+                        )
                         .await?,
                 ),
                 sharded: self.endpoint.is_sharded(),

@@ -47,19 +47,37 @@ impl TestCa {
         self.sign(
             name,
             vec!["127.0.0.1".into(), "localhost".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        )
+    }
+
+    /// A certificate for a cluster node: a server to clients, and a client
+    /// too when it connects to the other nodes over the TLS cluster bus.
+    pub fn node(&self, name: &str) -> CertFiles {
+        self.sign(
+            name,
+            vec!["127.0.0.1".into(), "localhost".into()],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         )
     }
 
     /// A client certificate for mutual TLS.
     pub fn client(&self, name: &str) -> CertFiles {
-        self.sign(name, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)
+        self.sign(name, Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth])
     }
 
-    fn sign(&self, name: &str, names: Vec<String>, usage: ExtendedKeyUsagePurpose) -> CertFiles {
+    fn sign(
+        &self,
+        name: &str,
+        names: Vec<String>,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> CertFiles {
         let mut params = CertificateParams::new(names).expect("params");
         params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -1,22 +1,36 @@
 //! A Redis Cluster of the test's own: `redis-server --cluster-enabled yes`
 //! processes on free ports (each needs its port + 10000 for the cluster
 //! bus), joined by `redis-cli --cluster create`. Killed when dropped.
+//!
+//! [`RedisCluster::start_tls`] adds a TLS port to every node (mutual TLS,
+//! certificates from a [`TestCa`]) and runs the cluster bus over TLS; the
+//! plain port stays for the test's own checks.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::wait_for;
+use super::certs::{CertFiles, TestCa};
+use super::{free_port, wait_for};
 
 /// One node: its process, port and directory.
 pub struct ClusterNode {
     child: Option<Child>,
     pub port: u16,
+    /// The TLS port, in a TLS cluster.
+    pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
 }
 
 pub struct RedisCluster {
     pub nodes: Vec<ClusterNode>,
+}
+
+/// What a TLS cluster's nodes need: the CA they trust and their own
+/// certificate.
+struct NodeTls<'a> {
+    ca: &'a Path,
+    cert: &'a CertFiles,
 }
 
 /// A port whose cluster-bus port (+10000) is free too.
@@ -41,9 +55,20 @@ fn rand_port() -> u16 {
     (nanos ^ (std::process::id() << 7)) as u16
 }
 
-fn spawn_node(dir: &Path, port: u16) -> Child {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+fn spawn_node(dir: &Path, port: u16, tls: Option<(u16, &NodeTls)>) -> Child {
+    let mut cmd = Command::new("redis-server");
+    if let Some((tls_port, files)) = tls {
+        cmd.arg("--tls-port")
+            .arg(tls_port.to_string())
+            .arg("--tls-cert-file")
+            .arg(&files.cert.cert)
+            .arg("--tls-key-file")
+            .arg(&files.cert.key)
+            .arg("--tls-ca-cert-file")
+            .arg(files.ca)
+            .args(["--tls-auth-clients", "yes", "--tls-cluster", "yes"]);
+    }
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1500"])
         .args(["--cluster-config-file", "nodes.conf"])
         .args(["--save", "", "--appendonly", "no"])
@@ -61,15 +86,32 @@ impl RedisCluster {
     /// `masters` masters, each with `replicas` replicas, every slot
     /// assigned and every replica in sync.
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// `masters` masters without replicas that also take TLS clients (which
+    /// must show a certificate `ca` signed) and talk TLS among themselves.
+    pub fn start_tls(masters: usize, ca: &TestCa) -> Self {
+        let cert = ca.node("cluster-node");
+        let tls = NodeTls {
+            ca: &ca.cert_file,
+            cert: &cert,
+        };
+        Self::start_with(masters, 0, Some(&tls))
+    }
+
+    fn start_with(masters: usize, replicas: usize, tls: Option<&NodeTls>) -> Self {
         let count = masters * (1 + replicas);
         let mut nodes: Vec<ClusterNode> = Vec::new();
         for _ in 0..count {
             let dir = tempfile::tempdir().expect("temp dir");
             let port = free_node_port();
-            let child = spawn_node(dir.path(), port);
+            let tls_port = tls.map(|_| free_port());
+            let child = spawn_node(dir.path(), port, tls_port.zip(tls));
             nodes.push(ClusterNode {
                 child: Some(child),
                 port,
+                tls_port,
                 dir,
             });
         }
@@ -135,6 +177,15 @@ impl RedisCluster {
         self.nodes
             .iter()
             .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The seed list of a TLS cluster: every node's TLS port.
+    pub fn tls_seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("rediss://127.0.0.1:{}", n.tls_port.expect("a TLS cluster")))
             .collect::<Vec<_>>()
             .join(",")
     }
