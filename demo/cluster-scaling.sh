@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Does the bridge's throughput grow with the shards? Starts a throwaway
+# 3-master Redis Cluster on loopback, then bridges the same messages twice
+# with sharded Pub/Sub, three channels on three shards both times:
+#   one:   all three channels routed to one stream (every write on one shard)
+#   three: each channel to its own stream, on its own shard
+# and prints the rate of each and their ratio. On a machine where the nodes
+# and the bridge share few cores, expect a ratio near 1: the shards then
+# compete for the same CPUs.
+#   COUNT=300000 WORKERS=3 demo/cluster-scaling.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNT=${COUNT:-150000}
+WORKERS=${WORKERS:-3}
+# shellcheck source=tests/ensure-redis.sh
+source tests/ensure-redis.sh
+ensure_redis_server
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "== building optimus (release)"
+cargo build --release --locked --quiet
+BIN=target/release/optimus
+
+# Nodes on free ports in 20000-29999, whose cluster-bus ports (+10000) are
+# free too and can never be another node's port.
+PORTS=()
+while [ ${#PORTS[@]} -lt 3 ]; do
+    port=$(( (RANDOM % 10000) + 20000 ))
+    [ -d "$WORK/$port" ] && continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null \
+        && ! (exec 3<>"/dev/tcp/127.0.0.1/$((port + 10000))") 2>/dev/null; then
+        mkdir "$WORK/$port"
+        redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+            --cluster-config-file nodes.conf --save "" --appendonly no \
+            --dir "$WORK/$port" --logfile "$WORK/$port/redis.log" &
+        PIDS+=($!)
+        PORTS+=("$port")
+    fi
+done
+for i in 0 1 2; do
+    until [ "$(redis-cli -p "${PORTS[$i]}" PING 2>/dev/null)" = PONG ]; do
+        if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
+            echo "redis-server on port ${PORTS[$i]} did not start:" >&2
+            tail -5 "$WORK/${PORTS[$i]}/redis.log" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+done
+redis-cli --cluster create "${PORTS[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
+until redis-cli -p "${PORTS[0]}" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.1; done
+SEEDS=$(printf 'redis://127.0.0.1:%s,' "${PORTS[@]}")
+SEEDS=${SEEDS%,}
+echo "== cluster of 3 masters on ports ${PORTS[*]}"
+
+# The master (0, 1 or 2) serving a name's slot.
+shard_of() {
+    local port slot
+    for port in "${PORTS[@]}"; do
+        slot=$(redis-cli -p "$port" CLUSTER KEYSLOT "$1")
+        redis-cli -p "$port" CLUSTER NODES | awk -v s="$slot" -v p="$port" '
+            $3 ~ /myself/ { for (i = 9; i <= NF; i++) { split($i, r, "-"); if (r[2] == "") r[2] = r[1];
+                if (s >= r[1] && s <= r[2]) { print p; exit } } }'
+    done | head -1
+}
+# A name "<prefix><n>" on each of the three masters.
+spread() {
+    local n=0 name shard
+    declare -A seen=()
+    while [ ${#seen[@]} -lt 3 ]; do
+        name="$1$n"
+        shard=$(shard_of "$name")
+        if [ -z "${seen[$shard]:-}" ]; then
+            seen[$shard]=1
+            echo "$name"
+        fi
+        n=$((n + 1))
+    done
+}
+mapfile -t CHANNELS < <(spread scale:in:)
+mapfile -t STREAMS < <(spread scale:out:)
+
+# Bridges COUNT messages (a third on each channel) with ROUTES=$1; sets
+# RATE, from the first publish to the last entry written.
+run() {
+    local routes=$1 total start end publishers=() last=-1 still=0
+    for port in "${PORTS[@]}"; do redis-cli -p "$port" FLUSHALL >/dev/null; done
+    # Room for every message in every worker (twice over: half the queue is
+    # the socket side), so the burst is drained, never dropped (a full queue
+    # drops and counts `overflow`).
+    REDIS_URL=$SEEDS PUBSUB_MODE=sharded ROUTES=$routes CONSUMERS_COUNT=$WORKERS \
+        QUEUE_CAPACITY=$((COUNT * 3)) MONITORING_INTERVAL=0.5 "$BIN" consume >"$WORK/monitor" 2>"$WORK/consume.log" &
+    local consume=$!
+    PIDS+=("$consume")
+    until grep -q "consumers=$WORKERS " "$WORK/monitor" 2>/dev/null; do sleep 0.1; done
+    start=$(date +%s.%N)
+    for channel in "${CHANNELS[@]}"; do
+        REDIS_URL=$SEEDS PUBSUB_MODE=sharded "$BIN" publish --channel "$channel" \
+            --count $((COUNT / 3)) --pause-min 0 --pause-max 0 --no-fast-path --progress-interval 3600 >/dev/null &
+        publishers+=($!)
+    done
+    wait "${publishers[@]}"
+    while :; do
+        total=0
+        for stream in "${STREAMS[@]}"; do
+            total=$((total + $(redis-cli -c -p "${PORTS[0]}" XLEN "$stream")))
+        done
+        [ "$total" -ge $((COUNT / 3 * 3)) ] && break
+        if [ "$total" = "$last" ]; then still=$((still + 1)); else still=0; last=$total; fi
+        if ! kill -0 "$consume" 2>/dev/null || [ "$still" -gt 600 ]; then
+            echo "stuck at $total of $((COUNT / 3 * 3)) entries; last monitoring line and log:" >&2
+            tail -1 "$WORK/monitor" >&2
+            tail "$WORK/consume.log" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+    end=$(date +%s.%N)
+    kill -TERM "$consume"
+    wait "$consume" || true
+    RATE=$(awk -v n="$total" -v a="$start" -v b="$end" 'BEGIN { printf "%d", n / (b - a) }')
+}
+
+one="${CHANNELS[0]}=${STREAMS[0]},${CHANNELS[1]}=${STREAMS[0]},${CHANNELS[2]}=${STREAMS[0]}"
+three="${CHANNELS[0]}=${STREAMS[0]},${CHANNELS[1]}=${STREAMS[1]},${CHANNELS[2]}=${STREAMS[2]}"
+echo "== $COUNT messages, $WORKERS workers, channels ${CHANNELS[*]} on three shards"
+run "$one"
+one_rate=$RATE
+echo "one stream (one shard writes):  $one_rate messages/s"
+run "$three"
+echo "three streams on three shards:  $RATE messages/s"
+echo "ratio three/one: $(awk -v a="$RATE" -v b="$one_rate" 'BEGIN { printf "%.2f", a / b }') ($(nproc) cores here)"
