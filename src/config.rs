@@ -496,6 +496,28 @@ pub fn slot_mate(key: &str, suffix: &str, cluster: bool) -> String {
     }
 }
 
+/// On a cluster, `key` (the setting `var`) must share `stream`'s slot, since
+/// one script touches both; the error suggests [`slot_mate`]`(stream, suffix)`.
+pub(crate) fn require_slot_mate(
+    var: &'static str,
+    key: &str,
+    stream: &str,
+    suffix: &str,
+) -> Result<(), ConfigError> {
+    use redis::cluster_routing::Slot;
+    if Slot::for_key(key) == Slot::for_key(stream) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        var,
+        key,
+        format!(
+            "on a cluster it must be in {stream}'s slot, e.g. {}",
+            slot_mate(stream, suffix, true)
+        ),
+    ))
+}
+
 /// The validated settings of a bridge (`optimus consume`). Build one with
 /// [`BridgeConfig::new`] and the setters, or from the command line.
 #[derive(Debug, Clone)]
@@ -738,17 +760,12 @@ impl BridgeConfig {
             ));
         }
         if self.endpoint.is_cluster() {
-            use redis::cluster_routing::Slot;
-            if Slot::for_key(self.dead_stream()) != Slot::for_key(&self.output_stream) {
-                return Err(ConfigError::new(
-                    "DEAD_LETTER_STREAM",
-                    self.dead_stream(),
-                    format!(
-                        "on a cluster it must be in OUTPUT_STREAM's slot: give it the hash tag {{{}}}",
-                        self.output_stream
-                    ),
-                ));
-            }
+            require_slot_mate(
+                "DEAD_LETTER_STREAM",
+                &self.dead_stream(),
+                &self.output_stream,
+                ":dead",
+            )?;
             if self.strategy == Strategy::Partitioned {
                 return Err(ConfigError::new(
                     "STRATEGY",
@@ -1145,6 +1162,8 @@ pub fn mask_password(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn slot_mates_share_the_slot_on_a_cluster() {
         use redis::cluster_routing::Slot;
@@ -1161,8 +1180,6 @@ mod tests {
         assert_eq!(slot_mate("{o}:s", ":dead", true), "{o}:s:dead");
         assert_eq!(slot_mate("s", ":dead", false), "s:dead");
     }
-
-    use super::*;
 
     #[test]
     fn masks_passwords_in_urls() {

@@ -539,18 +539,13 @@ impl WorkArgs {
             .dead_letter_stream
             .clone()
             .unwrap_or_else(|| crate::config::slot_mate(&self.stream, ":work-dead", cluster));
-        {
-            use redis::cluster_routing::Slot;
-            if cluster && Slot::for_key(&dead_stream) != Slot::for_key(&self.stream) {
-                return Err(ConfigError::new(
-                    "WORK_DEAD_LETTER_STREAM",
-                    &dead_stream,
-                    format!(
-                        "on a cluster it must be in the stream's slot, e.g. {}",
-                        crate::config::slot_mate(&self.stream, ":work-dead", true)
-                    ),
-                ));
-            }
+        if cluster {
+            crate::config::require_slot_mate(
+                "WORK_DEAD_LETTER_STREAM",
+                &dead_stream,
+                &self.stream,
+                ":work-dead",
+            )?;
         }
         Ok(WorkConfig {
             endpoint,
