@@ -1,9 +1,11 @@
-//! `optimus audit`: compares a stream with what `optimus publish` sent, to
-//! tell lost and duplicated messages (used by the chaos demo).
+//! `optimus audit`: compares a stream with one run of `optimus publish`, to
+//! tell lost and duplicated messages (used by the demos and the chaos demo).
 //!
-//! Every test message carries a unique `message_id` and a sequence number
-//! `seq`; after a publisher run of N messages the stream should hold each
-//! `seq` in `0..N` exactly once.
+//! Every test message carries its run's name (`run`), a unique id and a
+//! sequence number `seq`; after a run of N messages the stream should hold
+//! each `seq` in `0..N` of that run exactly once. Entries of other runs, and
+//! entries that are not test messages, are counted apart (`others`) and do
+//! not fail the audit: several runs, and other writers, can share a stream.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -11,22 +13,31 @@ use std::fmt;
 use redis::RedisError;
 use redis::streams::StreamRangeReply;
 
-/// What the stream holds, against what was published.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What the stream holds of one run, against what was published.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditReport {
+    /// The run audited.
+    pub run: String,
     pub published: u64,
+    /// Entries of this run.
     pub in_stream: u64,
-    /// Entries whose message id appeared before.
+    /// Entries of this run whose message id, or sequence number, appeared
+    /// before.
     pub duplicates: u64,
-    /// Sequence numbers below `published` that are not in the stream.
+    /// Sequence numbers below `published` with no entry.
     pub lost: u64,
-    /// Entries that are not test messages of this run (no `seq`, or beyond it).
+    /// Entries of this run that cannot be one of its messages (no `seq`, or
+    /// one beyond `published`).
     pub unexpected: u64,
+    /// Entries of other runs, or not test messages at all.
+    pub others: u64,
 }
 
 impl AuditReport {
+    /// Whether the stream holds the run exactly: nothing lost, nothing
+    /// twice, nothing unexpected.
     pub fn ok(&self) -> bool {
-        self.lost == 0 && self.duplicates == 0
+        self.lost == 0 && self.duplicates == 0 && self.unexpected == 0
     }
 }
 
@@ -34,54 +45,148 @@ impl fmt::Display for AuditReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "audit published={} in_stream={} lost={} duplicates={} unexpected={}",
-            self.published, self.in_stream, self.lost, self.duplicates, self.unexpected
+            "audit run={} published={} in_stream={} lost={} duplicates={} unexpected={} others={}",
+            self.run,
+            self.published,
+            self.in_stream,
+            self.lost,
+            self.duplicates,
+            self.unexpected,
+            self.others
         )
     }
 }
 
-/// Reads the whole stream (in pages) and checks it against `published`.
+/// Why there is no report.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{}", crate::connect::explain(.0))]
+    Redis(#[from] RedisError),
+    #[error("stream {0} does not exist")]
+    NoStream(String),
+    #[error("{0} is not a stream (it is a {1})")]
+    NotAStream(String, String),
+    #[error("stream {0} holds no message of a run of optimus publish")]
+    NoRun(String),
+}
+
+/// A test message's run and sequence number, from its payload: a JSON
+/// object with a `run` or a `seq` (messages without a run, as the benchmark
+/// sends, are the run named "").
+fn run_and_seq(payload: &[u8]) -> Option<(String, Option<u64>)> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let seq = value.get("seq").and_then(|s| s.as_u64());
+    let run = match value.get("run") {
+        Some(run) => run.as_str()?.to_string(),
+        None if seq.is_some() => String::new(),
+        None => return None,
+    };
+    Some((run, seq))
+}
+
+/// The stream's entries in pages of `count`, oldest first (`reverse`:
+/// newest first), handed to `each` until it returns false.
+async fn scan<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    reverse: bool,
+    mut each: impl FnMut(&redis::streams::StreamId) -> bool,
+) -> Result<(), RedisError> {
+    let (command, mut from, to) = if reverse {
+        ("XREVRANGE", "+".to_string(), "-")
+    } else {
+        ("XRANGE", "-".to_string(), "+")
+    };
+    loop {
+        let page: StreamRangeReply = redis::cmd(command)
+            .arg(stream)
+            .arg(&from)
+            .arg(to)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        let Some(last) = page.ids.last() else {
+            return Ok(());
+        };
+        from = format!("({}", last.id);
+        for entry in &page.ids {
+            if !each(entry) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads the whole stream (in pages) and checks the run `run` (by default
+/// the latest run in the stream) against `published`.
 pub async fn audit(
     endpoint: &crate::connect::Endpoint,
     stream: &str,
     published: u64,
-) -> Result<AuditReport, RedisError> {
+    run: Option<&str>,
+) -> Result<AuditReport, AuditError> {
     let mut conn = crate::connect::open(endpoint).await?;
+    let kind: String = redis::cmd("TYPE")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await?;
+    match kind.as_str() {
+        "stream" => {}
+        "none" => return Err(AuditError::NoStream(stream.to_string())),
+        other => {
+            return Err(AuditError::NotAStream(
+                stream.to_string(),
+                other.to_string(),
+            ));
+        }
+    }
+    let run = match run {
+        Some(run) => run.to_string(),
+        None => {
+            let mut latest = None;
+            scan(&mut conn, stream, true, |entry| {
+                let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
+                latest = run_and_seq(&payload).map(|(run, _)| run);
+                latest.is_none()
+            })
+            .await?;
+            latest.ok_or_else(|| AuditError::NoRun(stream.to_string()))?
+        }
+    };
     let mut report = AuditReport {
+        run: run.clone(),
         published,
         ..AuditReport::default()
     };
     let mut ids = HashSet::new();
     let mut seen = vec![false; published as usize];
-    let mut start = "-".to_string();
-    loop {
-        let page: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(&mut conn)
-            .await?;
-        let Some(last) = page.ids.last() else { break };
-        start = format!("({}", last.id);
-        for entry in &page.ids {
-            report.in_stream += 1;
-            let id: Option<Vec<u8>> = entry.get("message_id");
-            if !ids.insert(id.unwrap_or_default()) {
-                report.duplicates += 1;
-                continue;
+    scan(&mut conn, stream, false, |entry| {
+        let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
+        let seq = match run_and_seq(&payload) {
+            Some((r, seq)) if r == run => seq,
+            _ => {
+                report.others += 1;
+                return true;
             }
-            let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
-            let seq = serde_json::from_slice::<serde_json::Value>(&payload)
-                .ok()
-                .and_then(|v| v["seq"].as_u64());
-            match seq {
-                Some(s) if s < published => seen[s as usize] = true,
-                _ => report.unexpected += 1,
-            }
+        };
+        report.in_stream += 1;
+        let id: Option<Vec<u8>> = entry.get("message_id");
+        if !ids.insert(id.unwrap_or_default()) {
+            report.duplicates += 1;
+            return true;
         }
-    }
+        match seq {
+            Some(s) if s < published => {
+                if std::mem::replace(&mut seen[s as usize], true) {
+                    report.duplicates += 1;
+                }
+            }
+            _ => report.unexpected += 1,
+        }
+        true
+    })
+    .await?;
     report.lost = seen.iter().filter(|s| !**s).count() as u64;
     Ok(report)
 }

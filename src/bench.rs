@@ -394,10 +394,12 @@ async fn publish_at(
     batch: usize,
 ) -> Result<crate::publish::PublishSummary> {
     let mut config = PublishConfig::new(url, CHANNEL, total);
-    config.fast_path_stream = None;
+    config.fast_path = false;
     config.pace = Pace::Rate(rate);
     config.batch_size = batch;
-    Ok(crate::publish::run(&config, tokio_util::sync::CancellationToken::new()).await?)
+    let messages = crate::publish::TestMessages::unnamed(0);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    Ok(crate::publish::run_messages(&config, &messages, shutdown).await?)
 }
 
 /// `optimus consume` with `workers` workers, waiting until all are subscribed.
@@ -482,8 +484,13 @@ async fn bridge_row(
     // Let late copies settle before the audit, then stop the bridge.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop(child);
-    let audit =
-        crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, config.messages).await?;
+    let audit = crate::audit::audit(
+        &crate::connect::Endpoint::new(url),
+        STREAM,
+        config.messages,
+        Some(""),
+    )
+    .await?;
     Ok(BridgeRow {
         strategy: strategy.name(),
         workers,
@@ -611,7 +618,8 @@ async fn latency_row(
     publish_at(url, total, config.latency_rate as f64, 100).await?;
     let mut latencies = reader.await??;
     stop(child);
-    let audit = crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total).await?;
+    let audit =
+        crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total, Some("")).await?;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -650,7 +658,8 @@ async fn steady_row(
     let rss = peak_rss(child.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop(child);
-    let audit = crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total).await?;
+    let audit =
+        crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total, Some("")).await?;
     Ok(SteadyRow {
         strategy: strategy.name(),
         workers,

@@ -7,7 +7,6 @@
 //! Nothing after this module reads the environment.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -105,6 +104,53 @@ pub struct ConnectArgs {
     pub redis_tls_key_file: Option<String>,
 }
 
+/// Why `url` cannot name a Redis server, in words a user can act on; `None`
+/// when it can.
+fn url_problem(url: &str) -> Option<String> {
+    const FORMS: &str = "redis://[user:pass@]host:port[/db], rediss://… (TLS) or unix:///path";
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            return Some(format!("not a URL; expected {FORMS}"));
+        }
+        Err(url::ParseError::InvalidPort) => {
+            return Some("the port must be a number from 1 to 65535".into());
+        }
+        Err(url::ParseError::EmptyHost) => {
+            return Some(format!("no host in it; expected {FORMS}"));
+        }
+        Err(err) => return Some(format!("not a URL ({err}); expected {FORMS}")),
+    };
+    match parsed.scheme() {
+        "redis" | "rediss" => {
+            if parsed.host_str().is_none_or(str::is_empty) {
+                return Some(format!("no host in it; expected {FORMS}"));
+            }
+            if parsed.port() == Some(0) {
+                return Some("the port must be a number from 1 to 65535".into());
+            }
+            let db = parsed.path().trim_start_matches('/');
+            if !db.is_empty() && db.parse::<u32>().is_err() {
+                return Some(format!(
+                    "the database after the host must be a number, like /0 (not {db:?})"
+                ));
+            }
+        }
+        "unix" | "redis+unix" => {
+            if parsed.path().is_empty() {
+                return Some("no socket path in it; expected unix:///path/to/redis.sock".into());
+            }
+        }
+        other => {
+            return Some(format!(
+                "{other}:// is not a Redis scheme; expected {FORMS}"
+            ));
+        }
+    }
+    // Whatever else the client library refuses, in its words.
+    redis::Client::open(url).err().map(|e| e.to_string())
+}
+
 /// An optional setting that is set and not blank.
 fn given(raw: &Option<String>) -> Option<&str> {
     raw.as_deref().map(str::trim).filter(|v| !v.is_empty())
@@ -133,21 +179,14 @@ impl ConnectArgs {
         let url = match &self.redis_url {
             Some(urls) => {
                 for url in urls.split(',') {
-                    redis::Client::open(url.trim()).map_err(|e| {
-                        ConfigError::new("REDIS_URL", mask_password(urls), e.to_string())
-                    })?;
+                    if let Some(why) = url_problem(url.trim()) {
+                        return Err(ConfigError::new("REDIS_URL", mask_password(urls), why));
+                    }
                 }
                 return Ok(urls.trim().to_string());
             }
             None => {
-                let port: u16 = parse_num("REDIS_PORT", &self.redis_port)?;
-                if port == 0 {
-                    return Err(ConfigError::new(
-                        "REDIS_PORT",
-                        port,
-                        "must be a port from 1 to 65535",
-                    ));
-                }
+                let port: u16 = parse_whole("REDIS_PORT", &self.redis_port, limits::PORT)?;
                 let host = self.redis_host.trim();
                 if host.is_empty() || host.contains(['/', '@', ' ']) {
                     return Err(ConfigError::new(
@@ -361,6 +400,9 @@ impl Strategy {
 
 /// `optimus consume` settings, as text. [`ConsumeArgs::to_config`] checks them.
 #[derive(Debug, Clone, Args)]
+// A negative number is a value (rejected with the setting's own reason),
+// not an unknown flag.
+#[command(allow_negative_numbers = true)]
 pub struct ConsumeArgs {
     /// Workers (subscriptions) in this process.
     #[arg(long = "consumers", env = "CONSUMERS_COUNT", default_value = "2")]
@@ -452,6 +494,11 @@ pub struct ConsumeArgs {
     /// [default: never].
     #[arg(long, env = "IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Seconds a graceful stop (SIGTERM, SIGINT, the kill switch) may take:
+    /// past it the process exits 1, saying how many messages it left
+    /// unsettled (other workers hold copies of them).
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30")]
+    pub shutdown_timeout: String,
 }
 
 /// IDLE_TIMEOUT, if set: seconds, at least 0.01.
@@ -545,6 +592,9 @@ pub struct BridgeConfig {
     pub(crate) routes: Vec<Route>,
     /// STREAM_MAXLEN / STREAM_MAX_AGE.
     pub(crate) trim: Option<Trim>,
+    /// How long a graceful stop may take before [`crate::Bridge::run`] gives
+    /// up on what is left (SHUTDOWN_TIMEOUT).
+    pub(crate) shutdown_timeout: Duration,
     /// Whether the periodic monitoring line is printed on stdout (the CLI does;
     /// an embedding service reads [`crate::Counters`] instead).
     pub(crate) print_monitor: bool,
@@ -589,6 +639,7 @@ impl BridgeConfig {
             print_monitor: false,
             routes: Vec::new(),
             trim: None,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 
@@ -619,6 +670,8 @@ impl BridgeConfig {
         max_payload_bytes: usize;
         /// Print the monitoring line on stdout.
         print_monitor: bool;
+        /// How long a graceful stop may take (SHUTDOWN_TIMEOUT).
+        shutdown_timeout: Duration;
     }
 
     text_setters! {
@@ -710,16 +763,17 @@ impl BridgeConfig {
         self.endpoint
             .check()
             .map_err(|e| ConfigError::new("REDIS_URL", &self.endpoint, e.to_string()))?;
-        if self.consumers == 0 {
-            return Err(ConfigError::new("CONSUMERS_COUNT", 0, "must be at least 1"));
-        }
-        for (var, value) in [
-            ("QUEUE_CAPACITY", self.queue_capacity),
-            ("MAX_PAYLOAD_BYTES", self.max_payload_bytes),
+        for (var, value, range) in [
+            ("CONSUMERS_COUNT", self.consumers, limits::WORKERS),
+            ("PROCESSING_BATCH_SIZE", self.batch_size, limits::BATCH),
+            ("QUEUE_CAPACITY", self.queue_capacity, limits::QUEUE),
+            (
+                "MAX_PAYLOAD_BYTES",
+                self.max_payload_bytes,
+                limits::PAYLOAD_BYTES,
+            ),
         ] {
-            if value == 0 {
-                return Err(ConfigError::new(var, 0, "must be at least 1"));
-            }
+            check_whole(var, value as u64, range)?;
         }
         if self.dead_stream() == self.output_stream {
             return Err(ConfigError::new(
@@ -780,13 +834,6 @@ impl BridgeConfig {
                 "sharded Pub/Sub needs a cluster (REDIS_CLUSTER=1)",
             ));
         }
-        if self.batch_size == 0 {
-            return Err(ConfigError::new(
-                "PROCESSING_BATCH_SIZE",
-                0,
-                "must be at least 1",
-            ));
-        }
         for (var, value) in [
             ("INPUT_CHANNEL", &self.input_channel),
             ("OUTPUT_STREAM", &self.output_stream),
@@ -809,17 +856,13 @@ impl BridgeConfig {
         for (var, value) in [
             ("MONITORING_INTERVAL", self.monitoring_interval),
             ("LOCK_TTL", self.lock_ttl),
+            ("TAKEOVER_AFTER", self.takeover_after),
             ("PENDING_RETENTION", self.pending_retention),
             ("ACK_TTL", self.ack_ttl),
             ("PRESENCE_TTL", self.presence_ttl),
+            ("SHUTDOWN_TIMEOUT", self.shutdown_timeout),
         ] {
-            if value < Duration::from_millis(10) {
-                return Err(ConfigError::new(
-                    var,
-                    secs(value),
-                    "must be at least 0.01 seconds",
-                ));
-            }
+            check_seconds(var, value, limits::SECONDS)?;
         }
         if self.takeover_after < Duration::from_millis(100) {
             return Err(ConfigError::new(
@@ -881,30 +924,39 @@ impl ConsumeArgs {
         let endpoint = connect.endpoint()?;
         let config = BridgeConfig {
             endpoint: endpoint.clone(),
-            consumers: parse_num("CONSUMERS_COUNT", &self.consumers_count)?,
-            batch_size: parse_num("PROCESSING_BATCH_SIZE", &self.processing_batch_size)?,
+            consumers: parse_whole("CONSUMERS_COUNT", &self.consumers_count, limits::WORKERS)?,
+            batch_size: parse_whole(
+                "PROCESSING_BATCH_SIZE",
+                &self.processing_batch_size,
+                limits::BATCH,
+            )?,
             input_channel: self.input_channel.clone(),
             output_stream: self.output_stream.clone(),
-            monitoring_interval: parse_secs("MONITORING_INTERVAL", &self.monitoring_interval)?,
+            monitoring_interval: parse_interval("MONITORING_INTERVAL", &self.monitoring_interval)?,
             consumers_list: self.consumers_list.clone(),
             message_id_field: self.message_id_field.clone(),
-            lock_ttl: parse_secs("LOCK_TTL", &self.lock_ttl)?,
-            takeover_after: parse_secs("TAKEOVER_AFTER", &self.takeover_after)?,
-            pending_retention: parse_secs("PENDING_RETENTION", &self.pending_retention)?,
-            ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
-            presence_ttl: parse_secs("PRESENCE_TTL", &self.presence_ttl)?,
+            lock_ttl: parse_interval("LOCK_TTL", &self.lock_ttl)?,
+            takeover_after: parse_interval("TAKEOVER_AFTER", &self.takeover_after)?,
+            pending_retention: parse_interval("PENDING_RETENTION", &self.pending_retention)?,
+            ack_ttl: parse_interval("ACK_TTL", &self.ack_ttl)?,
+            presence_ttl: parse_interval("PRESENCE_TTL", &self.presence_ttl)?,
             output_format: parse_choice("OUTPUT_FORMAT", &self.output_format)?,
             strategy: match &self.strategy {
                 Some(raw) => parse_choice("STRATEGY", raw)?,
                 None if endpoint.is_cluster() => Strategy::Race,
                 None => Strategy::Partitioned,
             },
-            queue_capacity: parse_num("QUEUE_CAPACITY", &self.queue_capacity)?,
-            max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &self.max_payload_bytes)?,
+            queue_capacity: parse_whole("QUEUE_CAPACITY", &self.queue_capacity, limits::QUEUE)?,
+            max_payload_bytes: parse_whole(
+                "MAX_PAYLOAD_BYTES",
+                &self.max_payload_bytes,
+                limits::PAYLOAD_BYTES,
+            )?,
             dead_letter_stream: self.dead_letter_stream.clone(),
             print_monitor: true,
             routes: Vec::new(),
             trim: None,
+            shutdown_timeout: parse_interval("SHUTDOWN_TIMEOUT", &self.shutdown_timeout)?,
         };
         let exact = match self.stream_trim.trim().to_ascii_lowercase().as_str() {
             "approximate" | "approx" | "~" => false,
@@ -918,10 +970,10 @@ impl ConsumeArgs {
             }
         };
         let maxlen = given(&self.stream_maxlen)
-            .map(|raw| parse_num::<u64>("STREAM_MAXLEN", raw))
+            .map(|raw| parse_whole::<u64>("STREAM_MAXLEN", raw, 1..=1_000_000_000_000))
             .transpose()?;
         let max_age = given(&self.stream_max_age)
-            .map(|raw| parse_secs("STREAM_MAX_AGE", raw))
+            .map(|raw| parse_seconds("STREAM_MAX_AGE", raw, 0.01..=315_360_000.0))
             .transpose()?;
         let cap = match (maxlen, max_age) {
             (Some(_), Some(_)) => {
@@ -930,9 +982,6 @@ impl ConsumeArgs {
                     self.stream_max_age.clone().unwrap_or_default(),
                     "STREAM_MAXLEN is set too: a stream is capped by length or by age",
                 ));
-            }
-            (Some(0), None) => {
-                return Err(ConfigError::new("STREAM_MAXLEN", 0, "must be at least 1"));
             }
             (Some(n), None) => Some(Cap::MaxLen(n)),
             (None, Some(age)) => Some(Cap::MaxAge(age)),
@@ -949,6 +998,9 @@ impl ConsumeArgs {
 
 /// `optimus publish` settings.
 #[derive(Debug, Clone, Args)]
+// A negative number is a value (rejected with the setting's own reason),
+// not an unknown flag.
+#[command(allow_negative_numbers = true)]
 pub struct PublishArgs {
     /// Seconds to publish for (ignored with --count).
     #[arg(long, default_value = "60")]
@@ -990,6 +1042,18 @@ pub struct PublishArgs {
     /// Seconds to keep retrying a batch Redis did not confirm before giving it up.
     #[arg(long, default_value = "30")]
     pub retry_for: String,
+    /// JSON field of each test message that carries its id (the bridge's
+    /// MESSAGE_ID_FIELD); the fast path knows messages by it.
+    #[arg(long, env = "MESSAGE_ID_FIELD", default_value = "message_id")]
+    pub message_id_field: String,
+    /// Payloads larger than this are not published (one that large could
+    /// drop every subscriber at its output-buffer limit) but written to the
+    /// dead-letter stream, with the reason.
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576")]
+    pub max_payload_bytes: String,
+    /// Where those go [default: <stream>:dead].
+    #[arg(long, env = "DEAD_LETTER_STREAM")]
+    pub dead_letter_stream: Option<String>,
 }
 
 /// How long `optimus publish` goes on.
@@ -1020,9 +1084,18 @@ pub struct PublishConfig {
     pub pace: Pace,
     pub payload_size: usize,
     pub progress_interval: Option<Duration>,
-    /// Where a message that reaches no subscriber is written directly; `None`
-    /// leaves it lost (and counted).
-    pub fast_path_stream: Option<String>,
+    /// The bridge's output stream (OUTPUT_STREAM): where the fast path
+    /// writes a message published while no bridge worker was subscribed.
+    pub stream: String,
+    /// Whether it does (otherwise such a message is lost, and counted).
+    pub fast_path: bool,
+    /// Where payloads larger than `max_payload_bytes` go instead of the
+    /// channel.
+    pub dead_stream: String,
+    /// MESSAGE_ID_FIELD: the JSON field that carries a message's id.
+    pub id_field: String,
+    /// MAX_PAYLOAD_BYTES.
+    pub max_payload_bytes: usize,
     /// Lifetime of the fast path's ACK keys.
     pub ack_ttl: Duration,
     /// How long a batch Redis did not confirm is retried before it is given up.
@@ -1041,7 +1114,11 @@ impl PublishConfig {
             pace: Pace::Rate(f64::INFINITY),
             payload_size: 0,
             progress_interval: None,
-            fast_path_stream: Some("messages:processed".into()),
+            stream: "messages:processed".into(),
+            fast_path: true,
+            dead_stream: "messages:processed:dead".into(),
+            id_field: "message_id".into(),
+            max_payload_bytes: 1 << 20,
             ack_ttl: Duration::from_secs(60),
             retry_for: Duration::from_secs(30),
         }
@@ -1052,13 +1129,16 @@ impl PublishArgs {
     /// Turns the raw flags into a validated [`PublishConfig`].
     pub fn to_config(&self, connect: &ConnectArgs) -> Result<PublishConfig, ConfigError> {
         let limit = match &self.count {
-            Some(count) => PublishLimit::Count(parse_num("--count", count)?),
-            None => PublishLimit::Duration(parse_secs("--duration", &self.duration)?),
+            Some(count) => {
+                PublishLimit::Count(parse_whole("--count", count, 1..=1_000_000_000_000)?)
+            }
+            None => PublishLimit::Duration(parse_seconds(
+                "--duration",
+                &self.duration,
+                0.01..=31_536_000.0,
+            )?),
         };
-        let batch_size: usize = parse_num("--batch-size", &self.batch_size)?;
-        if batch_size == 0 {
-            return Err(ConfigError::new("--batch-size", 0, "must be at least 1"));
-        }
+        let batch_size: usize = parse_whole("--batch-size", &self.batch_size, 1..=100_000)?;
         let pace = match &self.rate {
             Some(rate) => {
                 let r: f64 = rate.trim().parse().map_err(|_| {
@@ -1070,8 +1150,8 @@ impl PublishArgs {
                 Pace::Rate(r)
             }
             None => {
-                let min = parse_secs_allow_zero("--pause-min", &self.pause_min)?;
-                let max = parse_secs_allow_zero("--pause-max", &self.pause_max)?;
+                let min = parse_seconds("--pause-min", &self.pause_min, 0.0..=3600.0)?;
+                let max = parse_seconds("--pause-max", &self.pause_max, 0.0..=3600.0)?;
                 if max < min {
                     return Err(ConfigError::new(
                         "--pause-max",
@@ -1085,57 +1165,137 @@ impl PublishArgs {
         if self.channel.is_empty() {
             return Err(ConfigError::new("INPUT_CHANNEL", "", "must not be empty"));
         }
+        if self.message_id_field.is_empty() {
+            return Err(ConfigError::new(
+                "MESSAGE_ID_FIELD",
+                "",
+                "must not be empty",
+            ));
+        }
+        let endpoint = connect.endpoint()?;
+        let dead_stream = given(&self.dead_letter_stream)
+            .map(str::to_string)
+            .unwrap_or_else(|| default_dead_stream(&self.stream, endpoint.is_cluster()));
         Ok(PublishConfig {
-            endpoint: connect.endpoint()?,
+            endpoint,
             channel: self.channel.clone(),
             limit,
             batch_size,
             pace,
-            payload_size: parse_num("--payload-size", &self.payload_size)?,
-            progress_interval: Some(parse_secs("--progress-interval", &self.progress_interval)?),
-            fast_path_stream: (!self.no_fast_path).then(|| self.stream.clone()),
-            ack_ttl: parse_secs("ACK_TTL", &self.ack_ttl)?,
-            retry_for: parse_secs_allow_zero("--retry-for", &self.retry_for)?,
+            payload_size: parse_whole("--payload-size", &self.payload_size, 0..=64 << 20)?,
+            progress_interval: Some(parse_interval(
+                "--progress-interval",
+                &self.progress_interval,
+            )?),
+            stream: self.stream.clone(),
+            fast_path: !self.no_fast_path,
+            dead_stream,
+            id_field: self.message_id_field.clone(),
+            max_payload_bytes: parse_whole(
+                "MAX_PAYLOAD_BYTES",
+                &self.max_payload_bytes,
+                limits::PAYLOAD_BYTES,
+            )?,
+            ack_ttl: parse_interval("ACK_TTL", &self.ack_ttl)?,
+            retry_for: parse_seconds("--retry-for", &self.retry_for, 0.0..=86_400.0)?,
         })
     }
 }
 
-pub(crate) fn parse_num<T: FromStr>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
-    raw.trim()
-        .parse()
-        .map_err(|_| ConfigError::new(var, raw, "expected a whole number"))
+/// The range of each bounded setting: the CLI's parsing and
+/// [`BridgeConfig::validate`] both check against these, so every bad value
+/// gets the same one-line reason.
+pub mod limits {
+    use std::ops::RangeInclusive;
+
+    /// Workers (subscriptions) in one process: CONSUMERS_COUNT, WORK_CONSUMERS.
+    pub const WORKERS: RangeInclusive<u64> = 1..=256;
+    /// The total set by `optimus ctl scale` (0 needs `--yes`).
+    pub const TOTAL_WORKERS: RangeInclusive<u64> = 0..=1024;
+    /// PROCESSING_BATCH_SIZE.
+    pub const BATCH: RangeInclusive<u64> = 1..=10_000;
+    /// QUEUE_CAPACITY.
+    pub const QUEUE: RangeInclusive<u64> = 1..=10_000_000;
+    /// MAX_PAYLOAD_BYTES: at most half the server's default Pub/Sub
+    /// output-buffer hard limit (32 MB), past which one message drops every
+    /// subscriber at once.
+    pub const PAYLOAD_BYTES: RangeInclusive<u64> = 1..=16 << 20;
+    /// TCP ports.
+    pub const PORT: RangeInclusive<u64> = 1..=65_535;
+    /// Seconds of intervals, TTLs and timeouts: from 10 ms to a day.
+    pub const SECONDS: RangeInclusive<f64> = 0.01..=86_400.0;
 }
 
-fn parse_secs_allow_zero(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
-    let value: f64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| ConfigError::new(var, raw, "expected a number of seconds, like 3 or 0.5"))?;
-    if !value.is_finite() || !(0.0..=1e9).contains(&value) {
+/// A whole number within `range`; anything else is one line naming the range.
+pub(crate) fn parse_whole<T: TryFrom<u64>>(
+    var: &'static str,
+    raw: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<T, ConfigError> {
+    let bad = || {
+        ConfigError::new(
+            var,
+            raw,
+            format!(
+                "expected a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        )
+    };
+    let n: i128 = raw.trim().parse().map_err(|_| bad())?;
+    let n = u64::try_from(n)
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(bad)?;
+    T::try_from(n).map_err(|_| bad())
+}
+
+/// A count already parsed (a library setting) checked against `range`, with
+/// the same words as [`parse_whole`].
+pub(crate) fn check_whole(
+    var: &'static str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<(), ConfigError> {
+    parse_whole::<u64>(var, &value.to_string(), range).map(drop)
+}
+
+/// Seconds (fractions allowed) within `range`; anything else is one line
+/// naming the range.
+pub(crate) fn parse_seconds(
+    var: &'static str,
+    raw: &str,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<Duration, ConfigError> {
+    let value: f64 = raw.trim().parse().unwrap_or(f64::NAN);
+    if !range.contains(&value) {
         return Err(ConfigError::new(
             var,
             raw,
-            "must be a number of seconds from 0 up",
+            format!(
+                "expected seconds from {} to {}, like 3 or 0.5",
+                range.start(),
+                range.end()
+            ),
         ));
     }
     Ok(Duration::from_secs_f64(value))
 }
 
-fn parse_secs(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
-    let value = parse_secs_allow_zero(var, raw)?;
-    if value.is_zero() {
-        return Err(ConfigError::new(var, raw, "must be above 0 seconds"));
-    }
-    Ok(value)
+/// A duration already set (a library setting) checked against `range`, with
+/// the same words as [`parse_seconds`].
+pub(crate) fn check_seconds(
+    var: &'static str,
+    value: Duration,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<(), ConfigError> {
+    parse_seconds(var, &value.as_secs_f64().to_string(), range).map(drop)
 }
 
-/// Seconds, at least 0.01 (the shortest interval any setting allows).
+/// Seconds from 0.01 to a day: the range of most intervals and TTLs.
 pub(crate) fn parse_interval(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
-    let value = parse_secs(var, raw)?;
-    if value < Duration::from_millis(10) {
-        return Err(ConfigError::new(var, raw, "must be at least 0.01 seconds"));
-    }
-    Ok(value)
+    parse_seconds(var, raw, limits::SECONDS)
 }
 
 fn secs(d: Duration) -> String {

@@ -43,6 +43,31 @@ pub struct TlsFiles {
 }
 
 impl Endpoint {
+    /// When a `rediss://` connection fails without a TLS error of its own (a
+    /// plain server reads the TLS greeting as the start of a command and
+    /// waits, so the attempt times out), asks the port in plain text: a
+    /// Redis server that answers is not speaking TLS, which retrying cannot
+    /// mend. Returns that finding as a fatal error, or `err` as it was.
+    pub async fn diagnose(&self, err: RedisError) -> RedisError {
+        if !self.is_tls() || is_fatal(&err) || !(err.is_timeout() || err.is_io_error()) {
+            return err;
+        }
+        let Ok(info) = self.info() else { return err };
+        let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr() else {
+            return err;
+        };
+        if !answers_plain_redis(host, *port).await {
+            return err;
+        }
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "TLS",
+            format!(
+                "TLS handshake failed: {host}:{port} answers plain Redis, not TLS (use redis://, or turn TLS on in the server)"
+            ),
+        ))
+    }
+
     /// A server by URL: `redis://[user:pass@]host:port/db`, `rediss://…`
     /// for TLS, or `unix:///path`. Checked when connecting (or by
     /// [`Endpoint::check`]).
@@ -327,10 +352,32 @@ async fn open_single(endpoint: &Endpoint) -> RedisResult<MultiplexedConnection> 
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(RESPONSE_TIMEOUT));
-    endpoint
+    match endpoint
         .client()?
         .get_multiplexed_async_connection_with_config(&config)
         .await
+    {
+        Ok(conn) => Ok(conn),
+        Err(err) => Err(endpoint.diagnose(err).await),
+    }
+}
+
+/// Whether something at `host:port` answers a plain-text PING the way a
+/// Redis server does (`+PONG`, or an error reply such as `-NOAUTH`).
+async fn answers_plain_redis(host: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut reply = [0u8; 1];
+        let n = stream.read(&mut reply).await.ok()?;
+        Some(n == 1 && matches!(reply[0], b'+' | b'-'))
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// A command connection that reconnects by itself (a cluster connection
@@ -341,8 +388,9 @@ pub async fn connection(
     cancel: &CancellationToken,
 ) -> Result<Option<Conn>, RedisError> {
     if !endpoint.is_cluster() {
-        let client = endpoint.client()?;
-        return Ok(connection_manager(&client, cancel).await?.map(Conn::Single));
+        return Ok(connection_manager(endpoint, cancel)
+            .await?
+            .map(Conn::Single));
     }
     let shown = endpoint.to_string();
     retry_until_connected(&shown, cancel, || async {
@@ -376,22 +424,86 @@ impl fmt::Debug for Endpoint {
 }
 
 /// An error retrying cannot mend: the credentials or the permissions are
-/// wrong, or TLS failed (a certificate not trusted or not accepted, a server
-/// that does not speak TLS). Everything else (refused connections, dropped
+/// wrong (also inside a pipeline's replies), TLS failed (a certificate not
+/// trusted or not accepted, a server that does not speak TLS), the peer does
+/// not speak the Redis protocol, the database does not exist, or the client
+/// settings cannot work. Everything else (refused connections, dropped
 /// connections, a loading or paused server, timeouts, out-of-memory) is
 /// retried with backoff.
 pub fn is_fatal(err: &RedisError) -> bool {
-    err.kind() == ErrorKind::AuthenticationFailed
-        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    let refused = |code: &str| matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM");
+    matches!(
+        err.kind(),
+        ErrorKind::AuthenticationFailed
+            | ErrorKind::Parse
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::RESP3NotSupported
+    ) || err.code().is_some_and(refused)
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| refused(e.code())))
+        || err
+            .detail()
+            .is_some_and(|d| d.contains("DB index is out of range"))
         || tls_failure(err).is_some()
 }
 
-/// `err` as a user should read it: a TLS failure says so, and what to check.
+/// Longest error text a log line or an error line carries.
+const MAX_ERROR_TEXT: usize = 240;
+
+/// `err` as a user should read it, on one short line: a TLS failure says so,
+/// and what to check; a peer that is not Redis, or a missing database, says
+/// so; a pipeline's failures are shown by their first one.
 pub fn explain(err: &RedisError) -> String {
-    use rustls::{AlertDescription as Alert, Error as Tls};
-    let Some(tls) = tls_failure(err) else {
-        return err.to_string();
+    let text = match tls_failure(err) {
+        Some(tls) => explain_tls(tls),
+        None if err.kind() == ErrorKind::Parse => format!(
+            "the server's reply is not the Redis protocol: is this a Redis port? ({err})"
+        ),
+        None if err.detail().is_some_and(|d| d.contains("DB index is out of range")) => {
+            "no such database on that server (the number after the host in REDIS_URL is beyond its `databases` setting)".to_string()
+        }
+        None if err.kind() == ErrorKind::InvalidClientConfig && err.detail().is_some() => {
+            err.detail().unwrap_or_default().to_string()
+        }
+        None => match err.clone().into_server_errors() {
+            Some(errors) if !errors.is_empty() => {
+                let (_, first) = &errors[0];
+                let more = match errors.len() - 1 {
+                    0 => String::new(),
+                    n => format!(" (and {n} more replies of the pipeline)"),
+                };
+                format!("{} {}{more}", first.code(), first.details().unwrap_or(""))
+            }
+            _ => err.to_string(),
+        },
     };
+    short(&text)
+}
+
+/// `text` on one line, at most [`MAX_ERROR_TEXT`] characters.
+fn short(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(MAX_ERROR_TEXT) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
+/// A Redis error for a log field: [`explain`]ed, so one short line.
+pub fn brief(err: &RedisError) -> impl fmt::Display + '_ {
+    struct Brief<'a>(&'a RedisError);
+    impl fmt::Display for Brief<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&explain(self.0))
+        }
+    }
+    Brief(err)
+}
+
+fn explain_tls(tls: &rustls::Error) -> String {
+    use rustls::{AlertDescription as Alert, Error as Tls};
     let hint = match tls {
         Tls::InvalidCertificate(_) | Tls::NoCertificatesPresented => {
             "the server's certificate is not vouched for by REDIS_TLS_CA_FILE (or the system's CAs), or does not name this host"
@@ -433,16 +545,59 @@ pub fn tls_failure(err: &RedisError) -> Option<&rustls::Error> {
     None
 }
 
-/// The backoff between reconnection attempts: exponential from 100 ms to 5 s,
-/// with jitter so that many workers do not knock at once, never giving up.
+/// Warns, in one line, when the server may evict keys under memory
+/// pressure (`maxmemory-policy` `allkeys-*` or `volatile-*`): it could drop
+/// the stream, or the keys the delivery protocol relies on, and so lose or
+/// duplicate messages. optimus needs `noeviction`. Says nothing when the
+/// server will not tell (an ACL user without CONFIG or INFO).
+pub async fn warn_if_evicting<C: ConnectionLike + Send>(conn: &mut C, what: &str) {
+    let policy = match redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async::<Vec<String>>(conn)
+        .await
+    {
+        Ok(pair) => pair.get(1).cloned(),
+        Err(_) => redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<String>(conn)
+            .await
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                    .map(|p| p.trim().to_string())
+            }),
+    };
+    if let Some(policy) = policy
+        && (policy.starts_with("allkeys-") || policy.starts_with("volatile-"))
+    {
+        tracing::warn!(
+            "maxmemory-policy is {policy}: under memory pressure Redis may evict {what}, losing or duplicating messages; optimus needs maxmemory-policy noeviction"
+        );
+    }
+}
+
+/// The longest wait between two reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The backoff between reconnection attempts: exponential from 100 ms up,
+/// never above [`MAX_BACKOFF`], never giving up. Each wait is a base delay
+/// (doubling, up to half the maximum) plus a random jitter of up to that
+/// base again, so that many workers do not knock at once.
 pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(MAX_BACKOFF / 2)
         .with_jitter()
         .without_max_times()
         .build()
+        .map(|wait| wait.min(MAX_BACKOFF))
 }
+
+/// Connection attempts that failed, process-wide (every kind of connection:
+/// commands, subscriptions, one-shot commands); exported as a metric.
+pub static CONNECT_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How long one command may take before it counts as failed. Long enough
 /// for a `CLIENT PAUSE` of a few seconds to pass without errors.
@@ -452,17 +607,21 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// reachable. Returns `Ok(None)` when cancelled first, and an error only when
 /// it is [`is_fatal`].
 pub async fn connection_manager(
-    client: &Client,
+    endpoint: &Endpoint,
     cancel: &CancellationToken,
 ) -> Result<Option<ConnectionManager>, RedisError> {
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_max_delay(Duration::from_secs(5))
+        .set_max_delay(MAX_BACKOFF)
         .set_number_of_retries(1);
-    let shown = client.get_connection_info().addr().to_string();
-    retry_until_connected(&shown, cancel, || {
-        ConnectionManager::new_with_config(client.clone(), config.clone())
+    let client = endpoint.client()?;
+    let shown = endpoint.to_string();
+    retry_until_connected(&shown, cancel, || async {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(conn) => Ok(conn),
+            Err(err) => Err(endpoint.diagnose(err).await),
+        }
     })
     .await
 }
@@ -487,13 +646,14 @@ where
                 Err(err) => err,
             },
         };
+        CONNECT_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if is_fatal(&err) {
             return Err(err);
         }
-        let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+        let wait = backoff.next().unwrap_or(MAX_BACKOFF);
         tracing::warn!(
             server = %server,
-            cause = %err,
+            cause = %brief(&err),
             retry_in_ms = wait.as_millis() as u64,
             "Redis unreachable, retrying"
         );

@@ -30,6 +30,12 @@ pub const PROCESSES_KEY: &str = "{optimus:ctl}:processes";
 /// presence value (`host=… pid=…`).
 pub const RATE_PREFIX: &str = "{optimus:ctl}:rate:";
 
+/// Where a `consume` process describes itself for `ctl status` while it is
+/// registered: this prefix and its name; the value is `host=… pid=…
+/// workers=N`, so a process that `ctl scale` left without workers still
+/// shows.
+pub const PROCESS_PREFIX: &str = "{optimus:ctl}:process:";
+
 /// Stores a process's rate (messages or entries per second over its last
 /// monitoring interval) for `ctl status`; it lapses after three intervals.
 /// Failures are ignored: the monitoring line reports Redis trouble.
@@ -83,15 +89,18 @@ pub fn share(desired: usize, processes: &[String], me: &str) -> usize {
 #[derive(Debug, Clone)]
 pub struct Scale {
     me: String,
+    /// `host=… pid=…`, for `ctl status`.
+    describe: String,
     /// CONSUMERS_COUNT: the count while no total is set.
     default: usize,
     script: redis::Script,
 }
 
 impl Scale {
-    pub fn new(me: String, default: usize) -> Self {
+    pub fn new(me: String, describe: String, default: usize) -> Self {
         Self {
             me,
+            describe,
             default,
             script: redis::Script::new(SCALE),
         }
@@ -117,10 +126,23 @@ impl Scale {
             .arg(ttl)
             .invoke_async(conn)
             .await?;
-        Ok(match desired {
+        let workers = match desired {
             Some(total) => share(total, &processes, &self.me),
             None => self.default,
-        })
+        };
+        let info = format!("{PROCESS_PREFIX}{}", self.me);
+        let cmd = if leave {
+            redis::cmd("DEL").arg(info).clone()
+        } else {
+            redis::cmd("SET")
+                .arg(info)
+                .arg(format!("{} workers={workers}", self.describe))
+                .arg("PX")
+                .arg(ttl)
+                .clone()
+        };
+        cmd.query_async::<()>(conn).await?;
+        Ok(workers)
     }
 
     /// Registers this process and returns how many workers it should run.
@@ -151,12 +173,169 @@ impl Scale {
                     });
                 }
                 Err(err) => {
-                    tracing::debug!(cause = %err, "ctl scale: could not renew the registration")
+                    tracing::debug!(cause = %crate::connect::brief(&err), "ctl scale: could not renew the registration")
                 }
             }
         }
         let _ = self.step(&mut conn, true).await;
     }
+}
+
+/// KEYS: processes. ARGV: the info key prefix. Returns each live process's
+/// info (`host=… pid=… workers=N`).
+const PROCESSES: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local out = {}
+for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  out[#out + 1] = redis.call('GET', ARGV[1] .. name) or ''
+end
+return out
+"#;
+
+/// One live process, as `ctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRow {
+    /// `consume` or `work`.
+    pub kind: &'static str,
+    pub host: String,
+    pub pid: String,
+    pub workers: usize,
+    /// Messages written (or entries handled) per second at its last
+    /// monitoring line.
+    pub rate: Option<String>,
+}
+
+/// What `optimus ctl status` shows.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The kill switch's value, when set.
+    pub stop: Option<String>,
+    /// The total set with `ctl scale`.
+    pub total: Option<usize>,
+    pub processes: Vec<ProcessRow>,
+}
+
+/// The value of `name=` in a `host=… pid=… workers=…` description.
+fn field<'a>(description: &'a str, name: &str) -> Option<&'a str> {
+    description
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// The kill switch, the total, and the live processes: every registered
+/// `consume` process (also one running no worker), and the `work` processes
+/// from the presence keys of `work_list`.
+pub async fn status<C: ConnectionLike + Send>(
+    conn: &mut C,
+    work_list: &str,
+    cluster: bool,
+) -> redis::RedisResult<Status> {
+    let stop: Option<String> = redis::cmd("GET").arg(STOP_KEY).query_async(conn).await?;
+    let total: Option<usize> = redis::cmd("GET").arg(WORKERS_KEY).query_async(conn).await?;
+    let mut described: Vec<(&'static str, String, usize)> = Vec::new();
+    let consume: Vec<String> = redis::Script::new(PROCESSES)
+        .key(PROCESSES_KEY)
+        .arg(PROCESS_PREFIX)
+        .invoke_async(conn)
+        .await?;
+    for info in consume.into_iter().filter(|i| !i.is_empty()) {
+        let workers = field(&info, "workers")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        described.push(("consume", info, workers));
+    }
+    // Work processes: their workers grouped by presence value.
+    let presence =
+        crate::bridge::presence::Presence::new(work_list, Duration::from_secs(1), String::new())
+            .on_cluster(cluster);
+    let mut work: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, value) in presence.list(conn).await? {
+        *work.entry(value).or_default() += 1;
+    }
+    described.extend(work.into_iter().map(|(value, n)| ("work", value, n)));
+    let mut processes = Vec::new();
+    for (kind, info, workers) in described {
+        let host = field(&info, "host").unwrap_or("?").to_string();
+        let pid = field(&info, "pid").unwrap_or("?").to_string();
+        let rate: Option<String> = redis::cmd("GET")
+            .arg(format!("{RATE_PREFIX}host={host} pid={pid}"))
+            .query_async(conn)
+            .await?;
+        processes.push(ProcessRow {
+            kind,
+            host,
+            pid,
+            workers,
+            rate,
+        });
+    }
+    Ok(Status {
+        stop,
+        total,
+        processes,
+    })
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "kill switch: {}",
+            self.stop
+                .as_ref()
+                .map_or("off".to_string(), |v| format!("ON ({v})"))
+        )?;
+        writeln!(
+            f,
+            "total workers: {}",
+            self.total.map_or(
+                "not set (each process runs CONSUMERS_COUNT)".to_string(),
+                |n| format!("{n} (ctl scale)")
+            )
+        )?;
+        writeln!(f)?;
+        if self.processes.is_empty() {
+            return write!(f, "no live processes");
+        }
+        let rows: Vec<Vec<String>> = self
+            .processes
+            .iter()
+            .map(|p| {
+                vec![
+                    p.kind.to_string(),
+                    p.host.clone(),
+                    p.pid.clone(),
+                    p.workers.to_string(),
+                    p.rate.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let table =
+            crate::manage::render::table(&["kind", "host", "pid", "workers", "rate/s"], &rows);
+        write!(f, "{}", table.trim_end())
+    }
+}
+
+/// `ctl scale`'s total (`None`: `--off`), checked: a whole number within
+/// [`crate::config::limits::TOTAL_WORKERS`]; 0, which stops every bridge
+/// worker on every host, only with `yes`.
+pub fn parse_total(
+    raw: Option<&str>,
+    yes: bool,
+) -> Result<Option<usize>, crate::config::ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let total: usize =
+        crate::config::parse_whole("ctl scale", raw, crate::config::limits::TOTAL_WORKERS)?;
+    if total == 0 && !yes {
+        return Err(crate::config::ConfigError::new(
+            "ctl scale",
+            raw,
+            "0 stops every bridge worker on every host, so that nothing is bridged: add --yes to do it",
+        ));
+    }
+    Ok(Some(total))
 }
 
 /// Sets the desired total worker count (`None`: back to each process's
@@ -203,18 +382,29 @@ pub enum StopReason {
     Idle(Duration),
 }
 
-/// Watches the kill switch and, with `idle_timeout`, the `activity` count
-/// (messages received or handled); cancels `shutdown` when either says stop.
-/// Ends when `shutdown` is cancelled. Redis errors are retried quietly (the
-/// workers report them).
+/// What the idle stop watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// A count that moves with the work done (messages received, entries
+    /// handled).
+    pub count: u64,
+    /// Whether Redis is reachable: idle time counts only while it is, so a
+    /// process that cannot reach Redis never stops as "idle".
+    pub redis_up: bool,
+}
+
+/// Watches the kill switch and, with `idle_timeout`, the `activity` (see
+/// [`Activity`]); cancels `shutdown` when either says stop. Ends when
+/// `shutdown` is cancelled. Redis errors are retried quietly (the workers
+/// report them).
 pub async fn watch(
     endpoint: crate::connect::Endpoint,
-    activity: impl Fn() -> u64 + Send + 'static,
+    activity: impl Fn() -> Activity + Send + 'static,
     idle_timeout: Option<Duration>,
     shutdown: CancellationToken,
 ) -> Option<StopReason> {
     let mut conn = None;
-    let mut last = (activity(), Instant::now());
+    let mut last = (activity().count, Instant::now());
     let mut tick = tokio::time::interval(WATCH_EVERY);
     loop {
         tokio::select! {
@@ -241,8 +431,8 @@ pub async fn watch(
         }
         if let Some(timeout) = idle_timeout {
             let now = activity();
-            if now != last.0 {
-                last = (now, Instant::now());
+            if now.count != last.0 || !now.redis_up {
+                last = (now.count, Instant::now());
             } else if last.1.elapsed() >= timeout {
                 tracing::info!(
                     idle_s = timeout.as_secs_f64(),

@@ -364,6 +364,9 @@ mod tests {
 /// Thresholds named `…_WARN` / `…_ALERT`: consumers trip *below* them, the
 /// others *above*.
 #[derive(Debug, Clone, clap::Args)]
+// A negative number is a value (rejected with the setting's own reason),
+// not an unknown flag.
+#[command(allow_negative_numbers = true)]
 pub struct HealthArgs {
     /// Stream to check.
     #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
@@ -408,11 +411,12 @@ pub struct HealthArgs {
 
 impl HealthArgs {
     pub fn to_config(&self) -> Result<HealthConfig, ConfigError> {
-        use crate::config::parse_num;
+        use crate::config::parse_whole;
+        const THRESHOLD: std::ops::RangeInclusive<u64> = 0..=1_000_000_000_000;
         let limit = |warn: (&'static str, &str), alert: (&'static str, &str), below| {
             let limit = Limit {
-                warn: parse_num(warn.0, warn.1)?,
-                alert: parse_num(alert.0, alert.1)?,
+                warn: parse_whole(warn.0, warn.1, THRESHOLD)?,
+                alert: parse_whole(alert.0, alert.1, THRESHOLD)?,
                 below,
             };
             limit.validate(warn.0)?;

@@ -110,12 +110,18 @@ enum Command {
     /// ok / warn / alert thresholds: one line per check; exit 0 (ok), 1 (warn)
     /// or 2 (alert). Redis unreachable or the stream missing is an alert.
     Health(optimus::health::HealthArgs),
-    /// Check a stream against a run of `optimus publish`: lost and duplicated
-    /// messages. Exits 0 when there are none, 1 otherwise.
+    /// Check a stream against one run of `optimus publish` (its `run=` name;
+    /// by default the latest run in the stream): lost, duplicated and
+    /// unexpected messages of that run. Entries of other runs are counted
+    /// apart (`others`). Exits 0 when the run is exact, 1 otherwise (or when
+    /// the stream does not exist).
     Audit {
         /// How many messages the publisher reported as published.
         #[arg(long)]
         published: u64,
+        /// The run to check (`run=` in the publisher's summary) [default: the latest].
+        #[arg(long)]
+        run: Option<String>,
         /// Stream to check.
         #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
         stream: String,
@@ -131,20 +137,23 @@ enum CtlAction {
     /// Set the total number of bridge workers, split across the live consume
     /// processes (the remainder spread); they start and stop workers within
     /// a second or two. `--off` goes back to each process's CONSUMERS_COUNT.
+    ///
+    /// 0 stops every bridge worker on every host, so it needs --yes.
     #[command(group(clap::ArgGroup::new("total").required(true).args(["workers", "off"])))]
+    #[command(allow_negative_numbers = true)]
     Scale {
-        workers: Option<usize>,
+        workers: Option<String>,
         #[arg(long)]
         off: bool,
+        /// Confirms a total of 0.
+        #[arg(long)]
+        yes: bool,
     },
     /// The kill switch, the total set with `ctl scale`, and the live consume
     /// and work processes: host, pid, workers, and the rate of each (messages
     /// written or entries handled per second over its last monitoring
     /// interval).
     Status {
-        /// The bridge's CONSUMERS_LIST.
-        #[arg(long, env = "CONSUMERS_LIST", default_value = "consumer:ids")]
-        consumers_list: String,
         /// The work processes' WORK_CONSUMERS_LIST.
         #[arg(long, env = "WORK_CONSUMERS_LIST", default_value = "work:ids")]
         work_consumers_list: String,
@@ -250,7 +259,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Consume(args) => consume(&cli.connect, &args).await,
             Command::Publish(args) => publish(&cli.connect, &args).await,
-            Command::Audit { published, stream } => audit(&cli.connect, &stream, published).await,
+            Command::Audit {
+                published,
+                stream,
+                run,
+            } => audit(&cli.connect, &stream, published, run.as_deref()).await,
             Command::Health(args) => health(&cli.connect, &args).await,
             Command::Work(args) => work(&cli.connect, &args).await,
             Command::Ctl { action } => ctl(&cli.connect, action).await,
@@ -295,7 +308,6 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
         Ok(controls) => controls,
         Err(err) => return bad_setting(&err),
     };
-    let workers = config.worker_count();
     let endpoint = config.server().clone();
     let bridge = match Bridge::new(config) {
         Ok(bridge) => bridge,
@@ -306,8 +318,11 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
     let started = controls
         .start(
             &endpoint,
-            move || counters.received.load(std::sync::atomic::Ordering::Relaxed),
-            || optimus::metrics::bridge_registry(bridge.counters(), workers),
+            move || optimus::control::Activity {
+                count: counters.received.load(std::sync::atomic::Ordering::Relaxed),
+                redis_up: counters.redis_up(),
+            },
+            || optimus::metrics::bridge_registry(bridge.counters()),
             &shutdown,
         )
         .await;
@@ -349,12 +364,12 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
     }
 }
 
-async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode {
+async fn audit(connect: &ConnectArgs, stream: &str, published: u64, run: Option<&str>) -> ExitCode {
     let endpoint = match connect.endpoint() {
         Ok(endpoint) => endpoint,
         Err(err) => return bad_setting(&err),
     };
-    match optimus::audit::audit(&endpoint, stream, published).await {
+    match optimus::audit::audit(&endpoint, stream, published, run).await {
         Ok(report) => {
             println!("{report}");
             if report.ok() {
@@ -364,7 +379,7 @@ async fn audit(connect: &ConnectArgs, stream: &str, published: u64) -> ExitCode 
             }
         }
         Err(err) => {
-            eprintln!("optimus: cannot read {stream}: {err}");
+            eprintln!("optimus: cannot audit {stream}: {err}");
             ExitCode::from(1)
         }
     }
@@ -391,7 +406,10 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
             &config.endpoint,
             move || {
                 use std::sync::atomic::Ordering::Relaxed;
-                watched.handled.load(Relaxed) + watched.failed.load(Relaxed)
+                optimus::control::Activity {
+                    count: watched.handled.load(Relaxed) + watched.failed.load(Relaxed),
+                    redis_up: watched.redis_up.load(Relaxed),
+                }
             },
             || optimus::metrics::work_registry(counters.clone(), config.consumers),
             &shutdown,
@@ -402,11 +420,12 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
     }
     match optimus::work::run(config, counters, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err @ optimus::work::WorkError::Refused(_)) => {
+            eprintln!("optimus: Redis at {server} refused the workers: {err}");
+            ExitCode::from(1)
+        }
         Err(err) => {
-            eprintln!(
-                "optimus: Redis at {server} refused the workers: {}",
-                optimus::connect::explain(&err)
-            );
+            eprintln!("optimus: {err}");
             ExitCode::from(1)
         }
     }
@@ -418,75 +437,24 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
         Err(err) => return bad_setting(&err),
     };
     let server = endpoint.to_string();
+    // `ctl scale`'s total, checked before anything is changed.
+    let total = match &action {
+        CtlAction::Scale { workers, yes, .. } => {
+            match optimus::control::parse_total(workers.as_deref(), *yes) {
+                Ok(total) => total,
+                Err(err) => return bad_setting(&err),
+            }
+        }
+        _ => None,
+    };
     let result = async {
         let mut conn = optimus::connect::open(&endpoint).await?;
         match action {
             CtlAction::Status {
-                consumers_list,
                 work_consumers_list,
-            } => {
-                let switch: Option<String> = redis::cmd("GET")
-                    .arg(optimus::control::STOP_KEY)
-                    .query_async(&mut conn)
-                    .await?;
-                let mut rows: Vec<Vec<String>> = Vec::new();
-                for (kind, list) in [("consume", consumers_list), ("work", work_consumers_list)] {
-                    let presence = optimus::bridge::presence::Presence::new(
-                        &list,
-                        std::time::Duration::from_secs(1),
-                        String::new(),
-                    )
-                    .on_cluster(endpoint.is_cluster());
-                    // Workers grouped by process (their presence value).
-                    let mut processes: std::collections::BTreeMap<String, usize> =
-                        Default::default();
-                    for (_, value) in presence.list(&mut conn).await? {
-                        *processes.entry(value).or_default() += 1;
-                    }
-                    for (value, workers) in processes {
-                        let rate: Option<String> = redis::cmd("GET")
-                            .arg(format!("{}{value}", optimus::control::RATE_PREFIX))
-                            .query_async(&mut conn)
-                            .await?;
-                        let field = |name: &str| {
-                            value
-                                .split_whitespace()
-                                .find_map(|f| f.strip_prefix(name))
-                                .unwrap_or("?")
-                                .to_string()
-                        };
-                        rows.push(vec![
-                            kind.to_string(),
-                            field("host="),
-                            field("pid="),
-                            workers.to_string(),
-                            rate.unwrap_or_else(|| "-".into()),
-                        ]);
-                    }
-                }
-                let desired: Option<usize> = redis::cmd("GET")
-                    .arg(optimus::control::WORKERS_KEY)
-                    .query_async(&mut conn)
-                    .await?;
-                let mut text = format!(
-                    "kill switch: {}\ntotal workers: {}\n\n",
-                    switch.map_or("off".to_string(), |v| format!("ON ({v})")),
-                    desired.map_or(
-                        "not set (each process runs CONSUMERS_COUNT)".to_string(),
-                        |n| { format!("{n} (ctl scale)") }
-                    )
-                );
-                if rows.is_empty() {
-                    text += "no live processes";
-                } else {
-                    text += optimus::manage::render::table(
-                        &["kind", "host", "pid", "workers", "rate/s"],
-                        &rows,
-                    )
-                    .trim_end();
-                }
-                Ok(text)
-            }
+            } => Ok(optimus::control::status(&mut conn, &work_consumers_list, endpoint.is_cluster())
+                .await?
+                .to_string()),
             CtlAction::Stop => {
                 let who = format!("{}:{}", optimus::bridge::host_name(), std::process::id());
                 optimus::control::stop(&mut conn, &who).await?;
@@ -495,8 +463,14 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
                     optimus::control::STOP_KEY
                 ))
             }
-            CtlAction::Scale { workers, .. } => {
+            CtlAction::Scale { .. } => {
+                let workers = total;
                 optimus::control::set_scale(&mut conn, workers).await?;
+                if workers == Some(0) {
+                    return Ok(
+                        "total bridge workers set to 0: no consume process bridges anything now (ctl scale N or --off to resume)".to_string(),
+                    );
+                }
                 Ok(match workers {
                     Some(n) => {
                         format!("total bridge workers set to {n}: the consume processes share them")
@@ -551,7 +525,7 @@ impl Controls {
     async fn start(
         self,
         endpoint: &optimus::config::Endpoint,
-        activity: impl Fn() -> u64 + Send + 'static,
+        activity: impl Fn() -> optimus::control::Activity + Send + 'static,
         registry: impl FnOnce() -> prometheus_client::registry::Registry,
         shutdown: &CancellationToken,
     ) -> Result<(), ExitCode> {
@@ -768,6 +742,8 @@ fn shutdown_on_signal() -> CancellationToken {
                 cancel.cancel();
             } else {
                 tracing::warn!("second signal: exiting now");
+                // `optimus work`'s handlers go with it.
+                optimus::work::kill_handlers();
                 std::process::exit(130);
             }
         }

@@ -39,16 +39,41 @@ fn gauge(
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
+/// What every process exports: its build, whether it reaches Redis, and
+/// its failed connection attempts.
+fn process_metrics(e: &mut DescriptorEncoder, redis_up: bool) -> Result<(), std::fmt::Error> {
+    let build = ConstGauge::new(1i64);
+    let mut family = e.encode_descriptor(
+        "optimus_build_info",
+        "The optimus build: its version as a label, the value 1",
+        None,
+        build.metric_type(),
+    )?;
+    build.encode(family.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?)?;
+    gauge(
+        e,
+        "optimus_redis_up",
+        "1 when this process reaches Redis (commands answer and a worker is subscribed), 0 while it is reconnecting",
+        i64::from(redis_up),
+    )?;
+    counter(
+        e,
+        "optimus_connect_failures",
+        "Connection attempts to Redis that failed",
+        &crate::connect::CONNECT_FAILURES,
+    )
+}
+
 /// The bridge's counters (`optimus consume`).
 #[derive(Debug)]
 struct BridgeCollector {
     counters: Arc<Counters>,
-    workers: usize,
 }
 
 impl Collector for BridgeCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.counters;
+        process_metrics(&mut e, c.redis_up())?;
         counter(
             &mut e,
             "optimus_received",
@@ -109,6 +134,18 @@ impl Collector for BridgeCollector {
             "Redis commands that failed and were retried",
             &c.redis_errors,
         )?;
+        counter(
+            &mut e,
+            "optimus_reused_ids",
+            "Messages skipped because their id was already written with other bytes (a publisher reusing ids)",
+            &c.reused_ids,
+        )?;
+        counter(
+            &mut e,
+            "optimus_refused",
+            "Messages neither the stream nor the dead-letter stream would take",
+            &c.refused,
+        )?;
         gauge(
             &mut e,
             "optimus_pending",
@@ -119,7 +156,7 @@ impl Collector for BridgeCollector {
             &mut e,
             "optimus_workers",
             "Workers in this process",
-            self.workers as i64,
+            c.workers.load(Ordering::Relaxed) as i64,
         )?;
         gauge(
             &mut e,
@@ -141,6 +178,7 @@ struct WorkCollector {
 impl Collector for WorkCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.counters;
+        process_metrics(&mut e, c.redis_up.load(Ordering::Relaxed))?;
         counter(
             &mut e,
             "optimus_work_handled",
@@ -182,14 +220,14 @@ impl Collector for WorkCollector {
 }
 
 /// The registry for a bridge process.
-pub fn bridge_registry(counters: Arc<Counters>, workers: usize) -> Registry {
+pub fn bridge_registry(counters: Arc<Counters>) -> Registry {
     let mut registry = Registry::default();
     registry.register(
         "optimus_batch_seconds",
         "Time of one write batch (its round trip to Redis)",
         counters.batch_seconds.clone(),
     );
-    registry.register_collector(Box::new(BridgeCollector { counters, workers }));
+    registry.register_collector(Box::new(BridgeCollector { counters }));
     registry
 }
 

@@ -4,11 +4,17 @@
 //! monitor prints one line on stdout:
 //!
 //! ```text
-//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0
+//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 redis=connected
 //! ```
+//!
+//! The line is printed every interval whatever Redis does: while it cannot
+//! be reached the line says so (`redis=reconnecting down_s=12.3`), and
+//! `consumers` is `?`.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Counters of one bridge process, summed over its workers.
 #[derive(Debug)]
@@ -40,6 +46,20 @@ pub struct Counters {
     pub redis_errors: AtomicU64,
     /// Live workers on every host, as last counted by the monitor (a gauge).
     pub live_workers: AtomicU64,
+    /// Workers running in this process now (a gauge).
+    pub workers: AtomicU64,
+    /// Messages skipped because their id was already written with other
+    /// bytes: a publisher reusing ids.
+    pub reused_ids: AtomicU64,
+    /// Messages that neither the stream nor the dead-letter stream would
+    /// take (each logged with Redis's reasons).
+    pub refused: AtomicU64,
+    /// Whether this process reaches Redis now (see [`Counters::set_link`]).
+    redis_up: AtomicBool,
+    /// Since when it has not (or has not yet).
+    down_since: Mutex<Option<Instant>>,
+    /// Whether it ever did.
+    ever_up: AtomicBool,
     /// Seconds each write batch took (its round trip to Redis).
     pub batch_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -60,6 +80,12 @@ impl Default for Counters {
             gap_ms: AtomicU64::default(),
             redis_errors: AtomicU64::default(),
             live_workers: AtomicU64::default(),
+            workers: AtomicU64::default(),
+            reused_ids: AtomicU64::default(),
+            refused: AtomicU64::default(),
+            redis_up: AtomicBool::new(false),
+            down_since: Mutex::new(Some(Instant::now())),
+            ever_up: AtomicBool::new(false),
             // 0.1 ms to about 3 s.
             batch_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
@@ -75,6 +101,39 @@ impl Counters {
 
     pub fn sub(counter: &AtomicU64, n: u64) {
         counter.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, n: u64) {
+        gauge.store(n, Ordering::Relaxed);
+    }
+
+    /// Records whether Redis is reachable now: commands answer and, when
+    /// workers should be running, at least one subscription is up.
+    pub fn set_link(&self, up: bool) {
+        let mut since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        if up {
+            *since = None;
+            self.ever_up.store(true, Ordering::Relaxed);
+        } else if since.is_none() {
+            *since = Some(Instant::now());
+        }
+        self.redis_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Whether Redis was reachable at the last look.
+    pub fn redis_up(&self) -> bool {
+        self.redis_up.load(Ordering::Relaxed)
+    }
+
+    /// The state of the link to Redis, for the monitoring line.
+    pub fn link(&self) -> Link {
+        let since = *self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        match since {
+            None => Link::Connected,
+            Some(at) if self.ever_up.load(Ordering::Relaxed) => Link::Reconnecting(at.elapsed()),
+            Some(at) => Link::Connecting(at.elapsed()),
+        }
     }
 
     /// The values now.
@@ -93,6 +152,51 @@ impl Counters {
             gaps: get(&self.gaps),
             gap_ms: get(&self.gap_ms),
             redis_errors: get(&self.redis_errors),
+            reused_ids: get(&self.reused_ids),
+            refused: get(&self.refused),
+        }
+    }
+}
+
+/// Lets a repeated warning through at most once a second.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    next: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    /// `Some(how many were held back since the last one)` when a warning may
+    /// go out now; `None` (and counted) when not.
+    pub fn ready(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.next.is_some_and(|next| now < next) {
+            self.held_back += 1;
+            return None;
+        }
+        self.next = Some(now + Duration::from_secs(1));
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+/// Whether a process reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Link {
+    Connected,
+    /// Not yet, for this long since the start.
+    Connecting(Duration),
+    /// Not any more, for this long.
+    Reconnecting(Duration),
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Link::Connected => f.write_str("redis=connected"),
+            Link::Connecting(d) => write!(f, "redis=connecting down_s={:.1}", d.as_secs_f64()),
+            Link::Reconnecting(d) => {
+                write!(f, "redis=reconnecting down_s={:.1}", d.as_secs_f64())
+            }
         }
     }
 }
@@ -112,6 +216,23 @@ pub struct Snapshot {
     pub gaps: u64,
     pub gap_ms: u64,
     pub redis_errors: u64,
+    pub reused_ids: u64,
+    pub refused: u64,
+}
+
+impl Snapshot {
+    /// Messages received and not yet settled (written, skipped,
+    /// dead-lettered, expired, dropped on overflow or refused).
+    pub fn unsettled(&self) -> u64 {
+        self.received.saturating_sub(
+            self.written
+                + self.duplicates_skipped
+                + self.dead_lettered
+                + self.expired
+                + self.overflow
+                + self.refused,
+        )
+    }
 }
 
 /// One monitoring line.
@@ -123,6 +244,7 @@ pub struct MonitorLine {
     pub counters: Snapshot,
     /// Messages written per second over the last interval.
     pub rate: f64,
+    pub link: Link,
 }
 
 impl fmt::Display for MonitorLine {
@@ -135,7 +257,7 @@ impl fmt::Display for MonitorLine {
         }
         write!(
             f,
-            " received={} written={} duplicates_skipped={} taken_over={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={}",
+            " received={} written={} duplicates_skipped={} taken_over={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={} reused_ids={} refused={} {}",
             c.received,
             c.written,
             c.duplicates_skipped,
@@ -148,7 +270,10 @@ impl fmt::Display for MonitorLine {
             c.reconnects,
             c.gaps,
             c.gap_ms,
-            c.redis_errors
+            c.redis_errors,
+            c.reused_ids,
+            c.refused,
+            self.link
         )
     }
 }
@@ -168,10 +293,20 @@ mod tests {
                 ..Snapshot::default()
             },
             rate: 3333.3,
+            link: Link::Connected,
         };
         assert_eq!(
             line.to_string(),
-            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0"
+            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 redis=connected"
+        );
+        let down = MonitorLine {
+            consumers: None,
+            link: Link::Reconnecting(Duration::from_millis(12_340)),
+            ..line
+        };
+        assert!(
+            down.to_string().ends_with("redis=reconnecting down_s=12.3"),
+            "{down}"
         );
     }
 }

@@ -1,40 +1,60 @@
 //! `optimus publish`: timed batches of test messages on the input channel,
 //! and the [`Publisher`] a service can use to publish without losing what
-//! reaches no subscriber.
+//! reaches no bridge worker.
 //!
-//! Each test message is `{"message_id":"<uuid v4>","seq":<n>,"sent_ms":<unix ms>}`
-//! (padded with a `"pad"` field to `--payload-size` bytes when asked). Each
-//! batch is one pipelined round trip. PUBLISH's reply says how many
-//! subscribers got a message; one that reached nobody would be lost by
-//! Pub/Sub, so the publisher writes it straight to the output stream through
-//! the bridge's lock/ACK protocol (the *fast path*): exactly once, like the
-//! rest. A batch Redis did not confirm (connection lost, server restarting)
-//! is sent again, with the same ids, until it is confirmed or `retry_for`
-//! has passed; the ACK keys make the second sending harmless.
+//! Each test message is `{"message_id":"<uuid v4>","run":"<run>","seq":<n>,"sent_ms":<unix ms>}`
+//! (the id under MESSAGE_ID_FIELD; padded with a `"pad"` field to
+//! `--payload-size` bytes when asked); `run` names one run of the publisher,
+//! for `optimus audit`.
+//!
+//! Each batch is one round trip: `MULTI`, `PUBSUB NUMSUB` of the bridge's
+//! probe channel (see [`probe_channel`]), the PUBLISHes, `EXEC`. Redis runs
+//! it as one step, so the count says exactly whether a bridge worker was
+//! subscribed when those messages were published: other subscribers (a
+//! monitor's `PSUBSCRIBE *`, a service of yours) do not count. A batch
+//! published while none was would be lost by Pub/Sub, so the publisher
+//! writes it straight to the output stream through the bridge's ACK protocol
+//! (the *fast path*): exactly once, like the rest. A payload larger than
+//! MAX_PAYLOAD_BYTES is not published at all (it could drop every
+//! subscriber at the server's output-buffer limit): it goes to the
+//! dead-letter stream, with the reason.
+//!
+//! A batch Redis did not confirm (connection lost, server restarting) is
+//! sent again, with the same ids, until it is confirmed or `retry_for` has
+//! passed; the ACK keys make the second sending harmless.
+//!
+//! On a cluster the probe is not used: a PUBLISH's count (its node's
+//! subscribers) decides, as the README says.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::RngExt;
-use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::delivery::{Delivery, Destination, Settled};
+use crate::bridge::delivery::{Delivery, Destination, Write, probe_channel};
 use crate::bridge::host_name;
 use crate::bridge::message::{Incoming, json_id};
 use crate::config::{Pace, PublishConfig, PublishLimit};
 use crate::connect::{Conn, is_fatal, reconnect_backoff};
 
 /// What a publisher run did.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PublishSummary {
-    /// Messages the server confirmed.
+    /// Names this run's test messages (their `run` field).
+    pub run: String,
+    /// Messages the server confirmed (published, or dead-lettered).
     pub published: u64,
-    /// Of those, how many reached no subscriber (PUBLISH returned 0).
+    /// Of those, how many were published while no bridge worker was
+    /// subscribed.
     pub no_subscriber: u64,
     /// Of those, how many the fast path wrote straight to the stream.
     pub stored_directly: u64,
+    /// Of `published`: payloads over MAX_PAYLOAD_BYTES, written to the
+    /// dead-letter stream instead of the channel.
+    pub dead_lettered: u64,
     /// Messages sent again because Redis had not confirmed their batch.
     pub resent: u64,
     /// Messages given up after `retry_for` without confirmation: perhaps lost.
@@ -53,10 +73,12 @@ impl std::fmt::Display for PublishSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "published={} no_subscriber={} stored_directly={} resent={} failed={} elapsed={:.2}s rate={:.0}/s",
+            "run={} published={} no_subscriber={} stored_directly={} dead_lettered={} resent={} failed={} elapsed={:.2}s rate={:.0}/s",
+            self.run,
             self.published,
             self.no_subscriber,
             self.stored_directly,
+            self.dead_lettered,
             self.resent,
             self.failed,
             self.elapsed.as_secs_f64(),
@@ -77,23 +99,33 @@ pub struct PublishError {
 /// What one confirmed batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
-    /// Messages that reached no subscriber.
+    /// Messages published while no bridge worker was subscribed.
     pub no_subscriber: u64,
     /// Of those, how many were written to the stream by the fast path (the
     /// rest were there already, or the fast path is off).
     pub stored_directly: u64,
+    /// Payloads too large to publish, written to the dead-letter stream.
+    pub dead_lettered: u64,
 }
 
-/// Publishes batches on a channel; with a fast-path stream, what reaches no
-/// subscriber is written there directly, exactly once. Clones share the
+/// Publishes batches on a channel; what no bridge worker could receive is
+/// written to the stream directly (the fast path), exactly once, and
+/// oversized payloads go to the dead-letter stream. Clones share the
 /// connection: batches sent from several clones at once are pipelined.
 #[derive(Clone)]
 pub struct Publisher {
     conn: Conn,
     channel: String,
+    /// The bridge's probe channel for `channel`.
+    probe: String,
     /// SPUBLISH instead of PUBLISH.
     sharded: bool,
-    fast_path: Option<Delivery>,
+    cluster: bool,
+    fast_path: bool,
+    /// Writes the fast path's messages and the dead letters.
+    writer: Delivery,
+    id_field: String,
+    max_payload_bytes: usize,
 }
 
 impl Publisher {
@@ -113,96 +145,216 @@ impl Publisher {
                 .set_max_delay(Duration::from_secs(2))
                 .set_connection_timeout(Some(Duration::from_secs(5)))
                 .set_response_timeout(Some(Duration::from_secs(10)));
-            Conn::Single(ConnectionManager::new_with_config(endpoint.client()?, conn_config).await?)
+            match ConnectionManager::new_with_config(endpoint.client()?, conn_config).await {
+                Ok(conn) => Conn::Single(conn),
+                Err(err) => return Err(endpoint.diagnose(err).await),
+            }
         };
-        let fast_path = config.fast_path_stream.as_ref().map(|stream| {
-            Delivery::new(
-                conn.clone(),
-                Destination {
-                    dead_stream: crate::config::default_dead_stream(stream, endpoint.is_cluster()),
-                    ..Destination::new(stream, &config.channel)
-                },
-                format!("publisher-{}-{}", host_name(), std::process::id()),
-                Duration::from_secs(2),
-                config.ack_ttl,
-            )
-        });
+        let writer = Delivery::new(
+            conn.clone(),
+            Destination {
+                dead_stream: config.dead_stream.clone(),
+                id_field: config.id_field.clone(),
+                ..Destination::new(&config.stream, &config.channel)
+            },
+            format!("publisher-{}-{}", host_name(), std::process::id()),
+            Duration::from_secs(2),
+            config.ack_ttl,
+        );
         Ok(Self {
             conn,
+            probe: probe_channel(&config.channel),
             sharded: endpoint.is_sharded(),
+            cluster: endpoint.is_cluster(),
             channel: config.channel.clone(),
-            fast_path,
+            fast_path: config.fast_path,
+            writer,
+            id_field: config.id_field.clone(),
+            max_payload_bytes: config.max_payload_bytes,
         })
     }
 
-    /// Publishes `payloads` in one round trip, then writes the ones that
-    /// reached nobody through the fast path. An error means the batch is not
+    /// Publishes `payloads` in one round trip, then writes the ones no bridge
+    /// worker could receive through the fast path, and the oversized ones
+    /// to the dead-letter stream. An error means the batch is not
     /// confirmed: send the same payloads again.
     ///
-    /// The fast path knows a message by its `message_id` JSON field. A payload
+    /// The fast path knows a message by its MESSAGE_ID_FIELD. A payload
     /// without one gets a fresh random id on each sending, so re-sending an
     /// unconfirmed batch is harmless only for payloads that carry an id.
     pub async fn publish_batch(
         &mut self,
         payloads: &[Vec<u8>],
     ) -> Result<BatchOutcome, RedisError> {
-        let mut pipe = redis::pipe();
-        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
-        for payload in payloads {
-            pipe.cmd(command).arg(&self.channel).arg(payload);
-        }
-        let receivers: Vec<u64> = pipe.query_async(&mut self.conn).await?;
-        let missed: Vec<&Vec<u8>> = payloads
+        let (fit, oversized): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = payloads
             .iter()
-            .zip(&receivers)
-            .filter(|(_, r)| **r == 0)
-            .map(|(p, _)| p)
-            .collect();
-        let mut outcome = BatchOutcome {
-            no_subscriber: missed.len() as u64,
-            stored_directly: 0,
-        };
-        if let Some(delivery) = self.fast_path.as_mut()
-            && !missed.is_empty()
-        {
-            let now = Instant::now();
-            let messages: Vec<Incoming> = missed
-                .into_iter()
-                .map(|payload| {
-                    // A payload without an id gets one of its own: nobody else saw it.
-                    let id = json_id(payload, "message_id")
-                        .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4()));
-                    Incoming::new(id, payload.clone(), now)
-                })
-                .collect();
-            let refs: Vec<&Incoming> = messages.iter().collect();
-            let settled = delivery.settle(&refs).await?;
-            outcome.stored_directly =
-                settled.iter().filter(|s| **s == Settled::Written).count() as u64;
+            .partition(|p| p.len() <= self.max_payload_bytes);
+        let mut outcome = BatchOutcome::default();
+        if !fit.is_empty() {
+            let missed = self.publish(&fit).await?;
+            outcome.no_subscriber = missed.len() as u64;
+            if self.fast_path && !missed.is_empty() {
+                outcome.stored_directly = self.write(&missed, false).await?;
+            }
+        }
+        if !oversized.is_empty() {
+            outcome.dead_lettered = self.write(&oversized, true).await?;
         }
         Ok(outcome)
     }
+
+    /// PUBLISHes the payloads; returns the ones no bridge worker could
+    /// receive.
+    async fn publish<'p>(
+        &mut self,
+        payloads: &[&'p Vec<u8>],
+    ) -> Result<Vec<&'p Vec<u8>>, RedisError> {
+        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
+        let mut pipe = redis::pipe();
+        // One step with the probe's count (see the module's notes); without
+        // a fast path, or on a cluster, each PUBLISH's own count tells.
+        let probe = self.fast_path && !self.cluster;
+        if probe {
+            pipe.atomic();
+            pipe.cmd("PUBSUB").arg("NUMSUB").arg(&self.probe);
+        }
+        for payload in payloads {
+            pipe.cmd(command).arg(&self.channel).arg(payload.as_slice());
+        }
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn).await?;
+        if probe {
+            let (_, bridge): (String, u64) = redis::from_redis_value(replies.remove(0))?;
+            return Ok(if bridge == 0 {
+                payloads.to_vec()
+            } else {
+                Vec::new()
+            });
+        }
+        let receivers: Vec<u64> = replies
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()?;
+        Ok(payloads
+            .iter()
+            .zip(receivers)
+            .filter(|(_, r)| *r == 0)
+            .map(|(p, _)| *p)
+            .collect())
+    }
+
+    /// Writes payloads to the stream (or, `oversized`, to the dead-letter
+    /// stream), each exactly once by its id; a payload the stream refuses
+    /// goes to the dead-letter stream with Redis's reason. Returns how many
+    /// this call wrote.
+    async fn write(&mut self, payloads: &[&Vec<u8>], oversized: bool) -> Result<u64, RedisError> {
+        let max = self.max_payload_bytes;
+        let reason = |len: usize| {
+            oversized.then(|| {
+                format!(
+                    "payload of {len} bytes is larger than MAX_PAYLOAD_BYTES ({max}): not published"
+                )
+            })
+        };
+        let now = Instant::now();
+        let mut messages: Vec<Incoming> = payloads
+            .iter()
+            .map(|payload| {
+                // A payload without an id gets one of its own: nobody else saw it.
+                let id = json_id(payload, &self.id_field)
+                    .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4()));
+                Incoming {
+                    rejected: reason(payload.len()),
+                    ..Incoming::new(id, payload.to_vec(), now)
+                }
+            })
+            .collect();
+        let mut written = 0;
+        while !messages.is_empty() {
+            let refs: Vec<&Incoming> = messages.iter().collect();
+            let results = self.writer.write_owned(&refs).await?;
+            let mut refused = Vec::new();
+            for (msg, result) in messages.iter().zip(results) {
+                match result {
+                    Write::Written => written += 1,
+                    Write::Refused(why) if msg.rejected.is_none() => refused.push(Incoming {
+                        rejected: Some(format!("the stream refused it: {why}")),
+                        ..msg.clone()
+                    }),
+                    Write::Refused(why) | Write::NotTried(why) => {
+                        return Err(RedisError::from((
+                            ErrorKind::Client,
+                            "the stream did not take the message",
+                            why,
+                        )));
+                    }
+                    Write::Acked | Write::Reused | Write::LockLost => {}
+                }
+            }
+            messages = refused;
+        }
+        Ok(written)
+    }
 }
 
-/// Builds the JSON of message number `seq`.
-pub fn test_message(seq: u64, payload_size: usize) -> String {
-    let sent_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    // A v4 UUID from the thread's RNG (seeded once from the OS): no system
-    // call per message, unlike `Uuid::new_v4`.
-    let id = uuid::Builder::from_random_bytes(rand::rng().random()).into_uuid();
-    let mut json = format!(r#"{{"message_id":"{id}","seq":{seq},"sent_ms":{sent_ms}"#);
-    // `,"pad":""}` adds 10 bytes.
-    if payload_size > json.len() + 10 {
-        let pad = payload_size - json.len() - 10;
-        json.push_str(r#","pad":""#);
-        json.extend(std::iter::repeat_n('x', pad));
-        json.push('"');
+/// Test messages of one run of the publisher.
+#[derive(Debug, Clone)]
+pub struct TestMessages {
+    /// The run's name, in every message (`None`: left out, as the benchmark
+    /// does to keep its payloads at their stated size).
+    pub run: Option<String>,
+    /// MESSAGE_ID_FIELD, JSON-quoted.
+    id_field: String,
+    pub payload_size: usize,
+}
+
+impl TestMessages {
+    /// A new run: a random name of 8 hex digits.
+    pub fn new(id_field: &str, payload_size: usize) -> Self {
+        Self {
+            run: Some(format!("{:08x}", rand::random::<u32>())),
+            id_field: serde_json::to_string(id_field).expect("a string"),
+            payload_size,
+        }
     }
-    json.push('}');
-    json
+
+    /// Messages without a run name.
+    pub fn unnamed(payload_size: usize) -> Self {
+        Self {
+            run: None,
+            ..Self::new("message_id", payload_size)
+        }
+    }
+
+    /// The JSON of message number `seq`.
+    pub fn message(&self, seq: u64) -> String {
+        let sent_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        // A v4 UUID from the thread's RNG (seeded once from the OS): no system
+        // call per message, unlike `Uuid::new_v4`.
+        let id = uuid::Builder::from_random_bytes(rand::rng().random()).into_uuid();
+        let mut json = format!(r#"{{{}:"{id}","#, self.id_field);
+        if let Some(run) = &self.run {
+            json.push_str(&format!(r#""run":"{run}","#));
+        }
+        json.push_str(&format!(r#""seq":{seq},"sent_ms":{sent_ms}"#));
+        // `,"pad":""}` adds 10 bytes.
+        if self.payload_size > json.len() + 10 {
+            let pad = self.payload_size - json.len() - 10;
+            json.push_str(r#","pad":""#);
+            json.extend(std::iter::repeat_n('x', pad));
+            json.push('"');
+        }
+        json.push('}');
+        json
+    }
+}
+
+/// The JSON of test message number `seq`, without a run name (the
+/// benchmark's messages).
+pub fn test_message(seq: u64, payload_size: usize) -> String {
+    TestMessages::unnamed(payload_size).message(seq)
 }
 
 /// Publishes test messages until the limit is reached or `shutdown` is
@@ -212,15 +364,31 @@ pub async fn run(
     config: &PublishConfig,
     shutdown: CancellationToken,
 ) -> Result<PublishSummary, PublishError> {
+    let messages = TestMessages::new(&config.id_field, config.payload_size);
+    run_messages(config, &messages, shutdown).await
+}
+
+/// [`run`] with these test messages.
+pub async fn run_messages(
+    config: &PublishConfig,
+    messages: &TestMessages,
+    shutdown: CancellationToken,
+) -> Result<PublishSummary, PublishError> {
     let server = config.endpoint.to_string();
-    let mut summary = PublishSummary::default();
-    let publisher = Publisher::connect(config)
-        .await
-        .map_err(|source| PublishError {
-            server: server.clone(),
-            source,
-            summary,
-        })?;
+    let mut summary = PublishSummary {
+        run: messages.run.clone().unwrap_or_default(),
+        ..PublishSummary::default()
+    };
+    let publisher = match Publisher::connect(config).await {
+        Ok(publisher) => publisher,
+        Err(source) => {
+            return Err(PublishError {
+                server,
+                source,
+                summary,
+            });
+        }
+    };
 
     let start = Instant::now();
     let mut last_progress = (start, 0u64);
@@ -256,7 +424,7 @@ pub async fn run(
         }
 
         let payloads: Vec<Vec<u8>> = (seq..seq + n)
-            .map(|s| test_message(s, config.payload_size).into_bytes())
+            .map(|s| messages.message(s).into_bytes())
             .collect();
         seq += n;
         while sending.len() >= IN_FLIGHT {
@@ -285,12 +453,14 @@ pub async fn run(
         {
             let dt = last_progress.0.elapsed().as_secs_f64();
             println!(
-                "publish sent={} no_subscriber={} stored_directly={} failed={} rate={:.0}/s",
+                "publish sent={} no_subscriber={} stored_directly={} dead_lettered={} failed={} rate={:.0}/s run={}",
                 summary.published,
                 summary.no_subscriber,
                 summary.stored_directly,
+                summary.dead_lettered,
                 summary.failed,
-                (summary.published - last_progress.1) as f64 / dt
+                (summary.published - last_progress.1) as f64 / dt,
+                summary.run,
             );
             last_progress = (Instant::now(), summary.published);
         }
@@ -307,8 +477,15 @@ pub async fn run(
             }
         }
     }
+    if failure.is_some() {
+        // An error retrying cannot mend: the batches still on their way are
+        // given up at once (and counted as failed), not waited for.
+        summary.failed += sending.len() as u64 * config.batch_size as u64;
+        sending.abort_all();
+    }
     while let Some(joined) = sending.join_next().await {
-        if let Err(err) = account(&mut summary, join(Some(joined))) {
+        let Ok(sent) = joined else { continue };
+        if let Err(err) = account(&mut summary, sent) {
             failure.get_or_insert(err);
         }
     }
@@ -336,6 +513,7 @@ fn account(summary: &mut PublishSummary, (n, result): Sent) -> Result<(), RedisE
             summary.resent += resent;
             summary.no_subscriber += outcome.no_subscriber;
             summary.stored_directly += outcome.stored_directly;
+            summary.dead_lettered += outcome.dead_lettered;
             Ok(())
         }
         Err(source) if is_fatal(&source) || summary.published == 0 && summary.failed == 0 => {
@@ -344,7 +522,7 @@ fn account(summary: &mut PublishSummary, (n, result): Sent) -> Result<(), RedisE
         }
         Err(source) => {
             summary.failed += n;
-            tracing::error!(cause = %source, messages = n, "gave up a batch Redis did not confirm");
+            tracing::error!(cause = %crate::connect::brief(&source), messages = n, "gave up a batch Redis did not confirm");
             Ok(())
         }
     }
@@ -378,11 +556,11 @@ async fn send_confirmed(
             Ok(outcome) => return Ok((outcome, resent)),
             Err(err) => err,
         };
-        let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+        let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
         if is_fatal(&err) || Instant::now() + wait > give_up || shutdown.is_cancelled() {
             return Err(err);
         }
-        tracing::warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, messages = payloads.len(), "batch not confirmed; sending it again");
+        tracing::warn!(cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, messages = payloads.len(), "batch not confirmed; sending it again");
         tokio::time::sleep(wait).await;
         resent += payloads.len() as u64;
     }

@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::presence::Presence;
-use crate::config::{ConfigError, parse_interval, parse_num};
+use crate::config::{ConfigError, limits, parse_interval, parse_whole};
 use crate::connect::{Conn, connection, is_fatal, reconnect_backoff};
 
 /// What handles an entry: `Ok` acknowledges it, `Err` leaves it pending.
@@ -69,6 +69,26 @@ pub struct WorkConfig {
     pub monitoring_interval: Duration,
     pub print_monitor: bool,
     pub handler: Handler,
+    /// A handler command still running after this is killed, and the entry
+    /// counted as failed (WORK_HANDLER_TIMEOUT).
+    pub handler_timeout: Duration,
+    /// How long a graceful stop may take (SHUTDOWN_TIMEOUT).
+    pub shutdown_timeout: Duration,
+}
+
+/// Why the workers stopped other than by being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    /// Redis refused us in a way retrying cannot mend.
+    #[error("{}", crate::connect::explain(.0))]
+    Refused(#[from] RedisError),
+    /// A graceful stop took longer than SHUTDOWN_TIMEOUT; the handlers still
+    /// running were killed and their entries stay pending.
+    #[error(
+        "SHUTDOWN_TIMEOUT ({}s) passed with {in_hand} handler(s) still running: they were killed, and their entries stay pending for another worker",
+        .timeout.as_secs_f64()
+    )]
+    ShutdownTimedOut { timeout: Duration, in_hand: usize },
 }
 
 /// The counters of a pool of downstream workers.
@@ -79,6 +99,8 @@ pub struct WorkCounters {
     pub claimed: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub redis_errors: AtomicU64,
+    /// Whether the workers' last command reached Redis.
+    pub redis_up: std::sync::atomic::AtomicBool,
     /// Seconds each handler run took.
     pub handle_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -91,6 +113,7 @@ impl Default for WorkCounters {
             claimed: AtomicU64::default(),
             dead_lettered: AtomicU64::default(),
             redis_errors: AtomicU64::default(),
+            redis_up: std::sync::atomic::AtomicBool::new(false),
             // 1 ms to about 30 s.
             handle_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
@@ -108,24 +131,49 @@ impl WorkCounters {
     pub fn line(&self, consumers: Option<u64>) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "work consumers={} handled={} failed={} claimed={} dead={} errors={}",
+            "work consumers={} handled={} failed={} claimed={} dead={} errors={} redis={}",
             consumers.map_or("?".into(), |n| n.to_string()),
             get(&self.handled),
             get(&self.failed),
             get(&self.claimed),
             get(&self.dead_lettered),
-            get(&self.redis_errors)
+            get(&self.redis_errors),
+            if self.redis_up.load(Ordering::Relaxed) {
+                "connected"
+            } else {
+                "reconnecting"
+            }
         )
     }
 }
 
-/// Runs the workers until `shutdown`, then lets each finish the entry in hand.
-/// Creates the group (from the start of the stream) if it does not exist.
+/// Runs the workers until `shutdown`, then lets each finish the entry in hand
+/// (for at most SHUTDOWN_TIMEOUT). Creates the group (from the start of the
+/// stream) if it does not exist.
 pub async fn run(
     config: WorkConfig,
     counters: Arc<WorkCounters>,
     shutdown: CancellationToken,
-) -> Result<(), RedisError> {
+) -> Result<(), WorkError> {
+    let timeout = config.shutdown_timeout;
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        done = run_until_stopped(config, counters, shutdown.clone()) => done,
+        () = deadline => {
+            let in_hand = kill_handlers();
+            Err(WorkError::ShutdownTimedOut { timeout, in_hand })
+        }
+    }
+}
+
+async fn run_until_stopped(
+    config: WorkConfig,
+    counters: Arc<WorkCounters>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkError> {
     let Some(mut conn) = connection(&config.endpoint, &shutdown).await? else {
         return Ok(());
     };
@@ -155,6 +203,7 @@ pub async fn run(
     .on_cluster(config.endpoint.is_cluster());
     presence.refresh(&mut conn, &ids).await?;
     tracing::info!(stream = %config.stream, group = %config.group, workers = config.consumers, "work starting");
+    crate::connect::warn_if_evicting(&mut conn, "the stream and its consumer group").await;
 
     let mut tasks = tokio::task::JoinSet::new();
     for id in &ids {
@@ -190,7 +239,7 @@ pub async fn run(
         println!("{}", counters.line(presence.count(&mut conn).await.ok()));
     }
     match fatal {
-        Some(err) => Err(err),
+        Some(err) => Err(err.into()),
         None => Ok(()),
     }
 }
@@ -211,16 +260,26 @@ async fn housekeeping(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = refresh.tick() => {
-                if let Err(err) = presence.refresh(&mut conn, &ids).await {
-                    tracing::warn!(cause = %err, "could not refresh presence keys");
+                let refresh = presence.refresh(&mut conn, &ids);
+                if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(2), refresh).await {
+                    tracing::warn!(cause = %crate::connect::brief(&err), "could not refresh presence keys");
                 }
             }
             _ = monitor.tick() => {
+                // The line goes out on time whether Redis answers or not.
+                let budget = (interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
                 let handled = counters.handled.load(Ordering::Relaxed);
                 let rate = (handled - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
                 last = (handled, Instant::now());
-                crate::control::report_rate(&mut conn, presence.value(), rate, interval).await;
-                let line = counters.line(presence.count(&mut conn).await.ok());
+                let consumers = tokio::time::timeout(budget, presence.count(&mut conn))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                if consumers.is_some() {
+                    let report = crate::control::report_rate(&mut conn, presence.value(), rate, interval);
+                    let _ = tokio::time::timeout(budget, report).await;
+                }
+                let line = counters.line(consumers);
                 if print {
                     println!("{line}");
                 }
@@ -248,13 +307,17 @@ impl Worker {
                 }
                 self.read_new(&shutdown).await
             };
-            match step.await {
+            let result = step.await;
+            self.counters
+                .redis_up
+                .store(result.is_ok(), Ordering::Relaxed);
+            match result {
                 Ok(()) => backoff = reconnect_backoff(),
                 Err(err) if is_fatal(&err) => return Err(err),
                 Err(err) => {
                     WorkCounters::add(&self.counters.redis_errors, 1);
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(consumer = %self.consumer, cause = %err, retry_in_ms = wait.as_millis() as u64, "Redis command failed; retrying");
+                    let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
+                    tracing::warn!(consumer = %self.consumer, cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, "Redis command failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep(wait) => {}
@@ -285,6 +348,11 @@ impl Worker {
         };
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
+                // Once stopping, only the entry in hand is finished: the rest
+                // stay pending, for another worker to claim.
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
                 // A fresh delivery: this is its first.
                 self.handle(entry, 1).await?;
             }
@@ -325,6 +393,9 @@ impl Worker {
                 .await?;
             // Empty when another worker claimed it first (or it was deleted).
             for entry in claimed.ids {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
                 WorkCounters::add(&self.counters.claimed, 1);
                 tracing::warn!(
                     consumer = %self.consumer,
@@ -399,7 +470,7 @@ impl Worker {
         let started = Instant::now();
         let outcome = match &self.config.handler {
             Handler::Closure(f) => f(&entry),
-            Handler::Command(argv) => run_command(argv, &entry).await,
+            Handler::Command(argv) => run_command(argv, &entry, self.config.handler_timeout).await,
         };
         self.counters
             .handle_seconds
@@ -458,21 +529,104 @@ fn payload_of(entry: &StreamId) -> Vec<u8> {
     serde_json::Value::Object(object).to_string().into_bytes()
 }
 
-/// Runs the handler command with the payload on stdin.
-async fn run_command(argv: &[String], entry: &Entry) -> Result<(), String> {
+/// The process groups of the handler commands running now, so that a forced
+/// exit (a second signal, SHUTDOWN_TIMEOUT) can kill them, and whatever they
+/// started, instead of leaving them orphaned.
+static RUNNING: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Kills every handler command still running (SIGKILL to its process
+/// group); returns how many there were.
+pub fn kill_handlers() -> usize {
+    let running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    for group in running.iter() {
+        kill_group(*group);
+    }
+    running.len()
+}
+
+fn kill_group(group: i32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; it
+    // touches no memory of ours.
+    unsafe {
+        libc::kill(-group, libc::SIGKILL);
+    }
+}
+
+/// A handler's process group while it runs: listed in [`RUNNING`], and
+/// killed if it is dropped before the handler ended (a timeout, an aborted
+/// task).
+struct RunningHandler {
+    group: i32,
+    ended: bool,
+}
+
+impl RunningHandler {
+    fn register(group: i32) -> Self {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group);
+        Self {
+            group,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for RunningHandler {
+    fn drop(&mut self) {
+        if !self.ended {
+            kill_group(self.group);
+        }
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.group);
+    }
+}
+
+/// Runs the handler command with the payload on stdin, in a process group
+/// of its own; its stdout goes to optimus's stderr (optimus's stdout carries
+/// only monitoring lines). Past `timeout` it is killed, with everything it
+/// started, and the entry counts as failed.
+async fn run_command(argv: &[String], entry: &Entry, timeout: Duration) -> Result<(), String> {
     let mut child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .env("OPTIMUS_ENTRY_ID", &entry.id)
         .env("OPTIMUS_DELIVERIES", entry.deliveries.to_string())
         .stdin(std::process::Stdio::piped())
+        .stdout(std::io::stderr())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A handler that does not read its input is its own business.
-        let _ = stdin.write_all(&entry.payload).await;
-    }
-    let status = child.wait().await.map_err(|e| e.to_string())?;
+    let mut running = child.id().map(|pid| RunningHandler::register(pid as i32));
+    let stdin = child.stdin.take();
+    let finished = tokio::time::timeout(timeout, async {
+        if let Some(mut stdin) = stdin {
+            // A handler that does not read its input is its own business.
+            let _ = stdin.write_all(&entry.payload).await;
+        }
+        child.wait().await
+    })
+    .await;
+    let status = match finished {
+        Ok(status) => {
+            if let Some(running) = running.as_mut() {
+                running.ended = true;
+            }
+            status.map_err(|e| e.to_string())?
+        }
+        // Dropping `running` kills the group.
+        Err(_) => {
+            return Err(format!(
+                "{} did not finish within WORK_HANDLER_TIMEOUT ({}s): killed",
+                argv[0],
+                timeout.as_secs_f64()
+            ));
+        }
+    };
     if status.success() {
         Ok(())
     } else {
@@ -480,8 +634,26 @@ async fn run_command(argv: &[String], entry: &Entry) -> Result<(), String> {
     }
 }
 
+/// Whether `program` can be run: a path to an executable file, or a name
+/// found on PATH.
+fn runnable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &std::path::Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return executable(std::path::Path::new(program));
+    }
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| executable(&dir.join(program)))
+    })
+}
+
 /// `optimus work` settings, as text; [`WorkArgs::to_config`] checks them.
 #[derive(Debug, Clone, clap::Args)]
+// A negative number is a value (rejected with the setting's own reason),
+// not an unknown flag.
+#[command(allow_negative_numbers = true)]
 pub struct WorkArgs {
     /// Stream to read.
     #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
@@ -519,6 +691,16 @@ pub struct WorkArgs {
     /// [default: never].
     #[arg(long, env = "IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Seconds a handler may run: past it, it is killed (with everything it
+    /// started) and the entry counts as failed. Must be shorter than
+    /// WORK_CLAIM_IDLE, or a slow handler's entry would be claimed and
+    /// handled twice [default: half of WORK_CLAIM_IDLE].
+    #[arg(long, env = "WORK_HANDLER_TIMEOUT")]
+    pub handler_timeout: Option<String>,
+    /// Seconds a graceful stop may take: past it the running handlers are
+    /// killed and the process exits 1.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30")]
+    pub shutdown_timeout: String,
     /// The handler: a program and its arguments, after `--`. It gets the
     /// entry's payload on stdin; exit 0 acknowledges the entry.
     #[arg(last = true, required = true)]
@@ -527,12 +709,31 @@ pub struct WorkArgs {
 
 impl WorkArgs {
     pub fn to_config(&self, endpoint: crate::connect::Endpoint) -> Result<WorkConfig, ConfigError> {
-        let positive = |var: &'static str, raw: &str| -> Result<u64, ConfigError> {
-            let n: u64 = parse_num(var, raw)?;
-            if n == 0 {
-                return Err(ConfigError::new(var, raw, "must be at least 1"));
+        let program = &self.command[0];
+        if !runnable(program) {
+            return Err(ConfigError::new(
+                "handler",
+                program,
+                "no such program: not an executable file, nor a name on PATH",
+            ));
+        }
+        let claim_idle = parse_interval("WORK_CLAIM_IDLE", &self.claim_idle)?;
+        let handler_timeout = match self.handler_timeout.as_deref().map(str::trim) {
+            None | Some("") => claim_idle / 2,
+            Some(raw) => {
+                let timeout = parse_interval("WORK_HANDLER_TIMEOUT", raw)?;
+                if timeout >= claim_idle {
+                    return Err(ConfigError::new(
+                        "WORK_HANDLER_TIMEOUT",
+                        raw,
+                        format!(
+                            "must be shorter than WORK_CLAIM_IDLE ({}s), or a slow handler's entry is claimed and handled twice",
+                            claim_idle.as_secs_f64()
+                        ),
+                    ));
+                }
+                timeout
             }
-            Ok(n)
         };
         let cluster = endpoint.is_cluster();
         let dead_stream = self
@@ -551,16 +752,18 @@ impl WorkArgs {
             endpoint,
             stream: self.stream.clone(),
             group: self.group.clone(),
-            consumers: positive("WORK_CONSUMERS", &self.consumers)? as usize,
-            batch_size: positive("WORK_BATCH_SIZE", &self.batch_size)? as usize,
-            claim_idle: parse_interval("WORK_CLAIM_IDLE", &self.claim_idle)?,
-            max_deliveries: positive("WORK_MAX_DELIVERIES", &self.max_deliveries)?,
+            consumers: parse_whole("WORK_CONSUMERS", &self.consumers, limits::WORKERS)?,
+            batch_size: parse_whole("WORK_BATCH_SIZE", &self.batch_size, 1..=1000)?,
+            claim_idle,
+            max_deliveries: parse_whole("WORK_MAX_DELIVERIES", &self.max_deliveries, 1..=1000)?,
             dead_stream,
             consumers_list: self.consumers_list.clone(),
             presence_ttl: Duration::from_secs(5),
             monitoring_interval: parse_interval("MONITORING_INTERVAL", &self.monitoring_interval)?,
             print_monitor: true,
             handler: Handler::Command(self.command.clone()),
+            handler_timeout,
+            shutdown_timeout: parse_interval("SHUTDOWN_TIMEOUT", &self.shutdown_timeout)?,
         })
     }
 }

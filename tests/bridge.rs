@@ -80,6 +80,9 @@ fn three_workers_write_ten_thousand_messages_exactly_once() {
             "rate",
             "received",
             "reconnects",
+            "redis",
+            "refused",
+            "reused_ids",
             "taken_over",
             "written"
         ],
@@ -88,6 +91,7 @@ fn three_workers_write_ten_thousand_messages_exactly_once() {
     );
     assert_eq!(line.num("written"), 10_000);
     assert_eq!(line.num("consumers"), 3);
+    assert_eq!(line.values["redis"], "connected");
     assert!(line.line.starts_with("monitor consumers=3 "));
     assert!(
         !consume.stderr().contains("monitor consumers="),
@@ -383,5 +387,316 @@ fn non_owners_drop_their_copies_without_asking_redis() {
     assert!(
         race >= 2 * n,
         "race: {race} SETs for {n} messages, expected a lock and an ACK each at least"
+    );
+}
+
+/// Publishes raw payloads on the input channel; checks each reached `n`
+/// subscribers.
+fn publish_raw(server: &RedisServer, payloads: &[&str], n: i64) {
+    let mut conn = server.conn();
+    for payload in payloads {
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg("messages:published")
+            .arg(*payload)
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(receivers, n, "{payload} reached every worker");
+    }
+}
+
+/// Numeric ids are known by their exact text: pairs that a float or a
+/// 64-bit integer would merge are distinct messages, with either strategy.
+#[test]
+fn numeric_ids_that_round_alike_are_distinct_messages() {
+    for strategy in ["partitioned", "race"] {
+        let server = RedisServer::start();
+        let consume =
+            OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("STRATEGY", strategy)]);
+        consume.wait_consumers(2);
+        let ids = [
+            "18446744073709551616",
+            "18446744073709551617",
+            "12345678901234567890123",
+            "12345678901234567890124",
+            "-9223372036854775809",
+            "-9223372036854775810",
+            "0.1",
+            "0.10000000000000001",
+            "100",
+            "1e2",
+            "100.0",
+            "0",
+            "-0",
+            "0.0",
+        ];
+        let payloads: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#"{{"message_id": {id}}}"#))
+            .collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        publish_raw(&server, &refs, 2);
+        let entries = settled_entries(&server, &[&consume], ids.len());
+        let written: Vec<String> = entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e["message_id"]).to_string())
+            .collect();
+        assert_eq!(written, ids, "{strategy}: every id as written, in order");
+        let line = consume.wait_settled(Duration::from_secs(10));
+        assert_eq!(line.num("reused_ids"), 0, "{}", line.line);
+    }
+}
+
+/// A publisher that reuses an id for other bytes: the second message is
+/// skipped (one entry per id), and that is counted and said, unlike a plain
+/// re-send of the same bytes.
+#[test]
+fn a_reused_id_with_other_bytes_is_counted_and_said() {
+    for strategy in ["partitioned", "race"] {
+        let server = RedisServer::start();
+        let consume =
+            OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("STRATEGY", strategy)]);
+        consume.wait_consumers(2);
+        let first = r#"{"message_id":"order-7","total":10}"#;
+        publish_raw(
+            &server,
+            &[first, first, r#"{"message_id":"order-7","total":99}"#],
+            2,
+        );
+        publish_raw(&server, &[r#"{"message_id":"after"}"#], 2);
+        let entries = settled_entries(&server, &[&consume], 2);
+        assert_eq!(entries.len(), 2, "{strategy}: {entries:?}");
+        assert_eq!(entries[0]["payload"], first.as_bytes());
+        let line = consume.wait_settled(Duration::from_secs(10));
+        assert_eq!(
+            line.num("reused_ids"),
+            1,
+            "{strategy}: only the other bytes count: {}",
+            line.line
+        );
+        assert!(
+            consume
+                .stderr()
+                .contains("already written with other bytes"),
+            "{}",
+            consume.describe()
+        );
+    }
+}
+
+/// The output stream's key replaced by a string mid-run: what the stream
+/// refuses (WRONGTYPE) goes to the dead-letter stream with Redis's reason,
+/// nothing is recorded as written, and the workers go on once the stream is
+/// back. Both strategies.
+#[test]
+fn messages_the_stream_refuses_are_dead_lettered_with_the_reason() {
+    for strategy in ["partitioned", "race"] {
+        let server = RedisServer::start();
+        let consume =
+            OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("STRATEGY", strategy)]);
+        consume.wait_consumers(2);
+        publish_raw(&server, &[r#"{"message_id":"before"}"#], 2);
+        settled_entries(&server, &[&consume], 1);
+        let _: () = server.command(&["DEL", STREAM]);
+        let _: () = server.command(&["SET", STREAM, "not a stream"]);
+        let refused: Vec<String> = (0..20)
+            .map(|i| format!(r#"{{"message_id":"refused-{i}"}}"#))
+            .collect();
+        publish_raw(
+            &server,
+            &refused.iter().map(String::as_str).collect::<Vec<_>>(),
+            2,
+        );
+        support::wait_for(
+            "20 dead letters",
+            Duration::from_secs(20),
+            || (server.xlen("messages:processed:dead") >= 20).then_some(()),
+            || consume.describe(),
+        );
+        let line = consume.wait_settled(Duration::from_secs(20));
+        let dead = server.stream_entries("messages:processed:dead");
+        let mut payloads: Vec<&[u8]> = dead.iter().map(|e| e["payload"].as_slice()).collect();
+        payloads.sort();
+        let mut expected: Vec<&[u8]> = refused.iter().map(|p| p.as_bytes()).collect();
+        expected.sort();
+        assert_eq!(payloads, expected, "{strategy}: each once");
+        for entry in &dead {
+            let reason = String::from_utf8_lossy(&entry["reason"]);
+            assert!(reason.contains("WRONGTYPE"), "{strategy}: {reason}");
+        }
+        assert!(
+            server.keys("{messages:processed}:ack:refused-*").len() == 20,
+            "{strategy}: the ACKs are the dead letters' (written there), none for the stream"
+        );
+        assert_eq!(line.num("dead"), 20, "{strategy}: {}", line.line);
+        assert_eq!(line.num("refused"), 0, "{strategy}: {}", line.line);
+
+        // The stream comes back: the next message is written as usual.
+        let _: () = server.command(&["DEL", STREAM]);
+        publish_raw(&server, &[r#"{"message_id":"after"}"#], 2);
+        let entries = settled_entries(&server, &[&consume], 1);
+        assert_eq!(entries[0]["message_id"], b"after", "{strategy}");
+    }
+}
+
+/// OUTPUT_FORMAT=flat and a JSON object with 4,000 top-level fields: the
+/// entry cannot be built (Lua's unpack limit); the message goes to the
+/// dead-letter stream with the reason and the next one is written: a poison
+/// message never stalls a worker. Both strategies.
+#[test]
+fn a_poison_message_is_dead_lettered_and_never_stalls_a_worker() {
+    for strategy in ["partitioned", "race"] {
+        let server = RedisServer::start();
+        let consume = OptimusProcess::consume(
+            &server,
+            &[
+                ("CONSUMERS_COUNT", "2"),
+                ("STRATEGY", strategy),
+                ("OUTPUT_FORMAT", "flat"),
+            ],
+        );
+        consume.wait_consumers(2);
+        let mut poison = serde_json::Map::new();
+        poison.insert("message_id".into(), "poison".into());
+        for i in 0..4000 {
+            poison.insert(format!("f{i}"), i.into());
+        }
+        let poison = serde_json::Value::Object(poison).to_string();
+        publish_raw(&server, &[&poison, r#"{"message_id":"next","a":1}"#], 2);
+        let entries = settled_entries(&server, &[&consume], 1);
+        assert_eq!(entries.len(), 1, "{strategy}");
+        assert_eq!(entries[0]["message_id"], b"next", "{strategy}");
+        assert_eq!(entries[0]["a"], b"1", "{strategy}: flat fields");
+        let dead = server.stream_entries("messages:processed:dead");
+        assert_eq!(dead.len(), 1, "{strategy}");
+        assert_eq!(dead[0]["message_id"], b"poison");
+        assert_eq!(dead[0]["payload"], poison.as_bytes());
+        let reason = String::from_utf8_lossy(&dead[0]["reason"]);
+        assert!(reason.contains("unpack"), "{strategy}: {reason}");
+        let line = consume.wait_settled(Duration::from_secs(10));
+        assert_eq!(
+            line.num("errors"),
+            0,
+            "{strategy}: not retried: {}",
+            line.line
+        );
+    }
+}
+
+/// While Redis is gone the monitoring line keeps coming, saying so, and the
+/// metrics say so too; when it is back, both say connected.
+#[test]
+fn a_lost_redis_is_visible_in_the_monitoring_line_and_the_metrics() {
+    let mut server = RedisServer::start();
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let consume = OptimusProcess::consume(&server, &[("METRICS_ADDR", &addr)]);
+    consume.wait_consumers(2);
+    let metric = |name: &str| support::metric(&addr, name);
+    assert_eq!(metric("optimus_redis_up"), Some(1.0));
+    assert_eq!(metric("optimus_build_info"), Some(1.0));
+
+    server.stop();
+    let count = |text: &str| text.matches("redis=reconnecting").count();
+    support::wait_for(
+        "three monitoring lines saying Redis is being reconnected",
+        Duration::from_secs(20),
+        || (count(&consume.stdout()) >= 3).then_some(()),
+        || consume.describe(),
+    );
+    let down = consume.latest_line("monitor ").unwrap();
+    assert_eq!(down.values["consumers"], "?", "{}", down.line);
+    assert!(down.values.contains_key("down_s"), "{}", down.line);
+    assert_eq!(metric("optimus_redis_up"), Some(0.0));
+    assert!(
+        metric("optimus_connect_failures_total").unwrap_or(0.0) > 0.0,
+        "failed attempts are counted"
+    );
+
+    server.start_again();
+    consume.wait_for_latest("monitor ", Duration::from_secs(30), |f| {
+        f.values.get("redis").map(String::as_str) == Some("connected")
+            && f.values.get("consumers").map(String::as_str) == Some("2")
+    });
+    assert_eq!(metric("optimus_redis_up"), Some(1.0));
+}
+
+/// A server that may evict keys is one warning line at start, naming
+/// maxmemory-policy and what it needs instead; noeviction says nothing.
+#[test]
+fn an_evicting_server_is_one_warning_line() {
+    for (policy, warned) in [
+        ("allkeys-lru", true),
+        ("volatile-ttl", true),
+        ("noeviction", false),
+    ] {
+        let server = RedisServer::start_with(&["--maxmemory-policy", policy]);
+        let consume = OptimusProcess::consume(&server, &[]);
+        consume.wait_consumers(2);
+        let lines: Vec<String> = consume
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("maxmemory-policy"))
+            .map(str::to_string)
+            .collect();
+        if warned {
+            assert_eq!(lines.len(), 1, "{policy}: {}", consume.describe());
+            assert!(
+                lines[0].contains(policy) && lines[0].contains("noeviction"),
+                "{}",
+                lines[0]
+            );
+        } else {
+            assert!(lines.is_empty(), "{policy}: {lines:?}");
+        }
+    }
+}
+
+/// SIGTERM while the server hangs: the graceful stop cannot finish, so after
+/// SHUTDOWN_TIMEOUT the process exits 1 with one line saying how many
+/// messages it left unsettled, instead of waiting for ever.
+#[test]
+fn shutdown_has_a_deadline_when_redis_hangs() {
+    let server = RedisServer::start();
+    let mut consume = OptimusProcess::consume(&server, &[("SHUTDOWN_TIMEOUT", "2")]);
+    consume.wait_consumers(2);
+    publish(&server, 1000);
+    settled_entries(&server, &[&consume], 1000);
+    server.signal("STOP");
+    consume.signal("TERM");
+    let status = consume.wait_exit(Duration::from_secs(20));
+    server.signal("CONT");
+    assert_eq!(status.code(), Some(1), "{}", consume.describe());
+    let stderr = consume.stderr();
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("optimus: SHUTDOWN_TIMEOUT (2s)") && last.contains("unsettled"),
+        "{last}"
+    );
+}
+
+/// A foreign publisher's payload over the server's Pub/Sub output-buffer
+/// limit drops every subscription at once: the bridge counts the gap,
+/// resubscribes and goes on. (Its own publisher refuses such a payload: see
+/// tests/publish.rs.)
+#[test]
+fn a_foreign_giant_message_is_a_counted_gap() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(&server, &[]);
+    consume.wait_consumers(2);
+    let giant = vec![b'x'; 40 << 20];
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("messages:published")
+        .arg(giant)
+        .query(&mut server.conn())
+        .unwrap();
+    let line = consume.wait_for_latest("monitor ", Duration::from_secs(30), |f| {
+        f.num("gaps") >= 1 && f.values["redis"] == "connected" && f.num("consumers") == 2
+    });
+    assert!(line.num("reconnects") >= 2, "{}", line.line);
+    publish_raw(&server, &[r#"{"message_id":"after"}"#], 2);
+    let entries = settled_entries(&server, &[&consume], 1);
+    assert_eq!(
+        entries.len(),
+        1,
+        "the giant is in neither stream: {entries:?}"
     );
 }

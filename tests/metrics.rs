@@ -6,33 +6,11 @@ mod support;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use support::{OptimusProcess, RedisServer, free_port};
+use support::{OptimusProcess, RedisServer, free_port, scrape};
 
-/// GET /metrics; the body.
-fn scrape(addr: &str) -> String {
-    let mut last_err = None;
-    for _ in 0..100 {
-        match std::net::TcpStream::connect(addr) {
-            Ok(mut s) => {
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                    .unwrap();
-                let mut out = String::new();
-                s.read_to_string(&mut out).unwrap();
-                assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-                return out.split_once("\r\n\r\n").unwrap().1.to_string();
-            }
-            Err(e) => last_err = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("cannot reach {addr}: {last_err:?}");
-}
-
-/// The value of a sample line `name value`.
+/// The value of a sample `name` in a scraped body.
 fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    support::sample(body, name).unwrap_or_else(|| panic!("no {name} in:\n{body}"))
 }
 
 #[test]

@@ -38,6 +38,7 @@ use redis::{RedisResult, Script};
 
 use super::message::Incoming;
 use crate::config::OutputFormat;
+use crate::monitor::Counters;
 
 /// What a claim found for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,10 +49,13 @@ pub enum Claim {
     Won,
     /// The message is in the stream already: drop the copy.
     Acked,
+    /// A message with this id is in the stream already, with other bytes: a
+    /// publisher reused the id. Drop the copy (and say so).
+    Reused,
 }
 
 /// What the write step did for one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     /// The lock is not this worker's (another's, or expired): nothing written.
     LockLost,
@@ -59,10 +63,19 @@ pub enum Write {
     Written,
     /// Another worker wrote it first: nothing was added.
     Acked,
+    /// Another message with this id was written (other bytes): nothing added.
+    Reused,
+    /// The stream refused the entry (Redis's reason): nothing was added or
+    /// recorded. It belongs in the dead-letter stream.
+    Refused(String),
+    /// Not tried: Redis refused an earlier message of the batch for a
+    /// reason that passes (out of memory, no replicas, read-only, loading);
+    /// try again later.
+    NotTried(String),
 }
 
 /// Where a message stands after [`Delivery::settle`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
     /// Another worker holds its lock: keep the copy, claim it again later.
     Held,
@@ -70,8 +83,125 @@ pub enum Settled {
     Written,
     /// It was in the stream already: drop the copy.
     Acked,
+    /// Another message with its id is in the stream (other bytes): drop it.
+    Reused,
     /// This worker's lock ran out before the write: claim it again now.
     LockLost,
+    /// The stream refused it, for this reason: nothing was written.
+    Refused(String),
+    /// Not tried, for a reason that passes: try again after a while.
+    NotTried(String),
+}
+
+impl From<Write> for Settled {
+    /// A write without a claim (partitioned strategy, fast path).
+    fn from(write: Write) -> Self {
+        match write {
+            Write::LockLost => Settled::LockLost,
+            Write::Written => Settled::Written,
+            Write::Acked => Settled::Acked,
+            Write::Reused => Settled::Reused,
+            Write::Refused(why) => Settled::Refused(why),
+            Write::NotTried(why) => Settled::NotTried(why),
+        }
+    }
+}
+
+/// What a worker does with a message once its outcome is counted
+/// ([`tally`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// This worker wrote it (to the output stream, or as a dead letter).
+    Written,
+    /// Settled otherwise: in the stream already, or given up (counted).
+    Done,
+    /// Another worker holds it (race): keep the copy, look again later.
+    Hold,
+    /// Claim and write it again now (race: its lock ran out).
+    Again,
+    /// Write it again, now to the dead-letter stream, with this reason as
+    /// its `rejected`.
+    DeadLetter(String),
+    /// Not tried, for a reason that passes: keep it, try again after a backoff.
+    Later(String),
+}
+
+/// Warnings a worker gives at most once a second each, with how many were
+/// held back meanwhile.
+#[derive(Debug, Default)]
+pub struct Warnings {
+    reused: crate::monitor::Throttle,
+    refused: crate::monitor::Throttle,
+}
+
+/// Counts a message's outcome in `counters` (logging what needs it) and
+/// says what to do with it next. A message the stream refused goes to the
+/// dead-letter stream with Redis's reason; one the dead-letter stream
+/// refuses too is counted as `refused` and given up.
+pub fn tally(
+    outcome: Settled,
+    msg: &Incoming,
+    counters: &Counters,
+    worker: &str,
+    warnings: &mut Warnings,
+) -> Next {
+    match outcome {
+        Settled::Written => {
+            match &msg.rejected {
+                None => Counters::add(&counters.written, 1),
+                Some(reason) => {
+                    tracing::warn!(worker = %worker, message_id = %msg.id, reason = %reason, "message dead-lettered");
+                    Counters::add(&counters.dead_lettered, 1);
+                }
+            }
+            Next::Written
+        }
+        Settled::Acked => {
+            Counters::add(&counters.duplicates_skipped, 1);
+            Next::Done
+        }
+        Settled::Reused => {
+            Counters::add(&counters.duplicates_skipped, 1);
+            Counters::add(&counters.reused_ids, 1);
+            if let Some(held_back) = warnings.reused.ready() {
+                tracing::warn!(worker = %worker, message_id = %msg.id, held_back, "a message with this id was already written with other bytes: skipped (a publisher is reusing ids; see reused_ids)");
+            }
+            Next::Done
+        }
+        Settled::Held => Next::Hold,
+        Settled::LockLost => Next::Again,
+        Settled::Refused(why) if msg.rejected.is_none() => {
+            Next::DeadLetter(format!("the stream refused it: {why}"))
+        }
+        Settled::Refused(why) => {
+            Counters::add(&counters.refused, 1);
+            if let Some(held_back) = warnings.refused.ready() {
+                tracing::error!(worker = %worker, message_id = %msg.id, reason = %msg.rejected.as_deref().unwrap_or(""), dead_letter_refusal = %why, held_back, "neither the stream nor the dead-letter stream took the message: given up (see refused)");
+            }
+            Next::Done
+        }
+        Settled::NotTried(why) => Next::Later(why),
+    }
+}
+
+/// The prefix of [`probe_channel`]s.
+const PROBE_PREFIX: &str = "optimus:bridge:";
+
+/// The channel every bridge subscription to `channel` also subscribes to, in
+/// the same SUBSCRIBE command: `PUBSUB NUMSUB` of it counts the bridge's
+/// subscriptions to `channel` and nobody else's. Nothing is ever published
+/// on it. (The publisher's fast path asks it.)
+pub fn probe_channel(channel: &str) -> String {
+    format!("{PROBE_PREFIX}{channel}")
+}
+
+/// Whether a channel is one of optimus's own (a worker's mark channel
+/// `{<stream>}:mark:<worker>`, a [`probe_channel`]): never bridged, whatever
+/// pattern matches it.
+pub fn is_internal_channel(name: &[u8]) -> bool {
+    const MARK: &[u8] = b"}:mark:";
+    name.starts_with(PROBE_PREFIX.as_bytes())
+        || (name.first() == Some(&b'{') && name.windows(MARK.len()).any(|w| w == MARK))
 }
 
 /// Names of the protocol's keys.
@@ -224,14 +354,61 @@ end
     };
 }
 
-/// KEYS: lock1, ack1, lock2, ack2, …  ARGV: worker id, lock TTL in ms.
-/// Returns per message 0 = held, 1 = won, 2 = acked. A lock this worker
-/// already holds (a claim whose write failed, retried) counts as won.
-const CLAIM: &str = r#"
+/// Lua shared by the write scripts: `try_xadd(xadd, target, from, to)` runs
+/// the XADD and returns nil when it worked, or Redis's (or Lua's) reason
+/// when the stream refused the entry; a refusal that passes (out of memory,
+/// no replicas, a read-only replica, loading, a busy or misconfigured
+/// server) ends the script at once with `stopped`, so that nothing after it
+/// is tried and nothing is recorded for what was not written.
+macro_rules! try_xadd_lua {
+    () => {
+        r#"
+local passing = {OOM = true, NOREPLICAS = true, READONLY = true, MASTERDOWN = true,
+  LOADING = true, BUSY = true, TRYAGAIN = true, CLUSTERDOWN = true, MISCONF = true}
+local function try_xadd(xadd, target, from, to)
+  local ok, err = pcall(xadd, target, from, to)
+  if ok then return nil end
+  local reason = type(err) == 'table' and err.err or tostring(err)
+  return reason, passing[string.match(reason, '^(%u+)') or ''] == true
+end
+"#
+    };
+}
+
+/// Lua shared by the scripts that find a message's ACK:
+/// `acked_code(ack key, acked value, hash, ttl)` is 2 when the ACK is this
+/// message's (or says nothing of its bytes), and, when it holds another
+/// payload's hash (a publisher reused the id), 5 for the one call that
+/// notices it first (a marker key beside the ACK, for ACK_TTL, says it was
+/// noticed) and 2 for every other: the reuse is counted once, pool-wide.
+macro_rules! acked_lua {
+    () => {
+        r#"
+local function acked_code(ack, acked, hash, ttl)
+  if string.len(acked) ~= 16 or acked == hash then return 2 end
+  if redis.call('SET', ack .. ':reused:' .. hash, 1, 'NX', 'PX', ttl) then return 5 end
+  return 2
+end
+"#
+    };
+}
+
+/// KEYS: lock1, ack1, lock2, ack2, …  ARGV: worker id, lock TTL in ms, ACK
+/// TTL in ms, then each message's payload hash.
+/// Returns per message a code and a detail: 0 = held, 1 = won, 2 = acked,
+/// 5 = acked with another payload, first noticed here (see [`acked_lua`]).
+/// A lock this worker already holds (a claim whose write failed, retried)
+/// counts as won.
+const CLAIM: &str = concat!(
+    acked_lua!(),
+    r#"
 local out = {}
+local h = 4
 for i = 1, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    out[#out + 1] = 2
+  local acked = redis.call('GET', KEYS[i + 1])
+  if acked then
+    out[#out + 1] = acked_code(KEYS[i + 1], acked, ARGV[h], ARGV[3])
+    out[#out + 1] = false
   else
     local old = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
     if not old or old == ARGV[1] then
@@ -239,18 +416,27 @@ for i = 1, #KEYS, 2 do
     else
       out[#out + 1] = 0
     end
+    out[#out + 1] = false
   end
+  h = h + 1
 end
 return out
-"#;
+"#
+);
 
 /// KEYS: output stream, dead-letter stream, lock1, ack1, lock2, ack2, …
 /// ARGV: worker id, ACK TTL in ms, trim kind, operator, limit (see [`xadd_lua`]),
 /// then per message: the target (1 = output stream, 2 = dead-letter stream),
-/// field count n, then n values (field, value, field, value, …).
-/// Returns per message 0 = lock not this worker's, 1 = written, 2 = acked.
+/// its payload hash, field count n, then n values (field, value, …).
+/// Returns per message a code and a detail: 0 = lock not this worker's,
+/// 1 = written, 2 = acked, 5 = acked with another payload (see
+/// [`acked_lua`]), 3 = refused by the stream (detail: the reason); or, last,
+/// 4 = stopped (detail: the passing reason) for the rest of the batch. The
+/// ACK is set only after the XADD worked.
 const WRITE: &str = concat!(
     xadd_lua!(),
+    try_xadd_lua!(),
+    acked_lua!(),
     r#"
 local xadd = xadd_for(3)
 local me = ARGV[1]
@@ -258,17 +444,31 @@ local a = 6
 local out = {}
 for i = 3, #KEYS, 2 do
   local target = tonumber(ARGV[a])
-  local n = tonumber(ARGV[a + 1])
+  local hash = ARGV[a + 1]
+  local n = tonumber(ARGV[a + 2])
+  local acked = redis.call('GET', KEYS[i + 1])
   if redis.call('GET', KEYS[i]) ~= me then
     out[#out + 1] = 0
-  elseif redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    out[#out + 1] = 2
+    out[#out + 1] = false
+  elseif acked then
+    out[#out + 1] = acked_code(KEYS[i + 1], acked, hash, ARGV[2])
+    out[#out + 1] = false
   else
-    xadd(target, a + 2, a + 1 + n)
-    redis.call('SET', KEYS[i + 1], 1, 'PX', ARGV[2])
-    out[#out + 1] = 1
+    local reason, stop = try_xadd(xadd, target, a + 3, a + 2 + n)
+    if stop then
+      out[#out + 1] = 4
+      out[#out + 1] = reason
+      return out
+    elseif reason then
+      out[#out + 1] = 3
+      out[#out + 1] = reason
+    else
+      redis.call('SET', KEYS[i + 1], hash, 'PX', ARGV[2])
+      out[#out + 1] = 1
+      out[#out + 1] = false
+    end
   end
-  a = a + 2 + n
+  a = a + 3 + n
 end
 return out
 "#
@@ -276,25 +476,42 @@ return out
 
 /// KEYS: output stream, dead-letter stream, ack1, ack2, …
 /// ARGV: ACK TTL in ms, trim kind, operator, limit (see [`xadd_lua`]), then per
-/// message: the target (1 = output stream, 2 = dead-letter stream), field
-/// count n, then n values.
-/// Returns per message 1 = written, 2 = acked (written before: nothing added).
+/// message: the target (1 = output stream, 2 = dead-letter stream), its
+/// payload hash, field count n, then n values.
+/// Returns per message a code and a detail as [`WRITE`] does (without 0).
+/// The ACK is set only after the XADD worked.
 const WRITE_OWNED: &str = concat!(
     xadd_lua!(),
+    try_xadd_lua!(),
+    acked_lua!(),
     r#"
 local xadd = xadd_for(2)
 local a = 5
 local out = {}
 for i = 3, #KEYS do
   local target = tonumber(ARGV[a])
-  local n = tonumber(ARGV[a + 1])
-  if redis.call('SET', KEYS[i], 1, 'NX', 'PX', ARGV[1]) then
-    xadd(target, a + 2, a + 1 + n)
-    out[#out + 1] = 1
+  local hash = ARGV[a + 1]
+  local n = tonumber(ARGV[a + 2])
+  local acked = redis.call('GET', KEYS[i])
+  if acked then
+    out[#out + 1] = acked_code(KEYS[i], acked, hash, ARGV[1])
+    out[#out + 1] = false
   else
-    out[#out + 1] = 2
+    local reason, stop = try_xadd(xadd, target, a + 3, a + 2 + n)
+    if stop then
+      out[#out + 1] = 4
+      out[#out + 1] = reason
+      return out
+    elseif reason then
+      out[#out + 1] = 3
+      out[#out + 1] = reason
+    else
+      redis.call('SET', KEYS[i], hash, 'PX', ARGV[1])
+      out[#out + 1] = 1
+      out[#out + 1] = false
+    end
   end
-  a = a + 2 + n
+  a = a + 3 + n
 end
 return out
 "#
@@ -494,12 +711,14 @@ impl Delivery {
         let mut out = vec![Claim::Held; messages.len()];
         for group in self.groups(messages) {
             let cmd = self.claim_cmd(&group.lane, &group.messages);
-            let codes = self.run_one(&group.messages, cmd).await?;
-            place(
-                &mut out,
-                &group.places,
-                codes.into_iter().map(claim_from_code).collect(),
-            );
+            let outcomes = self.run_one(&group.messages, cmd).await?;
+            let claims = group
+                .messages
+                .iter()
+                .zip(outcomes)
+                .map(|(_, outcome)| claim_outcome(outcome))
+                .collect();
+            place(&mut out, &group.places, claims);
         }
         Ok(out)
     }
@@ -522,23 +741,23 @@ impl Delivery {
         messages: &[&Incoming],
         cmd: redis::Cmd,
     ) -> RedisResult<Vec<Write>> {
-        Ok(self
-            .run_one(messages, cmd)
-            .await?
-            .into_iter()
-            .map(write_from_code)
-            .collect())
+        let outcomes = self.run_one(messages, cmd).await?;
+        Ok(write_outcomes(messages, outcomes))
     }
 
     /// Runs one script over a batch; an empty batch asks nothing of Redis.
-    async fn run_one(&mut self, messages: &[&Incoming], cmd: redis::Cmd) -> RedisResult<Vec<u8>> {
+    async fn run_one(
+        &mut self,
+        messages: &[&Incoming],
+        cmd: redis::Cmd,
+    ) -> RedisResult<Vec<Outcome>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
-        let (codes,): (Vec<u8>,) = self.query(&pipe).await?;
-        Ok(codes)
+        let (outcomes,): (Vec<Outcome>,) = self.query(&pipe).await?;
+        Ok(outcomes)
     }
 
     /// Both steps for a batch in ONE round trip per lane: the claim script
@@ -555,18 +774,24 @@ impl Delivery {
             let mut pipe = redis::pipe();
             pipe.add_command(self.claim_cmd(&group.lane, &group.messages))
                 .add_command(self.write_cmd(&group.lane, &group.messages));
-            let (claims, writes): (Vec<u8>, Vec<u8>) = self.query(&pipe).await?;
-            let settled = claims
-                .into_iter()
+            let (claims, writes): (Vec<Outcome>, Vec<Outcome>) = self.query(&pipe).await?;
+            let writes = write_outcomes(&group.messages, writes);
+            let settled = group
+                .messages
+                .iter()
+                .zip(claims)
                 .zip(writes)
-                .map(
-                    |(claim, write)| match (claim_from_code(claim), write_from_code(write)) {
-                        (Claim::Acked, _) | (_, Write::Acked) => Settled::Acked,
-                        (Claim::Held, _) => Settled::Held,
-                        (Claim::Won, Write::Written) => Settled::Written,
-                        (Claim::Won, Write::LockLost) => Settled::LockLost,
-                    },
-                )
+                .map(|((_, claim), write)| match (claim_outcome(claim), write) {
+                    // The claim may have noticed the reuse, and the write then
+                    // found it noticed: Reused wins.
+                    (Claim::Reused, _) | (_, Write::Reused) => Settled::Reused,
+                    (Claim::Acked, _) | (_, Write::Acked) => Settled::Acked,
+                    (Claim::Held, _) => Settled::Held,
+                    (Claim::Won, Write::Written) => Settled::Written,
+                    (Claim::Won, Write::LockLost) => Settled::LockLost,
+                    (Claim::Won, Write::Refused(why)) => Settled::Refused(why),
+                    (Claim::Won, Write::NotTried(why)) => Settled::NotTried(why),
+                })
                 .collect();
             place(&mut out, &group.places, settled);
         }
@@ -579,7 +804,12 @@ impl Delivery {
         for m in messages {
             cmd.arg(lane.keys.lock(&m.id)).arg(lane.keys.ack(&m.id));
         }
-        cmd.arg(&self.worker_id).arg(self.lock_ttl_ms);
+        cmd.arg(&self.worker_id)
+            .arg(self.lock_ttl_ms)
+            .arg(self.ack_ttl_ms);
+        for m in messages {
+            cmd.arg(payload_hash(m));
+        }
         cmd
     }
 
@@ -669,25 +899,58 @@ pub async fn publish_mark<C: redis::aio::ConnectionLike>(
     }
 }
 
-fn claim_from_code(code: u8) -> Claim {
+/// One message's outcome in a script's reply: a code and its detail (a
+/// written payload's hash, or Redis's reason).
+type Outcome = (u8, Option<String>);
+
+/// The payload hash an ACK key holds: what was written under that id.
+fn payload_hash(m: &Incoming) -> String {
+    format!("{:016x}", m.hash)
+}
+
+fn claim_outcome((code, _): Outcome) -> Claim {
     match code {
         1 => Claim::Won,
         2 => Claim::Acked,
+        5 => Claim::Reused,
         _ => Claim::Held,
     }
 }
 
-fn write_from_code(code: u8) -> Write {
-    match code {
-        1 => Write::Written,
-        2 => Write::Acked,
-        _ => Write::LockLost,
+/// The write scripts' outcomes, one per message: a script that stopped for
+/// a passing reason (code 4) leaves the rest not tried.
+fn write_outcomes(messages: &[&Incoming], outcomes: Vec<Outcome>) -> Vec<Write> {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut stopped: Option<String> = None;
+    let mut outcomes = outcomes.into_iter();
+    for _ in messages {
+        if let Some(why) = &stopped {
+            out.push(Write::NotTried(why.clone()));
+            continue;
+        }
+        let (code, detail) = outcomes
+            .next()
+            .unwrap_or((4, Some("no reply for this message".into())));
+        out.push(match code {
+            0 => Write::LockLost,
+            1 => Write::Written,
+            2 => Write::Acked,
+            5 => Write::Reused,
+            3 => Write::Refused(detail.unwrap_or_default()),
+            _ => {
+                let why = detail.unwrap_or_default();
+                stopped = Some(why.clone());
+                Write::NotTried(why)
+            }
+        });
     }
+    out
 }
 
 /// Appends a message's part of the write script's ARGV: the target (1 =
-/// output stream; 2 = dead-letter stream), the field count, then the fields
-/// and values, borrowed from the message (no copy of the payload here).
+/// output stream; 2 = dead-letter stream), its payload hash (the ACK's
+/// value), the field count, then the fields and values, borrowed from the
+/// message (no copy of the payload here).
 ///
 /// An output entry holds `message_id`, `payload` and `consumer_id` (plus, in
 /// flat format, the payload's top-level JSON fields); a dead letter holds
@@ -700,7 +963,7 @@ fn push_entry(cmd: &mut redis::Cmd, m: &Incoming, worker_id: &str, to: &Destinat
                 OutputFormat::Flat => flat_fields(&m.payload, &to.id_field),
                 OutputFormat::Envelope => Vec::new(),
             };
-            cmd.arg(1).arg(6 + flat.len());
+            cmd.arg(1).arg(payload_hash(m)).arg(6 + flat.len());
             cmd.arg("message_id").arg(&m.id);
             cmd.arg("payload").arg(m.payload.as_slice());
             cmd.arg("consumer_id").arg(worker_id);
@@ -709,7 +972,7 @@ fn push_entry(cmd: &mut redis::Cmd, m: &Incoming, worker_id: &str, to: &Destinat
             }
         }
         Some(reason) => {
-            cmd.arg(2).arg(10);
+            cmd.arg(2).arg(payload_hash(m)).arg(10);
             cmd.arg("message_id").arg(&m.id);
             cmd.arg("reason").arg(reason);
             let channel = m.lane.as_ref().map_or(&to.channel, |lane| &lane.to.channel);

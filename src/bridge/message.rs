@@ -13,7 +13,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 use super::delivery::Lane;
 
@@ -79,7 +80,12 @@ impl Item {
 pub const MAX_ID_BYTES: usize = 512;
 
 /// The id carried in a JSON object payload's `field`, if there is one: a
-/// non-empty string, or a number (written as in the payload).
+/// non-empty string, or a number.
+///
+/// A number is known by its exact text as written in the payload, never by
+/// a value it rounds to: `100`, `1e2` and `100.0` are three ids, as are
+/// `18446744073709551616` and `18446744073709551617`, or `0` and `-0`. (The
+/// string `"100"` and the number `100` are the same id.)
 pub fn json_id(payload: &[u8], field: &str) -> Option<String> {
     // Cheap test first: most non-JSON payloads never reach the parser.
     let first = payload.iter().find(|b| !b.is_ascii_whitespace())?;
@@ -87,23 +93,36 @@ pub fn json_id(payload: &[u8], field: &str) -> Option<String> {
         return None;
     }
     let mut de = serde_json::Deserializer::from_slice(payload);
-    let id = FindField(field).deserialize(&mut de).ok()??;
+    let raw = FindField(field).deserialize(&mut de).ok()??;
     de.end().ok()?;
-    Some(id)
+    id_from_raw(raw.get())
 }
 
-/// Walks the top level of a JSON object and keeps the value of one field.
+/// An id from the raw JSON text of a field's value: a string's contents, or
+/// a number's text as written; nothing for anything else.
+fn id_from_raw(raw: &str) -> Option<String> {
+    match raw.as_bytes().first()? {
+        b'"' => serde_json::from_str::<String>(raw)
+            .ok()
+            .filter(|s| !s.is_empty()),
+        b'-' | b'0'..=b'9' => Some(raw.to_string()),
+        _ => None,
+    }
+}
+
+/// Walks the top level of a JSON object and keeps the raw text of one
+/// field's value.
 struct FindField<'f>(&'f str);
 
 impl<'de> DeserializeSeed<'de> for FindField<'_> {
-    type Value = Option<String>;
+    type Value = Option<&'de RawValue>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for FindField<'_> {
-    type Value = Option<String>;
+    type Value = Option<&'de RawValue>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
@@ -111,54 +130,12 @@ impl<'de> Visitor<'de> for FindField<'_> {
         let mut found = None;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if found.is_none() && key == self.0 {
-                found = map.next_value::<IdValue>()?.0;
+                found = Some(map.next_value::<&'de RawValue>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
         }
         Ok(found)
-    }
-}
-
-/// A field value usable as an id: a non-empty string or a number.
-struct IdValue(Option<String>);
-
-impl<'de> de::Deserialize<'de> for IdValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = IdValue;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an id")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<IdValue, E> {
-                Ok(IdValue((!v.is_empty()).then(|| v.to_string())))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IdValue, E> {
-                Ok(IdValue(Some(v.to_string())))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IdValue, E> {
-                Ok(IdValue(Some(v.to_string())))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<IdValue, E> {
-                Ok(IdValue(Some(v.to_string())))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<IdValue, E> {
-                Ok(IdValue(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<IdValue, E> {
-                Ok(IdValue(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IdValue, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(IdValue(None))
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<IdValue, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(IdValue(None))
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -294,6 +271,33 @@ mod tests {
     }
 
     #[test]
+    fn numeric_ids_are_known_by_their_exact_text() {
+        let id = |json: &str| json_id(json.as_bytes(), "message_id").unwrap();
+        for (a, b) in [
+            ("18446744073709551616", "18446744073709551617"),
+            ("12345678901234567890123", "12345678901234567890124"),
+            ("-9223372036854775809", "-9223372036854775810"),
+            ("0.1", "0.10000000000000001"),
+            ("100", "1e2"),
+            ("100", "100.0"),
+            ("1e2", "100.0"),
+            ("0", "-0"),
+            ("0", "0.0"),
+            ("-0", "0.0"),
+        ] {
+            let (x, y) = (
+                id(&format!(r#"{{"message_id": {a}}}"#)),
+                id(&format!(r#"{{"message_id": {b}}}"#)),
+            );
+            assert_eq!(x, a);
+            assert_eq!(y, b);
+            assert_ne!(x, y, "{a} and {b} are two ids");
+        }
+        assert_eq!(id(r#"{"message_id": "100"}"#), id(r#"{"message_id": 100}"#));
+        assert_eq!(id(r#"{"message_id": "a\u0062"}"#), "ab");
+    }
+
+    #[test]
     fn payloads_without_a_usable_id_have_none() {
         let field = "message_id";
         for payload in [
@@ -302,6 +306,8 @@ mod tests {
             b"{\"other\": 1}",
             b"{\"message_id\": \"\"}",
             b"{\"message_id\": null}",
+            b"{\"message_id\": true}",
+            b"{\"message_id\": [1]}",
             b"{\"message_id\": {\"a\": 1}}",
             b"{\"message_id\": \"x\"", // truncated
             b"{\"message_id\": \"x\"} trailing",

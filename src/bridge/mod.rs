@@ -46,6 +46,12 @@ pub enum BridgeError {
     /// Redis refused us in a way retrying cannot mend (credentials, permissions).
     #[error("Redis at {server} refused the bridge: {}", crate::connect::explain(.source))]
     Refused { server: String, source: RedisError },
+    /// A graceful stop took longer than SHUTDOWN_TIMEOUT.
+    #[error(
+        "SHUTDOWN_TIMEOUT ({}s) passed: stopped with {unsettled} received messages unsettled (other workers hold copies of them, unless they stopped too)",
+        .timeout.as_secs_f64()
+    )]
+    ShutdownTimedOut { timeout: Duration, unsettled: u64 },
 }
 
 /// A configured bridge, ready to [`run`](Bridge::run).
@@ -84,9 +90,26 @@ impl Bridge {
 
     /// Runs the workers until `shutdown` is cancelled, then stops them
     /// gracefully and returns the final counters. While Redis is unreachable
-    /// it waits and retries; it returns an error only when Redis refuses the
-    /// credentials or permissions.
+    /// it waits and retries; it returns an error when Redis refuses the
+    /// credentials or permissions, or when the graceful stop takes longer
+    /// than SHUTDOWN_TIMEOUT (then whatever is still running is dropped).
     pub async fn run(self, shutdown: CancellationToken) -> Result<Snapshot, BridgeError> {
+        let timeout = self.config.shutdown_timeout;
+        let counters = self.counters.clone();
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            done = self.run_until_stopped(shutdown.clone()) => done,
+            () = deadline => Err(BridgeError::ShutdownTimedOut {
+                timeout,
+                unsettled: counters.snapshot().unsettled(),
+            }),
+        }
+    }
+
+    async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<Snapshot, BridgeError> {
         let config = &self.config;
         let server = config.endpoint.to_string();
         let refused = |source| BridgeError::Refused {
@@ -106,11 +129,17 @@ impl Bridge {
             .collect::<Vec<_>>()
             .join(",");
         tracing::info!(server = %server, routes = %routes_shown, workers = config.consumers, "bridge starting");
+        crate::connect::warn_if_evicting(
+            &mut conn,
+            "the stream and the delivery protocol's keys (ACK keys, locks, members, watermarks)",
+        )
+        .await;
 
         let process = ProcessIdentity::new();
         // How many workers to run: CONSUMERS_COUNT, or this process's share
         // of the total set with `optimus ctl scale`.
-        let scale = crate::control::Scale::new(process.name(), config.consumers);
+        let scale =
+            crate::control::Scale::new(process.name(), process.describe(), config.consumers);
         let first = scale.target(&mut conn).await.map_err(refused)?;
         let worker_ids: Vec<String> = (0..first).map(|i| process.worker_id(i)).collect();
         let presence = Presence::new(
@@ -123,6 +152,7 @@ impl Bridge {
             .refresh(&mut conn, &worker_ids)
             .await
             .map_err(refused)?;
+        self.counters.set_link(true);
 
         // Stops the subscriptions; the workers follow once their queues drain.
         let stop_reading = shutdown.child_token();
@@ -171,6 +201,10 @@ impl Bridge {
             presence.clone(),
             conn.clone(),
             self.counters.clone(),
+            Watched {
+                workers: live.clone(),
+                coverage: spawner.coverage.clone(),
+            },
             config.monitoring_interval,
             config.print_monitor,
             stop_aux.clone(),
@@ -209,7 +243,16 @@ impl Bridge {
                     live.lock().unwrap().retain(|w| *w != id);
                     let _ = presence.remove(&mut conn, std::slice::from_ref(&id)).await;
                     tracing::info!(worker = %id, workers = running.len(), "worker stopping (ctl scale): it settles what it holds first");
+                    if running.is_empty() {
+                        // No worker of this process listens from now on: a
+                        // gap, counted when a worker subscribes again.
+                        spawner.coverage.pause();
+                        tracing::warn!(
+                            "ctl scale leaves this process no worker: messages published now reach no worker here (counted as a gap)"
+                        );
+                    }
                 }
+                Counters::set(&self.counters.workers, running.len() as u64);
             }
             if stop_reading.is_cancelled() && tasks.is_empty() {
                 break;
@@ -220,7 +263,7 @@ impl Bridge {
                     let result =
                         joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
                     if let Err(err) = result {
-                        tracing::error!(cause = %err, "Redis refused the bridge; stopping");
+                        tracing::error!(cause = %crate::connect::brief(&err), "Redis refused the bridge; stopping");
                         fatal.get_or_insert(err);
                         stop_reading.cancel();
                     }
@@ -241,17 +284,24 @@ impl Bridge {
         ever.sort();
         ever.dedup();
         if let Err(err) = presence.remove(&mut conn, &ever).await {
-            tracing::warn!(cause = %err, "could not delete the presence keys; they expire by themselves");
+            tracing::warn!(cause = %crate::connect::brief(&err), "could not delete the presence keys; they expire by themselves");
         }
         let totals = self.counters.snapshot();
         if config.print_monitor {
-            let consumers = presence.count(&mut conn).await.ok();
+            let budget = monitor_budget(config.monitoring_interval);
+            let consumers = tokio::time::timeout(budget, presence.count(&mut conn))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            // No worker is wanted any more: Redis answering is the link.
+            self.counters.set_link(consumers.is_some());
             println!(
                 "{}",
                 MonitorLine {
                     consumers,
                     counters: totals,
-                    rate: 0.0
+                    rate: 0.0,
+                    link: self.counters.link(),
                 }
             );
         }
@@ -338,6 +388,7 @@ impl Spawner {
                     takeover_after: config.takeover_after,
                     retention: config.pending_retention,
                     membership_ttl: config.presence_ttl,
+                    warnings: Default::default(),
                 }
                 .run(queue_rx),
             ),
@@ -349,6 +400,7 @@ impl Spawner {
                     batch_size: config.batch_size,
                     lock_ttl: config.lock_ttl,
                     retention: config.pending_retention,
+                    warnings: Default::default(),
                 }
                 .run(queue_rx),
             ),
@@ -372,49 +424,72 @@ async fn keep_present(
         }
         let workers = workers.lock().unwrap().clone();
         if let Err(err) = presence.refresh(&mut conn, &workers).await {
-            tracing::warn!(cause = %err, "could not refresh presence keys");
+            tracing::warn!(cause = %crate::connect::brief(&err), "could not refresh presence keys");
         }
     }
 }
 
-/// Prints the monitoring line every `interval` until cancelled.
+/// What the monitor looks at besides the counters: the workers that should
+/// be subscribed, and how many are.
+struct Watched {
+    workers: Arc<std::sync::Mutex<Vec<String>>>,
+    coverage: Arc<subscription::Coverage>,
+}
+
+/// How long the monitor waits for Redis at each line: the line is printed on
+/// time whether Redis answers or not.
+fn monitor_budget(interval: Duration) -> Duration {
+    (interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(2))
+}
+
+/// Prints the monitoring line every `interval` until cancelled, and keeps
+/// the link state ([`Counters::set_link`]): Redis is reachable when it
+/// answers the monitor in time and, while workers should be running, at
+/// least one of them is subscribed.
 async fn monitor(
     presence: Presence,
     mut conn: Conn,
     counters: Arc<Counters>,
+    watched: Watched,
     interval: Duration,
     print: bool,
     cancel: CancellationToken,
 ) {
     let mut last = (Instant::now(), counters.snapshot().written);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let budget = monitor_budget(interval);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let consumers = match presence.count(&mut conn).await {
-            Ok(n) => {
-                counters
-                    .live_workers
-                    .store(n, std::sync::atomic::Ordering::Relaxed);
+        let consumers = match tokio::time::timeout(budget, presence.count(&mut conn)).await {
+            Ok(Ok(n)) => {
+                Counters::set(&counters.live_workers, n);
                 Some(n)
             }
-            Err(err) => {
-                tracing::debug!(cause = %err, "could not count consumers");
+            Ok(Err(err)) => {
+                tracing::debug!(cause = %crate::connect::brief(&err), "could not count consumers");
                 None
             }
+            Err(_) => None,
         };
+        let wanted = !watched.workers.lock().unwrap().is_empty();
+        counters.set_link(consumers.is_some() && (!wanted || watched.coverage.subscribed() > 0));
         let now = Instant::now();
         let snapshot = counters.snapshot();
         let elapsed = now.duration_since(last.0).as_secs_f64();
         let rate = (snapshot.written - last.1) as f64 / elapsed.max(1e-9);
         last = (now, snapshot.written);
-        crate::control::report_rate(&mut conn, presence.value(), rate, interval).await;
+        if consumers.is_some() {
+            let report = crate::control::report_rate(&mut conn, presence.value(), rate, interval);
+            let _ = tokio::time::timeout(budget, report).await;
+        }
         let line = MonitorLine {
             consumers,
             counters: snapshot,
             rate,
+            link: counters.link(),
         };
         if print {
             println!("{line}");

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use redis::RedisError;
 use tokio::sync::mpsc;
 
-use super::delivery::{Delivery, Write};
+use super::delivery::{Delivery, Next, Warnings, tally};
 use super::message::{Incoming, Item};
 use super::partition::{Progress, View, Watermark};
 use crate::connect::{is_fatal, reconnect_backoff};
@@ -39,6 +39,15 @@ pub struct PartitionedWorker {
     pub retention: Duration,
     /// How long a membership lasts without renewal (PRESENCE_TTL).
     pub membership_ttl: Duration,
+    pub warnings: Warnings,
+}
+
+/// What a write left for later: messages Redis did not take for a reason
+/// that passes (out of memory, no replicas, …), and that reason.
+#[derive(Debug, Default)]
+struct Leftover {
+    messages: Vec<Incoming>,
+    why: Option<String>,
 }
 
 /// A copy of a message another worker owns.
@@ -242,9 +251,12 @@ impl PartitionedWorker {
                             .collect();
                         let mut unsettled = 0;
                         for chunk in rest.chunks(self.batch_size) {
-                            if let Err(err) = self.write(chunk, true).await {
-                                tracing::debug!(worker = %self.id, cause = %err, "last takeover failed");
-                                unsettled += chunk.len();
+                            match self.write(chunk, true).await {
+                                Ok(left) => unsettled += left.messages.len(),
+                                Err(err) => {
+                                    tracing::debug!(worker = %self.id, cause = %crate::connect::brief(&err), "last takeover failed");
+                                    unsettled += chunk.len();
+                                }
                             }
                         }
                         if unsettled > 0 {
@@ -254,7 +266,7 @@ impl PartitionedWorker {
                     }
                     st.left = true;
                     if let Err(err) = self.cycle(&mut st).await {
-                        tracing::debug!(worker = %self.id, cause = %err, "could not leave the membership; it lapses by itself");
+                        tracing::debug!(worker = %self.id, cause = %crate::connect::brief(&err), "could not leave the membership; it lapses by itself");
                     }
                     return Ok(());
                 }
@@ -330,16 +342,20 @@ impl PartitionedWorker {
         let mut backoff = reconnect_backoff();
         while !st.owned.is_empty() {
             let n = st.owned.len().min(self.batch_size);
-            match self.write(&st.owned[..n], false).await {
-                Ok(()) => {
-                    st.owned.drain(..n);
-                    backoff = reconnect_backoff();
+            let failed = match self.write(&st.owned[..n], false).await {
+                Ok(left) => {
+                    st.owned.splice(..n, left.messages);
+                    left.why
                 }
                 Err(err) if is_fatal(&err) => return Err(err),
-                Err(err) => {
+                Err(err) => Some(crate::connect::brief(&err).to_string()),
+            };
+            match failed {
+                None => backoff = reconnect_backoff(),
+                Some(why) => {
                     Counters::add(&self.counters.redis_errors, 1);
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(worker = %self.id, cause = %err, retry_in_ms = wait.as_millis() as u64, "Redis command failed; keeping the batch and retrying");
+                    let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
+                    tracing::warn!(worker = %self.id, cause = %why, retry_in_ms = wait.as_millis() as u64, "Redis did not take the batch; keeping it and retrying");
                     tokio::time::sleep(wait).await;
                     let now = Instant::now();
                     let before = st.owned.len();
@@ -361,32 +377,61 @@ impl PartitionedWorker {
         Ok(())
     }
 
-    /// Writes messages (each only if nobody has) and counts the outcome.
-    async fn write(&mut self, batch: &[Incoming], taking_over: bool) -> Result<(), RedisError> {
+    /// Writes messages (each only if nobody has) and counts the outcomes;
+    /// what the stream refused is written to the dead-letter stream at once,
+    /// with Redis's reason. Returns what Redis did not take for now.
+    async fn write(
+        &mut self,
+        batch: &[Incoming],
+        taking_over: bool,
+    ) -> Result<Leftover, RedisError> {
+        let mut left = Leftover::default();
+        let mut dead = self.write_round(batch, taking_over, &mut left).await?;
+        while !dead.is_empty() {
+            dead = self.write_round(&dead, taking_over, &mut left).await?;
+        }
+        Ok(left)
+    }
+
+    /// One round of [`Self::write`]; returns the messages to write again as
+    /// dead letters.
+    async fn write_round(
+        &mut self,
+        batch: &[Incoming],
+        taking_over: bool,
+        left: &mut Leftover,
+    ) -> Result<Vec<Incoming>, RedisError> {
         let refs: Vec<&Incoming> = batch.iter().collect();
         let started = Instant::now();
         let results = self.delivery.write_owned(&refs).await?;
         self.counters
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
-        let (mut written, mut dead, mut skipped) = (0, 0, 0);
+        let mut dead = Vec::new();
         for (msg, result) in batch.iter().zip(results) {
-            match (result, &msg.rejected) {
-                (Write::Written, None) => written += 1,
-                (Write::Written, Some(reason)) => {
-                    tracing::warn!(worker = %self.id, message_id = %msg.id, reason = %reason, "message dead-lettered");
-                    dead += 1;
+            match tally(
+                result.into(),
+                msg,
+                &self.counters,
+                &self.id,
+                &mut self.warnings,
+            ) {
+                Next::Written if taking_over => Counters::add(&self.counters.taken_over, 1),
+                Next::Written | Next::Done => {}
+                Next::DeadLetter(reason) => dead.push(Incoming {
+                    rejected: Some(reason),
+                    ..msg.clone()
+                }),
+                // Without a lock nothing is held or lost; what is left is
+                // not tried yet.
+                Next::Hold | Next::Again => left.messages.push(msg.clone()),
+                Next::Later(why) => {
+                    left.messages.push(msg.clone());
+                    left.why = Some(why);
                 }
-                _ => skipped += 1,
             }
         }
-        Counters::add(&self.counters.written, written);
-        Counters::add(&self.counters.dead_lettered, dead);
-        Counters::add(&self.counters.duplicates_skipped, skipped);
-        if taking_over {
-            Counters::add(&self.counters.taken_over, written + dead);
-        }
-        Ok(())
+        Ok(dead)
     }
 
     /// One cycle: renew the membership (or leave), store the watermark,
@@ -419,7 +464,7 @@ impl PartitionedWorker {
             Err(err) if is_fatal(&err) => return Err(err),
             Err(err) => {
                 Counters::add(&self.counters.redis_errors, 1);
-                tracing::debug!(worker = %self.id, cause = %err, "cycle failed; trying again next time");
+                tracing::debug!(worker = %self.id, cause = %crate::connect::brief(&err), "cycle failed; trying again next time");
                 return Ok(());
             }
         };
@@ -451,23 +496,35 @@ impl PartitionedWorker {
             }
         }
         let due = self.sort_held(st, now);
-        for chunk in due.chunks(self.batch_size) {
-            if let Err(err) = self.write(chunk, true).await {
-                if is_fatal(&err) {
-                    return Err(err);
+        let mut again: Vec<Incoming> = Vec::new();
+        for (i, chunk) in due.chunks(self.batch_size).enumerate() {
+            let why = match self.write(chunk, true).await {
+                Ok(left) => {
+                    again.extend(left.messages);
+                    left.why
                 }
+                Err(err) if is_fatal(&err) => return Err(err),
+                Err(err) => {
+                    again.extend(chunk.iter().cloned());
+                    Some(crate::connect::brief(&err).to_string())
+                }
+            };
+            if let Some(why) = why {
                 Counters::add(&self.counters.redis_errors, 1);
-                tracing::warn!(worker = %self.id, cause = %err, "takeover failed; trying again next cycle");
-                // Back into the held copies, due at once.
-                let mut segment = Segment::open(None, Arc::new(View::new(Vec::new())));
-                segment.closed_at = now - self.takeover_after;
-                segment.copies = due
-                    .into_iter()
-                    .map(|msg| Copy { owner: None, msg })
-                    .collect();
-                st.held.push_front(segment);
+                tracing::warn!(worker = %self.id, cause = %why, "takeover failed; trying again next cycle");
+                again.extend(due.iter().skip((i + 1) * self.batch_size).cloned());
                 break;
             }
+        }
+        if !again.is_empty() {
+            // Back into the held copies, due at once.
+            let mut segment = Segment::open(None, Arc::new(View::new(Vec::new())));
+            segment.closed_at = now - self.takeover_after;
+            segment.copies = again
+                .into_iter()
+                .map(|msg| Copy { owner: None, msg })
+                .collect();
+            st.held.push_front(segment);
         }
         st.known
             .retain(|_, k| now.duration_since(k.beat_at) < self.retention * 2);

@@ -12,8 +12,7 @@
 //! worker subscribes to every route's source, so every worker still sees
 //! every message; each message carries the [`Lane`] of its stream.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::delivery::{Cap, Destination, Lane, Trim};
@@ -165,13 +164,18 @@ pub struct LanePlan {
 }
 
 /// A process's routes, resolved to lanes. Shared by its workers.
+///
+/// A channel route's lane is made once; a pattern route's lane is made for
+/// each channel as its messages come, and lives only as long as messages
+/// hold it (a subscription caches a few), so that many short-lived channels
+/// under a pattern leave nothing behind once they go quiet.
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
     /// Per route: its lane, for a channel (not a pattern).
     fixed: Vec<Option<Arc<Lane>>>,
-    /// Lanes of pattern routes, by route and channel.
-    made: Mutex<HashMap<(usize, String), Arc<Lane>>>,
+    /// Per route: its probe channel (see [`super::delivery::probe_channel`]).
+    probes: Vec<String>,
     plan: LanePlan,
 }
 
@@ -179,8 +183,11 @@ impl Router {
     pub fn new(routes: Vec<Route>, plan: LanePlan) -> Self {
         let mut router = Router {
             fixed: Vec::new(),
+            probes: routes
+                .iter()
+                .map(|r| super::delivery::probe_channel(&r.source))
+                .collect(),
             routes,
-            made: Mutex::default(),
             plan,
         };
         router.fixed = (0..router.routes.len())
@@ -231,13 +238,29 @@ impl Router {
 
     /// The lane of a message on `channel` by route `route`.
     pub fn lane(&self, route: usize, channel: &str) -> Arc<Lane> {
-        if let Some(lane) = self.fixed(route) {
-            return lane;
+        match self.fixed(route) {
+            Some(lane) => lane,
+            None => self.make(&self.routes[route], channel),
         }
-        let mut made = self.made.lock().expect("router lock");
-        made.entry((route, channel.to_string()))
-            .or_insert_with(|| self.make(&self.routes[route], channel))
-            .clone()
+    }
+
+    /// The probe channels, one per route (see [`super::delivery::probe_channel`]).
+    pub fn probes(&self) -> impl Iterator<Item = &str> {
+        self.probes.iter().map(String::as_str)
+    }
+
+    /// Whether one PUBLISH can reach a subscription through more than one
+    /// route (several sources, at least one of them a pattern).
+    pub fn may_overlap(&self) -> bool {
+        self.routes.len() > 1 && self.routes.iter().any(|r| r.pattern)
+    }
+
+    /// The stream a message on `channel` by route `route` goes to.
+    pub fn stream_of(&self, route: usize, channel: &[u8]) -> String {
+        match self.fixed(route) {
+            Some(lane) => lane.to.stream.clone(),
+            None => self.routes[route].stream_for(&String::from_utf8_lossy(channel)),
+        }
     }
 
     /// The lane of messages on `channel` by `route`.

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::delivery::Lane;
-use super::delivery::{Keys, publish_mark};
+use super::delivery::{Keys, is_internal_channel, publish_mark};
 use super::message::{IdAssigner, Incoming, Item};
 use super::route::Router;
 use crate::connect::{Conn, Endpoint, retry_until_connected};
@@ -83,10 +83,11 @@ pub struct Marks {
     pub channel: String,
 }
 
-/// Pattern routes' lanes by channel, so that a lane is looked up in the
-/// shared [`Router`] once per channel, not per message. Cleared when it
-/// grows past this (channels can be many and short-lived).
-const LANE_CACHE: usize = 10_000;
+/// Pattern routes' lanes by channel, so that a busy channel's lane is made
+/// once, not per message. Cleared when it grows past this: channels under a
+/// pattern can be many and short-lived, and a quiet one must leave nothing
+/// behind.
+const LANE_CACHE: usize = 1_024;
 
 /// What the client library's reader hands over.
 enum Pushed {
@@ -338,8 +339,8 @@ impl Subscription {
                 .fixed(route)
                 .expect("a channel's route has its lane"),
             Some(channel) => {
-                if self.lanes.len() > LANE_CACHE {
-                    self.lanes.clear();
+                if self.lanes.len() >= LANE_CACHE {
+                    self.lanes = HashMap::new();
                 }
                 let router = &self.router;
                 self.lanes
@@ -354,11 +355,16 @@ impl Subscription {
         m
     }
 
-    /// The channels subscribed to: the routes' channels, and the mark channel.
+    /// The channels subscribed to: the routes' channels, the mark channel
+    /// and (on one server) the routes' probe channels, all in one SUBSCRIBE
+    /// (so the probes count exactly the subscriptions that get messages).
     fn channels(&self) -> Vec<&str> {
         let mut channels = self.router.channels();
         if let Some(marks) = &self.marks {
             channels.push(&marks.channel);
+        }
+        if !self.endpoint.is_cluster() {
+            channels.extend(self.router.probes());
         }
         channels
     }
@@ -375,13 +381,13 @@ impl Subscription {
         if let Some(marks) = &self.marks
             && let Err(err) = publish_mark(&mut conn.conn, &marks.keys, &marks.channel).await
         {
-            tracing::debug!(worker = %self.worker_id, cause = %err, "no last mark");
+            tracing::debug!(worker = %self.worker_id, cause = %crate::connect::brief(&err), "no last mark");
         }
         let unsubscribe = conn.unsubscribe(self.channels(), self.router.patterns());
         match tokio::time::timeout(PING_TIMEOUT, unsubscribe).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
-                tracing::warn!(worker = %self.worker_id, cause = %err, "UNSUBSCRIBE failed; handing over what has arrived")
+                tracing::warn!(worker = %self.worker_id, cause = %crate::connect::brief(&err), "UNSUBSCRIBE failed; handing over what has arrived")
             }
             Err(_) => {
                 tracing::warn!(worker = %self.worker_id, "UNSUBSCRIBE not confirmed in time; handing over what has arrived")
@@ -430,6 +436,10 @@ impl Subscription {
             .map(|name| name.as_bytes().to_vec())
             .unwrap_or_default();
         let router = self.router.clone();
+        // One server: one PUBLISH reaches this connection once per matching
+        // subscription; see [`Publication`].
+        let overlapping = self.router.may_overlap() && client.is_some();
+        let publication = Mutex::new(Publication::default());
         let on_push = move |info: PushInfo| -> Result<(), ()> {
             let is_watched =
                 matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == watched);
@@ -466,6 +476,15 @@ impl Subscription {
                     let Some(route) = router.for_pattern(&pattern) else {
                         return Ok(());
                     };
+                    if is_internal_channel(&channel)
+                        || overlapping
+                            && !publication
+                                .lock()
+                                .unwrap()
+                                .first_for_stream(&router, route, &channel)
+                    {
+                        return Ok(());
+                    }
                     Pushed::Message {
                         route,
                         channel: Some(channel),
@@ -496,6 +515,15 @@ impl Subscription {
                     let Some(route) = router.for_channel(&channel) else {
                         return Ok(());
                     };
+                    if is_internal_channel(&channel)
+                        || overlapping
+                            && !publication
+                                .lock()
+                                .unwrap()
+                                .first_for_stream(&router, route, &channel)
+                    {
+                        return Ok(());
+                    }
                     Pushed::Message {
                         route,
                         channel: None,
@@ -521,12 +549,15 @@ impl Subscription {
                     .set_push_sender(on_push)
                     .set_connection_timeout(Some(Duration::from_secs(5)))
                     .set_response_timeout(Some(PING_TIMEOUT));
+                let conn = match client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                {
+                    Ok(conn) => conn,
+                    Err(err) => return Err(self.endpoint.diagnose(err).await),
+                };
                 SubConn {
-                    conn: Conn::Plain(
-                        client
-                            .get_multiplexed_async_connection_with_config(&config)
-                            .await?,
-                    ),
+                    conn: Conn::Plain(conn),
                     sharded: false,
                 }
             }
@@ -552,6 +583,42 @@ impl Subscription {
             publish_mark(&mut conn.conn, &marks.keys, &marks.channel).await?;
         }
         Ok((conn, receiver))
+    }
+}
+
+/// The pushes the last PUBLISH made on a subscribed connection so far.
+///
+/// Redis delivers one PUBLISH to a connection once per subscription that
+/// matches it (its channel, then each matching pattern), one push right
+/// after the other: nothing else comes between them. So a push on the same
+/// channel as the one before, through a subscription (route) not yet seen
+/// for it, is the same message again; a push through a subscription already
+/// seen is the next message. A message is bridged once per stream,
+/// whatever number of routes lead it there.
+#[derive(Debug, Default)]
+struct Publication {
+    channel: Vec<u8>,
+    routes: Vec<usize>,
+}
+
+impl Publication {
+    /// Whether the push on `channel` by `route` is the first copy of its
+    /// message bound for its route's stream.
+    fn first_for_stream(&mut self, router: &Router, route: usize, channel: &[u8]) -> bool {
+        if self.channel != channel || self.routes.contains(&route) {
+            self.channel.clear();
+            self.channel.extend_from_slice(channel);
+            self.routes.clear();
+            self.routes.push(route);
+            return true;
+        }
+        let stream = router.stream_of(route, channel);
+        let first = self
+            .routes
+            .iter()
+            .all(|r| router.stream_of(*r, channel) != stream);
+        self.routes.push(route);
+        first
     }
 }
 
@@ -619,5 +686,19 @@ impl Coverage {
         if self.subscribed.fetch_sub(1, Ordering::SeqCst) == 1 && lost {
             *self.uncovered_since.lock().unwrap() = Some(Instant::now());
         }
+    }
+
+    /// The process runs no worker on purpose (`ctl scale`): from now until a
+    /// worker subscribes again is a gap too.
+    pub fn pause(&self) {
+        self.uncovered_since
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// How many subscriptions of this process are up.
+    pub fn subscribed(&self) -> usize {
+        self.subscribed.load(Ordering::SeqCst)
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use redis::RedisError;
 use tokio::sync::mpsc;
 
-use super::delivery::{Delivery, Settled};
+use super::delivery::{Delivery, Next, Warnings, tally};
 use super::message::{Incoming, Item};
 use crate::connect::{is_fatal, reconnect_backoff};
 use crate::monitor::Counters;
@@ -64,6 +64,7 @@ pub struct Worker {
     pub batch_size: usize,
     pub lock_ttl: Duration,
     pub retention: Duration,
+    pub warnings: Warnings,
 }
 
 impl Worker {
@@ -119,12 +120,18 @@ impl Worker {
             // 2. Settle the batch.
             if !batch.is_empty() {
                 match self.settle(&mut batch, &mut pending, &mut retry).await {
-                    Ok(()) => backoff = reconnect_backoff(),
+                    Ok(None) => backoff = reconnect_backoff(),
+                    Ok(Some(why)) => {
+                        Counters::add(&self.counters.redis_errors, 1);
+                        let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
+                        tracing::warn!(worker = %self.id, cause = %why, retry_in_ms = wait.as_millis() as u64, "Redis did not take the batch for now; keeping it and retrying");
+                        tokio::time::sleep(wait).await;
+                    }
                     Err(err) if is_fatal(&err) => return Err(err),
                     Err(err) => {
                         Counters::add(&self.counters.redis_errors, 1);
-                        let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                        tracing::warn!(worker = %self.id, cause = %err, retry_in_ms = wait.as_millis() as u64, "Redis command failed; keeping the batch and retrying");
+                        let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
+                        tracing::warn!(worker = %self.id, cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, "Redis command failed; keeping the batch and retrying");
                         retry.append(&mut batch);
                         tokio::time::sleep(wait).await;
                     }
@@ -158,13 +165,16 @@ impl Worker {
         }
     }
 
-    /// Claims the batch, writes what was won, keeps what others hold.
+    /// Claims the batch, writes what was won, keeps what others hold; what
+    /// the stream refused goes back to be dead-lettered, what Redis did not
+    /// take for now goes back to be retried. Returns the passing reason when
+    /// there was one (the loop then backs off).
     async fn settle(
         &mut self,
         batch: &mut Vec<Incoming>,
         pending: &mut PendingBatch,
         retry: &mut Vec<Incoming>,
-    ) -> Result<(), RedisError> {
+    ) -> Result<Option<String>, RedisError> {
         let refs: Vec<&Incoming> = batch.iter().collect();
         let started = Instant::now();
         let settled = self.delivery.settle(&refs).await?;
@@ -173,25 +183,23 @@ impl Worker {
             .observe(started.elapsed().as_secs_f64());
 
         let due = Instant::now() + self.lock_ttl;
-        let (mut written, mut dead, mut skipped) = (0, 0, 0);
-        for (msg, state) in batch.drain(..).zip(settled) {
-            match state {
-                Settled::Held => pending.push(msg, due),
-                Settled::Acked => skipped += 1,
-                Settled::LockLost => retry.push(msg),
-                Settled::Written => match &msg.rejected {
-                    None => written += 1,
-                    Some(reason) => {
-                        tracing::warn!(worker = %self.id, message_id = %msg.id, reason = %reason, "message dead-lettered");
-                        dead += 1;
-                    }
-                },
+        let mut later = None;
+        for (mut msg, state) in batch.drain(..).zip(settled) {
+            match tally(state, &msg, &self.counters, &self.id, &mut self.warnings) {
+                Next::Written | Next::Done => {}
+                Next::Hold => pending.push(msg, due),
+                Next::Again => retry.push(msg),
+                Next::DeadLetter(reason) => {
+                    msg.rejected = Some(reason);
+                    retry.push(msg);
+                }
+                Next::Later(why) => {
+                    later = Some(why);
+                    retry.push(msg);
+                }
             }
         }
-        Counters::add(&self.counters.written, written);
-        Counters::add(&self.counters.dead_lettered, dead);
-        Counters::add(&self.counters.duplicates_skipped, skipped);
-        Ok(())
+        Ok(later)
     }
 }
 

@@ -102,13 +102,24 @@ impl RedisServer {
     /// otherwise SIGKILL, as a crash would.
     pub fn restart(&mut self, graceful: bool) {
         if graceful {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
+            self.signal("TERM");
         } else {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        self.start_again();
+    }
+
+    /// Kills the server (as a crash would); [`RedisServer::start_again`]
+    /// brings it back on the same port.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on its port and directory, after
+    /// [`RedisServer::stop`].
+    pub fn start_again(&mut self) {
         self.child = spawn_server(self.dir.path(), self.port, &self.extra_args);
         let url = self.admin_url();
         assert!(
@@ -117,6 +128,15 @@ impl RedisServer {
             self.port,
             self.log()
         );
+    }
+
+    /// Sends the server process a signal (`STOP` hangs it, `CONT` resumes it).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} redis-server failed");
     }
 
     /// The URL the bridge should use.
@@ -610,6 +630,50 @@ pub fn assert_exactly_once(
 ) {
     let tally = Tally::of(entries, expected_seqs);
     assert!(tally.is_exact(), "{tally}");
+}
+
+/// `GET /metrics` from an `optimus` process serving METRICS_ADDR=`addr`:
+/// the body. Retries while nothing listens yet, for at most 5 s.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let stream = wait_for(
+        &format!("metrics served on {addr}"),
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(addr).ok(),
+        String::new,
+    );
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// A sample's value in a scraped `body` (the first of that name, with
+/// labels or without).
+pub fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let value = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
+        value.trim().parse().ok()
+    })
+}
+
+/// A metric's value, scraped now from `addr`.
+pub fn metric(addr: &str, name: &str) -> Option<f64> {
+    sample(&scrape(addr), name)
 }
 
 /// Path of a file in the crate, for tests that read the README or scripts.
