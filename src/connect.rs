@@ -443,9 +443,11 @@ pub fn is_fatal(err: &RedisError) -> bool {
             .clone()
             .into_server_errors()
             .is_some_and(|errors| errors.iter().any(|(_, e)| refused(e.code())))
-        || err
-            .detail()
-            .is_some_and(|d| d.contains("DB index is out of range"))
+        || err.detail().is_some_and(|d| {
+            // A server that wants a password refuses long commands from a
+            // client that gave none, with this protocol error.
+            d.contains("DB index is out of range") || d.contains("Protocol error: unauthenticated")
+        })
         || tls_failure(err).is_some()
 }
 
@@ -614,7 +616,7 @@ pub async fn connection_manager(
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_max_delay(MAX_BACKOFF)
-        .set_number_of_retries(1);
+        .set_number_of_retries(0);
     let client = endpoint.client()?;
     let shown = endpoint.to_string();
     retry_until_connected(&shown, cancel, || async {

@@ -158,6 +158,19 @@ impl Counters {
     }
 }
 
+/// Gives the memory freed after a burst back to the system. glibc's
+/// allocator keeps freed memory for reuse, so without this a process that
+/// once buffered a burst (or many short-lived channels) would stay at its
+/// peak size after going quiet.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own
+    // heaps to the kernel; it touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Lets a repeated warning through at most once a second.
 #[derive(Debug, Default)]
 pub struct Throttle {

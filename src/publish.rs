@@ -7,11 +7,13 @@
 //! `--payload-size` bytes when asked); `run` names one run of the publisher,
 //! for `optimus audit`.
 //!
-//! Each batch is one round trip: `MULTI`, `PUBSUB NUMSUB` of the bridge's
-//! probe channel (see [`probe_channel`]), the PUBLISHes, `EXEC`. Redis runs
-//! it as one step, so the count says exactly whether a bridge worker was
-//! subscribed when those messages were published: other subscribers (a
-//! monitor's `PSUBSCRIBE *`, a service of yours) do not count. A batch
+//! Each batch is one round trip: one script that asks `PUBSUB NUMSUB` of the
+//! bridge's probe channel (see [`probe_channel`]) and PUBLISHes the batch.
+//! Redis runs it as one step, so the count says exactly whether a bridge
+//! worker was subscribed when those messages were published: other
+//! subscribers (a monitor's `PSUBSCRIBE *`, a service of yours) do not
+//! count. (A script, not MULTI: the README's ACL rule allows scripts, not
+//! transactions.) A batch
 //! published while none was would be lost by Pub/Sub, so the publisher
 //! writes it straight to the output stream through the bridge's ACK protocol
 //! (the *fast path*): exactly once, like the rest. A payload larger than
@@ -108,6 +110,17 @@ pub struct BatchOutcome {
     pub dead_lettered: u64,
 }
 
+/// ARGV: the probe channel, PUBLISH or SPUBLISH, the channel, then the
+/// payloads. Publishes them all and returns how many bridge subscriptions
+/// there were (the probe's subscribers), in one step.
+const PUBLISH_BATCH: &str = r#"
+local bridge = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
+for i = 4, #ARGV do
+  redis.call(ARGV[2], ARGV[3], ARGV[i])
+end
+return bridge
+"#;
+
 /// Publishes batches on a channel; what no bridge worker could receive is
 /// written to the stream directly (the fast path), exactly once, and
 /// oversized payloads go to the dead-letter stream. Clones share the
@@ -124,6 +137,7 @@ pub struct Publisher {
     fast_path: bool,
     /// Writes the fast path's messages and the dead letters.
     writer: Delivery,
+    publish_batch: redis::Script,
     id_field: String,
     max_payload_bytes: usize,
 }
@@ -150,6 +164,10 @@ impl Publisher {
                 Err(err) => return Err(endpoint.diagnose(err).await),
             }
         };
+        // A server that wants a password says so here, in one line, before
+        // any batch is sent.
+        let mut conn = conn;
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
         let writer = Delivery::new(
             conn.clone(),
             Destination {
@@ -169,6 +187,7 @@ impl Publisher {
             channel: config.channel.clone(),
             fast_path: config.fast_path,
             writer,
+            publish_batch: redis::Script::new(PUBLISH_BATCH),
             id_field: config.id_field.clone(),
             max_payload_bytes: config.max_payload_bytes,
         })
@@ -210,30 +229,26 @@ impl Publisher {
         payloads: &[&'p Vec<u8>],
     ) -> Result<Vec<&'p Vec<u8>>, RedisError> {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
-        let mut pipe = redis::pipe();
         // One step with the probe's count (see the module's notes); without
         // a fast path, or on a cluster, each PUBLISH's own count tells.
-        let probe = self.fast_path && !self.cluster;
-        if probe {
-            pipe.atomic();
-            pipe.cmd("PUBSUB").arg("NUMSUB").arg(&self.probe);
-        }
-        for payload in payloads {
-            pipe.cmd(command).arg(&self.channel).arg(payload.as_slice());
-        }
-        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn).await?;
-        if probe {
-            let (_, bridge): (String, u64) = redis::from_redis_value(replies.remove(0))?;
+        if self.fast_path && !self.cluster {
+            let mut call = self.publish_batch.prepare_invoke();
+            call.arg(&self.probe).arg(command).arg(&self.channel);
+            for payload in payloads {
+                call.arg(payload.as_slice());
+            }
+            let bridge: u64 = call.invoke_async(&mut self.conn).await?;
             return Ok(if bridge == 0 {
                 payloads.to_vec()
             } else {
                 Vec::new()
             });
         }
-        let receivers: Vec<u64> = replies
-            .into_iter()
-            .map(redis::from_redis_value)
-            .collect::<Result<_, _>>()?;
+        let mut pipe = redis::pipe();
+        for payload in payloads {
+            pipe.cmd(command).arg(&self.channel).arg(payload.as_slice());
+        }
+        let receivers: Vec<u64> = pipe.query_async(&mut self.conn).await?;
         Ok(payloads
             .iter()
             .zip(receivers)

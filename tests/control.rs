@@ -196,3 +196,56 @@ fn ctl_scale_splits_the_workers_and_survivors_take_over_a_share() {
         );
     }
 }
+
+/// `ctl scale 0` stops every worker, so it needs --yes (without, nothing
+/// changes); the processes it leaves without workers still show in
+/// `ctl status`, and the time without a worker counts as a gap.
+#[test]
+fn ctl_scale_0_needs_yes_shows_idle_processes_and_counts_the_gap() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let consume = OptimusProcess::consume(&server, &[]);
+    consume.wait_consumers(2);
+    let scale = |args: &[&str]| {
+        let mut all = vec!["ctl", "scale"];
+        all.extend_from_slice(args);
+        run_optimus(
+            &all,
+            &[("REDIS_URL", url.as_str())],
+            Duration::from_secs(10),
+        )
+    };
+
+    let refused = scale(&["0"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--yes"), "{stderr}");
+    let total: Option<String> = server.command(&["GET", "{optimus:ctl}:workers"]);
+    assert_eq!(total, None, "nothing changed");
+
+    assert!(scale(&["0", "--yes"]).status.success());
+    wait_for_workers(&server, &[0]);
+    assert!(
+        ctl(&server, "status").contains("total workers: 0 (ctl scale)"),
+        "{}",
+        ctl(&server, "status")
+    );
+    support::wait_for(
+        "the warning that this process has no worker",
+        Duration::from_secs(10),
+        || {
+            consume
+                .stderr()
+                .contains("leaves this process no worker")
+                .then_some(())
+        },
+        || consume.describe(),
+    );
+
+    assert!(scale(&["2"]).status.success());
+    wait_for_workers(&server, &[2]);
+    let line = consume.wait_for_latest("monitor ", Duration::from_secs(20), |f| {
+        f.num("gaps") >= 1 && f.num("consumers") == 2
+    });
+    assert!(line.num("gap_ms") > 0, "{}", line.line);
+}

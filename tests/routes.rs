@@ -168,3 +168,154 @@ fn an_approximate_global_cap_keeps_about_the_length() {
     // cap stays, and far less than everything.
     assert!((500..=1000).contains(&len), "approximately 500, got {len}");
 }
+
+/// Publishes raw `(channel, payload)` pairs, pipelined; returns how many
+/// subscriptions each PUBLISH reached, summed.
+fn publish_pairs(server: &RedisServer, pairs: &[(String, String)]) -> i64 {
+    let mut conn = server.conn();
+    let mut reached = 0;
+    for chunk in pairs.chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for (channel, payload) in chunk {
+            pipe.cmd("PUBLISH").arg(channel).arg(payload);
+        }
+        let counts: Vec<i64> = pipe.query(&mut conn).unwrap();
+        reached += counts.iter().sum::<i64>();
+    }
+    reached
+}
+
+/// A route of every channel (`*`) matches the workers' own channels too:
+/// those are never bridged, only the messages published on real channels.
+#[test]
+fn optimus_s_own_channels_are_never_bridged() {
+    for strategy in ["partitioned", "race"] {
+        let server = RedisServer::start();
+        let consume =
+            OptimusProcess::consume(&server, &[("ROUTES", "*=all:out"), ("STRATEGY", strategy)]);
+        consume.wait_consumers(2);
+        let pairs: Vec<(String, String)> = (0..10)
+            .map(|i| (format!("c{i}"), format!(r#"{{"message_id":"m{i}"}}"#)))
+            .collect();
+        publish_pairs(&server, &pairs);
+        wait_len(&server, "all:out", 10, &consume);
+        // Marks flow every 50 ms meanwhile: a second is twenty of them.
+        std::thread::sleep(Duration::from_secs(1));
+        consume.wait_settled(Duration::from_secs(10));
+        let entries = server.stream_entries("all:out");
+        let channels: Vec<String> = entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e["message_id"]).to_string())
+            .collect();
+        assert_eq!(
+            entries.len(),
+            10,
+            "{strategy}: only the ten messages: {channels:?}"
+        );
+    }
+}
+
+/// Patterns that overlap (and a channel one of them matches) all lead to
+/// one stream: each message lands there once, an id-less one too; a
+/// pattern to another stream still gets its copy there.
+#[test]
+fn overlapping_routes_bridge_a_message_once_per_stream() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(
+        &server,
+        &[
+            ("ROUTES", "ev:*=s,ev:a*=s,ev:ab=s,ev:?b=audit"),
+            ("CONSUMERS_COUNT", "2"),
+        ],
+    );
+    consume.wait_consumers(2);
+    let pairs: Vec<(String, String)> = vec![
+        ("ev:ab".into(), "no id".into()),
+        ("ev:ab".into(), "no id".into()),
+        ("ev:ab".into(), r#"{"message_id":"x1"}"#.into()),
+        ("ev:ax".into(), "no id".into()),
+        ("ev:zz".into(), r#"{"message_id":"x2"}"#.into()),
+    ];
+    // ev:ab reaches four subscriptions of each worker, ev:ax two, ev:zz one.
+    assert_eq!(publish_pairs(&server, &pairs), 2 * (4 * 3 + 2 + 1));
+    wait_len(&server, "s", 5, &consume);
+    wait_len(&server, "audit", 3, &consume);
+    consume.wait_settled(Duration::from_secs(10));
+    let payloads = |stream: &str| -> Vec<String> {
+        server
+            .stream_entries(stream)
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e["payload"]).to_string())
+            .collect()
+    };
+    let mut s = payloads("s");
+    s.sort();
+    assert_eq!(
+        s,
+        [
+            "no id",
+            "no id",
+            "no id",
+            r#"{"message_id":"x1"}"#,
+            r#"{"message_id":"x2"}"#
+        ],
+        "once each in s"
+    );
+    let mut audit = payloads("audit");
+    audit.sort();
+    assert_eq!(
+        audit,
+        ["no id", "no id", r#"{"message_id":"x1"}"#],
+        "once each in audit"
+    );
+}
+
+/// The resident memory of a process, from /proc.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// 100,000 distinct channels under one pattern: once they go quiet the
+/// process gives the memory back, keeping nothing per channel.
+#[test]
+fn many_short_lived_channels_leave_no_memory_behind() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(
+        &server,
+        &[("ROUTES", "ev:*=ev:out"), ("QUEUE_CAPACITY", "400000")],
+    );
+    consume.wait_consumers(2);
+    let idle = rss(consume.pid());
+    let pairs: Vec<(String, String)> = (0..100_000)
+        .map(|i| (format!("ev:{i}"), format!(r#"{{"message_id":"m{i}"}}"#)))
+        .collect();
+    publish_pairs(&server, &pairs);
+    wait_len(&server, "ev:out", 100_000, &consume);
+    consume.wait_settled(Duration::from_secs(30));
+    // Two more lines: the first quiet one gives the memory back.
+    let lines = || consume.stdout().matches("monitor ").count();
+    let now = lines();
+    support::wait_for(
+        "two quiet monitoring lines",
+        Duration::from_secs(10),
+        || (lines() >= now + 2).then_some(()),
+        || consume.describe(),
+    );
+    let peak = optimus::bench::peak_rss(consume.pid());
+    let after = rss(consume.pid());
+    assert!(
+        after < idle + 24 * 1024 * 1024,
+        "resident after the channels went quiet: {} MiB (idle {} MiB, peak {} MiB)",
+        after >> 20,
+        idle >> 20,
+        peak >> 20
+    );
+}

@@ -452,3 +452,377 @@ fn bad_work_settings_give_one_line_and_exit_code_2() {
         );
     }
 }
+
+/// Arguments, settings, the name the error gives, the value, and words of
+/// what would be accepted.
+type ValueCase<'a> = (
+    &'a [&'a str],
+    &'a [(&'a str, &'a str)],
+    &'a str,
+    &'a str,
+    &'a str,
+);
+
+/// Bad values are reported alike whatever the setting or command: exit 2,
+/// one line naming the setting and the value, and saying what would be
+/// accepted (a range, a form). Nothing is changed.
+#[test]
+fn bad_values_say_what_would_be_accepted() {
+    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    let cases: &[ValueCase] = &[
+        (
+            &["consume", "--consumers", "-1"],
+            &[],
+            "CONSUMERS_COUNT",
+            "-1",
+            "from 1 to 256",
+        ),
+        (
+            &["consume"],
+            &[("CONSUMERS_COUNT", "100000")],
+            "CONSUMERS_COUNT",
+            "100000",
+            "from 1 to 256",
+        ),
+        (
+            &["consume"],
+            &[("REDIS_PORT", "70000")],
+            "REDIS_PORT",
+            "70000",
+            "from 1 to 65535",
+        ),
+        (
+            &["consume"],
+            &[("MONITORING_INTERVAL", "0")],
+            "MONITORING_INTERVAL",
+            "0",
+            "from 0.01",
+        ),
+        (
+            &["consume"],
+            &[("MONITORING_INTERVAL", "-1")],
+            "MONITORING_INTERVAL",
+            "-1",
+            "from 0.01",
+        ),
+        (
+            &["consume"],
+            &[("PROCESSING_BATCH_SIZE", "-5")],
+            "PROCESSING_BATCH_SIZE",
+            "-5",
+            "from 1",
+        ),
+        (
+            &["consume"],
+            &[("MAX_PAYLOAD_BYTES", "100000000")],
+            "MAX_PAYLOAD_BYTES",
+            "100000000",
+            "16777216",
+        ),
+        (
+            &["consume"],
+            &[("SHUTDOWN_TIMEOUT", "soon")],
+            "SHUTDOWN_TIMEOUT",
+            "soon",
+            "seconds",
+        ),
+        (
+            &["consume"],
+            &[("REDIS_URL", "redis://localhost:abc")],
+            "REDIS_URL",
+            "redis://localhost:abc",
+            "port",
+        ),
+        (
+            &["consume"],
+            &[("REDIS_URL", "localhost:6379")],
+            "REDIS_URL",
+            "localhost:6379",
+            "redis://",
+        ),
+        (
+            &["consume"],
+            &[("REDIS_URL", "redis://localhost/x")],
+            "REDIS_URL",
+            "redis://localhost/x",
+            "database",
+        ),
+        (
+            &["consume"],
+            &[("REDIS_URL", "redis://")],
+            "REDIS_URL",
+            "redis://",
+            "host",
+        ),
+        (
+            &["publish", "--count", "-5"],
+            &[],
+            "--count",
+            "-5",
+            "from 1",
+        ),
+        (
+            &["publish", "--count", "5"],
+            &[("MAX_PAYLOAD_BYTES", "0")],
+            "MAX_PAYLOAD_BYTES",
+            "0",
+            "from 1",
+        ),
+        (
+            &["ctl", "scale", "100000"],
+            &[("REDIS_URL", &nowhere)],
+            "ctl scale",
+            "100000",
+            "from 0 to 1024",
+        ),
+        (
+            &["ctl", "scale", "-1"],
+            &[("REDIS_URL", &nowhere)],
+            "ctl scale",
+            "-1",
+            "from 0 to 1024",
+        ),
+        (
+            &["ctl", "scale", "0"],
+            &[("REDIS_URL", &nowhere)],
+            "ctl scale",
+            "0",
+            "--yes",
+        ),
+        (
+            &["work", "--consumers", "-2", "--", "true"],
+            &[],
+            "WORK_CONSUMERS",
+            "-2",
+            "from 1 to 256",
+        ),
+        (
+            &["work", "--", "/no/such/handler"],
+            &[],
+            "handler",
+            "/no/such/handler",
+            "no such program",
+        ),
+        (
+            &["work", "--", "no-such-handler-anywhere"],
+            &[],
+            "handler",
+            "no-such-handler-anywhere",
+            "PATH",
+        ),
+        (
+            &["work", "--", "true"],
+            &[("WORK_CLAIM_IDLE", "10"), ("WORK_HANDLER_TIMEOUT", "10")],
+            "WORK_HANDLER_TIMEOUT",
+            "10",
+            "shorter than WORK_CLAIM_IDLE",
+        ),
+    ];
+    for (args, env, name, value, says) in cases {
+        let out = run_optimus(args, env, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?} {env:?}: one line:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("invalid {name}=\"{value}\"")) && stderr.contains(says),
+            "{args:?} {env:?}: names {name}={value:?} and says {says:?}: {stderr}"
+        );
+        assert!(!stderr.contains("from 0 up"), "0 is not allowed: {stderr}");
+    }
+}
+
+/// A TCP server that is not Redis: it answers anything with an HTTP error.
+fn not_redis() -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 512];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    port
+}
+
+/// Errors retrying cannot mend end every command at once: exit 1, one short
+/// line saying what is wrong, and no retry loop (nor an IDLE_TIMEOUT exit 0
+/// for a process that never connected).
+#[test]
+fn errors_retrying_cannot_mend_end_the_command_at_once() {
+    let server = RedisServer::start_with(&["--requirepass", "pw"]);
+    let port = server.port;
+    let http = not_redis();
+    let cases: Vec<(Vec<&str>, String, &str)> = vec![
+        // No password: every reply of the publisher's pipeline is NOAUTH.
+        (
+            vec!["publish", "--count", "5000"],
+            format!("redis://127.0.0.1:{port}"),
+            "NOAUTH",
+        ),
+        (
+            vec!["consume"],
+            format!("redis://:pw@127.0.0.1:{port}/99"),
+            "database",
+        ),
+        (
+            vec!["publish", "--count", "5"],
+            format!("redis://:pw@127.0.0.1:{port}/99"),
+            "database",
+        ),
+        (
+            vec!["consume"],
+            format!("redis://127.0.0.1:{http}"),
+            "Redis protocol",
+        ),
+        (
+            vec!["publish", "--count", "5"],
+            format!("redis://127.0.0.1:{http}"),
+            "Redis protocol",
+        ),
+        (
+            vec!["work", "--", "true"],
+            format!("redis://127.0.0.1:{http}"),
+            "Redis protocol",
+        ),
+        (
+            vec!["consume"],
+            format!("rediss://127.0.0.1:{port}"),
+            "plain Redis, not TLS",
+        ),
+        (
+            vec!["publish", "--count", "5"],
+            format!("rediss://127.0.0.1:{port}"),
+            "plain Redis, not TLS",
+        ),
+    ];
+    for (args, url, says) in &cases {
+        let env = [("REDIS_URL", url.as_str()), ("IDLE_TIMEOUT", "1")];
+        let out = run_optimus(args, &env, Duration::from_secs(40));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {url}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains(" INFO ")).collect();
+        assert_eq!(lines.len(), 1, "{args:?} {url}: one line:\n{stderr}");
+        assert!(
+            lines[0].starts_with("optimus: ") && lines[0].contains(says),
+            "{args:?} {url}: says {says:?}: {stderr}"
+        );
+        assert!(lines[0].len() < 400, "a short line: {}", lines[0]);
+        assert!(
+            !stderr.contains("retrying"),
+            "{args:?}: not retried: {stderr}"
+        );
+    }
+}
+
+/// While Redis is unreachable the waits between attempts grow, but never
+/// past the stated maximum of 5 s, jitter included.
+#[test]
+fn reconnect_backoff_stays_within_its_maximum() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let consume = OptimusProcess::spawn(&["consume"], &[("REDIS_URL", &url)]);
+    let waits = || -> Vec<u64> {
+        consume
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("Redis unreachable"))
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("retry_in_ms=")?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .collect()
+    };
+    support::wait_for(
+        "nine reconnection attempts",
+        Duration::from_secs(40),
+        || (waits().len() >= 9).then_some(()),
+        || consume.describe(),
+    );
+    let waits = waits();
+    assert!(waits.iter().all(|w| *w <= 5000), "{waits:?}");
+    assert!(
+        waits.iter().rev().take(3).all(|w| *w >= 1000),
+        "it backs off: {waits:?}"
+    );
+}
+
+/// Three publisher runs into one stream: the audit checks one run (the
+/// latest, or the one named), counts the other entries apart, fails on an
+/// unexpected entry of its run, and a missing stream is an error, not lost
+/// messages.
+#[test]
+fn audit_checks_one_run_exactly() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let runs: Vec<String> = (0..3)
+        .map(|_| {
+            // No consumer: the fast path writes every message.
+            let done = support::publish(&server, &["--count", "1000"]);
+            done.values["run"].clone()
+        })
+        .collect();
+    let audit = |args: &[&str]| {
+        let mut all = vec!["audit", "--published", "1000"];
+        all.extend_from_slice(args);
+        let out = run_optimus(
+            &all,
+            &[("REDIS_URL", url.as_str())],
+            Duration::from_secs(20),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (
+            out.status.code(),
+            support::Fields::parse(stdout.trim()),
+            stderr,
+        )
+    };
+    let (code, report, _) = audit(&[]);
+    assert_eq!(code, Some(0), "{}", report.line);
+    assert_eq!(
+        report.values["run"], runs[2],
+        "the latest run: {}",
+        report.line
+    );
+    assert_eq!(
+        (
+            report.num("in_stream"),
+            report.num("lost"),
+            report.num("others")
+        ),
+        (1000, 0, 2000),
+        "{}",
+        report.line
+    );
+    let (code, report, _) = audit(&["--run", &runs[0]]);
+    assert_eq!(code, Some(0), "{}", report.line);
+    assert_eq!(report.values["run"], runs[0]);
+
+    let stray = format!(r#"{{"message_id":"stray","run":"{}","seq":5000}}"#, runs[2]);
+    let _: String = server.command(&[
+        "XADD",
+        "messages:processed",
+        "*",
+        "message_id",
+        "stray",
+        "payload",
+        &stray,
+    ]);
+    let (code, report, _) = audit(&[]);
+    assert_eq!(code, Some(1), "unexpected fails the audit: {}", report.line);
+    assert_eq!(report.num("unexpected"), 1, "{}", report.line);
+
+    let (code, report, stderr) = audit(&["--stream", "nosuch"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(
+        !report.line.contains("lost="),
+        "not reported as lost: {}",
+        report.line
+    );
+}

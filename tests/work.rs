@@ -155,3 +155,162 @@ fn a_killed_worker_s_entries_are_claimed_and_handled_by_another() {
     rescuer.signal("TERM");
     assert!(rescuer.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// Whether a process is alive (signal 0 reaches it).
+fn alive(pid: &str) -> bool {
+    std::process::Command::new("kill")
+        .args(["-0", pid.trim()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// On SIGTERM a worker finishes the entry in hand only: the others it
+/// fetched stay pending (for another worker), not handled on the way out.
+#[test]
+fn sigterm_finishes_only_the_entry_in_hand() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("handled");
+    for p in ["e1", "e2", "e3", "e4", "e5"] {
+        add(&server, p);
+    }
+    let script = format!("cat >> {0}; echo >> {0}; sleep 1", out.display());
+    let mut worker = work(&server, &[("WORK_BATCH_SIZE", "10")], &script);
+    support::wait_for(
+        "the first entry in hand",
+        Duration::from_secs(20),
+        || (!lines(&out).is_empty()).then_some(()),
+        || worker.describe(),
+    );
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{}", worker.describe());
+    assert_eq!(lines(&out), ["e1"], "{}", worker.describe());
+    assert_eq!(pending(&server), 4, "the rest wait for another worker");
+}
+
+/// A handler past WORK_HANDLER_TIMEOUT is killed, with what it started,
+/// and the entry counts as failed; the worker goes on with the next.
+#[test]
+fn a_handler_past_its_timeout_is_killed_and_counted_as_failed() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    add(&server, "slow");
+    add(&server, "quick");
+    let script = format!(
+        r#"read p; if [ "$p" = slow ]; then sleep 60 & echo $! >> {0}; wait; fi"#,
+        pids.display()
+    );
+    let mut worker = work(
+        &server,
+        &[("WORK_HANDLER_TIMEOUT", "1"), ("WORK_CLAIM_IDLE", "30")],
+        &script,
+    );
+    let line = worker.wait_for_line("work ", Duration::from_secs(20), |f| {
+        f.num("failed") == 1 && f.num("handled") == 1
+    });
+    assert_eq!(line.num("dead"), 0, "{}", line.line);
+    let sleeper = std::fs::read_to_string(&pids).unwrap();
+    support::wait_for(
+        "the handler's child killed",
+        Duration::from_secs(5),
+        || (!alive(&sleeper)).then_some(()),
+        || worker.describe(),
+    );
+    assert!(
+        worker.stderr().contains("WORK_HANDLER_TIMEOUT"),
+        "{}",
+        worker.describe()
+    );
+}
+
+/// A second signal ends `optimus work` at once, and its handler (with what
+/// it started) goes with it instead of being left orphaned.
+#[test]
+fn a_forced_exit_kills_the_handlers() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    add(&server, "forever");
+    let script = format!(
+        "echo $$ >> {0}; sleep 60 & echo $! >> {0}; wait",
+        pids.display()
+    );
+    let mut worker = work(&server, &[], &script);
+    support::wait_for(
+        "the handler running",
+        Duration::from_secs(20),
+        || (lines(&pids).len() == 2).then_some(()),
+        || worker.describe(),
+    );
+    worker.signal("TERM");
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{}", worker.describe());
+    for pid in lines(&pids) {
+        support::wait_for(
+            &format!("handler process {pid} gone"),
+            Duration::from_secs(5),
+            || (!alive(&pid)).then_some(()),
+            || worker.describe(),
+        );
+    }
+}
+
+/// What a handler prints goes to optimus's stderr, not among the
+/// monitoring lines on its stdout.
+#[test]
+fn a_handler_s_output_stays_off_optimus_s_stdout() {
+    let server = RedisServer::start();
+    add(&server, "x");
+    let mut worker = work(&server, &[], "cat >/dev/null; echo HANDLER-SAYS-HELLO");
+    worker.wait_for_line("work ", Duration::from_secs(20), |f| f.num("handled") == 1);
+    assert!(
+        !worker.stdout().contains("HANDLER-SAYS-HELLO"),
+        "{}",
+        worker.describe()
+    );
+    assert!(
+        worker.stderr().contains("HANDLER-SAYS-HELLO"),
+        "{}",
+        worker.describe()
+    );
+}
+
+/// SIGTERM while a handler runs past SHUTDOWN_TIMEOUT: the process exits 1
+/// with one line saying so, and the handler is killed, not orphaned.
+#[test]
+fn shutdown_timeout_kills_the_handler_in_hand() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    add(&server, "forever");
+    let script = format!(
+        "echo $$ >> {0}; sleep 60 & echo $! >> {0}; wait",
+        pids.display()
+    );
+    let mut worker = work(&server, &[("SHUTDOWN_TIMEOUT", "1")], &script);
+    support::wait_for(
+        "the handler running",
+        Duration::from_secs(20),
+        || (lines(&pids).len() == 2).then_some(()),
+        || worker.describe(),
+    );
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", worker.describe());
+    let stderr = worker.stderr();
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("optimus: SHUTDOWN_TIMEOUT (1s)"), "{last}");
+    for pid in lines(&pids) {
+        support::wait_for(
+            &format!("handler process {pid} gone"),
+            Duration::from_secs(5),
+            || (!alive(&pid)).then_some(()),
+            || worker.describe(),
+        );
+    }
+    assert_eq!(pending(&server), 1, "the entry stays pending");
+}

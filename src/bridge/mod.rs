@@ -458,6 +458,9 @@ async fn monitor(
     let mut last = (Instant::now(), counters.snapshot().written);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let budget = monitor_budget(interval);
+    // Memory is given back once per quiet spell: the first line with
+    // nothing received since the one before, and nothing in hand.
+    let mut quiet = (counters.snapshot().received, false);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -484,6 +487,12 @@ async fn monitor(
         if consumers.is_some() {
             let report = crate::control::report_rate(&mut conn, presence.value(), rate, interval);
             let _ = tokio::time::timeout(budget, report).await;
+        }
+        if snapshot.received != quiet.0 {
+            quiet = (snapshot.received, false);
+        } else if !quiet.1 && snapshot.unsettled() == 0 {
+            quiet.1 = true;
+            crate::monitor::release_free_memory();
         }
         let line = MonitorLine {
             consumers,

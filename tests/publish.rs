@@ -1,0 +1,153 @@
+//! `optimus publish`'s fast path and limits: it decides from the bridge's
+//! own subscriptions (not from any subscriber's), writes what no bridge
+//! worker could receive exactly once, never publishes a payload the
+//! subscribers could not take, and knows messages by MESSAGE_ID_FIELD.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{OptimusProcess, RedisServer, assert_exactly_once, publish_with};
+
+const STREAM: &str = "messages:processed";
+
+/// A subscriber that is not the bridge: a service's SUBSCRIBE and a
+/// monitor's `PSUBSCRIBE *`, held open while it lives.
+struct Foreign {
+    _subscribed: redis::Connection,
+    _monitor: redis::Connection,
+}
+
+fn foreign_subscribers(server: &RedisServer) -> Foreign {
+    let mut subscribed = server.conn();
+    redis::cmd("SUBSCRIBE")
+        .arg("messages:published")
+        .exec(&mut subscribed)
+        .unwrap();
+    let mut monitor = server.conn();
+    redis::cmd("PSUBSCRIBE")
+        .arg("*")
+        .exec(&mut monitor)
+        .unwrap();
+    Foreign {
+        _subscribed: subscribed,
+        _monitor: monitor,
+    }
+}
+
+fn publish(server: &RedisServer, env: &[(&str, &str)], args: &[&str]) -> support::Fields {
+    let url = server.url();
+    let mut all = vec![("REDIS_URL", url.as_str())];
+    all.extend_from_slice(env);
+    publish_with(&all, args)
+}
+
+/// Other subscribers on the channel do not make the publisher believe the
+/// bridge got its messages: with no bridge running, every message is
+/// written straight to the stream, once.
+#[test]
+fn foreign_subscribers_do_not_hide_a_missing_bridge() {
+    let server = RedisServer::start();
+    let _foreign = foreign_subscribers(&server);
+    let receivers: i64 = server.command(&["PUBLISH", "messages:published", "probe"]);
+    assert_eq!(receivers, 2, "two foreign subscriptions");
+    let summary = publish(&server, &[], &["--count", "1000", "--batch-size", "100"]);
+    assert_eq!(summary.num("no_subscriber"), 1000, "{}", summary.line);
+    assert_eq!(summary.num("stored_directly"), 1000, "{}", summary.line);
+    assert_exactly_once(&server.stream_entries(STREAM), 0..1000);
+}
+
+/// With the bridge running beside foreign subscribers, the bridge writes
+/// everything and the fast path nothing.
+#[test]
+fn with_the_bridge_running_the_fast_path_stays_idle() {
+    let server = RedisServer::start();
+    let _foreign = foreign_subscribers(&server);
+    let consume = OptimusProcess::consume(&server, &[]);
+    consume.wait_consumers(2);
+    let summary = publish(&server, &[], &["--count", "2000", "--batch-size", "100"]);
+    assert_eq!(summary.num("no_subscriber"), 0, "{}", summary.line);
+    assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
+    support::wait_for(
+        "2000 entries",
+        Duration::from_secs(20),
+        || (server.xlen(STREAM) >= 2000).then_some(()),
+        || consume.describe(),
+    );
+    consume.wait_settled(Duration::from_secs(10));
+    assert_exactly_once(&server.stream_entries(STREAM), 0..2000);
+}
+
+/// A payload over MAX_PAYLOAD_BYTES is never published (it could drop every
+/// subscriber at the server's output-buffer limit): it goes to the
+/// dead-letter stream with the reason, with or without a bridge, and the
+/// bridge's subscriptions stay up.
+#[test]
+fn oversized_payloads_are_dead_lettered_not_published() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(&server, &[]);
+    consume.wait_consumers(2);
+    for (size, count) in [("2000000", "2"), ("41943040", "1")] {
+        let summary = publish(&server, &[], &["--count", count, "--payload-size", size]);
+        assert_eq!(summary.num("dead_lettered"), count.parse::<u64>().unwrap());
+        assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
+    }
+    let dead = server.stream_entries("messages:processed:dead");
+    assert_eq!(dead.len(), 3);
+    for entry in &dead {
+        let reason = String::from_utf8_lossy(&entry["reason"]);
+        assert!(
+            reason.contains("MAX_PAYLOAD_BYTES") && reason.contains("not published"),
+            "{reason}"
+        );
+    }
+    assert_eq!(server.xlen(STREAM), 0, "nothing oversized in the stream");
+    let line = consume.wait_settled(Duration::from_secs(10));
+    assert_eq!(line.num("received"), 0, "never published: {}", line.line);
+    assert_eq!(
+        line.num("reconnects"),
+        0,
+        "no subscriber dropped: {}",
+        line.line
+    );
+
+    // A smaller MAX_PAYLOAD_BYTES is the publisher's too, with no bridge.
+    drop(consume);
+    let summary = publish(
+        &server,
+        &[("MAX_PAYLOAD_BYTES", "500")],
+        &["--count", "3", "--payload-size", "600"],
+    );
+    assert_eq!(summary.num("dead_lettered"), 3, "{}", summary.line);
+    assert_eq!(server.xlen(STREAM), 0);
+}
+
+/// MESSAGE_ID_FIELD names the id in the publisher's messages, and the fast
+/// path and the bridge both know messages by it.
+#[test]
+fn message_id_field_is_the_publisher_s_too() {
+    let server = RedisServer::start();
+    let env = [("MESSAGE_ID_FIELD", "uid")];
+    // No bridge: the fast path writes them.
+    let summary = publish(&server, &env, &["--count", "50"]);
+    assert_eq!(summary.num("stored_directly"), 50, "{}", summary.line);
+    // With a bridge.
+    let consume = OptimusProcess::consume(&server, &env);
+    consume.wait_consumers(2);
+    publish(&server, &env, &["--count", "50"]);
+    support::wait_for(
+        "100 entries",
+        Duration::from_secs(20),
+        || (server.xlen(STREAM) >= 100).then_some(()),
+        || consume.describe(),
+    );
+    for entry in server.stream_entries(STREAM) {
+        let payload: serde_json::Value = serde_json::from_slice(&entry["payload"]).unwrap();
+        assert!(payload.get("message_id").is_none(), "{payload}");
+        assert_eq!(
+            payload["uid"].as_str().unwrap().as_bytes(),
+            entry["message_id"].as_slice(),
+            "the entry is known by uid"
+        );
+    }
+}
