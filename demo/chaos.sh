@@ -48,6 +48,7 @@ echo "== letting the survivors settle, then stopping them"
 sleep 4
 for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 wait "${PIDS[@]}" 2>/dev/null || true
-published=$(sed -n 's/^publish done published=\([0-9]*\).*/\1/p' "$WORK/publish.out")
+published=$(sed -n 's/^publish done .*published=\([0-9]*\).*/\1/p' "$WORK/publish.out")
+run=$(sed -n 's/^publish done run=\([0-9a-f]*\).*/\1/p' "$WORK/publish.out")
 echo "== result after $kills kills"
-"$BIN" audit --published "$published"
+"$BIN" audit --published "$published" --run "$run"

@@ -25,6 +25,7 @@ sleep 3 # let the workers settle the last batches
 kill -TERM "$CONSUME_PID"
 wait "$CONSUME_PID" || true
 
-published=$(sed -n 's/^publish done published=\([0-9]*\).*/\1/p' "$WORK/publish.out")
+published=$(sed -n 's/^publish done .*published=\([0-9]*\).*/\1/p' "$WORK/publish.out")
+run=$(sed -n 's/^publish done run=\([0-9a-f]*\).*/\1/p' "$WORK/publish.out")
 echo "== result"
-"$BIN" audit --published "$published"
+"$BIN" audit --published "$published" --run "$run"

@@ -138,6 +138,8 @@ fn help_lists_every_variable_with_its_default() {
         ("STRATEGY", ""), // partitioned, or race on a cluster: said in its help
         ("TAKEOVER_AFTER", "0.25"),
         ("OUTPUT_FORMAT", "envelope"),
+        ("SHUTDOWN_TIMEOUT", "30"),
+        ("MAX_PAYLOAD_BYTES", "1048576"),
     ] {
         let lines: Vec<&str> = help.lines().map(str::trim).collect();
         let at = lines
