@@ -270,19 +270,6 @@ fn overlapping_routes_bridge_a_message_once_per_stream() {
     );
 }
 
-/// The resident memory of a process, from /proc.
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 /// 100,000 distinct channels under one pattern: once they go quiet the
 /// process gives the memory back, keeping nothing per channel.
 #[test]
@@ -293,7 +280,7 @@ fn many_short_lived_channels_leave_no_memory_behind() {
         &[("ROUTES", "ev:*=ev:out"), ("QUEUE_CAPACITY", "400000")],
     );
     consume.wait_consumers(2);
-    let idle = rss(consume.pid());
+    let idle = optimus::bench::rss(consume.pid());
     let pairs: Vec<(String, String)> = (0..100_000)
         .map(|i| (format!("ev:{i}"), format!(r#"{{"message_id":"m{i}"}}"#)))
         .collect();
@@ -310,7 +297,7 @@ fn many_short_lived_channels_leave_no_memory_behind() {
         || consume.describe(),
     );
     let peak = optimus::bench::peak_rss(consume.pid());
-    let after = rss(consume.pid());
+    let after = optimus::bench::rss(consume.pid());
     assert!(
         after < idle + 24 * 1024 * 1024,
         "resident after the channels went quiet: {} MiB (idle {} MiB, peak {} MiB)",

@@ -226,30 +226,33 @@ fn a_handler_past_its_timeout_is_killed_and_counted_as_failed() {
     );
 }
 
-/// A second signal ends `optimus work` at once, and its handler (with what
-/// it started) goes with it instead of being left orphaned.
-#[test]
-fn a_forced_exit_kills_the_handlers() {
-    let server = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let pids = dir.path().join("pids");
-    add(&server, "forever");
+/// `optimus work` with `env` on one entry, whose handler (a shell, and the
+/// `sleep` it starts) never ends; returns once both run, with the file
+/// their pids are in.
+fn never_ending_handler(
+    server: &RedisServer,
+    env: &[(&str, &str)],
+    dir: &std::path::Path,
+) -> (OptimusProcess, std::path::PathBuf) {
+    let pids = dir.join("pids");
+    add(server, "forever");
     let script = format!(
         "echo $$ >> {0}; sleep 60 & echo $! >> {0}; wait",
         pids.display()
     );
-    let mut worker = work(&server, &[], &script);
+    let worker = work(server, env, &script);
     support::wait_for(
         "the handler running",
         Duration::from_secs(20),
         || (lines(&pids).len() == 2).then_some(()),
         || worker.describe(),
     );
-    worker.signal("TERM");
-    worker.signal("TERM");
-    let status = worker.wait_exit(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(130), "{}", worker.describe());
-    for pid in lines(&pids) {
+    (worker, pids)
+}
+
+/// Waits until every process whose pid is in `pids` is gone.
+fn assert_all_gone(pids: &std::path::Path, worker: &OptimusProcess) {
+    for pid in lines(pids) {
         support::wait_for(
             &format!("handler process {pid} gone"),
             Duration::from_secs(5),
@@ -257,6 +260,20 @@ fn a_forced_exit_kills_the_handlers() {
             || worker.describe(),
         );
     }
+}
+
+/// A second signal ends `optimus work` at once, and its handler (with what
+/// it started) goes with it instead of being left orphaned.
+#[test]
+fn a_forced_exit_kills_the_handlers() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut worker, pids) = never_ending_handler(&server, &[], dir.path());
+    worker.signal("TERM");
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{}", worker.describe());
+    assert_all_gone(&pids, &worker);
 }
 
 /// What a handler prints goes to optimus's stderr, not among the
@@ -285,32 +302,14 @@ fn a_handler_s_output_stays_off_optimus_s_stdout() {
 fn shutdown_timeout_kills_the_handler_in_hand() {
     let server = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let pids = dir.path().join("pids");
-    add(&server, "forever");
-    let script = format!(
-        "echo $$ >> {0}; sleep 60 & echo $! >> {0}; wait",
-        pids.display()
-    );
-    let mut worker = work(&server, &[("SHUTDOWN_TIMEOUT", "1")], &script);
-    support::wait_for(
-        "the handler running",
-        Duration::from_secs(20),
-        || (lines(&pids).len() == 2).then_some(()),
-        || worker.describe(),
-    );
+    let (mut worker, pids) =
+        never_ending_handler(&server, &[("SHUTDOWN_TIMEOUT", "1")], dir.path());
     worker.signal("TERM");
     let status = worker.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{}", worker.describe());
     let stderr = worker.stderr();
     let last = stderr.lines().last().unwrap_or_default();
     assert!(last.starts_with("optimus: SHUTDOWN_TIMEOUT (1s)"), "{last}");
-    for pid in lines(&pids) {
-        support::wait_for(
-            &format!("handler process {pid} gone"),
-            Duration::from_secs(5),
-            || (!alive(&pid)).then_some(()),
-            || worker.describe(),
-        );
-    }
+    assert_all_gone(&pids, &worker);
     assert_eq!(pending(&server), 1, "the entry stays pending");
 }

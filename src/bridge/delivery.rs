@@ -356,10 +356,12 @@ end
 
 /// Lua shared by the write scripts: `try_xadd(xadd, target, from, to)` runs
 /// the XADD and returns nil when it worked, or Redis's (or Lua's) reason
-/// when the stream refused the entry; a refusal that passes (out of memory,
-/// no replicas, a read-only replica, loading, a busy or misconfigured
-/// server) ends the script at once with `stopped`, so that nothing after it
-/// is tried and nothing is recorded for what was not written.
+/// when the stream refused the entry, and whether that refusal passes (out
+/// of memory, no replicas, a read-only replica, loading, a busy or
+/// misconfigured server); `write_and_ack` sets the message's ACK only once
+/// its XADD worked, and asks the script to stop at a passing refusal, so
+/// that nothing after it is tried and nothing is recorded for what was not
+/// written.
 macro_rules! try_xadd_lua {
     () => {
         r#"
@@ -370,6 +372,24 @@ local function try_xadd(xadd, target, from, to)
   if ok then return nil end
   local reason = type(err) == 'table' and err.err or tostring(err)
   return reason, passing[string.match(reason, '^(%u+)') or ''] == true
+end
+-- Writes one message and, only if that worked, its ACK; appends its code
+-- and detail to `out`. Returns true when the script must stop here.
+local function write_and_ack(xadd, target, from, to, ack, hash, ttl, out)
+  local reason, stop = try_xadd(xadd, target, from, to)
+  if stop then
+    out[#out + 1] = 4
+    out[#out + 1] = reason
+    return true
+  elseif reason then
+    out[#out + 1] = 3
+    out[#out + 1] = reason
+  else
+    redis.call('SET', ack, hash, 'PX', ttl)
+    out[#out + 1] = 1
+    out[#out + 1] = false
+  end
+  return false
 end
 "#
     };
@@ -453,20 +473,8 @@ for i = 3, #KEYS, 2 do
   elseif acked then
     out[#out + 1] = acked_code(KEYS[i + 1], acked, hash, ARGV[2])
     out[#out + 1] = false
-  else
-    local reason, stop = try_xadd(xadd, target, a + 3, a + 2 + n)
-    if stop then
-      out[#out + 1] = 4
-      out[#out + 1] = reason
-      return out
-    elseif reason then
-      out[#out + 1] = 3
-      out[#out + 1] = reason
-    else
-      redis.call('SET', KEYS[i + 1], hash, 'PX', ARGV[2])
-      out[#out + 1] = 1
-      out[#out + 1] = false
-    end
+  elseif write_and_ack(xadd, target, a + 3, a + 2 + n, KEYS[i + 1], hash, ARGV[2], out) then
+    return out
   end
   a = a + 3 + n
 end
@@ -496,20 +504,8 @@ for i = 3, #KEYS do
   if acked then
     out[#out + 1] = acked_code(KEYS[i], acked, hash, ARGV[1])
     out[#out + 1] = false
-  else
-    local reason, stop = try_xadd(xadd, target, a + 3, a + 2 + n)
-    if stop then
-      out[#out + 1] = 4
-      out[#out + 1] = reason
-      return out
-    elseif reason then
-      out[#out + 1] = 3
-      out[#out + 1] = reason
-    else
-      redis.call('SET', KEYS[i], hash, 'PX', ARGV[1])
-      out[#out + 1] = 1
-      out[#out + 1] = false
-    end
+  elseif write_and_ack(xadd, target, a + 3, a + 2 + n, KEYS[i], hash, ARGV[1], out) then
+    return out
   end
   a = a + 3 + n
 end

@@ -440,6 +440,17 @@ impl Subscription {
         // subscription; see [`Publication`].
         let overlapping = self.router.may_overlap() && client.is_some();
         let publication = Mutex::new(Publication::default());
+        let skip_router = router.clone();
+        // Not bridged: optimus's own channels, and a message's second copy
+        // bound for a stream (see [`Publication`]).
+        let skip = move |route: usize, channel: &[u8]| {
+            is_internal_channel(channel)
+                || overlapping
+                    && !publication
+                        .lock()
+                        .unwrap()
+                        .first_for_stream(&skip_router, route, channel)
+        };
         let on_push = move |info: PushInfo| -> Result<(), ()> {
             let is_watched =
                 matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == watched);
@@ -476,13 +487,7 @@ impl Subscription {
                     let Some(route) = router.for_pattern(&pattern) else {
                         return Ok(());
                     };
-                    if is_internal_channel(&channel)
-                        || overlapping
-                            && !publication
-                                .lock()
-                                .unwrap()
-                                .first_for_stream(&router, route, &channel)
-                    {
+                    if skip(route, &channel) {
                         return Ok(());
                     }
                     Pushed::Message {
@@ -515,13 +520,7 @@ impl Subscription {
                     let Some(route) = router.for_channel(&channel) else {
                         return Ok(());
                     };
-                    if is_internal_channel(&channel)
-                        || overlapping
-                            && !publication
-                                .lock()
-                                .unwrap()
-                                .first_for_stream(&router, route, &channel)
-                    {
+                    if skip(route, &channel) {
                         return Ok(());
                     }
                     Pushed::Message {
