@@ -31,6 +31,9 @@ pub struct AuditReport {
     pub unexpected: u64,
     /// Entries of other runs, or not test messages at all.
     pub others: u64,
+    /// Messages of this run in the dead-letter stream instead (a payload
+    /// over MAX_PAYLOAD_BYTES, one the stream refused): not lost.
+    pub dead: u64,
 }
 
 impl AuditReport {
@@ -45,10 +48,11 @@ impl fmt::Display for AuditReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "audit run={} published={} in_stream={} lost={} duplicates={} unexpected={} others={}",
+            "audit run={} published={} in_stream={} dead={} lost={} duplicates={} unexpected={} others={}",
             self.run,
             self.published,
             self.in_stream,
+            self.dead,
             self.lost,
             self.duplicates,
             self.unexpected,
@@ -68,6 +72,36 @@ pub enum AuditError {
     NotAStream(String, String),
     #[error("stream {0} holds no message of a run of optimus publish")]
     NoRun(String),
+    #[error("--published {0} is more than an audit can check ({MAX_PUBLISHED})")]
+    TooMany(u64),
+}
+
+/// The most messages one audit checks (a bit each).
+pub const MAX_PUBLISHED: u64 = 1_000_000_000;
+
+/// Which sequence numbers of `0..n` have been seen: a bit each.
+struct Seen {
+    bits: Vec<u64>,
+}
+
+impl Seen {
+    fn new(n: u64) -> Self {
+        Self {
+            bits: vec![0; n.div_ceil(64) as usize],
+        }
+    }
+
+    /// Marks `seq`; returns whether it was marked already.
+    fn mark(&mut self, seq: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+        let before = self.bits[word] & bit != 0;
+        self.bits[word] |= bit;
+        before
+    }
+
+    fn count(&self) -> u64 {
+        self.bits.iter().map(|w| w.count_ones() as u64).sum()
+    }
 }
 
 /// A test message's run and sequence number, from its payload: a JSON
@@ -119,13 +153,17 @@ async fn scan<C: redis::aio::ConnectionLike>(
 }
 
 /// Reads the whole stream (in pages) and checks the run `run` (by default
-/// the latest run in the stream) against `published`.
+/// the latest run in the stream) against `published`; the run's messages in
+/// the stream's dead-letter stream count as `dead`, not lost.
 pub async fn audit(
     endpoint: &crate::connect::Endpoint,
     stream: &str,
     published: u64,
     run: Option<&str>,
 ) -> Result<AuditReport, AuditError> {
+    if published > MAX_PUBLISHED {
+        return Err(AuditError::TooMany(published));
+    }
     let mut conn = crate::connect::open(endpoint).await?;
     let kind: String = redis::cmd("TYPE")
         .arg(stream)
@@ -160,7 +198,7 @@ pub async fn audit(
         ..AuditReport::default()
     };
     let mut ids = HashSet::new();
-    let mut seen = vec![false; published as usize];
+    let mut seen = Seen::new(published);
     scan(&mut conn, stream, false, |entry| {
         let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
         let seq = match run_and_seq(&payload) {
@@ -178,7 +216,7 @@ pub async fn audit(
         }
         match seq {
             Some(s) if s < published => {
-                if std::mem::replace(&mut seen[s as usize], true) {
+                if seen.mark(s) {
                     report.duplicates += 1;
                 }
             }
@@ -187,6 +225,19 @@ pub async fn audit(
         true
     })
     .await?;
-    report.lost = seen.iter().filter(|s| !**s).count() as u64;
+    let dead_stream = crate::config::default_dead_stream(stream, endpoint.is_cluster());
+    scan(&mut conn, &dead_stream, false, |entry| {
+        let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
+        if let Some((r, Some(s))) = run_and_seq(&payload)
+            && r == run
+            && s < published
+            && !seen.mark(s)
+        {
+            report.dead += 1;
+        }
+        true
+    })
+    .await?;
+    report.lost = published - seen.count();
     Ok(report)
 }

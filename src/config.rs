@@ -1054,6 +1054,11 @@ pub struct PublishArgs {
     /// Where those go [default: <stream>:dead].
     #[arg(long, env = "DEAD_LETTER_STREAM")]
     pub dead_letter_stream: Option<String>,
+    /// The bridge's ROUTES, when it has them: the fast path writes a message
+    /// to the stream(s) its channel is routed to, and asks the probe of
+    /// the route that reads it.
+    #[arg(long, env = "ROUTES", value_name = "ROUTES")]
+    pub routes: Option<String>,
 }
 
 /// How long `optimus publish` goes on.
@@ -1089,9 +1094,12 @@ pub struct PublishConfig {
     pub stream: String,
     /// Whether it does (otherwise such a message is lost, and counted).
     pub fast_path: bool,
-    /// Where payloads larger than `max_payload_bytes` go instead of the
-    /// channel.
-    pub dead_stream: String,
+    /// DEAD_LETTER_STREAM (`None`: each stream's `<stream>:dead`): where
+    /// payloads larger than `max_payload_bytes` go instead of the channel,
+    /// and what a stream refuses.
+    pub dead_letter_stream: Option<String>,
+    /// The bridge's ROUTES (empty: `channel` to `stream`).
+    pub routes: Vec<Route>,
     /// MESSAGE_ID_FIELD: the JSON field that carries a message's id.
     pub id_field: String,
     /// MAX_PAYLOAD_BYTES.
@@ -1116,12 +1124,36 @@ impl PublishConfig {
             progress_interval: None,
             stream: "messages:processed".into(),
             fast_path: true,
-            dead_stream: "messages:processed:dead".into(),
+            dead_letter_stream: None,
+            routes: Vec::new(),
             id_field: "message_id".into(),
             max_payload_bytes: 1 << 20,
             ack_ttl: Duration::from_secs(60),
             retry_for: Duration::from_secs(30),
         }
+    }
+}
+
+impl PublishConfig {
+    /// The routes that read `channel`: those of ROUTES whose channel is it or
+    /// whose pattern matches it (in ROUTES order), or without ROUTES the one
+    /// route `channel` to `stream`.
+    pub fn routes_for_channel(&self) -> Vec<Route> {
+        if self.routes.is_empty() {
+            return vec![Route::new(&self.channel, &self.stream)];
+        }
+        self.routes
+            .iter()
+            .filter(|r| r.matches(&self.channel))
+            .cloned()
+            .collect()
+    }
+
+    /// The dead-letter stream of `stream`.
+    pub fn dead_stream_of(&self, stream: &str) -> String {
+        self.dead_letter_stream
+            .clone()
+            .unwrap_or_else(|| default_dead_stream(stream, self.endpoint.is_cluster()))
     }
 }
 
@@ -1173,9 +1205,10 @@ impl PublishArgs {
             ));
         }
         let endpoint = connect.endpoint()?;
-        let dead_stream = given(&self.dead_letter_stream)
-            .map(str::to_string)
-            .unwrap_or_else(|| default_dead_stream(&self.stream, endpoint.is_cluster()));
+        let routes = match given(&self.routes) {
+            Some(raw) => crate::bridge::route::parse_routes(raw, false)?,
+            None => Vec::new(),
+        };
         Ok(PublishConfig {
             endpoint,
             channel: self.channel.clone(),
@@ -1189,7 +1222,8 @@ impl PublishArgs {
             )?),
             stream: self.stream.clone(),
             fast_path: !self.no_fast_path,
-            dead_stream,
+            dead_letter_stream: given(&self.dead_letter_stream).map(str::to_string),
+            routes,
             id_field: self.message_id_field.clone(),
             max_payload_bytes: parse_whole(
                 "MAX_PAYLOAD_BYTES",

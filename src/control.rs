@@ -82,7 +82,9 @@ pub fn share(desired: usize, processes: &[String], me: &str) -> usize {
         return 0;
     };
     let n = sorted.len();
-    desired / n + usize::from(index < desired % n)
+    let share = desired / n + usize::from(index < desired % n);
+    // One process runs at most what CONSUMERS_COUNT may ask of it.
+    share.min(*crate::config::limits::WORKERS.end() as usize)
 }
 
 /// One process's side of `ctl scale`.
@@ -458,5 +460,10 @@ mod tests {
         assert_eq!(share(7, &p, "not registered"), 0);
         assert_eq!(share(7, &p[..2], "a"), 4, "a and c: 4 + 3");
         assert_eq!(share(7, &p[..2], "c"), 3);
+        assert_eq!(
+            share(1024, &["a".to_string()], "a"),
+            256,
+            "capped per process"
+        );
     }
 }

@@ -158,6 +158,27 @@ impl Counters {
     }
 }
 
+/// Until `cancel`, prints `line()` every `interval` (when `print`): the
+/// monitoring line of a process still connecting to Redis, which must not
+/// fall silent meanwhile.
+pub async fn while_connecting(
+    interval: Duration,
+    print: bool,
+    line: impl Fn() -> String,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if print {
+            println!("{}", line());
+        }
+    }
+}
+
 /// Gives the memory freed after a burst back to the system. glibc's
 /// allocator keeps freed memory for reuse, so without this a process that
 /// once buffered a burst (or many short-lived channels) would stay at its

@@ -61,6 +61,9 @@ pub struct PublishSummary {
     pub resent: u64,
     /// Messages given up after `retry_for` without confirmation: perhaps lost.
     pub failed: u64,
+    /// Messages neither the stream nor the dead-letter stream would take
+    /// (logged with Redis's reason).
+    pub refused: u64,
     /// Time from the first batch to the last reply.
     pub elapsed: Duration,
 }
@@ -75,12 +78,13 @@ impl std::fmt::Display for PublishSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "run={} published={} no_subscriber={} stored_directly={} dead_lettered={} resent={} failed={} elapsed={:.2}s rate={:.0}/s",
+            "run={} published={} no_subscriber={} stored_directly={} dead_lettered={} refused={} resent={} failed={} elapsed={:.2}s rate={:.0}/s",
             self.run,
             self.published,
             self.no_subscriber,
             self.stored_directly,
             self.dead_lettered,
+            self.refused,
             self.resent,
             self.failed,
             self.elapsed.as_secs_f64(),
@@ -108,6 +112,8 @@ pub struct BatchOutcome {
     pub stored_directly: u64,
     /// Payloads too large to publish, written to the dead-letter stream.
     pub dead_lettered: u64,
+    /// Messages neither the stream nor the dead-letter stream would take.
+    pub refused: u64,
 }
 
 /// ARGV: the probe channel, PUBLISH or SPUBLISH, the channel, then the
@@ -121,6 +127,19 @@ end
 return bridge
 "#;
 
+/// Most payload bytes one PUBLISH script carries. Redis sends subscribers
+/// nothing while a script runs, so a script's whole output lands in each
+/// subscriber's buffer at once: this keeps it far below the Pub/Sub
+/// output-buffer limit (32 MB hard, 8 MB soft by default).
+const MAX_SCRIPT_BYTES: usize = 1 << 20;
+
+/// Where the fast path writes a channel's messages: each stream a route
+/// gives the channel.
+#[derive(Clone)]
+struct Target {
+    writer: Delivery,
+}
+
 /// Publishes batches on a channel; what no bridge worker could receive is
 /// written to the stream directly (the fast path), exactly once, and
 /// oversized payloads go to the dead-letter stream. Clones share the
@@ -129,17 +148,26 @@ return bridge
 pub struct Publisher {
     conn: Conn,
     channel: String,
-    /// The bridge's probe channel for `channel`.
-    probe: String,
+    /// The bridge's probe channel for the route that reads `channel`
+    /// (`None`: no route reads it).
+    probe: Option<String>,
     /// SPUBLISH instead of PUBLISH.
     sharded: bool,
     cluster: bool,
     fast_path: bool,
-    /// Writes the fast path's messages and the dead letters.
-    writer: Delivery,
+    /// The streams the routes give `channel`, in route order; the first
+    /// one's dead-letter stream takes the oversized payloads.
+    targets: Vec<Target>,
     publish_batch: redis::Script,
     id_field: String,
     max_payload_bytes: usize,
+}
+
+/// A batch's messages in the form the fast path writes them: each with its
+/// id fixed once, so that writing them again after an unconfirmed attempt
+/// writes nothing twice.
+struct Pending {
+    messages: Vec<Incoming>,
 }
 
 impl Publisher {
@@ -168,81 +196,143 @@ impl Publisher {
         // any batch is sent.
         let mut conn = conn;
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
-        let writer = Delivery::new(
-            conn.clone(),
-            Destination {
-                dead_stream: config.dead_stream.clone(),
-                id_field: config.id_field.clone(),
-                ..Destination::new(&config.stream, &config.channel)
-            },
-            format!("publisher-{}-{}", host_name(), std::process::id()),
-            Duration::from_secs(2),
-            config.ack_ttl,
-        );
+        let consumer = format!("publisher-{}-{}", host_name(), std::process::id());
+        let routes = config.routes_for_channel();
+        let mut streams: Vec<String> = Vec::new();
+        for route in &routes {
+            let stream = route.stream_for(&config.channel);
+            if !streams.contains(&stream) {
+                streams.push(stream);
+            }
+        }
+        let targets = streams
+            .iter()
+            .map(|stream| Target {
+                writer: Delivery::new(
+                    conn.clone(),
+                    Destination {
+                        dead_stream: config.dead_stream_of(stream),
+                        id_field: config.id_field.clone(),
+                        ..Destination::new(stream, &config.channel)
+                    },
+                    consumer.clone(),
+                    Duration::from_secs(2),
+                    config.ack_ttl,
+                ),
+            })
+            .collect();
         Ok(Self {
             conn,
-            probe: probe_channel(&config.channel),
+            probe: routes.first().map(|r| probe_channel(&r.source)),
             sharded: endpoint.is_sharded(),
             cluster: endpoint.is_cluster(),
             channel: config.channel.clone(),
             fast_path: config.fast_path,
-            writer,
+            targets,
             publish_batch: redis::Script::new(PUBLISH_BATCH),
             id_field: config.id_field.clone(),
             max_payload_bytes: config.max_payload_bytes,
         })
     }
 
-    /// Publishes `payloads` in one round trip, then writes the ones no bridge
-    /// worker could receive through the fast path, and the oversized ones
-    /// to the dead-letter stream. An error means the batch is not
-    /// confirmed: send the same payloads again.
-    ///
-    /// The fast path knows a message by its MESSAGE_ID_FIELD. A payload
-    /// without one gets a fresh random id on each sending, so re-sending an
-    /// unconfirmed batch is harmless only for payloads that carry an id.
-    pub async fn publish_batch(
+    /// Publishes `payloads`, then writes the ones no bridge worker could
+    /// receive through the fast path, and the oversized ones to the
+    /// dead-letter stream, retrying what Redis does not confirm for at most
+    /// `retry_for`. The publishing is retried as a whole; once it is
+    /// confirmed, only the writing is, so a message is never published
+    /// twice because a write failed. Returns the outcome and how many
+    /// messages were published again.
+    pub async fn send(
         &mut self,
         payloads: &[Vec<u8>],
-    ) -> Result<BatchOutcome, RedisError> {
+        retry_for: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<(BatchOutcome, u64), RedisError> {
+        let mut retry = Retry::new(retry_for, shutdown, payloads.len());
         let (fit, oversized): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = payloads
             .iter()
             .partition(|p| p.len() <= self.max_payload_bytes);
         let mut outcome = BatchOutcome::default();
-        if !fit.is_empty() {
-            let missed = self.publish(&fit).await?;
-            outcome.no_subscriber = missed.len() as u64;
-            if self.fast_path && !missed.is_empty() {
-                outcome.stored_directly = self.write(&missed, false).await?;
+        let missed = loop {
+            match self.publish(&fit).await {
+                Ok(missed) => break missed,
+                Err(err) => {
+                    retry
+                        .after(err, "batch not confirmed; sending it again")
+                        .await?
+                }
             }
+        };
+        let resent = retry.resent;
+        outcome.no_subscriber = missed.len() as u64;
+        let mut pending = Vec::new();
+        if self.fast_path && !missed.is_empty() {
+            pending.push((self.pending(&missed, false), false));
         }
         if !oversized.is_empty() {
-            outcome.dead_lettered = self.write(&oversized, true).await?;
+            pending.push((self.pending(&oversized, true), true));
         }
-        Ok(outcome)
+        for (batch, dead) in pending {
+            let targets = if dead { 1 } else { self.targets.len() };
+            for target in 0..targets {
+                let (written, refused) = loop {
+                    match self.write(target, &batch).await {
+                        Ok(done) => break done,
+                        Err(err) => {
+                            retry
+                                .after(err, "fast-path write not confirmed; writing again")
+                                .await?
+                        }
+                    }
+                };
+                outcome.refused += refused;
+                match dead {
+                    true => outcome.dead_lettered += written,
+                    false if target == 0 => outcome.stored_directly += written,
+                    false => {}
+                }
+            }
+        }
+        Ok((outcome, resent))
     }
 
-    /// PUBLISHes the payloads; returns the ones no bridge worker could
-    /// receive.
+    /// PUBLISHes the payloads, in scripts of at most [`MAX_SCRIPT_BYTES`];
+    /// returns the ones no bridge worker could receive.
     async fn publish<'p>(
         &mut self,
         payloads: &[&'p Vec<u8>],
     ) -> Result<Vec<&'p Vec<u8>>, RedisError> {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
-        // One step with the probe's count (see the module's notes); without
-        // a fast path, or on a cluster, each PUBLISH's own count tells.
-        if self.fast_path && !self.cluster {
-            let mut call = self.publish_batch.prepare_invoke();
-            call.arg(&self.probe).arg(command).arg(&self.channel);
-            for payload in payloads {
-                call.arg(payload.as_slice());
+        // One step with the probe's count (see the module's notes); on a
+        // cluster, each PUBLISH's own count tells.
+        if !self.cluster {
+            let mut missed = Vec::new();
+            let mut rest = payloads;
+            while !rest.is_empty() {
+                let mut bytes = 0;
+                let n = rest
+                    .iter()
+                    .take_while(|p| {
+                        bytes += p.len();
+                        bytes <= MAX_SCRIPT_BYTES
+                    })
+                    .count()
+                    .max(1);
+                let (chunk, after) = rest.split_at(n);
+                rest = after;
+                let mut call = self.publish_batch.prepare_invoke();
+                call.arg(self.probe.as_deref().unwrap_or(""))
+                    .arg(command)
+                    .arg(&self.channel);
+                for payload in chunk {
+                    call.arg(payload.as_slice());
+                }
+                let bridge: u64 = call.invoke_async(&mut self.conn).await?;
+                if bridge == 0 {
+                    missed.extend_from_slice(chunk);
+                }
             }
-            let bridge: u64 = call.invoke_async(&mut self.conn).await?;
-            return Ok(if bridge == 0 {
-                payloads.to_vec()
-            } else {
-                Vec::new()
-            });
+            return Ok(missed);
         }
         let mut pipe = redis::pipe();
         for payload in payloads {
@@ -257,57 +347,105 @@ impl Publisher {
             .collect())
     }
 
-    /// Writes payloads to the stream (or, `oversized`, to the dead-letter
-    /// stream), each exactly once by its id; a payload the stream refuses
-    /// goes to the dead-letter stream with Redis's reason. Returns how many
-    /// this call wrote.
-    async fn write(&mut self, payloads: &[&Vec<u8>], oversized: bool) -> Result<u64, RedisError> {
+    /// The messages the fast path writes (or, `oversized`, dead-letters),
+    /// each with its id: MESSAGE_ID_FIELD, or one of its own for a payload
+    /// without (nobody else saw it), fixed for every attempt.
+    fn pending(&self, payloads: &[&Vec<u8>], oversized: bool) -> Pending {
         let max = self.max_payload_bytes;
-        let reason = |len: usize| {
-            oversized.then(|| {
-                format!(
-                    "payload of {len} bytes is larger than MAX_PAYLOAD_BYTES ({max}): not published"
-                )
-            })
-        };
         let now = Instant::now();
-        let mut messages: Vec<Incoming> = payloads
+        let messages = payloads
             .iter()
             .map(|payload| {
-                // A payload without an id gets one of its own: nobody else saw it.
                 let id = json_id(payload, &self.id_field)
                     .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4()));
                 Incoming {
-                    rejected: reason(payload.len()),
+                    rejected: oversized.then(|| {
+                        format!(
+                            "payload of {} bytes is larger than MAX_PAYLOAD_BYTES ({max}): not published",
+                            payload.len()
+                        )
+                    }),
                     ..Incoming::new(id, payload.to_vec(), now)
                 }
             })
             .collect();
-        let mut written = 0;
+        Pending { messages }
+    }
+
+    /// Writes the pending messages to target `target`'s stream (or its
+    /// dead-letter stream), each exactly once by its id; one the stream
+    /// refuses goes to the dead-letter stream with Redis's reason. Returns
+    /// how many this call wrote, and how many neither stream took.
+    async fn write(&mut self, target: usize, pending: &Pending) -> Result<(u64, u64), RedisError> {
+        let Some(target) = self.targets.get_mut(target) else {
+            return Ok((0, 0));
+        };
+        let (mut written, mut refused) = (0, 0);
+        let mut messages: Vec<Incoming> = pending.messages.clone();
         while !messages.is_empty() {
             let refs: Vec<&Incoming> = messages.iter().collect();
-            let results = self.writer.write_owned(&refs).await?;
-            let mut refused = Vec::new();
+            let results = target.writer.write_owned(&refs).await?;
+            let mut again = Vec::new();
             for (msg, result) in messages.iter().zip(results) {
                 match result {
                     Write::Written => written += 1,
-                    Write::Refused(why) if msg.rejected.is_none() => refused.push(Incoming {
+                    Write::Refused(why) if msg.rejected.is_none() => again.push(Incoming {
                         rejected: Some(format!("the stream refused it: {why}")),
                         ..msg.clone()
                     }),
-                    Write::Refused(why) | Write::NotTried(why) => {
+                    Write::Refused(why) => {
+                        refused += 1;
+                        tracing::error!(message_id = %msg.id, reason = %why, "neither the stream nor the dead-letter stream took the message");
+                    }
+                    Write::NotTried(why) => {
                         return Err(RedisError::from((
                             ErrorKind::Client,
-                            "the stream did not take the message",
+                            "Redis did not take the write for now",
                             why,
                         )));
                     }
                     Write::Acked | Write::Reused | Write::LockLost => {}
                 }
             }
-            messages = refused;
+            messages = again;
         }
-        Ok(written)
+        Ok((written, refused))
+    }
+}
+
+/// The retries of one batch: backing off between attempts, for at most
+/// `retry_for` in all (and not past a shutdown).
+struct Retry<'a> {
+    give_up: Instant,
+    backoff: Box<dyn Iterator<Item = Duration> + Send>,
+    shutdown: &'a CancellationToken,
+    size: usize,
+    /// Messages published again so far.
+    resent: u64,
+}
+
+impl<'a> Retry<'a> {
+    fn new(retry_for: Duration, shutdown: &'a CancellationToken, size: usize) -> Self {
+        Self {
+            give_up: Instant::now() + retry_for,
+            backoff: Box::new(reconnect_backoff()),
+            shutdown,
+            size,
+            resent: 0,
+        }
+    }
+
+    /// After a failed attempt: `Err` when it is not to be retried (fatal,
+    /// out of time, shutting down), else waits its turn.
+    async fn after(&mut self, err: RedisError, what: &str) -> Result<(), RedisError> {
+        let wait = self.backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
+        if is_fatal(&err) || Instant::now() + wait > self.give_up || self.shutdown.is_cancelled() {
+            return Err(err);
+        }
+        tracing::warn!(cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, messages = self.size, "{what}");
+        tokio::time::sleep(wait).await;
+        self.resent += self.size as u64;
+        Ok(())
     }
 }
 
@@ -455,12 +593,7 @@ pub async fn run_messages(
         let mut sender = publisher.clone();
         let retry_for = config.retry_for;
         let stop = shutdown.clone();
-        sending.spawn(async move {
-            (
-                n,
-                send_confirmed(&mut sender, &payloads, retry_for, &stop).await,
-            )
-        });
+        sending.spawn(async move { (n, sender.send(&payloads, retry_for, &stop).await) });
         summary.elapsed = start.elapsed();
 
         if let Some(every) = config.progress_interval
@@ -529,6 +662,7 @@ fn account(summary: &mut PublishSummary, (n, result): Sent) -> Result<(), RedisE
             summary.no_subscriber += outcome.no_subscriber;
             summary.stored_directly += outcome.stored_directly;
             summary.dead_lettered += outcome.dead_lettered;
+            summary.refused += outcome.refused;
             Ok(())
         }
         Err(source) if is_fatal(&source) || summary.published == 0 && summary.failed == 0 => {
@@ -551,33 +685,6 @@ fn join<T>(joined: Option<Result<T, tokio::task::JoinError>>) -> T {
     match joined.expect("a batch was on its way") {
         Ok(value) => value,
         Err(err) => std::panic::resume_unwind(err.into_panic()),
-    }
-}
-
-/// Sends one batch until Redis confirms it, backing off between tries, for
-/// at most `retry_for` (and not past a shutdown). Returns the outcome and how
-/// many messages were sent again.
-async fn send_confirmed(
-    publisher: &mut Publisher,
-    payloads: &[Vec<u8>],
-    retry_for: Duration,
-    shutdown: &CancellationToken,
-) -> Result<(BatchOutcome, u64), RedisError> {
-    let give_up = Instant::now() + retry_for;
-    let mut backoff = reconnect_backoff();
-    let mut resent = 0;
-    loop {
-        let err = match publisher.publish_batch(payloads).await {
-            Ok(outcome) => return Ok((outcome, resent)),
-            Err(err) => err,
-        };
-        let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
-        if is_fatal(&err) || Instant::now() + wait > give_up || shutdown.is_cancelled() {
-            return Err(err);
-        }
-        tracing::warn!(cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, messages = payloads.len(), "batch not confirmed; sending it again");
-        tokio::time::sleep(wait).await;
-        resent += payloads.len() as u64;
     }
 }
 

@@ -174,7 +174,19 @@ async fn run_until_stopped(
     counters: Arc<WorkCounters>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkError> {
-    let Some(mut conn) = connection(&config.endpoint, &shutdown).await? else {
+    // The monitoring line goes on while Redis cannot be reached yet.
+    let connected = CancellationToken::new();
+    let line = counters.clone();
+    let connecting = tokio::spawn(crate::monitor::while_connecting(
+        config.monitoring_interval,
+        config.print_monitor,
+        move || line.line(None),
+        connected.clone(),
+    ));
+    let conn = connection(&config.endpoint, &shutdown).await;
+    connected.cancel();
+    let _ = connecting.await;
+    let Some(mut conn) = conn? else {
         return Ok(());
     };
     let created: Result<(), RedisError> = redis::cmd("XGROUP")

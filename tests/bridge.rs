@@ -703,3 +703,54 @@ fn a_foreign_giant_message_is_a_counted_gap() {
         "the giant is in neither stream: {entries:?}"
     );
 }
+
+/// Before it has ever reached Redis, a consumer prints its monitoring line
+/// all the same, saying it is still connecting.
+#[test]
+fn the_monitoring_line_goes_on_before_redis_is_reached() {
+    let url = format!("redis://127.0.0.1:{}", support::free_port());
+    let consume = OptimusProcess::spawn(
+        &["consume"],
+        &[("REDIS_URL", &url), ("MONITORING_INTERVAL", "0.2")],
+    );
+    support::wait_for(
+        "three monitoring lines saying it is connecting",
+        Duration::from_secs(20),
+        || (consume.stdout().matches("redis=connecting").count() >= 3).then_some(()),
+        || consume.describe(),
+    );
+    let line = consume.latest_line("monitor ").unwrap();
+    assert_eq!(line.values["consumers"], "?", "{}", line.line);
+}
+
+/// Redis out of memory (noeviction): writes are refused for a reason that
+/// passes, so nothing is dead-lettered or lost; the batch is kept and
+/// written once memory is back.
+#[test]
+fn writes_refused_for_now_are_kept_and_written_later() {
+    for strategy in ["partitioned", "race"] {
+        let server = RedisServer::start();
+        let consume = OptimusProcess::consume(&server, &[("STRATEGY", strategy)]);
+        consume.wait_consumers(2);
+        let _: () = server.command(&["CONFIG", "SET", "maxmemory", "1"]);
+        let payloads: Vec<String> = (0..50)
+            .map(|i| format!(r#"{{"message_id":"oom-{i}"}}"#))
+            .collect();
+        publish_raw(
+            &server,
+            &payloads.iter().map(String::as_str).collect::<Vec<_>>(),
+            2,
+        );
+        consume.wait_for_latest("monitor ", Duration::from_secs(20), |f| {
+            f.num("errors") >= 1
+        });
+        assert_eq!(server.xlen(STREAM), 0, "{strategy}: nothing written yet");
+        let _: () = server.command(&["CONFIG", "SET", "maxmemory", "0"]);
+        let entries = settled_entries(&server, &[&consume], 50);
+        assert_eq!(entries.len(), 50, "{strategy}");
+        let line = consume.wait_settled(Duration::from_secs(20));
+        assert_eq!(line.num("dead"), 0, "{strategy}: {}", line.line);
+        assert_eq!(line.num("refused"), 0, "{strategy}: {}", line.line);
+        assert_eq!(server.xlen("messages:processed:dead"), 0, "{strategy}");
+    }
+}

@@ -151,3 +151,75 @@ fn message_id_field_is_the_publisher_s_too() {
         );
     }
 }
+
+/// Without the fast path, what reached no bridge worker is still counted
+/// right: foreign subscribers do not count as the bridge.
+#[test]
+fn without_the_fast_path_foreign_subscribers_still_do_not_count() {
+    let server = RedisServer::start();
+    let _foreign = foreign_subscribers(&server);
+    let summary = publish(&server, &[], &["--count", "300", "--no-fast-path"]);
+    assert_eq!(summary.num("no_subscriber"), 300, "{}", summary.line);
+    assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
+    assert_eq!(server.xlen(STREAM), 0);
+}
+
+/// With the bridge's ROUTES, the publisher on a channel a pattern route
+/// reads asks that route's probe, and its fast path writes to the route's
+/// stream: with no bridge every message lands there once; with the bridge,
+/// the bridge writes them and the fast path nothing.
+#[test]
+fn the_fast_path_follows_the_routes() {
+    let server = RedisServer::start();
+    let routes = [("ROUTES", "ev:*={channel}:out"), ("INPUT_CHANNEL", "ev:eu")];
+    let summary = publish(&server, &routes, &["--count", "200"]);
+    assert_eq!(summary.num("stored_directly"), 200, "{}", summary.line);
+    assert_exactly_once(&server.stream_entries("ev:eu:out"), 0..200);
+    assert_eq!(server.xlen(STREAM), 0, "nothing in OUTPUT_STREAM");
+
+    let _: () = server.command(&["DEL", "ev:eu:out"]);
+    let consume = OptimusProcess::consume(&server, &[("ROUTES", "ev:*={channel}:out")]);
+    consume.wait_consumers(2);
+    let summary = publish(&server, &routes, &["--count", "300"]);
+    assert_eq!(summary.num("no_subscriber"), 0, "{}", summary.line);
+    support::wait_for(
+        "300 entries",
+        Duration::from_secs(20),
+        || (server.xlen("ev:eu:out") >= 300).then_some(()),
+        || consume.describe(),
+    );
+    consume.wait_settled(Duration::from_secs(10));
+    assert_exactly_once(&server.stream_entries("ev:eu:out"), 0..300);
+}
+
+/// Payloads that together would overflow a subscriber's output buffer if
+/// published in one step (1,000 of 40 KB: 40 MB) are published in steps
+/// small enough: the bridge's subscriptions stay up and it gets them all.
+#[test]
+fn a_batch_of_large_payloads_does_not_drop_the_subscribers() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(&server, &[]);
+    consume.wait_consumers(2);
+    let summary = publish(
+        &server,
+        &[],
+        &[
+            "--count",
+            "1000",
+            "--payload-size",
+            "40000",
+            "--batch-size",
+            "1000",
+        ],
+    );
+    assert_eq!(summary.num("no_subscriber"), 0, "{}", summary.line);
+    support::wait_for(
+        "1000 entries",
+        Duration::from_secs(60),
+        || (server.xlen(STREAM) >= 1000).then_some(()),
+        || consume.describe(),
+    );
+    let line = consume.wait_settled(Duration::from_secs(20));
+    assert_eq!(line.num("reconnects"), 0, "{}", line.line);
+    assert_exactly_once(&server.stream_entries(STREAM), 0..1000);
+}

@@ -8,11 +8,16 @@ use std::time::Duration;
 use support::{OptimusProcess, RedisServer, Tally, assert_exactly_once, publish_with};
 
 /// Publishes `count` test messages on `channel` (no fast path: what reached
-/// no worker is only counted).
-fn publish_on(server: &RedisServer, channel: &str, count: u64) {
+/// no worker is only counted); `routes`, the bridge's ROUTES, tell the
+/// publisher which probe counts the bridge's workers.
+fn publish_routed(server: &RedisServer, routes: &str, channel: &str, count: u64) {
     let url = server.url();
     let done = publish_with(
-        &[("REDIS_URL", url.as_str()), ("INPUT_CHANNEL", channel)],
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("INPUT_CHANNEL", channel),
+            ("ROUTES", routes),
+        ],
         &["--count", &count.to_string(), "--no-fast-path"],
     );
     assert_eq!(
@@ -33,19 +38,20 @@ fn wait_len(server: &RedisServer, stream: &str, n: usize, consume: &OptimusProce
 
 #[test]
 fn each_channel_goes_to_its_own_stream_with_either_strategy() {
+    const ROUTES: &str = "orders=orders:out, payments=payments:out";
     for strategy in ["partitioned", "race"] {
         let server = RedisServer::start();
         let consume = OptimusProcess::consume(
             &server,
             &[
-                ("ROUTES", "orders=orders:out, payments=payments:out"),
+                ("ROUTES", ROUTES),
                 ("CONSUMERS_COUNT", "3"),
                 ("STRATEGY", strategy),
             ],
         );
         consume.wait_consumers(3);
-        publish_on(&server, "orders", 3000);
-        publish_on(&server, "payments", 1000);
+        publish_routed(&server, ROUTES, "orders", 3000);
+        publish_routed(&server, ROUTES, "payments", 1000);
         wait_len(&server, "orders:out", 3000, &consume);
         wait_len(&server, "payments:out", 1000, &consume);
         consume.wait_settled(Duration::from_secs(20));
@@ -80,8 +86,8 @@ fn a_pattern_with_a_template_makes_one_stream_per_channel() {
         ],
     );
     consume.wait_consumers(2);
-    publish_on(&server, "events:eu", 1500);
-    publish_on(&server, "events:us", 700);
+    publish_routed(&server, "events:*={channel}:processed", "events:eu", 1500);
+    publish_routed(&server, "events:*={channel}:processed", "events:us", 700);
     // A message nobody routes reaches no worker.
     let receivers: i64 = server.command(&["PUBLISH", "other", "x"]);
     assert_eq!(receivers, 0);
@@ -106,20 +112,12 @@ fn a_pattern_with_a_template_makes_one_stream_per_channel() {
 fn streams_are_capped_by_length_or_age() {
     let server = RedisServer::start();
     // Exact trimming: the length is the cap.
-    let consume = OptimusProcess::consume(
-        &server,
-        &[
-            (
-                "ROUTES",
-                "short=short:out;maxlen=100, young=young:out;max_age=1, free=free:out",
-            ),
-            ("STREAM_TRIM", "exact"),
-        ],
-    );
+    const ROUTES: &str = "short=short:out;maxlen=100, young=young:out;max_age=1, free=free:out";
+    let consume = OptimusProcess::consume(&server, &[("ROUTES", ROUTES), ("STREAM_TRIM", "exact")]);
     consume.wait_consumers(2);
-    publish_on(&server, "short", 1000);
-    publish_on(&server, "young", 500);
-    publish_on(&server, "free", 300);
+    publish_routed(&server, ROUTES, "short", 1000);
+    publish_routed(&server, ROUTES, "young", 500);
+    publish_routed(&server, ROUTES, "free", 300);
     wait_len(&server, "free:out", 300, &consume);
     support::wait_for(
         "the capped streams to be written",
@@ -142,7 +140,7 @@ fn streams_are_capped_by_length_or_age() {
     // only those ten.
     assert_eq!(server.xlen("young:out"), 500);
     std::thread::sleep(Duration::from_millis(1500));
-    publish_on(&server, "young", 10);
+    publish_routed(&server, ROUTES, "young", 10);
     support::wait_for(
         "the old entries of young:out trimmed",
         Duration::from_secs(30),
@@ -156,7 +154,12 @@ fn an_approximate_global_cap_keeps_about_the_length() {
     let server = RedisServer::start();
     let consume = OptimusProcess::consume(&server, &[("STREAM_MAXLEN", "500")]);
     consume.wait_consumers(2);
-    publish_on(&server, "messages:published", 5000);
+    publish_routed(
+        &server,
+        "messages:published=messages:processed",
+        "messages:published",
+        5000,
+    );
     support::wait_for(
         "5000 messages written",
         Duration::from_secs(30),

@@ -819,6 +819,17 @@ fn audit_checks_one_run_exactly() {
     assert_eq!(code, Some(1), "unexpected fails the audit: {}", report.line);
     assert_eq!(report.num("unexpected"), 1, "{}", report.line);
 
+    // A run's oversized messages are in the dead-letter stream: dead, not lost.
+    let big = support::publish(&server, &["--count", "3", "--payload-size", "2000000"]);
+    let (code, report, _) = audit(&["--run", &big.values["run"]]);
+    assert_eq!(code, Some(1), "3 of 1000: {}", report.line);
+    assert_eq!(
+        (report.num("dead"), report.num("lost")),
+        (3, 997),
+        "{}",
+        report.line
+    );
+
     let (code, report, stderr) = audit(&["--stream", "nosuch"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("does not exist"), "{stderr}");

@@ -367,11 +367,16 @@ macro_rules! try_xadd_lua {
         r#"
 local passing = {OOM = true, NOREPLICAS = true, READONLY = true, MASTERDOWN = true,
   LOADING = true, BUSY = true, TRYAGAIN = true, CLUSTERDOWN = true, MISCONF = true}
+local refused_us = {NOPERM = true, NOAUTH = true, WRONGPASS = true}
 local function try_xadd(xadd, target, from, to)
   local ok, err = pcall(xadd, target, from, to)
   if ok then return nil end
   local reason = type(err) == 'table' and err.err or tostring(err)
-  return reason, passing[string.match(reason, '^(%u+)') or ''] == true
+  local code = string.match(reason, '^(%u+)') or ''
+  -- Refused permissions end the script with that error: retrying, or
+  -- dead-lettering, cannot mend them.
+  if refused_us[code] then error(err) end
+  return reason, passing[code] == true
 end
 -- Writes one message and, only if that worked, its ACK; appends its code
 -- and detail to `out`. Returns true when the script must stop here.

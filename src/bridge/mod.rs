@@ -116,10 +116,27 @@ impl Bridge {
             server: server.clone(),
             source,
         };
-        let Some(mut conn) = connection(&config.endpoint, &shutdown)
-            .await
-            .map_err(refused)?
-        else {
+        // The monitoring line goes on while Redis cannot be reached yet.
+        let connected = CancellationToken::new();
+        let counters = self.counters.clone();
+        let connecting = tokio::spawn(crate::monitor::while_connecting(
+            config.monitoring_interval,
+            config.print_monitor,
+            move || {
+                MonitorLine {
+                    consumers: None,
+                    counters: counters.snapshot(),
+                    rate: 0.0,
+                    link: counters.link(),
+                }
+                .to_string()
+            },
+            connected.clone(),
+        ));
+        let conn = connection(&config.endpoint, &shutdown).await;
+        connected.cancel();
+        let _ = connecting.await;
+        let Some(mut conn) = conn.map_err(refused)? else {
             return Ok(self.counters.snapshot());
         };
         let routes = config.effective_routes();

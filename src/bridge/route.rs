@@ -55,6 +55,15 @@ impl Route {
         self.target.replace(CHANNEL, channel)
     }
 
+    /// Whether this route reads `channel`: it is the route's channel, or
+    /// the route's pattern matches it.
+    pub fn matches(&self, channel: &str) -> bool {
+        match self.pattern {
+            true => glob_match(self.source.as_bytes(), channel.as_bytes()),
+            false => self.source == channel,
+        }
+    }
+
     /// Whether the stream depends on the channel.
     pub fn is_template(&self) -> bool {
         self.target.contains(CHANNEL)
@@ -86,6 +95,85 @@ impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}={}", self.source, self.target)
     }
+}
+
+/// Whether `text` matches the PSUBSCRIBE pattern `pattern`, as Redis
+/// matches them (its `stringmatchlen`): `*` any run, `?` one byte, `[…]` one
+/// of a set or range (`[^…]` none of them), `\` makes the next byte plain.
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    while p < pattern.len() {
+        match pattern[p] {
+            b'*' => {
+                while p + 1 < pattern.len() && pattern[p + 1] == b'*' {
+                    p += 1;
+                }
+                if p + 1 == pattern.len() {
+                    return true;
+                }
+                return (t..=text.len()).any(|from| glob_match(&pattern[p + 1..], &text[from..]));
+            }
+            b'?' => {
+                if t >= text.len() {
+                    return false;
+                }
+                t += 1;
+            }
+            b'[' => {
+                if t >= text.len() {
+                    return false;
+                }
+                p += 1;
+                let not = pattern.get(p) == Some(&b'^');
+                if not {
+                    p += 1;
+                }
+                let mut matched = false;
+                while p < pattern.len() && pattern[p] != b']' {
+                    if pattern[p] == b'\\' && p + 1 < pattern.len() {
+                        p += 1;
+                        matched |= pattern[p] == text[t];
+                    } else if p + 2 < pattern.len()
+                        && pattern[p + 1] == b'-'
+                        && pattern[p + 2] != b']'
+                    {
+                        let (mut lo, mut hi) = (pattern[p], pattern[p + 2]);
+                        if lo > hi {
+                            std::mem::swap(&mut lo, &mut hi);
+                        }
+                        matched |= (lo..=hi).contains(&text[t]);
+                        p += 2;
+                    } else {
+                        matched |= pattern[p] == text[t];
+                    }
+                    p += 1;
+                }
+                if p >= pattern.len() {
+                    // An unclosed set stands for its last byte (as Redis does).
+                    p = pattern.len() - 1;
+                }
+                if matched == not {
+                    return false;
+                }
+                t += 1;
+            }
+            b'\\' if p + 1 < pattern.len() => {
+                p += 1;
+                if t >= text.len() || pattern[p] != text[t] {
+                    return false;
+                }
+                t += 1;
+            }
+            byte => {
+                if t >= text.len() || byte != text[t] {
+                    return false;
+                }
+                t += 1;
+            }
+        }
+        p += 1;
+    }
+    t == text.len()
 }
 
 /// Parses ROUTES (see the module's notes); `exact` is STREAM_TRIM=exact.
@@ -311,6 +399,36 @@ mod tests {
             routes[2].trim.map(|t| t.cap),
             Some(Cap::MaxAge(Duration::from_secs(60)))
         );
+    }
+
+    #[test]
+    fn patterns_match_as_redis_matches_them() {
+        for (pattern, text, yes) in [
+            ("ev:*", "ev:a", true),
+            ("ev:*", "ev:", true),
+            ("ev:*", "e", false),
+            ("ev:a*", "ev:ab", true),
+            ("ev:a*", "ev:b", false),
+            ("ev:?b", "ev:ab", true),
+            ("ev:?b", "ev:abb", false),
+            ("*", "anything:at:all", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("[abc]x", "bx", true),
+            ("[abc]x", "dx", false),
+            ("[^abc]x", "dx", true),
+            ("[a-c]x", "cx", true),
+            ("[c-a]x", "bx", true),
+            ("[a-c]x", "dx", false),
+            ("a\\*", "a*", true),
+            ("a\\*", "ab", false),
+        ] {
+            assert_eq!(
+                glob_match(pattern.as_bytes(), text.as_bytes()),
+                yes,
+                "{pattern} ~ {text}"
+            );
+        }
     }
 
     #[test]
