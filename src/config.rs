@@ -377,22 +377,25 @@ pub enum PubSubMode {
 /// How the workers share the duty to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Strategy {
-    /// Each message has one owner among the live workers (a hash of its
-    /// bytes); the owner writes it, the others drop their copy once the
-    /// owner's watermark covers it, and take it over if it does not in time.
-    /// Redis work per message does not grow with the number of workers.
+    /// One writer per stream among the live processes, fenced by the
+    /// stream's writer record; the others keep copies as standbys and take
+    /// over when it falls silent, stops receiving or gets stuck. Writes in
+    /// publish order, keeps no key per message, and costs Redis the same
+    /// whatever the number of workers. (`partitioned`, the name of the
+    /// strategy it replaces, is taken for it.)
     #[default]
-    Partitioned,
+    #[value(alias = "partitioned")]
+    Fenced,
     /// The design card's protocol: every worker races for every message's
     /// lock; the winner writes. Redis work per message grows with the workers.
     Race,
 }
 
 impl Strategy {
-    /// The setting's value (`partitioned`, `race`).
+    /// The setting's value (`fenced`, `race`).
     pub fn name(&self) -> &'static str {
         match self {
-            Strategy::Partitioned => "partitioned",
+            Strategy::Fenced => "fenced",
             Strategy::Race => "race",
         }
     }
@@ -444,41 +447,54 @@ pub struct ConsumeArgs {
     /// JSON field of a payload that carries the message's id.
     #[arg(long, env = "MESSAGE_ID_FIELD", default_value = "message_id")]
     pub message_id_field: String,
-    /// Seconds a worker's per-message lock lasts: how long a crashed worker's
-    /// messages wait before another worker takes them over.
+    /// Race strategy: seconds a per-message lock lasts: how long a crashed
+    /// worker's messages wait before another worker takes them over.
     #[arg(long, env = "LOCK_TTL", default_value = "2")]
     pub lock_ttl: String,
-    /// Partitioned strategy: seconds a copy waits for its owner's watermark
-    /// to cover it, while that watermark is not moving, before this worker
-    /// takes the message over. A message is safe while at least one worker
-    /// holding it outlives this window.
+    /// Fenced strategy: seconds a standby waits for a stream's writer that
+    /// fell silent, stopped receiving (its subscription lags the others') or
+    /// holds copies unwritten, before it takes the stream over (fencing the
+    /// writer off). A message is safe while at least one process holding it
+    /// outlives this window.
     #[arg(long, env = "TAKEOVER_AFTER", default_value = "0.25")]
     pub takeover_after: String,
-    /// Seconds a worker keeps its copy of a message another worker locked,
-    /// waiting for its ACK, before dropping it as expired.
+    /// Race strategy: seconds a worker keeps its copy of a message another
+    /// worker locked, waiting for its ACK, before dropping it as expired.
     #[arg(long, env = "PENDING_RETENTION", default_value = "30")]
     pub pending_retention: String,
-    /// Seconds an ACK key (the record that a message was written) lives; must
-    /// be longer than PENDING_RETENTION + LOCK_TTL.
+    /// Race strategy: seconds an ACK key (the record that a message was
+    /// written) lives; must be longer than PENDING_RETENTION + LOCK_TTL. A
+    /// copy published longer ago than ACK_TTL − LOCK_TTL is never written.
     #[arg(long, env = "ACK_TTL", default_value = "60")]
     pub ack_ttl: String,
+    /// Fenced strategy: seconds (by publish time) within which a message
+    /// whose id was already written is taken for a re-sent one (a publisher
+    /// retrying) and written once; 0 turns it off.
+    #[arg(long, env = "DEDUP_WINDOW", default_value = "5")]
+    pub dedup_window: String,
     /// Seconds a presence key lives without a refresh (refreshed every third of it).
     #[arg(long, env = "PRESENCE_TTL", default_value = "5")]
     pub presence_ttl: String,
-    /// How workers share the writing: `partitioned` (one owner per message,
-    /// cost independent of the worker count) or `race` (every worker races for
-    /// every message's lock). [default: partitioned; on a cluster, race]
+    /// How workers share the writing: `fenced` (one writer per stream, in
+    /// publish order, no key per message; `partitioned` is taken for it) or
+    /// `race` (every worker races for every message's lock). [default:
+    /// fenced; on a cluster, race]
     #[arg(long, env = "STRATEGY")]
     pub strategy: Option<String>,
     /// Stream entry layout: `envelope` (message_id, payload, consumer_id) or
     /// `flat` (also the top-level fields of a JSON object payload).
     #[arg(long, env = "OUTPUT_FORMAT", default_value = "envelope")]
     pub output_format: String,
-    /// Messages a worker may hold between reading and writing (half read off
-    /// the socket, half waiting for the worker); when full, the newest message
-    /// is dropped by that worker and counted as `overflow`.
-    #[arg(long, env = "QUEUE_CAPACITY", default_value = "50000")]
-    pub queue_capacity: String,
+    /// Memory this process may use for messages (bytes, or with KiB, MiB,
+    /// GiB): when it is spent the readers stop reading, so that messages wait
+    /// in the server's output buffer; copies another process writes are
+    /// dropped first (`overflow`).
+    #[arg(long, env = "MEMORY_LIMIT", default_value = "256MiB")]
+    pub memory_limit: String,
+    /// No longer used: the memory bound is MEMORY_LIMIT (a value is ignored,
+    /// with a warning).
+    #[arg(long, env = "QUEUE_CAPACITY", hide = true)]
+    pub queue_capacity: Option<String>,
     /// Payloads larger than this many bytes go to the dead-letter stream.
     #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576")]
     pub max_payload_bytes: String,
@@ -584,7 +600,10 @@ pub struct BridgeConfig {
     pub(crate) presence_ttl: Duration,
     pub(crate) output_format: OutputFormat,
     pub(crate) strategy: Strategy,
-    pub(crate) queue_capacity: usize,
+    /// MEMORY_LIMIT, in bytes.
+    pub(crate) memory_limit: usize,
+    /// DEDUP_WINDOW.
+    pub(crate) dedup_window: Duration,
     pub(crate) max_payload_bytes: usize,
     /// `None`: `<OUTPUT_STREAM>:dead`.
     pub(crate) dead_letter_stream: Option<String>,
@@ -632,8 +651,9 @@ impl BridgeConfig {
             ack_ttl: Duration::from_secs(60),
             presence_ttl: Duration::from_secs(5),
             output_format: OutputFormat::Envelope,
-            strategy: Strategy::Partitioned,
-            queue_capacity: 50_000,
+            strategy: Strategy::Fenced,
+            memory_limit: 256 << 20,
+            dedup_window: Duration::from_secs(5),
             max_payload_bytes: 1 << 20,
             dead_letter_stream: None,
             print_monitor: false,
@@ -664,8 +684,10 @@ impl BridgeConfig {
         output_format: OutputFormat;
         /// How workers share the writing (STRATEGY).
         strategy: Strategy;
-        /// Per-worker bound of the read queue (QUEUE_CAPACITY).
-        queue_capacity: usize;
+        /// Memory for messages, in bytes (MEMORY_LIMIT).
+        memory_limit: usize;
+        /// Window for re-sent ids (DEDUP_WINDOW).
+        dedup_window: Duration;
         /// Larger payloads are dead-lettered (MAX_PAYLOAD_BYTES).
         max_payload_bytes: usize;
         /// Print the monitoring line on stdout.
@@ -766,7 +788,7 @@ impl BridgeConfig {
         for (var, value, range) in [
             ("CONSUMERS_COUNT", self.consumers, limits::WORKERS),
             ("PROCESSING_BATCH_SIZE", self.batch_size, limits::BATCH),
-            ("QUEUE_CAPACITY", self.queue_capacity, limits::QUEUE),
+            ("MEMORY_LIMIT", self.memory_limit, limits::MEMORY),
             (
                 "MAX_PAYLOAD_BYTES",
                 self.max_payload_bytes,
@@ -820,10 +842,10 @@ impl BridgeConfig {
                 &self.output_stream,
                 ":dead",
             )?;
-            if self.strategy == Strategy::Partitioned {
+            if self.strategy == Strategy::Fenced {
                 return Err(ConfigError::new(
                     "STRATEGY",
-                    "partitioned",
+                    "fenced",
                     "needs one server's order of marks and messages; on a cluster use race (the default there)",
                 ));
             }
@@ -944,9 +966,10 @@ impl ConsumeArgs {
             strategy: match &self.strategy {
                 Some(raw) => parse_choice("STRATEGY", raw)?,
                 None if endpoint.is_cluster() => Strategy::Race,
-                None => Strategy::Partitioned,
+                None => Strategy::Fenced,
             },
-            queue_capacity: parse_whole("QUEUE_CAPACITY", &self.queue_capacity, limits::QUEUE)?,
+            memory_limit: parse_bytes("MEMORY_LIMIT", &self.memory_limit, limits::MEMORY)? as usize,
+            dedup_window: parse_seconds("DEDUP_WINDOW", &self.dedup_window, 0.0..=3600.0)?,
             max_payload_bytes: parse_whole(
                 "MAX_PAYLOAD_BYTES",
                 &self.max_payload_bytes,
@@ -1042,6 +1065,11 @@ pub struct PublishArgs {
     /// Seconds to keep retrying a batch Redis did not confirm before giving it up.
     #[arg(long, default_value = "30")]
     pub retry_for: String,
+    /// The bridge's DEDUP_WINDOW, seconds: a batch Redis did not confirm is
+    /// published again only within it (less a second) of its first attempt,
+    /// where the bridge writes each id once.
+    #[arg(long, env = "DEDUP_WINDOW", default_value = "5")]
+    pub dedup_window: String,
     /// JSON field of each test message that carries its id (the bridge's
     /// MESSAGE_ID_FIELD); the fast path knows messages by it.
     #[arg(long, env = "MESSAGE_ID_FIELD", default_value = "message_id")]
@@ -1108,6 +1136,8 @@ pub struct PublishConfig {
     pub ack_ttl: Duration,
     /// How long a batch Redis did not confirm is retried before it is given up.
     pub retry_for: Duration,
+    /// The bridge's DEDUP_WINDOW (see `--dedup-window`).
+    pub dedup_window: Duration,
 }
 
 impl PublishConfig {
@@ -1130,6 +1160,7 @@ impl PublishConfig {
             max_payload_bytes: 1 << 20,
             ack_ttl: Duration::from_secs(60),
             retry_for: Duration::from_secs(30),
+            dedup_window: Duration::from_secs(5),
         }
     }
 }
@@ -1232,6 +1263,7 @@ impl PublishArgs {
             )?,
             ack_ttl: parse_interval("ACK_TTL", &self.ack_ttl)?,
             retry_for: parse_seconds("--retry-for", &self.retry_for, 0.0..=86_400.0)?,
+            dedup_window: parse_seconds("DEDUP_WINDOW", &self.dedup_window, 0.0..=3600.0)?,
         })
     }
 }
@@ -1248,8 +1280,8 @@ pub mod limits {
     pub const TOTAL_WORKERS: RangeInclusive<u64> = 0..=1024;
     /// PROCESSING_BATCH_SIZE.
     pub const BATCH: RangeInclusive<u64> = 1..=10_000;
-    /// QUEUE_CAPACITY.
-    pub const QUEUE: RangeInclusive<u64> = 1..=10_000_000;
+    /// MEMORY_LIMIT: from 8 MiB to 64 GiB.
+    pub const MEMORY: RangeInclusive<u64> = 8 << 20..=64 << 30;
     /// MAX_PAYLOAD_BYTES: at most half the server's default Pub/Sub
     /// output-buffer hard limit (32 MB), past which one message drops every
     /// subscriber at once.
@@ -1283,6 +1315,54 @@ pub(crate) fn parse_whole<T: TryFrom<u64>>(
         .filter(|n| range.contains(n))
         .ok_or_else(bad)?;
     T::try_from(n).map_err(|_| bad())
+}
+
+/// A size in bytes within `range`: a whole number, or one with a unit
+/// (`KiB`, `MiB`, `GiB`, or `K`, `M`, `G`, `KB`, `MB`, `GB`, all powers of
+/// 1024); anything else is one line naming the range.
+pub(crate) fn parse_bytes(
+    var: &'static str,
+    raw: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    let bad = || {
+        ConfigError::new(
+            var,
+            raw,
+            format!(
+                "expected a size from {} to {} (bytes, or with KiB, MiB, GiB), like 256MiB",
+                show_bytes(*range.start()),
+                show_bytes(*range.end())
+            ),
+        )
+    };
+    let text = raw.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(scale)
+        .filter(|n| range.contains(n))
+        .ok_or_else(bad)
+}
+
+/// A size as a person writes it: 8MiB, 64GiB, 1000 bytes.
+fn show_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
 }
 
 /// A count already parsed (a library setting) checked against `range`, with

@@ -230,6 +230,112 @@ impl Endpoint {
     }
 }
 
+/// A byte stream to one server: TCP, TLS over TCP, or a unix socket.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for T {}
+
+impl Endpoint {
+    /// A raw byte stream to the server (one server, not a cluster), TLS
+    /// applied, for a connection that speaks RESP itself (the subscription's
+    /// reader). Fails after 5 s.
+    pub async fn open_stream(&self) -> RedisResult<Box<dyn Transport>> {
+        let opened = tokio::time::timeout(Duration::from_secs(5), self.open_stream_now()).await;
+        match opened {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(err)) => Err(self.diagnose(err).await),
+            Err(_) => {
+                let err = RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting timed out",
+                ));
+                Err(self.diagnose(err).await)
+            }
+        }
+    }
+
+    async fn open_stream_now(&self) -> RedisResult<Box<dyn Transport>> {
+        use redis::ConnectionAddr;
+        let info = self.info()?;
+        match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                Ok(Box::new(tcp))
+            }
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                    RedisError::from((
+                        ErrorKind::InvalidClientConfig,
+                        "TLS",
+                        format!("{host} is not a name a certificate can carry"),
+                    ))
+                })?;
+                let connector =
+                    tokio_rustls::TlsConnector::from(std::sync::Arc::new(self.tls_config()?));
+                Ok(Box::new(connector.connect(name, tcp).await?))
+            }
+            ConnectionAddr::Unix(path) => {
+                Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+            }
+            other => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "unsupported address",
+                other.to_string(),
+            ))),
+        }
+    }
+
+    /// The TLS client settings: the CA file's certificates (or the
+    /// system's), and the client certificate when there is one.
+    fn tls_config(&self) -> RedisResult<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, err: String| {
+            RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "TLS",
+                format!("{what}: {err}"),
+            ))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match self.tls.as_ref().and_then(|t| t.root_cert.as_ref()) {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| bad("REDIS_TLS_CA_FILE", e.to_string()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| bad("REDIS_TLS_CA_FILE", e.to_string()))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("TLS versions", e.to_string()))?
+            .with_root_certificates(roots);
+        match self.tls.as_ref().and_then(|t| t.client_tls.as_ref()) {
+            None => Ok(builder.with_no_client_auth()),
+            Some(client) => {
+                let certs = CertificateDer::pem_slice_iter(&client.client_cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad("REDIS_TLS_CERT_FILE", e.to_string()))?;
+                let key = PrivateKeyDer::from_pem_slice(&client.client_key)
+                    .map_err(|e| bad("REDIS_TLS_KEY_FILE", e.to_string()))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| bad("REDIS_TLS_CERT_FILE", e.to_string()))
+            }
+        }
+    }
+}
+
 /// A command connection to a single server or a cluster: the same commands
 /// and scripts go through either (on a cluster, each to the shard of its
 /// first key).

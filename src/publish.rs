@@ -7,26 +7,28 @@
 //! `--payload-size` bytes when asked); `run` names one run of the publisher,
 //! for `optimus audit`.
 //!
-//! Each batch is one round trip: one script that asks `PUBSUB NUMSUB` of the
-//! bridge's probe channel (see [`probe_channel`]) and PUBLISHes the batch.
-//! Redis runs it as one step, so the count says exactly whether a bridge
-//! worker was subscribed when those messages were published: other
-//! subscribers (a monitor's `PSUBSCRIBE *`, a service of yours) do not
-//! count. (A script, not MULTI: the README's ACL rule allows scripts, not
-//! transactions.) A batch
-//! published while none was would be lost by Pub/Sub, so the publisher
-//! writes it straight to the output stream through the bridge's ACK protocol
-//! (the *fast path*): exactly once, like the rest. A payload larger than
-//! MAX_PAYLOAD_BYTES is not published at all (it could drop every
-//! subscriber at the server's output-buffer limit): it goes to the
+//! On one server each batch goes out as scripts (`publish.lua`) of at most
+//! [`MAX_SCRIPT_BYTES`] each, which in one step ask `PUBSUB NUMSUB` of the
+//! bridge's probe channel (see [`probe_channel`]: other subscribers, a
+//! monitor's `PSUBSCRIBE *`, do not count) and publish; when no bridge
+//! worker was subscribed, the same step writes the messages to the stream
+//! itself (the *fast path*), so nothing it sent is lost. Each script leaves
+//! a marker for its part of the batch (for `--retry-for` and a minute more):
+//! sending a part again after Redis did not confirm it (connection lost,
+//! server restarting) writes nothing twice; it publishes the part again
+//! only within the bridge's DEDUP_WINDOW (less a second), inside which the
+//! bridge writes an id once (a server that stops right after a script never
+//! sends its output to the subscribers); and a part that comes after its
+//! deadline is refused rather than risk the marker being gone. Nothing is
+//! stored per message.
+//!
+//! A payload larger than MAX_PAYLOAD_BYTES is not published at all (it could
+//! drop every subscriber at the server's output-buffer limit): it goes to the
 //! dead-letter stream, with the reason.
 //!
-//! A batch Redis did not confirm (connection lost, server restarting) is
-//! sent again, with the same ids, until it is confirmed or `retry_for` has
-//! passed; the ACK keys make the second sending harmless.
-//!
-//! On a cluster the probe is not used: a PUBLISH's count (its node's
-//! subscribers) decides, as the README says.
+//! On a cluster the probe is not asked: a PUBLISH's own count (its node's
+//! subscribers) decides, and the fast path writes with the race strategy's
+//! ACK keys.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,9 +38,12 @@ use redis::{ErrorKind, RedisError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::delivery::{Delivery, Destination, Write, probe_channel};
+use std::sync::Arc;
+
+use crate::bridge::delivery::ids::json_id;
+use crate::bridge::delivery::race::{Racer, Write};
+use crate::bridge::delivery::{Destination, Lane, Message, Trim, probe_channel, scripts};
 use crate::bridge::host_name;
-use crate::bridge::message::{Incoming, json_id};
 use crate::config::{Pace, PublishConfig, PublishLimit};
 use crate::connect::{Conn, is_fatal, reconnect_backoff};
 
@@ -116,29 +121,15 @@ pub struct BatchOutcome {
     pub refused: u64,
 }
 
-/// ARGV: the probe channel, PUBLISH or SPUBLISH, the channel, then the
-/// payloads. Publishes them all and returns how many bridge subscriptions
-/// there were (the probe's subscribers), in one step.
-const PUBLISH_BATCH: &str = r#"
-local bridge = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
-for i = 4, #ARGV do
-  redis.call(ARGV[2], ARGV[3], ARGV[i])
-end
-return bridge
-"#;
-
 /// Most payload bytes one PUBLISH script carries. Redis sends subscribers
 /// nothing while a script runs, so a script's whole output lands in each
 /// subscriber's buffer at once: this keeps it far below the Pub/Sub
 /// output-buffer limit (32 MB hard, 8 MB soft by default).
-const MAX_SCRIPT_BYTES: usize = 1 << 20;
+pub const MAX_SCRIPT_BYTES: usize = 1 << 20;
 
-/// Where the fast path writes a channel's messages: each stream a route
-/// gives the channel.
-#[derive(Clone)]
-struct Target {
-    writer: Delivery,
-}
+/// How long a batch's marker outlives its `--retry-for`: the margin for the
+/// publisher's estimate of the server's clock.
+const MARKER_MARGIN: Duration = Duration::from_secs(60);
 
 /// Publishes batches on a channel; what no bridge worker could receive is
 /// written to the stream directly (the fast path), exactly once, and
@@ -157,17 +148,20 @@ pub struct Publisher {
     fast_path: bool,
     /// The streams the routes give `channel`, in route order; the first
     /// one's dead-letter stream takes the oversized payloads.
-    targets: Vec<Target>,
-    publish_batch: redis::Script,
+    targets: Vec<Arc<Lane>>,
+    /// Writes with ACK keys: the dead letters, and the fast path on a
+    /// cluster (or to a second stream).
+    racer: Racer,
+    consumer: String,
     id_field: String,
     max_payload_bytes: usize,
-}
-
-/// A batch's messages in the form the fast path writes them: each with its
-/// id fixed once, so that writing them again after an unconfirmed attempt
-/// writes nothing twice.
-struct Pending {
-    messages: Vec<Incoming>,
+    /// How long after its first attempt a part Redis did not confirm is
+    /// published again (see `publish.lua`): a second less than the
+    /// bridge's DEDUP_WINDOW.
+    republish_within: Duration,
+    /// The server's clock at connect, and the local instant then: batches'
+    /// deadlines are in the server's time.
+    server_clock: (u64, Instant),
 }
 
 impl Publisher {
@@ -193,55 +187,68 @@ impl Publisher {
             }
         };
         // A server that wants a password says so here, in one line, before
-        // any batch is sent.
+        // any batch is sent; its clock dates the batches.
         let mut conn = conn;
-        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let server_clock = (secs * 1000 + micros / 1000, Instant::now());
+        // A cluster node reached by a plain URL takes no script whose keys
+        // are in other slots: publish as on a cluster. (A user without INFO
+        // is taken for a plain server's.)
+        let cluster_node = !endpoint.is_cluster()
+            && redis::cmd("INFO")
+                .arg("cluster")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok_and(|info| info.contains("cluster_enabled:1"));
         let consumer = format!("publisher-{}-{}", host_name(), std::process::id());
         let routes = config.routes_for_channel();
-        let mut streams: Vec<String> = Vec::new();
+        let mut targets: Vec<Arc<Lane>> = Vec::new();
         for route in &routes {
             let stream = route.stream_for(&config.channel);
-            if !streams.contains(&stream) {
-                streams.push(stream);
+            if targets.iter().all(|t| t.stream() != stream) {
+                targets.push(Arc::new(Lane::new(
+                    Destination {
+                        dead_stream: config.dead_stream_of(&stream),
+                        id_field: config.id_field.clone(),
+                        ..Destination::new(&stream, &config.channel)
+                    },
+                    None,
+                )));
             }
         }
-        let targets = streams
-            .iter()
-            .map(|stream| Target {
-                writer: Delivery::new(
-                    conn.clone(),
-                    Destination {
-                        dead_stream: config.dead_stream_of(stream),
-                        id_field: config.id_field.clone(),
-                        ..Destination::new(stream, &config.channel)
-                    },
-                    consumer.clone(),
-                    Duration::from_secs(2),
-                    config.ack_ttl,
-                ),
-            })
-            .collect();
         Ok(Self {
+            racer: Racer::new(
+                conn.clone(),
+                consumer.clone(),
+                Duration::from_secs(2),
+                config.ack_ttl,
+            ),
             conn,
             probe: routes.first().map(|r| probe_channel(&r.source)),
             sharded: endpoint.is_sharded(),
-            cluster: endpoint.is_cluster(),
+            cluster: endpoint.is_cluster() || cluster_node,
             channel: config.channel.clone(),
             fast_path: config.fast_path,
             targets,
-            publish_batch: redis::Script::new(PUBLISH_BATCH),
+            consumer,
             id_field: config.id_field.clone(),
             max_payload_bytes: config.max_payload_bytes,
+            republish_within: config.dedup_window.saturating_sub(Duration::from_secs(1)),
+            server_clock,
         })
     }
 
-    /// Publishes `payloads`, then writes the ones no bridge worker could
-    /// receive through the fast path, and the oversized ones to the
-    /// dead-letter stream, retrying what Redis does not confirm for at most
-    /// `retry_for`. The publishing is retried as a whole; once it is
-    /// confirmed, only the writing is, so a message is never published
-    /// twice because a write failed. Returns the outcome and how many
-    /// messages were published again.
+    /// The server's time now, as the publisher reckons it (ms).
+    fn server_now(&self) -> u64 {
+        self.server_clock.0 + self.server_clock.1.elapsed().as_millis() as u64
+    }
+
+    /// Publishes `payloads`, writes the ones no bridge worker could receive
+    /// through the fast path, and the oversized ones to the dead-letter
+    /// stream, retrying what Redis does not confirm for at most `retry_for`:
+    /// a part sent again publishes and writes nothing twice (see the
+    /// module's notes). Returns the outcome and how many messages were sent
+    /// again.
     pub async fn send(
         &mut self,
         payloads: &[Vec<u8>],
@@ -253,30 +260,65 @@ impl Publisher {
             .iter()
             .partition(|p| p.len() <= self.max_payload_bytes);
         let mut outcome = BatchOutcome::default();
-        let missed = loop {
-            match self.publish(&fit).await {
-                Ok(missed) => break missed,
-                Err(err) => {
-                    retry
-                        .after(err, "batch not confirmed; sending it again")
-                        .await?
+        let deadline = self.server_now() + retry_for.as_millis() as u64;
+        let mut missed: Vec<&Vec<u8>> = Vec::new();
+        for part in parts(&fit) {
+            let marker = format!("optimus:sent:{}", uuid::Uuid::new_v4());
+            let ids = self.ids(part);
+            loop {
+                let sent = match self.cluster {
+                    false => {
+                        self.publish_part(part, &ids, &marker, deadline, retry_for)
+                            .await
+                    }
+                    true => self.publish_counted(part).await,
+                };
+                match sent {
+                    Ok(PartSent::Published {
+                        bridge,
+                        stored,
+                        dead,
+                        refused,
+                    }) => {
+                        if bridge == 0 {
+                            outcome.no_subscriber += part.len() as u64;
+                            missed.extend_from_slice(part);
+                        }
+                        outcome.stored_directly += stored;
+                        outcome.dead_lettered += dead;
+                        outcome.refused += refused;
+                        break;
+                    }
+                    Ok(PartSent::Missed(these)) => {
+                        outcome.no_subscriber += these.len() as u64;
+                        missed.extend(these.into_iter().map(|i| part[i]));
+                        break;
+                    }
+                    Ok(PartSent::TooLate) => {
+                        return Err(RedisError::from((
+                            ErrorKind::Client,
+                            "batch not confirmed",
+                            "its --retry-for passed: given up".to_string(),
+                        )));
+                    }
+                    Err(err) => {
+                        retry
+                            .after(err, "batch not confirmed; sending it again")
+                            .await?
+                    }
                 }
             }
-        };
+        }
         let resent = retry.resent;
-        outcome.no_subscriber = missed.len() as u64;
-        let mut pending = Vec::new();
+        // On a cluster the fast path writes with ACK keys; on one server the
+        // script wrote to the first stream, and the others (several routes
+        // read the channel) are written here.
         if self.fast_path && !missed.is_empty() {
-            pending.push((self.pending(&missed, false), false));
-        }
-        if !oversized.is_empty() {
-            pending.push((self.pending(&oversized, true), true));
-        }
-        for (batch, dead) in pending {
-            let targets = if dead { 1 } else { self.targets.len() };
-            for target in 0..targets {
+            let first = if self.cluster { 0 } else { 1 };
+            for target in first..self.targets.len() {
+                let pending = self.pending(&missed, target, false);
                 let (written, refused) = loop {
-                    match self.write(target, &batch).await {
+                    match self.write(&pending).await {
                         Ok(done) => break done,
                         Err(err) => {
                             retry
@@ -286,110 +328,137 @@ impl Publisher {
                     }
                 };
                 outcome.refused += refused;
-                match dead {
-                    true => outcome.dead_lettered += written,
-                    false if target == 0 => outcome.stored_directly += written,
-                    false => {}
+                if target == 0 {
+                    outcome.stored_directly += written;
                 }
             }
+        }
+        if !oversized.is_empty() && !self.targets.is_empty() {
+            let pending = self.pending(&oversized, 0, true);
+            let (written, refused) = loop {
+                match self.write(&pending).await {
+                    Ok(done) => break done,
+                    Err(err) => {
+                        retry
+                            .after(err, "dead-letter write not confirmed; writing again")
+                            .await?
+                    }
+                }
+            };
+            outcome.dead_lettered += written;
+            outcome.refused += refused;
         }
         Ok((outcome, resent))
     }
 
-    /// PUBLISHes the payloads, in scripts of at most [`MAX_SCRIPT_BYTES`];
-    /// returns the ones no bridge worker could receive.
-    async fn publish<'p>(
+    /// Each payload's id for the fast path: its MESSAGE_ID_FIELD, or one of
+    /// its own for a payload without (nobody else saw it), fixed for every
+    /// attempt.
+    fn ids(&self, payloads: &[&Vec<u8>]) -> Vec<String> {
+        payloads
+            .iter()
+            .map(|payload| {
+                json_id(payload, &self.id_field)
+                    .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4()))
+            })
+            .collect()
+    }
+
+    /// One part of a batch on one server, through `publish.lua`.
+    async fn publish_part(
         &mut self,
-        payloads: &[&'p Vec<u8>],
-    ) -> Result<Vec<&'p Vec<u8>>, RedisError> {
+        part: &[&Vec<u8>],
+        ids: &[String],
+        marker: &str,
+        deadline: u64,
+        retry_for: Duration,
+    ) -> Result<PartSent, RedisError> {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
-        // One step with the probe's count (see the module's notes); on a
-        // cluster, each PUBLISH's own count tells.
-        if !self.cluster {
-            let mut missed = Vec::new();
-            let mut rest = payloads;
-            while !rest.is_empty() {
-                let mut bytes = 0;
-                let n = rest
-                    .iter()
-                    .take_while(|p| {
-                        bytes += p.len();
-                        bytes <= MAX_SCRIPT_BYTES
-                    })
-                    .count()
-                    .max(1);
-                let (chunk, after) = rest.split_at(n);
-                rest = after;
-                let mut call = self.publish_batch.prepare_invoke();
-                call.arg(self.probe.as_deref().unwrap_or(""))
-                    .arg(command)
-                    .arg(&self.channel);
-                for payload in chunk {
-                    call.arg(payload.as_slice());
-                }
-                let bridge: u64 = call.invoke_async(&mut self.conn).await?;
-                if bridge == 0 {
-                    missed.extend_from_slice(chunk);
-                }
-            }
-            return Ok(missed);
+        let (stream, dead, trim) = match self.targets.first() {
+            Some(lane) => (lane.stream(), lane.to.dead_stream.as_str(), lane.trim),
+            None => ("", "", None),
+        };
+        let mut cmd = scripts::evalsha(scripts::PUBLISH, &[marker, stream, dead]);
+        let (kind, op, limit) = Trim::args(trim);
+        cmd.arg(self.probe.as_deref().unwrap_or(""))
+            .arg(command)
+            .arg(&self.channel)
+            .arg((retry_for + MARKER_MARGIN).as_millis() as u64)
+            .arg(deadline)
+            .arg(u8::from(self.fast_path && !self.targets.is_empty()))
+            .arg(&self.consumer)
+            .arg(kind)
+            .arg(op)
+            .arg(limit)
+            .arg(self.republish_within.as_millis() as u64);
+        for (id, payload) in ids.iter().zip(part) {
+            cmd.arg(id).arg(payload.as_slice());
         }
+        let reply: Vec<i64> = scripts::run(&mut self.conn, cmd).await?;
+        Ok(match reply.as_slice() {
+            [bridge, stored, dead, refused] => PartSent::Published {
+                bridge: *bridge as u64,
+                stored: *stored as u64,
+                dead: *dead as u64,
+                refused: *refused as u64,
+            },
+            _ => PartSent::TooLate,
+        })
+    }
+
+    /// One part of a batch on a cluster: pipelined PUBLISHes, each one's
+    /// count telling whether it reached anyone.
+    async fn publish_counted(&mut self, part: &[&Vec<u8>]) -> Result<PartSent, RedisError> {
+        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let mut pipe = redis::pipe();
-        for payload in payloads {
+        for payload in part {
             pipe.cmd(command).arg(&self.channel).arg(payload.as_slice());
         }
         let receivers: Vec<u64> = pipe.query_async(&mut self.conn).await?;
-        Ok(payloads
-            .iter()
-            .zip(receivers)
-            .filter(|(_, r)| *r == 0)
-            .map(|(p, _)| *p)
-            .collect())
+        Ok(PartSent::Missed(
+            receivers
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r == 0)
+                .map(|(i, _)| i)
+                .collect(),
+        ))
     }
 
-    /// The messages the fast path writes (or, `oversized`, dead-letters),
-    /// each with its id: MESSAGE_ID_FIELD, or one of its own for a payload
-    /// without (nobody else saw it), fixed for every attempt.
-    fn pending(&self, payloads: &[&Vec<u8>], oversized: bool) -> Pending {
+    /// The messages the fast path writes to target `target` (or,
+    /// `oversized`, dead-letters), each with its id.
+    fn pending(&self, payloads: &[&Vec<u8>], target: usize, oversized: bool) -> Vec<Message> {
         let max = self.max_payload_bytes;
-        let now = Instant::now();
-        let messages = payloads
+        let lane = self.targets[target].clone();
+        payloads
             .iter()
-            .map(|payload| {
-                let id = json_id(payload, &self.id_field)
-                    .unwrap_or_else(|| format!("p:{}", uuid::Uuid::new_v4()));
-                Incoming {
-                    rejected: oversized.then(|| {
-                        format!(
-                            "payload of {} bytes is larger than MAX_PAYLOAD_BYTES ({max}): not published",
-                            payload.len()
-                        )
-                    }),
-                    ..Incoming::new(id, payload.to_vec(), now)
-                }
+            .zip(self.ids(payloads))
+            .map(|(payload, id)| Message {
+                rejected: oversized.then(|| {
+                    format!(
+                        "payload of {} bytes is larger than MAX_PAYLOAD_BYTES ({max}): not published",
+                        payload.len()
+                    )
+                }),
+                ..Message::with_id(id, payload.to_vec(), lane.clone())
             })
-            .collect();
-        Pending { messages }
+            .collect()
     }
 
-    /// Writes the pending messages to target `target`'s stream (or its
-    /// dead-letter stream), each exactly once by its id; one the stream
-    /// refuses goes to the dead-letter stream with Redis's reason. Returns
-    /// how many this call wrote, and how many neither stream took.
-    async fn write(&mut self, target: usize, pending: &Pending) -> Result<(u64, u64), RedisError> {
-        let Some(target) = self.targets.get_mut(target) else {
-            return Ok((0, 0));
-        };
+    /// Writes messages with ACK keys, each exactly once by its id; one the
+    /// stream refuses goes to the dead-letter stream with Redis's reason.
+    /// Returns how many this call wrote, and how many neither stream took.
+    async fn write(&mut self, pending: &[Message]) -> Result<(u64, u64), RedisError> {
         let (mut written, mut refused) = (0, 0);
-        let mut messages: Vec<Incoming> = pending.messages.clone();
+        let mut messages: Vec<Message> = pending.to_vec();
         while !messages.is_empty() {
-            let refs: Vec<&Incoming> = messages.iter().collect();
-            let results = target.writer.write_owned(&refs).await?;
+            let refs: Vec<&Message> = messages.iter().collect();
+            let results = self.racer.write_acked(&refs).await?;
             let mut again = Vec::new();
             for (msg, result) in messages.iter().zip(results) {
                 match result {
                     Write::Written => written += 1,
-                    Write::Refused(why) if msg.rejected.is_none() => again.push(Incoming {
+                    Write::Refused(why) if msg.rejected.is_none() => again.push(Message {
                         rejected: Some(format!("the stream refused it: {why}")),
                         ..msg.clone()
                     }),
@@ -404,13 +473,51 @@ impl Publisher {
                             why,
                         )));
                     }
-                    Write::Acked | Write::Reused | Write::LockLost => {}
+                    Write::Acked | Write::Reused | Write::LockLost | Write::TooOld => {}
                 }
             }
             messages = again;
         }
         Ok((written, refused))
     }
+}
+
+/// What sending one part of a batch did.
+enum PartSent {
+    /// One server: published; `bridge` subscriptions got it; what the fast
+    /// path wrote, dead-lettered (the stream refused it) or could not write.
+    Published {
+        bridge: u64,
+        stored: u64,
+        dead: u64,
+        refused: u64,
+    },
+    /// A cluster: published; these (their places in the part) reached nobody.
+    Missed(Vec<usize>),
+    /// Refused: it came after its deadline.
+    TooLate,
+}
+
+/// A batch cut in parts of at most [`MAX_SCRIPT_BYTES`] (at least one
+/// payload each).
+fn parts<'a, 'p>(payloads: &'a [&'p Vec<u8>]) -> Vec<&'a [&'p Vec<u8>]> {
+    let mut parts = Vec::new();
+    let mut rest = payloads;
+    while !rest.is_empty() {
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take_while(|p| {
+                bytes += p.len();
+                bytes <= MAX_SCRIPT_BYTES
+            })
+            .count()
+            .max(1);
+        let (part, after) = rest.split_at(n);
+        parts.push(part);
+        rest = after;
+    }
+    parts
 }
 
 /// The retries of one batch: backing off between attempts, for at most

@@ -50,19 +50,23 @@ fn three_workers_write_ten_thousand_messages_exactly_once() {
 
     let entries = settled_entries(&server, &[&consume], 10_000);
     assert_exactly_once(&entries, 0..10_000);
+    // The process writes (its workers share its subscriptions): entries name
+    // the process, whose name starts each of its workers' presence keys.
     for entry in &entries {
         let consumer = String::from_utf8_lossy(&entry["consumer_id"]);
         assert!(
-            presence.iter().any(|k| k.ends_with(&*consumer)),
-            "consumer_id {consumer} is one of the workers {presence:?}"
+            presence
+                .iter()
+                .all(|k| k.starts_with(&format!("consumer:ids:{consumer}-"))),
+            "consumer_id {consumer} is the process of the workers {presence:?}"
         );
     }
 
-    // The monitoring line carries every field, and its counts add up: each of
-    // the 3 workers received each message once; each was written once, and the
-    // other two copies were skipped.
+    // The monitoring line carries every field, and its counts add up: the
+    // process received each message once (however many of its subscriptions
+    // got it) and wrote each once.
     let line = consume.wait_for_line("monitor ", Duration::from_secs(10), |f| {
-        f.num("received") == 30_000 && f.num("duplicates_skipped") == 20_000
+        f.num("received") == 10_000 && f.num("written") == 10_000
     });
     let keys: Vec<&str> = line.values.keys().map(String::as_str).collect();
     assert_eq!(
@@ -175,8 +179,8 @@ fn messages_without_an_id_are_bridged_byte_for_byte() {
         "two identical id-less payloads are two messages"
     );
     assert!(
-        ids.iter().all(|id| id.starts_with("h:")),
-        "derived ids: {ids:?}"
+        ids.iter().all(|id| id.starts_with("p:")),
+        "ids made from the messages' positions: {ids:?}"
     );
 }
 
@@ -349,16 +353,14 @@ fn calls(server: &RedisServer, command: &str) -> u64 {
 }
 
 /// Redis `SET` calls for bridging `n` messages with 4 workers (2 processes)
-/// of `strategy`.
-fn sets_for(strategy: &str, n: u64) -> u64 {
+/// of `strategy`, and the protocol's keys left.
+fn sets_for(strategy: &str, n: u64) -> (u64, Vec<String>) {
     let server = RedisServer::start();
     let env = [("STRATEGY", strategy)];
     let a = OptimusProcess::consume(&server, &env);
     let b = OptimusProcess::consume(&server, &env);
     a.wait_consumers(4);
     b.wait_consumers(4);
-    // A few cycles, so that every worker has the same view of the members.
-    std::thread::sleep(Duration::from_millis(500));
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query(&mut server.conn())
@@ -368,26 +370,38 @@ fn sets_for(strategy: &str, n: u64) -> u64 {
     assert_eq!(summary.num("published"), n);
     assert_exactly_once(&entries, 0..n);
     assert_eq!(calls(&server, "xadd"), n, "one XADD per message");
-    calls(&server, "set")
+    let mut keys = server.keys("{messages:processed}:*");
+    keys.sort();
+    (calls(&server, "set"), keys)
 }
 
-/// The point of the partitioned strategy: a message costs its owner one SET
-/// (the ACK) and one XADD, and the other workers drop their copies without a
-/// command of their own (a takeover, rare here, would add a SET). The race
-/// strategy spends a lock per worker per message on top of the ACK.
+/// The point of the fenced strategy: a message costs one XADD in its
+/// writer's batch, the other processes drop their copies without a command
+/// of their own, and nothing is kept per message (the keys left are the
+/// pool's clock and members and the stream's writer record). The race
+/// strategy spends a lock per worker per message, and an ACK key each.
 #[test]
-fn non_owners_drop_their_copies_without_asking_redis() {
+fn no_key_and_no_command_per_message_but_its_xadd() {
     let n = 20_000;
-    let partitioned = sets_for("partitioned", n);
+    let (sets, keys) = sets_for("fenced", n);
     assert!(
-        partitioned < n + n / 10,
-        "partitioned: {partitioned} SETs for {n} messages, expected about one each"
+        sets < n / 100,
+        "fenced: {sets} SETs for {n} messages, expected only the clock's (one a cycle)"
     );
-    let race = sets_for("race", n);
+    assert_eq!(
+        keys,
+        [
+            "{messages:processed}:clock",
+            "{messages:processed}:members",
+            "{messages:processed}:writer"
+        ]
+    );
+    let (sets, keys) = sets_for("race", n);
     assert!(
-        race >= 2 * n,
-        "race: {race} SETs for {n} messages, expected a lock and an ACK each at least"
+        sets >= 2 * n,
+        "race: {sets} SETs for {n} messages, expected a lock and an ACK each at least"
     );
+    assert!(keys.len() as u64 >= n, "race: an ACK key per message");
 }
 
 /// Publishes raw payloads on the input channel; checks each reached `n`
@@ -408,7 +422,7 @@ fn publish_raw(server: &RedisServer, payloads: &[&str], n: i64) {
 /// 64-bit integer would merge are distinct messages, with either strategy.
 #[test]
 fn numeric_ids_that_round_alike_are_distinct_messages() {
-    for strategy in ["partitioned", "race"] {
+    for strategy in ["fenced", "race"] {
         let server = RedisServer::start();
         let consume =
             OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("STRATEGY", strategy)]);
@@ -454,7 +468,7 @@ fn numeric_ids_that_round_alike_are_distinct_messages() {
 /// re-send of the same bytes.
 #[test]
 fn a_reused_id_with_other_bytes_is_counted_and_said() {
-    for strategy in ["partitioned", "race"] {
+    for strategy in ["fenced", "race"] {
         let server = RedisServer::start();
         let consume =
             OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("STRATEGY", strategy)]);
@@ -492,7 +506,7 @@ fn a_reused_id_with_other_bytes_is_counted_and_said() {
 /// back. Both strategies.
 #[test]
 fn messages_the_stream_refuses_are_dead_lettered_with_the_reason() {
-    for strategy in ["partitioned", "race"] {
+    for strategy in ["fenced", "race"] {
         let server = RedisServer::start();
         let consume =
             OptimusProcess::consume(&server, &[("CONSUMERS_COUNT", "2"), ("STRATEGY", strategy)]);
@@ -526,10 +540,15 @@ fn messages_the_stream_refuses_are_dead_lettered_with_the_reason() {
             let reason = String::from_utf8_lossy(&entry["reason"]);
             assert!(reason.contains("WRONGTYPE"), "{strategy}: {reason}");
         }
-        assert!(
-            server.keys("{messages:processed}:ack:refused-*").len() == 20,
-            "{strategy}: the ACKs are the dead letters' (written there), none for the stream"
-        );
+        let acks = server.keys("{messages:processed}:ack:*").len();
+        if strategy == "race" {
+            assert_eq!(
+                acks, 21,
+                "race: the ACKs of the dead letters (written there) and of `before`"
+            );
+        } else {
+            assert_eq!(acks, 0, "{strategy}: no key per message");
+        }
         assert_eq!(line.num("dead"), 20, "{strategy}: {}", line.line);
         assert_eq!(line.num("refused"), 0, "{strategy}: {}", line.line);
 
@@ -547,7 +566,7 @@ fn messages_the_stream_refuses_are_dead_lettered_with_the_reason() {
 /// message never stalls a worker. Both strategies.
 #[test]
 fn a_poison_message_is_dead_lettered_and_never_stalls_a_worker() {
-    for strategy in ["partitioned", "race"] {
+    for strategy in ["fenced", "race"] {
         let server = RedisServer::start();
         let consume = OptimusProcess::consume(
             &server,
@@ -728,7 +747,7 @@ fn the_monitoring_line_goes_on_before_redis_is_reached() {
 /// written once memory is back.
 #[test]
 fn writes_refused_for_now_are_kept_and_written_later() {
-    for strategy in ["partitioned", "race"] {
+    for strategy in ["fenced", "race"] {
         let server = RedisServer::start();
         let consume = OptimusProcess::consume(&server, &[("STRATEGY", strategy)]);
         consume.wait_consumers(2);

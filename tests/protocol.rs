@@ -1,58 +1,299 @@
-//! The lock/ACK protocol step by step, and the library entry point, against a
-//! real redis-server. Each step is driven by hand, so the races the protocol
-//! must win are played out deterministically, without timing.
+//! The delivery protocol step by step against a real redis-server: the
+//! fenced writes of the default strategy, the clock, and the race strategy's
+//! locks and ACKs. Each step is driven by hand, so the races the protocol must
+//! win are played out deterministically, without timing.
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use optimus::bridge::delivery::{Claim, Delivery, Destination, Keys, Settled, Write};
-use optimus::bridge::message::Incoming;
+use optimus::bridge::delivery::fenced::{self, Takeover, WriteReply};
+use optimus::bridge::delivery::race::{Claim, Racer, Settled, Write};
+use optimus::bridge::delivery::{Destination, Keys, Lane, Message, Position, scripts};
+use optimus::connect::Conn;
 use optimus::{Bridge, BridgeConfig, OutputFormat, PublishConfig};
 use support::RedisServer;
 use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "s:out";
 
-async fn worker(server: &RedisServer, id: &str, lock_ttl: Duration) -> Delivery {
+fn lane() -> Arc<Lane> {
+    Arc::new(Lane::new(Destination::new(STREAM, "s:in"), None))
+}
+
+async fn conn(server: &RedisServer) -> Conn {
     let client = redis::Client::open(server.url()).unwrap();
-    let conn = client.get_connection_manager().await.unwrap();
-    Delivery::new(
-        optimus::connect::Conn::Single(conn),
-        Destination::new(STREAM, "s:in"),
+    Conn::Single(client.get_connection_manager().await.unwrap())
+}
+
+fn message(id: &str) -> Message {
+    Message::with_id(
+        id,
+        format!(r#"{{"message_id":"{id}"}}"#).into_bytes(),
+        lane(),
+    )
+}
+
+/// Message `id` at position `mark:seq`.
+fn at(id: &str, mark: u64, seq: u32) -> Message {
+    let mut m = message(id);
+    m.position = Some(Position { mark, seq });
+    m
+}
+
+fn ids(server: &RedisServer) -> Vec<String> {
+    server
+        .stream_entries(STREAM)
+        .iter()
+        .map(|e| String::from_utf8(e["message_id"].clone()).unwrap())
+        .collect()
+}
+
+async fn take(conn: &mut Conn, seen: Option<&str>, member: &str) -> (String, Option<Position>) {
+    match fenced::take_over(conn, &lane(), seen, member)
+        .await
+        .unwrap()
+    {
+        Takeover::Taken { epoch, pos } => (epoch, pos),
+        lost => panic!("{member} could not take the stream over: {lost:?}"),
+    }
+}
+
+// ---- The fenced strategy ----
+
+#[tokio::test]
+async fn a_writer_writes_in_order_and_moves_the_record_past_what_it_wrote() {
+    let server = RedisServer::start();
+    let mut a = conn(&server).await;
+    let (epoch, pos) = take(&mut a, None, "a").await;
+    assert_eq!(pos, None, "a new stream has no position");
+    let (m1, m2, m3) = (at("1", 100, 1), at("2", 100, 2), at("3", 200, 1));
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, None, &[&m1, &m2])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, m2.position, &[&m3])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    assert_eq!(ids(&server), ["1", "2", "3"]);
+    let pos: String = server.command(&["HGET", &Keys::new(STREAM).writer, "pos"]);
+    assert_eq!(pos, "200:1");
+}
+
+#[tokio::test]
+async fn a_write_sent_again_finds_the_record_moved_and_writes_nothing() {
+    // A write whose answer was lost (a dropped connection) is sent again.
+    let server = RedisServer::start();
+    let mut a = conn(&server).await;
+    let (epoch, _) = take(&mut a, None, "a").await;
+    let (m1, m2) = (at("1", 100, 1), at("2", 100, 2));
+    let batch = [&m1, &m2];
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, None, &batch)
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, None, &batch)
+            .await
+            .unwrap(),
+        WriteReply::Elsewhere
+    );
+    assert_eq!(ids(&server), ["1", "2"]);
+}
+
+#[tokio::test]
+async fn a_fenced_writer_writes_nothing_however_long_it_was_paused() {
+    let server = RedisServer::start();
+    let (mut a, mut b) = (conn(&server).await, conn(&server).await);
+    let (epoch_a, _) = take(&mut a, None, "a").await;
+    let (m1, m2, m3) = (at("1", 100, 1), at("2", 100, 2), at("3", 100, 3));
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch_a, None, &[&m1])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    // a stops (SIGSTOP, a long GC); b takes over from the record and writes on.
+    let (epoch_b, pos) = take(&mut b, Some(&epoch_a), "b").await;
+    assert!(epoch_b > epoch_a, "epochs grow: {epoch_b} after {epoch_a}");
+    assert_eq!(pos, m1.position);
+    assert_eq!(
+        fenced::write(&mut b, "b", &epoch_b, pos, &[&m2])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    // a wakes up and goes on with what it held: nothing is written.
+    let reply = fenced::write(&mut a, "a", &epoch_a, m1.position, &[&m2, &m3])
+        .await
+        .unwrap();
+    assert_eq!(
+        reply,
+        WriteReply::Fenced { pos: m2.position },
+        "the old writer learns where the stream is"
+    );
+    // And it cannot take over again with the epoch it knew.
+    assert!(matches!(
+        fenced::take_over(&mut a, &lane(), Some(&epoch_a), "a").await.unwrap(),
+        Takeover::Lost { owner: Some(owner), .. } if owner == "b"
+    ));
+    assert_eq!(ids(&server), ["1", "2"]);
+    let consumers: Vec<Vec<u8>> = server
+        .stream_entries(STREAM)
+        .iter()
+        .map(|e| e["consumer_id"].clone())
+        .collect();
+    assert_eq!(consumers, [b"a".to_vec(), b"b".to_vec()]);
+}
+
+#[tokio::test]
+async fn the_clock_and_the_epochs_never_go_back_when_redis_loses_its_data() {
+    // A restart without persistence, or an older snapshot restored: the
+    // clock key and the record are gone or older.
+    let server = RedisServer::start();
+    let mut a = conn(&server).await;
+    let clock = "{s:out}:clock";
+    let mark = || -> u64 {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::MARK)
+            .arg(1)
+            .arg(clock)
+            .arg("{s:out}:marks");
+        cmd.query(&mut server.conn()).unwrap()
+    };
+    let first = mark();
+    let second = mark();
+    assert!(second > first);
+    let (epoch, _) = take(&mut a, None, "a").await;
+    let m1 = at("1", first, 1);
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, None, &[&m1])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    let _: () = server.command(&["FLUSHALL"]);
+    let third = mark();
+    assert!(
+        third > second,
+        "the clock went back after the data was lost: {third} <= {second}"
+    );
+    // b finds no record and takes the stream; a, unaware, writes on.
+    let mut b = conn(&server).await;
+    let (again, pos) = take(&mut b, None, "b").await;
+    assert_eq!(pos, None);
+    assert!(again.parse::<u64>().unwrap() >= epoch.parse::<u64>().unwrap());
+    let m2 = at("2", third, 1);
+    assert!(
+        matches!(
+            fenced::write(&mut a, "a", &epoch, None, &[&m2])
+                .await
+                .unwrap(),
+            WriteReply::Fenced { .. }
+        ),
+        "a writer from before the loss must be fenced"
+    );
+    assert_eq!(
+        fenced::write(&mut b, "b", &again, None, &[&m2])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    assert_eq!(ids(&server), ["2"]);
+    // A clock set ahead (an older snapshot of a faster clock) still moves on.
+    let _: () = server.command(&["SET", clock, &(third + 1_000_000).to_string()]);
+    assert_eq!(mark(), third + 1_000_001);
+}
+
+#[tokio::test]
+async fn a_refusal_stops_the_write_and_the_record_keeps_what_was_written() {
+    let server = RedisServer::start();
+    let mut a = conn(&server).await;
+    let (epoch, _) = take(&mut a, None, "a").await;
+    let (m1, m3) = (at("1", 100, 1), at("3", 100, 3));
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, None, &[&m1])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    // The key is no longer a stream: the stream refuses what comes next.
+    let _: () = server.command(&["DEL", STREAM]);
+    let _: () = server.command(&["SET", STREAM, "x"]);
+    match fenced::write(&mut a, "a", &epoch, m1.position, &[&m3])
+        .await
+        .unwrap()
+    {
+        WriteReply::Refused { n: 0, reason } => assert!(reason.contains("WRONGTYPE"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let pos: String = server.command(&["HGET", &Keys::new(STREAM).writer, "pos"]);
+    assert_eq!(pos, "100:1", "nothing is recorded that was not written");
+    // As a dead letter it goes through, and the record passes it.
+    let mut dead = at("3", 100, 3);
+    dead.rejected = Some("the stream refused it".into());
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, m1.position, &[&dead])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    let letters = server.stream_entries("s:out:dead");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["message_id"], b"3");
+}
+
+#[tokio::test]
+async fn fenced_writes_survive_a_script_flush() {
+    let server = RedisServer::start();
+    let mut a = conn(&server).await;
+    let (epoch, _) = take(&mut a, None, "a").await;
+    let _: () = server.command(&["SCRIPT", "FLUSH"]);
+    let m1 = at("1", 100, 1);
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, None, &[&m1])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    assert_eq!(ids(&server), ["1"]);
+}
+
+// ---- The race strategy (STRATEGY=race) ----
+
+fn racer(conn: Conn, id: &str) -> Racer {
+    Racer::new(
+        conn,
         id.to_string(),
-        lock_ttl,
+        Duration::from_secs(30),
         Duration::from_secs(60),
     )
 }
 
-/// A server of the test's own and two workers, `a` and `b`, on it.
-async fn two_workers() -> (RedisServer, Delivery, Delivery) {
+/// A server of the test's own and two racing workers, `a` and `b`, on it.
+async fn two_racers() -> (RedisServer, Racer, Racer) {
     let server = RedisServer::start();
-    let a = worker(&server, "a", Duration::from_secs(30)).await;
-    let b = worker(&server, "b", Duration::from_secs(30)).await;
+    let a = racer(conn(&server).await, "a");
+    let b = racer(conn(&server).await, "b");
     (server, a, b)
-}
-
-fn message(id: &str) -> Incoming {
-    Incoming::new(
-        id,
-        format!(r#"{{"message_id":"{id}"}}"#).into_bytes(),
-        Instant::now(),
-    )
 }
 
 /// The lock of `id` disappears, as it does when its TTL runs out.
 fn expire_lock(server: &RedisServer, id: &str) {
-    let _: () = redis::cmd("DEL")
-        .arg(Keys::new(STREAM).lock(id))
-        .query(&mut server.conn())
-        .unwrap();
+    let _: () = server.command(&["DEL", &Keys::new(STREAM).lock(id)]);
 }
 
 #[tokio::test]
 async fn only_one_worker_wins_a_message() {
-    let (server, mut a, mut b) = two_workers().await;
+    let (server, mut a, mut b) = two_racers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -65,7 +306,7 @@ async fn only_one_worker_wins_a_message() {
 
 #[tokio::test]
 async fn a_dead_holders_message_is_taken_over_once_its_lock_expires() {
-    let (server, mut a, mut b) = two_workers().await;
+    let (server, mut a, mut b) = two_racers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -81,7 +322,7 @@ async fn a_dead_holders_message_is_taken_over_once_its_lock_expires() {
 
 #[tokio::test]
 async fn a_worker_paused_past_its_lock_cannot_write_twice() {
-    let (server, mut a, mut b) = two_workers().await;
+    let (server, mut a, mut b) = two_racers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -97,8 +338,27 @@ async fn a_worker_paused_past_its_lock_cannot_write_twice() {
 }
 
 #[tokio::test]
+async fn a_racer_paused_past_the_ack_ttl_drops_its_copies_unwritten() {
+    // The ACK of a message is gone once ACK_TTL passed: a copy published
+    // longer ago than ACK_TTL - LOCK_TTL (by the server's clock, from its
+    // position's mark) is never written, however it reached the worker.
+    let (server, mut a, _) = two_racers().await;
+    let now_ms = |server: &RedisServer| -> u64 {
+        let t: Vec<u64> = server.command(&["TIME"]);
+        t[0] * 1000 + t[1] / 1000
+    };
+    let old = at("old", (now_ms(&server) - 31_000) << 10, 1);
+    let fresh = at("fresh", (now_ms(&server) - 1_000) << 10, 1);
+    assert_eq!(
+        a.settle(&[&old, &fresh]).await.unwrap(),
+        [Settled::TooOld, Settled::Written]
+    );
+    assert_eq!(ids(&server), ["fresh"]);
+}
+
+#[tokio::test]
 async fn a_write_after_losing_the_lock_is_refused_and_can_be_claimed_again() {
-    let (server, mut a, mut b) = two_workers().await;
+    let (server, mut a, mut b) = two_racers().await;
     let m = message("m1");
 
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
@@ -113,7 +373,7 @@ async fn a_write_after_losing_the_lock_is_refused_and_can_be_claimed_again() {
 
 #[tokio::test]
 async fn a_batch_mixes_outcomes_in_order() {
-    let (server, mut a, mut b) = two_workers().await;
+    let (server, mut a, mut b) = two_racers().await;
     let (m1, m2, m3) = (message("1"), message("2"), message("3"));
 
     assert_eq!(
@@ -134,33 +394,30 @@ async fn a_batch_mixes_outcomes_in_order() {
 #[tokio::test]
 async fn flat_format_copies_json_fields_into_the_entry() {
     let server = RedisServer::start();
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut d = Delivery::new(
-        optimus::connect::Conn::Single(client.get_connection_manager().await.unwrap()),
+    let flat = Arc::new(Lane::new(
         Destination {
             format: OutputFormat::Flat,
             ..Destination::new(STREAM, "s:in")
         },
-        "w".into(),
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    );
-    let m = Incoming::new(
+        None,
+    ));
+    let mut d = racer(conn(&server).await, "w");
+    let m = Message::with_id(
         "f1",
         br#"{"message_id":"f1","user":"ann","n":3}"#.to_vec(),
-        Instant::now(),
+        flat,
     );
     assert_eq!(d.claim(&[&m]).await.unwrap(), [Claim::Won]);
     assert_eq!(d.write(&[&m]).await.unwrap(), [Write::Written]);
     let entry = &server.stream_entries(STREAM)[0];
     assert_eq!(entry["user"], b"ann");
     assert_eq!(entry["n"], b"3");
-    assert_eq!(entry["payload"], m.payload);
+    assert_eq!(entry["payload"], m.payload.as_ref());
 }
 
 #[tokio::test]
 async fn settle_claims_and_writes_in_one_step() {
-    let (server, mut a, mut b) = two_workers().await;
+    let (server, mut a, mut b) = two_racers().await;
     let (m1, m2, m3) = (message("1"), message("2"), message("3"));
     assert_eq!(b.claim(&[&m2]).await.unwrap(), [Claim::Won]);
     assert_eq!(
@@ -181,15 +438,12 @@ async fn settle_claims_and_writes_in_one_step() {
 #[tokio::test]
 async fn scripts_are_loaded_again_after_a_script_flush() {
     let server = RedisServer::start();
-    let mut a = worker(&server, "a", Duration::from_secs(30)).await;
+    let mut a = racer(conn(&server).await, "a");
     assert_eq!(
         a.settle(&[&message("1")]).await.unwrap(),
         [Settled::Written]
     );
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query(&mut server.conn())
-        .unwrap();
+    let _: () = server.command(&["SCRIPT", "FLUSH"]);
     assert_eq!(
         a.settle(&[&message("2")]).await.unwrap(),
         [Settled::Written]
@@ -199,11 +453,9 @@ async fn scripts_are_loaded_again_after_a_script_flush() {
 
 #[tokio::test]
 async fn a_rejected_message_goes_to_the_dead_letter_stream_once() {
-    let (server, mut a, mut b) = two_workers().await;
-    let m = Incoming {
-        rejected: Some("too big".into()),
-        ..message("big")
-    };
+    let (server, mut a, mut b) = two_racers().await;
+    let mut m = message("big");
+    m.rejected = Some("too big".into());
     assert_eq!(a.claim(&[&m]).await.unwrap(), [Claim::Won]);
     assert_eq!(a.write(&[&m]).await.unwrap(), [Write::Written]);
     assert_eq!(b.claim(&[&m]).await.unwrap(), [Claim::Acked]);
@@ -212,7 +464,7 @@ async fn a_rejected_message_goes_to_the_dead_letter_stream_once() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["reason"], b"too big");
     assert_eq!(dead[0]["channel"], b"s:in");
-    assert_eq!(dead[0]["payload"], m.payload);
+    assert_eq!(dead[0]["payload"], m.payload.as_ref());
 }
 
 /// A service embeds the bridge and the publisher through the library.
@@ -272,6 +524,7 @@ async fn the_library_runs_a_bridge_until_cancelled() {
     shutdown.cancel();
     let totals = running.await.unwrap().unwrap();
     assert_eq!(totals.written, 2000);
-    assert_eq!(totals.received, 4000);
+    // Each message counted once per process, however many readers got it.
+    assert_eq!(totals.received, 2000);
     support::assert_exactly_once(&server.stream_entries("lib:out"), 0..2000);
 }

@@ -58,10 +58,10 @@ fn bad_settings_give_one_line_and_exit_code_2() {
         (
             &[
                 ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
-                ("STRATEGY", "partitioned"),
+                ("STRATEGY", "fenced"),
             ],
             "STRATEGY",
-            "partitioned",
+            "fenced",
         ),
         (
             &[

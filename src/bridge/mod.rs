@@ -1,26 +1,24 @@
-//! The bridge: a pool of workers that turns a Pub/Sub channel into a stream.
+//! The bridge: a pool of workers that turns Pub/Sub channels into streams.
 //!
-//! Each worker is two tasks: its [`subscription`] reads the channel into a
-//! bounded queue, and its loop settles batches from that queue through the
-//! protocol in [`delivery`]: [`partitioned`] (the default: each message has
-//! one owner, see [`partition`]) or [`worker`] (the `race` strategy: every
-//! worker races for every message's lock). Beside them, one task keeps
-//! the workers' [`presence`] keys alive and one prints the monitoring line.
+//! On one server a process runs at most two subscriptions, its
+//! [`delivery::reader`]s (one per worker, up to two), whatever the number of
+//! its workers; the [`delivery::intake`] merges them, and the strategy's
+//! loop writes: [`delivery::fenced`] (the default: one writer per stream)
+//! or [`delivery::race`] (every worker races for every message). On a
+//! cluster each worker has a subscription of its own
+//! ([`delivery::cluster`]) and races. Beside them, one task keeps the
+//! workers' [`presence`] keys alive, one prints the monitoring line, one
+//! follows `ctl scale`.
 //!
-//! Shutdown is by cancellation: the token stops the subscriptions; each worker
-//! then finishes what it has received and exits; then the presence keys are
-//! deleted and [`Bridge::run`] returns.
+//! Shutdown is by cancellation: the token stops the subscriptions; the
+//! strategy's loop then finishes what was received and exits; then the
+//! presence keys are deleted and [`Bridge::run`] returns.
 
 pub mod delivery;
-pub mod message;
-pub mod partition;
-pub mod partitioned;
 pub mod presence;
 pub mod route;
-pub mod subscription;
-pub mod worker;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::RedisError;
@@ -31,12 +29,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BridgeConfig, ConfigError, Strategy};
 use crate::connect::{Conn, connection};
 use crate::monitor::{Counters, MonitorLine, Snapshot};
-use delivery::{Delivery, Destination, Keys};
-use message::IdAssigner;
-use partitioned::PartitionedWorker;
+use delivery::budget::Budget;
+use delivery::cluster::Subscription;
+use delivery::fenced::{Fenced, FencedConfig};
+use delivery::ids::Identify;
+use delivery::intake::Intake;
+use delivery::race::{RaceWorker, Racer};
+use delivery::reader::{Coverage, Reader, ReaderBatch};
+use delivery::{Message, Pool};
 use presence::Presence;
-use subscription::{Marks, Subscription};
-use worker::Worker;
 
 /// Why a bridge stopped other than by being asked to.
 #[derive(Debug, thiserror::Error)]
@@ -185,20 +186,28 @@ impl Bridge {
                 id_field: config.message_id_field.clone(),
             },
         ));
-        let spawner = Spawner {
+        let budget = Budget::new(config.memory_limit);
+        let mut spawner = Spawner {
             router,
             routes_shown,
             config: config.clone(),
-            destination: Destination {
-                stream: config.output_stream.clone(),
-                dead_stream: config.dead_stream(),
-                channel: config.input_channel.clone(),
-                format: config.output_format,
-                id_field: config.message_id_field.clone(),
-            },
             counters: self.counters.clone(),
-            coverage: Arc::new(subscription::Coverage::default()),
+            coverage: Arc::new(match config.endpoint.is_cluster() {
+                true => Coverage::default(),
+                false => Coverage::counted_by_intake(),
+            }),
+            budget: budget.clone(),
+            pool: Pool::new(&config.output_stream),
+            batches: None,
+            readers: Vec::new(),
+            racers: Arc::default(),
         };
+        if !config.endpoint.is_cluster() {
+            spawner
+                .start_engine(&process, &mut tasks, &shutdown)
+                .await
+                .map_err(refused)?;
+        }
 
         let (target_tx, mut target_rx) = tokio::sync::watch::channel(first);
         let scaler = tokio::spawn(
@@ -207,7 +216,7 @@ impl Bridge {
                 .watch(conn.clone(), target_tx, stop_aux.clone()),
         );
 
-        let live = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let live = Arc::new(Mutex::new(Vec::new()));
         let aux = tokio::spawn(keep_present(
             presence.clone(),
             conn.clone(),
@@ -257,6 +266,7 @@ impl Bridge {
                 while running.len() > target {
                     let (id, stop) = running.pop().expect("more running than the target");
                     stop.cancel();
+                    spawner.stopped(&id);
                     live.lock().unwrap().retain(|w| *w != id);
                     let _ = presence.remove(&mut conn, std::slice::from_ref(&id)).await;
                     tracing::info!(worker = %id, workers = running.len(), "worker stopping (ctl scale): it settles what it holds first");
@@ -269,7 +279,11 @@ impl Bridge {
                         );
                     }
                 }
+                spawner.readers_for(running.len(), &stop_reading, &mut tasks);
                 Counters::set(&self.counters.workers, running.len() as u64);
+            } else {
+                // Once the readers are done, the strategy's loop sees the end.
+                spawner.batches = None;
             }
             if stop_reading.is_cancelled() && tasks.is_empty() {
                 break;
@@ -288,7 +302,7 @@ impl Bridge {
                 changed = target_rx.changed(), if scaler_alive && !stop_reading.is_cancelled() => {
                     scaler_alive = changed.is_ok();
                 }
-                _ = stop_reading.cancelled(), if tasks.is_empty() && !stop_reading.is_cancelled() => {}
+                _ = stop_reading.cancelled(), if !stop_reading.is_cancelled() => {}
             }
         }
         stop_aux.cancel();
@@ -334,20 +348,127 @@ impl Bridge {
     }
 }
 
-/// Starts workers: each a subscription task and a worker loop.
+/// The readers the process runs on one server: at most this many,
+/// whatever its number of workers.
+const MAX_READERS: usize = 2;
+
+/// The race workers of a single server, by worker id, each with its queue:
+/// the dispatcher hands every one of them each message.
+type Racers = Arc<Mutex<Vec<(String, mpsc::Sender<Vec<Message>>)>>>;
+
+/// Starts what runs the workers: on one server, the strategy's loop once and
+/// the readers (one per worker, at most [`MAX_READERS`]), and for the race
+/// strategy a racing loop per worker; on a cluster, a subscription and a
+/// racing loop per worker.
 struct Spawner {
     router: Arc<route::Router>,
     /// The routes, as logs name them.
     routes_shown: String,
     config: BridgeConfig,
-    destination: Destination,
     counters: Arc<Counters>,
-    coverage: Arc<subscription::Coverage>,
+    coverage: Arc<Coverage>,
+    budget: Arc<Budget>,
+    pool: Pool,
+    /// Where readers hand their batches (one server; `None` once stopping).
+    batches: Option<mpsc::Sender<ReaderBatch>>,
+    /// The readers running, by slot.
+    readers: Vec<Option<CancellationToken>>,
+    /// Race strategy on one server: each racing worker's queue.
+    racers: Racers,
 }
 
 impl Spawner {
-    /// Starts worker `id`, whose subscription stops with `stop`. Returns
-    /// false when `shutdown` came first.
+    /// One server: the strategy's loop, fed by the readers' batches.
+    async fn start_engine(
+        &mut self,
+        process: &ProcessIdentity,
+        tasks: &mut JoinSet<Result<(), RedisError>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RedisError> {
+        let config = &self.config;
+        let (tx, rx) = mpsc::channel(64);
+        self.batches = Some(tx);
+        let intake = Intake::new(Identify::by_position(
+            config.message_id_field.clone(),
+            config.max_payload_bytes,
+        ));
+        match config.strategy {
+            Strategy::Fenced => {
+                let Some(conn) = connection(&config.endpoint, shutdown).await? else {
+                    return Ok(());
+                };
+                let fenced = Fenced::new(
+                    FencedConfig {
+                        member: process.name(),
+                        pool: self.pool.clone(),
+                        batch_size: config.batch_size,
+                        takeover_after: config.takeover_after,
+                        dedup_window: config.dedup_window,
+                    },
+                    conn,
+                    self.counters.clone(),
+                    self.budget.clone(),
+                    intake,
+                );
+                tasks.spawn(fenced.run(rx));
+            }
+            Strategy::Race => {
+                tasks.spawn(dispatch(
+                    intake,
+                    self.counters.clone(),
+                    rx,
+                    self.racers.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs as many readers as `workers` asks for (one server).
+    fn readers_for(
+        &mut self,
+        workers: usize,
+        stop_reading: &CancellationToken,
+        tasks: &mut JoinSet<Result<(), RedisError>>,
+    ) {
+        let Some(batches) = self.batches.clone() else {
+            return;
+        };
+        let wanted = workers.min(MAX_READERS);
+        self.readers.resize_with(MAX_READERS, || None);
+        for slot in 0..MAX_READERS {
+            let running = self.readers[slot]
+                .as_ref()
+                .is_some_and(|t| !t.is_cancelled());
+            if slot < wanted && !running {
+                let stop = stop_reading.child_token();
+                tasks.spawn(
+                    Reader {
+                        index: slot,
+                        endpoint: self.config.endpoint.clone(),
+                        router: self.router.clone(),
+                        pool: self.pool.clone(),
+                        budget: self.budget.clone(),
+                        counters: self.counters.clone(),
+                        coverage: self.coverage.clone(),
+                        out: batches.clone(),
+                        cancel: stop.clone(),
+                    }
+                    .run(),
+                );
+                self.readers[slot] = Some(stop);
+            } else if slot >= wanted
+                && running
+                && let Some(stop) = self.readers[slot].take()
+            {
+                stop.cancel();
+            }
+        }
+    }
+
+    /// Starts worker `id`, which stops with `stop`: on a cluster its
+    /// subscription and racing loop; on one server with the race strategy
+    /// its racing loop. Returns false when `shutdown` came first.
     async fn spawn(
         &self,
         id: &str,
@@ -356,81 +477,103 @@ impl Spawner {
         shutdown: &CancellationToken,
     ) -> Result<bool, RedisError> {
         let config = &self.config;
+        let cluster = config.endpoint.is_cluster();
+        if config.strategy == Strategy::Fenced && !cluster {
+            return Ok(true);
+        }
         let Some(worker_conn) = connection(&config.endpoint, shutdown).await? else {
             return Ok(false);
         };
-        // An id-less payload's count must outlive any ACK it could collide with.
-        let forget_ids_after = config.ack_ttl + config.pending_retention + config.lock_ttl;
-        // Half the bound waits between the socket and the subscription task,
-        // half between it and the worker.
-        let (queue_tx, queue_rx) = mpsc::channel((config.queue_capacity / 2).max(1));
-        let keys = Keys::new(&config.output_stream);
-        let marks = (config.strategy == Strategy::Partitioned).then(|| Marks {
-            channel: keys.mark_channel(id),
-            keys,
-        });
-        let subscription = Subscription {
-            endpoint: config.endpoint.clone(),
-            router: self.router.clone(),
-            channel: self.routes_shown.clone(),
-            lanes: Default::default(),
-            worker_id: id.to_string(),
-            ids: IdAssigner::new(
-                config.message_id_field.clone(),
-                forget_ids_after,
-                config.max_payload_bytes,
-            ),
-            counters: self.counters.clone(),
-            coverage: self.coverage.clone(),
-            queue: queue_tx,
-            marks,
-            read_buffer: config.queue_capacity.div_ceil(2),
-            cancel: stop,
-        };
-        let delivery = Delivery::new(
-            worker_conn,
-            self.destination.clone(),
-            id.to_string(),
-            config.lock_ttl,
-            config.ack_ttl,
+        let per_worker = config.memory_limit / config.consumers.max(1);
+        let (queue_tx, queue_rx) = mpsc::channel(if cluster { 1024 } else { 64 });
+        if cluster {
+            // An id-less payload's count must outlive any ACK it could
+            // collide with.
+            let forget_ids_after = config.ack_ttl + config.pending_retention + config.lock_ttl;
+            tasks.spawn(
+                Subscription {
+                    endpoint: config.endpoint.clone(),
+                    router: self.router.clone(),
+                    channel: self.routes_shown.clone(),
+                    lanes: Default::default(),
+                    worker_id: id.to_string(),
+                    ids: Identify::derived(
+                        config.message_id_field.clone(),
+                        config.max_payload_bytes,
+                        forget_ids_after,
+                    ),
+                    counters: self.counters.clone(),
+                    coverage: self.coverage.clone(),
+                    queue: queue_tx,
+                    // A message in the queue costs about 1 KiB at most.
+                    read_buffer: (per_worker >> 10).max(1024),
+                    cancel: stop,
+                }
+                .run(),
+            );
+        } else {
+            self.racers.lock().unwrap().push((id.to_string(), queue_tx));
+        }
+        tasks.spawn(
+            RaceWorker {
+                id: id.to_string(),
+                racer: Racer::new(worker_conn, id.to_string(), config.lock_ttl, config.ack_ttl),
+                counters: self.counters.clone(),
+                batch_size: config.batch_size,
+                lock_ttl: config.lock_ttl,
+                retention: config.pending_retention,
+                warnings: Default::default(),
+            }
+            .run(queue_rx),
         );
-        tasks.spawn(subscription.run());
-        match config.strategy {
-            Strategy::Partitioned => tasks.spawn(
-                PartitionedWorker {
-                    id: id.to_string(),
-                    delivery,
-                    counters: self.counters.clone(),
-                    batch_size: config.batch_size,
-                    takeover_after: config.takeover_after,
-                    retention: config.pending_retention,
-                    membership_ttl: config.presence_ttl,
-                    warnings: Default::default(),
-                }
-                .run(queue_rx),
-            ),
-            Strategy::Race => tasks.spawn(
-                Worker {
-                    id: id.to_string(),
-                    delivery,
-                    counters: self.counters.clone(),
-                    batch_size: config.batch_size,
-                    lock_ttl: config.lock_ttl,
-                    retention: config.pending_retention,
-                    warnings: Default::default(),
-                }
-                .run(queue_rx),
-            ),
-        };
         Ok(true)
     }
+
+    /// Worker `id` is stopping: on one server, its racing loop gets nothing
+    /// more (it settles what it holds).
+    fn stopped(&self, id: &str) {
+        self.racers
+            .lock()
+            .unwrap()
+            .retain(|(worker, _)| worker != id);
+    }
+}
+
+/// The race strategy on one server: every racing worker gets every message
+/// the intake hands on. Ends when the readers are done; the workers' queues
+/// close with it.
+async fn dispatch(
+    mut intake: Intake,
+    counters: Arc<Counters>,
+    mut batches: mpsc::Receiver<ReaderBatch>,
+    racers: Racers,
+) -> Result<(), RedisError> {
+    while let Some(batch) = batches.recv().await {
+        let messages = intake.take(batch);
+        intake.count_holes(&counters);
+        if messages.is_empty() {
+            continue;
+        }
+        let queues: Vec<mpsc::Sender<Vec<Message>>> = racers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, q)| q.clone())
+            .collect();
+        for queue in queues {
+            // A worker that stopped meanwhile takes nothing more.
+            let _ = queue.send(messages.clone()).await;
+        }
+    }
+    racers.lock().unwrap().clear();
+    Ok(())
 }
 
 /// Refreshes the presence keys until cancelled.
 async fn keep_present(
     presence: Presence,
     mut conn: Conn,
-    workers: Arc<std::sync::Mutex<Vec<String>>>,
+    workers: Arc<Mutex<Vec<String>>>,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(presence.refresh_every());
@@ -449,8 +592,8 @@ async fn keep_present(
 /// What the monitor looks at besides the counters: the workers that should
 /// be subscribed, and how many are.
 struct Watched {
-    workers: Arc<std::sync::Mutex<Vec<String>>>,
-    coverage: Arc<subscription::Coverage>,
+    workers: Arc<Mutex<Vec<String>>>,
+    coverage: Arc<Coverage>,
 }
 
 /// How long the monitor waits for Redis at each line: the line is printed on
@@ -483,19 +626,25 @@ async fn monitor(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let consumers = match tokio::time::timeout(budget, presence.count(&mut conn)).await {
+        // A refusal (writes refused for now, say) is an answer: Redis is
+        // reachable.
+        let (consumers, answered) = match tokio::time::timeout(budget, presence.count(&mut conn))
+            .await
+        {
             Ok(Ok(n)) => {
                 Counters::set(&counters.live_workers, n);
-                Some(n)
+                (Some(n), true)
             }
             Ok(Err(err)) => {
                 tracing::debug!(cause = %crate::connect::brief(&err), "could not count consumers");
-                None
+                let unreachable =
+                    err.is_io_error() || err.is_connection_dropped() || err.is_timeout();
+                (None, !unreachable)
             }
-            Err(_) => None,
+            Err(_) => (None, false),
         };
         let wanted = !watched.workers.lock().unwrap().is_empty();
-        counters.set_link(consumers.is_some() && (!wanted || watched.coverage.subscribed() > 0));
+        counters.set_link(answered && (!wanted || watched.coverage.subscribed() > 0));
         let now = Instant::now();
         let snapshot = counters.snapshot();
         let elapsed = now.duration_since(last.0).as_secs_f64();

@@ -41,6 +41,12 @@ pub fn wait_for<T>(
     }
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// A `redis-server` of this test's own.
 pub struct RedisServer {
     child: Child,
@@ -353,14 +359,15 @@ impl OptimusProcess {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// The command, exit status, stdout and stderr, for failure messages.
+    /// The command, exit status, and the end of stdout and stderr, for
+    /// failure messages.
     pub fn describe(&self) -> String {
         format!(
-            "command: {}\nstatus: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            "command: {}\nstatus: {:?}\n--- stdout (last 20 lines) ---\n{}\n--- stderr (last 60 lines) ---\n{}",
             self.description,
             self.exited,
-            self.stdout(),
-            self.stderr()
+            tail(&self.stdout(), 20),
+            tail(&self.stderr(), 60)
         )
     }
 
@@ -707,4 +714,118 @@ pub fn stream_entries(
                 .collect()
         })
         .collect()
+}
+
+/// The `seq` of each entry's payload (test messages), in stream order.
+pub fn seqs(entries: &[BTreeMap<String, Vec<u8>>]) -> Vec<u64> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            serde_json::from_slice::<serde_json::Value>(&e["payload"])
+                .ok()?
+                .get("seq")?
+                .as_u64()
+        })
+        .collect()
+}
+
+/// How many entries stand out of the order Redis delivered their messages
+/// in (`delivered`: seqs in delivery order, as a [`Witness`] saw them): an
+/// entry whose message was delivered before that of an entry ahead of it.
+/// Entries the witness did not see are left out.
+pub fn out_of_order(entries: &[BTreeMap<String, Vec<u8>>], delivered: &[u64]) -> usize {
+    let mut rank = std::collections::HashMap::with_capacity(delivered.len());
+    for (i, seq) in delivered.iter().enumerate() {
+        rank.entry(*seq).or_insert(i);
+    }
+    let mut highest: Option<usize> = None;
+    let mut out = 0;
+    for seq in seqs(entries) {
+        let Some(&r) = rank.get(&seq) else { continue };
+        if highest.is_some_and(|h| r < h) {
+            out += 1;
+        } else {
+            highest = Some(r);
+        }
+    }
+    out
+}
+
+/// A plain subscriber of the test's own on a channel: the order in which
+/// Redis delivered its messages (their `seq`), to hold the stream's order
+/// against. It reconnects when the server goes away (what is published
+/// meanwhile it does not see).
+pub struct Witness {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seen: Arc<Mutex<Vec<u64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Witness {
+    /// Subscribes (returning once subscribed) and starts listening.
+    pub fn start(server: &RedisServer, channel: &str) -> Self {
+        let url = server.url();
+        let channel = channel.to_string();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ready, subscribed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn({
+            let (stop, seen) = (stop.clone(), seen.clone());
+            move || {
+                let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+                while !stopped() {
+                    let Ok(mut conn) = redis::Client::open(url.as_str())
+                        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+                    else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+                    let mut pubsub = conn.as_pubsub();
+                    if pubsub.subscribe(&channel).is_err() {
+                        continue;
+                    }
+                    let _ = ready.send(());
+                    while !stopped() {
+                        match pubsub.get_message() {
+                            Ok(msg) => {
+                                let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+                                if let Some(seq) =
+                                    serde_json::from_slice::<serde_json::Value>(&payload)
+                                        .ok()
+                                        .and_then(|v| v.get("seq")?.as_u64())
+                                {
+                                    seen.lock().unwrap().push(seq);
+                                }
+                            }
+                            Err(e) if e.is_timeout() => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        });
+        subscribed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the witness subscribed");
+        Self {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// The seqs delivered so far, in delivery order.
+    pub fn order(&self) -> Vec<u64> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

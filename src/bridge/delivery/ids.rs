@@ -1,80 +1,21 @@
-//! What a worker knows about one received message, and how its id is found.
+//! A message's id: the one its publisher gave it, or one made for it.
 //!
 //! A JSON object payload with the id field (MESSAGE_ID_FIELD, a string or a
 //! number) is known by that id. Anything else (plain text, binary, JSON
-//! without the field) gets a *derived* id that every worker computes the same
-//! way from what it has seen on the channel: `h:<xxh3-128 of the bytes>:<n>`,
-//! where `n` counts the identical payloads seen so far. Two identical id-less
-//! payloads published one after the other are therefore `…:1` and `…:2`, two
-//! stream entries. See [`DerivedIds`] for the limits of that scheme.
+//! without the field) is known by where it stands: on one server, its
+//! position (`p:<mark>:<n>`, the same in every process: see
+//! [`super::Position`]); on a cluster, where subscriptions have no
+//! positions, an id every subscription derives alike from what it has seen
+//! (`h:<xxh3-128 of the bytes>:<n>`, see [`DerivedIds`]).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::delivery::Lane;
-
-/// A message received from the channel, with the id every worker agrees on.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    /// The id the lock and ACK keys are named after.
-    pub id: String,
-    /// The published bytes, untouched.
-    pub payload: Vec<u8>,
-    /// When this worker received it; pending copies expire from here.
-    pub received_at: Instant,
-    /// Why it goes to the dead-letter stream instead of the output stream.
-    pub rejected: Option<String>,
-    /// xxh3-64 of the payload: decides the owner (partitioned strategy).
-    pub hash: u64,
-    /// Where it goes (and the channel it came on), when its route says
-    /// (`None`: the delivery's own stream).
-    pub lane: Option<Arc<Lane>>,
-}
-
-impl Incoming {
-    /// A message to write to the output stream.
-    pub fn new(id: impl Into<String>, payload: Vec<u8>, received_at: Instant) -> Self {
-        Self {
-            id: id.into(),
-            hash: xxhash_rust::xxh3::xxh3_64(&payload),
-            payload,
-            received_at,
-            rejected: None,
-            lane: None,
-        }
-    }
-}
-
-/// What a subscription hands its worker, in the order it arrived.
-#[derive(Debug)]
-pub enum Item {
-    Message(Incoming),
-    /// One of the worker's own marks (partitioned strategy): every message
-    /// before it was published before the clock took the value `clock`, every
-    /// message after it, after. `overflowed`: this worker dropped messages
-    /// (QUEUE_CAPACITY) since its previous mark.
-    Mark {
-        clock: u64,
-        overflowed: bool,
-    },
-    /// The subscription was (re)established: what follows does not continue
-    /// what came before.
-    Subscribed,
-}
-
-impl Item {
-    pub fn into_message(self) -> Option<Incoming> {
-        match self {
-            Item::Message(m) => Some(m),
-            _ => None,
-        }
-    }
-}
+use super::{Message, Position};
 
 /// Ids longer than this are refused (they become key names twice over).
 pub const MAX_ID_BYTES: usize = 512;
@@ -198,52 +139,75 @@ impl DerivedIds {
     }
 }
 
-/// Finds or derives the id of each message of one worker's subscription,
-/// and marks the messages the bridge will not write to the output stream.
+/// How a process finds its messages' ids, and which it will not write to
+/// their stream.
 #[derive(Debug)]
-pub struct IdAssigner {
+pub struct Identify {
     field: String,
-    derived: DerivedIds,
     max_payload_bytes: usize,
+    /// Cluster: derived ids for payloads without one.
+    derived: Option<DerivedIds>,
 }
 
-impl IdAssigner {
-    pub fn new(field: impl Into<String>, forget_after: Duration, max_payload_bytes: usize) -> Self {
+impl Identify {
+    /// On one server: payloads without an id are known by their position.
+    pub fn by_position(field: impl Into<String>, max_payload_bytes: usize) -> Self {
         Self {
             field: field.into(),
-            derived: DerivedIds::new(forget_after),
             max_payload_bytes,
+            derived: None,
         }
     }
 
-    pub fn assign(&mut self, payload: Vec<u8>, received_at: Instant) -> Incoming {
-        let mut rejected = None;
-        let id = if payload.len() > self.max_payload_bytes {
-            rejected = Some(format!(
+    /// On a cluster: payloads without an id get a derived id, counted for
+    /// `forget_after` (see [`DerivedIds`]).
+    pub fn derived(
+        field: impl Into<String>,
+        max_payload_bytes: usize,
+        forget_after: Duration,
+    ) -> Self {
+        Self {
+            derived: Some(DerivedIds::new(forget_after)),
+            ..Self::by_position(field, max_payload_bytes)
+        }
+    }
+
+    /// Sets `m.id`, and `m.rejected` for a message that goes to the
+    /// dead-letter stream (a payload larger than MAX_PAYLOAD_BYTES, an id
+    /// longer than [`MAX_ID_BYTES`]).
+    pub fn identify(&mut self, m: &mut Message) {
+        let explicit = if m.payload.len() > self.max_payload_bytes {
+            m.rejected = Some(format!(
                 "payload of {} bytes is larger than MAX_PAYLOAD_BYTES ({})",
-                payload.len(),
+                m.payload.len(),
                 self.max_payload_bytes
             ));
-            self.derived.next(&payload, received_at)
+            None
         } else {
-            match json_id(&payload, &self.field) {
+            match json_id(&m.payload, &self.field) {
                 Some(id) if id.len() > MAX_ID_BYTES => {
-                    rejected = Some(format!(
+                    m.rejected = Some(format!(
                         "{} of {} bytes is longer than {MAX_ID_BYTES}",
                         self.field,
                         id.len()
                     ));
-                    self.derived.next(&payload, received_at)
+                    None
                 }
-                Some(id) => id,
-                None => self.derived.next(&payload, received_at),
+                id => id,
             }
         };
-        Incoming {
-            rejected,
-            ..Incoming::new(id, payload, received_at)
-        }
+        m.id = match (explicit, m.position, self.derived.as_mut()) {
+            (Some(id), _, _) => id,
+            (None, Some(position), _) => position_id(position),
+            (None, None, Some(derived)) => derived.next(&m.payload, m.received_at),
+            (None, None, None) => format!("h:{:032x}", xxhash_rust::xxh3::xxh3_128(&m.payload)),
+        };
     }
+}
+
+/// The id of a payload without one, on one server: its position.
+pub fn position_id(position: Position) -> String {
+    format!("p:{}:{}", position.mark, position.seq)
 }
 
 #[cfg(test)]
@@ -337,21 +301,31 @@ mod tests {
     #[test]
     fn oversized_payloads_and_ids_are_rejected_with_a_reason() {
         let now = Instant::now();
-        let mut ids = IdAssigner::new("message_id", Duration::from_secs(60), 64);
-        assert!(
-            ids.assign(br#"{"message_id":"ok"}"#.to_vec(), now)
-                .rejected
-                .is_none()
-        );
-        let big = ids.assign(vec![b'x'; 65], now);
+        let lane = std::sync::Arc::new(super::super::Lane::new(
+            super::super::Destination::new("s", "c"),
+            None,
+        ));
+        let message = |payload: Vec<u8>| {
+            let mut m = Message::new(payload.into(), "c".into(), lane.clone());
+            m.received_at = now;
+            m.position = Some(Position { mark: 9, seq: 2 });
+            m
+        };
+        let mut ids = Identify::by_position("message_id", 64);
+        let mut ok = message(br#"{"message_id":"ok"}"#.to_vec());
+        ids.identify(&mut ok);
+        assert_eq!((ok.id.as_str(), ok.rejected), ("ok", None));
+        let mut big = message(vec![b'x'; 65]);
+        ids.identify(&mut big);
         assert!(big.rejected.unwrap().contains("MAX_PAYLOAD_BYTES"));
-        assert!(big.id.starts_with("h:"));
+        assert_eq!(big.id, "p:9:2", "known by its position");
 
-        let mut ids = IdAssigner::new("message_id", Duration::from_secs(60), 1 << 20);
+        let mut ids = Identify::by_position("message_id", 1 << 20);
         let long = format!(r#"{{"message_id":"{}"}}"#, "i".repeat(MAX_ID_BYTES + 1));
-        let m = ids.assign(long.into_bytes(), now);
+        let mut m = message(long.into_bytes());
+        ids.identify(&mut m);
         assert!(m.rejected.unwrap().contains("longer than"));
-        assert!(m.id.len() < 64, "a short derived id replaces it");
+        assert!(m.id.len() < 64, "a short id replaces it");
     }
 
     #[test]

@@ -1,0 +1,461 @@
+//! A worker's subscription on a Redis Cluster (the race strategy's, the one
+//! a cluster runs): its own task and connection through the redis crate's
+//! cluster client, reading the channels and handing each message (with its
+//! id) to the worker through a bounded queue, so a slow write path never
+//! stops the connection from being read.
+//!
+//! - **Buffers full**: the newest message is dropped by this worker and
+//!   counted as `overflow` (the other workers, each with its own
+//!   subscription, may still have it).
+//! - **Silence**: after [`KEEPALIVE`] without traffic it PINGs; no answer
+//!   within [`PING_TIMEOUT`] counts as a lost connection.
+//! - **Subscriptions**: the cluster client subscribes on the node that
+//!   serves each channel's slot (SUBSCRIBE, or SSUBSCRIBE with sharded
+//!   Pub/Sub). When a subscription is lost (a node's connection dropped, or
+//!   the server's SUNSUBSCRIBE after a slot move, which the client does not
+//!   follow) the task subscribes again itself, with backoff, the client
+//!   following MOVED to the new node. Each loss counts as a reconnect, and
+//!   the time until the new subscription is confirmed as a gap.
+//! - **Ids**: messages have no positions here; a payload without an id gets
+//!   a derived one (see [`super::ids::DerivedIds`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::{ProtocolVersion, PushInfo, PushKind, RedisError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::ids::Identify;
+use super::reader::Coverage;
+use super::{Lane, Message, is_internal_channel};
+use crate::bridge::route::Router;
+use crate::connect::{Endpoint, retry_until_connected};
+use crate::monitor::Counters;
+
+pub use super::reader::{KEEPALIVE, PING_TIMEOUT};
+/// Cluster: the first wait before subscribing again after a lost subscription.
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
+
+/// Everything the subscription task needs.
+pub struct Subscription {
+    pub endpoint: Endpoint,
+    /// The channels and patterns to read, and where their messages go.
+    pub router: Arc<Router>,
+    /// The routes, as logs name them.
+    pub channel: String,
+    /// Pattern routes' lanes by channel (see [`LANE_CACHE`]).
+    pub lanes: HashMap<Vec<u8>, Arc<Lane>>,
+    pub worker_id: String,
+    pub ids: Identify,
+    pub counters: Arc<Counters>,
+    pub coverage: Arc<Coverage>,
+    /// Where received messages go; the worker reads the other end.
+    pub queue: mpsc::Sender<Vec<Message>>,
+    /// How many messages may wait between the connection and this task.
+    pub read_buffer: usize,
+    pub cancel: CancellationToken,
+}
+
+/// Pattern routes' lanes by channel, so that a busy channel's lane is made
+/// once, not per message. Cleared when it grows past this: channels under a
+/// pattern can be many and short-lived, and a quiet one must leave nothing
+/// behind.
+const LANE_CACHE: usize = 1_024;
+
+/// What the client library's reader hands over.
+enum Pushed {
+    /// A message by route `route`, on `channel`.
+    Message {
+        route: usize,
+        channel: Vec<u8>,
+        payload: Vec<u8>,
+    },
+    /// The server ended the subscription to the input channel (its slot
+    /// moved) or a node's connection dropped; the client subscribes again
+    /// by itself.
+    Lost,
+    /// The subscription to the input channel is confirmed (again).
+    Confirmed,
+}
+
+/// A cluster connection whose (S)SUBSCRIBE is `sharded`.
+struct SubConn {
+    conn: redis::cluster_async::ClusterConnection,
+    sharded: bool,
+}
+
+impl SubConn {
+    /// One channel at a time: each on the node that serves its slot, where
+    /// that node's PUBLISH counts it.
+    async fn subscribe(
+        &mut self,
+        channels: Vec<&str>,
+        patterns: Vec<&str>,
+    ) -> Result<(), RedisError> {
+        for channel in channels {
+            match self.sharded {
+                true => self.conn.ssubscribe(channel).await?,
+                false => self.conn.subscribe(channel).await?,
+            }
+        }
+        if patterns.is_empty() {
+            return Ok(());
+        }
+        self.conn.psubscribe(patterns).await
+    }
+
+    async fn unsubscribe(
+        &mut self,
+        channels: Vec<&str>,
+        patterns: Vec<&str>,
+    ) -> Result<(), RedisError> {
+        if !patterns.is_empty() {
+            self.conn.punsubscribe(patterns).await?;
+        }
+        for channel in channels {
+            match self.sharded {
+                true => self.conn.sunsubscribe(channel).await?,
+                false => self.conn.unsubscribe(channel).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Subscription {
+    /// Reads until cancelled. Returns an error only when reconnecting cannot
+    /// help (credentials, permissions). Dropping the queue's sender on return
+    /// tells the worker that nothing more is coming.
+    pub async fn run(mut self) -> Result<(), RedisError> {
+        let shown = self.endpoint.to_string();
+        let mut lost_at: Option<Instant> = None;
+        loop {
+            let connected =
+                retry_until_connected(&shown, &self.cancel, || self.subscribe()).await?;
+            let Some((mut conn, mut pushed)) = connected else {
+                return Ok(());
+            };
+            self.coverage.up(&self.counters);
+            match lost_at.take() {
+                Some(t) => {
+                    Counters::add(&self.counters.reconnects, 1);
+                    tracing::warn!(
+                        worker = %self.worker_id,
+                        channel = %self.channel,
+                        gap_ms = t.elapsed().as_millis() as u64,
+                        "resubscribed; messages published during the gap reached only the other workers"
+                    );
+                }
+                None => {
+                    tracing::debug!(worker = %self.worker_id, channel = %self.channel, "subscribed")
+                }
+            }
+            let mut last_heard = Instant::now();
+            // One timer, moved on only when it fires: no timer per message.
+            let keepalive = tokio::time::sleep(KEEPALIVE);
+            tokio::pin!(keepalive);
+            // After a lost subscription, subscribing again ourselves (a
+            // server's SUNSUBSCRIBE after a slot move is not followed by the
+            // client), every `retry_wait`, doubling, until it takes.
+            let mut retry_wait: Option<Duration> = None;
+            let retry = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(retry);
+            loop {
+                let event = tokio::select! {
+                    _ = self.cancel.cancelled() => {
+                        self.unsubscribe_and_drain(&mut conn, &mut pushed).await;
+                        self.coverage.down(false);
+                        return Ok(());
+                    }
+                    event = pushed.recv() => event,
+                    _ = &mut retry, if retry_wait.is_some() => {
+                        let subscribe = conn.subscribe(self.router.channels(), self.router.patterns());
+                        match tokio::time::timeout(PING_TIMEOUT, subscribe).await {
+                            // Its confirmation ends the gap (`Confirmed`).
+                            Ok(Ok(())) => retry_wait = None,
+                            failed => {
+                                let wait = retry_wait.unwrap_or(RESUBSCRIBE_FIRST);
+                                tracing::debug!(worker = %self.worker_id, ?failed, "subscribing again failed; retrying");
+                                let next = (wait * 2).min(KEEPALIVE);
+                                retry_wait = Some(next);
+                                retry.as_mut().reset((Instant::now() + next).into());
+                            }
+                        }
+                        continue;
+                    }
+                    _ = &mut keepalive => {
+                        if last_heard.elapsed() < KEEPALIVE {
+                            keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
+                            continue;
+                        }
+                        let ping = redis::cmd("PING");
+                        match tokio::time::timeout(PING_TIMEOUT, ping.query_async::<()>(&mut conn.conn)).await {
+                            Ok(Ok(())) => {
+                                last_heard = Instant::now();
+                                keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
+                                continue;
+                            }
+                            _ => None,
+                        }
+                    }
+                };
+                let message = match event {
+                    Some(Pushed::Message {
+                        route,
+                        channel,
+                        payload,
+                    }) => self.receive(route, channel, payload),
+                    Some(Pushed::Lost) => {
+                        if lost_at.is_none() {
+                            tracing::warn!(worker = %self.worker_id, channel = %self.channel, "cluster subscription lost; subscribing again");
+                            self.coverage.down(true);
+                            lost_at = Some(Instant::now());
+                        }
+                        if retry_wait.is_none() {
+                            retry_wait = Some(RESUBSCRIBE_FIRST);
+                            retry
+                                .as_mut()
+                                .reset((Instant::now() + RESUBSCRIBE_FIRST).into());
+                        }
+                        continue;
+                    }
+                    Some(Pushed::Confirmed) => {
+                        if let Some(t) = lost_at.take() {
+                            self.coverage.up(&self.counters);
+                            Counters::add(&self.counters.reconnects, 1);
+                            tracing::warn!(
+                                worker = %self.worker_id,
+                                channel = %self.channel,
+                                gap_ms = t.elapsed().as_millis() as u64,
+                                "resubscribed on the cluster; messages published during the gap reached only the other workers"
+                            );
+                        }
+                        last_heard = Instant::now();
+                        continue;
+                    }
+                    None => break,
+                };
+                last_heard = Instant::now();
+                if self.queue.send(vec![message]).await.is_err() {
+                    self.coverage.down(false);
+                    return Ok(()); // the worker is gone
+                }
+            }
+            tracing::warn!(worker = %self.worker_id, channel = %self.channel, "subscription lost, reconnecting");
+            if lost_at.is_none() {
+                self.coverage.down(true);
+                lost_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The message with its lane and id (it was counted as it came off the
+    /// connection).
+    fn receive(&mut self, route: usize, channel: Vec<u8>, payload: Vec<u8>) -> Message {
+        let lane = match self.router.fixed(route) {
+            Some(lane) => lane,
+            None => {
+                if self.lanes.len() >= LANE_CACHE {
+                    self.lanes = HashMap::new();
+                }
+                let router = &self.router;
+                self.lanes
+                    .entry(channel.clone())
+                    .or_insert_with_key(|channel| {
+                        router.lane(route, &String::from_utf8_lossy(channel))
+                    })
+                    .clone()
+            }
+        };
+        let mut m = Message::new(Bytes::from(payload), Bytes::from(channel), lane);
+        self.ids.identify(&mut m);
+        m
+    }
+
+    /// Stops reading without losing what the server already sent: once
+    /// UNSUBSCRIBE is confirmed, every message published before it has been
+    /// read off the connection (replies come in order), and goes to the worker.
+    async fn unsubscribe_and_drain(
+        &mut self,
+        conn: &mut SubConn,
+        pushed: &mut mpsc::Receiver<Pushed>,
+    ) {
+        let unsubscribe = conn.unsubscribe(self.router.channels(), self.router.patterns());
+        match tokio::time::timeout(PING_TIMEOUT, unsubscribe).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(worker = %self.worker_id, cause = %crate::connect::brief(&err), "UNSUBSCRIBE failed; handing over what has arrived")
+            }
+            Err(_) => {
+                tracing::warn!(worker = %self.worker_id, "UNSUBSCRIBE not confirmed in time; handing over what has arrived")
+            }
+        }
+        while let Ok(event) = pushed.try_recv() {
+            let Pushed::Message {
+                route,
+                channel,
+                payload,
+            } = event
+            else {
+                continue;
+            };
+            let message = self.receive(route, channel, payload);
+            if self.queue.send(vec![message]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A RESP3 cluster connection subscribed to the channels, and the buffer
+    /// its pushed messages go to (when it is full they are dropped and
+    /// counted). Each attempt has a buffer of its own, so nothing from an
+    /// attempt that failed half-way reaches the worker.
+    async fn subscribe(&self) -> Result<(SubConn, mpsc::Receiver<Pushed>), RedisError> {
+        let (pushed, receiver) = mpsc::channel(self.read_buffer.max(1));
+        let counters = self.counters.clone();
+        let worker = self.worker_id.clone();
+        let started = Instant::now();
+        // Milliseconds after `started` before which no overflow warning is
+        // logged again: at most one a second.
+        let next_warning = AtomicU64::new(0);
+        // The subscription whose loss and return stand for all of them.
+        let watched = self
+            .router
+            .channels()
+            .first()
+            .or(self.router.patterns().first())
+            .map(|name| name.as_bytes().to_vec())
+            .unwrap_or_default();
+        let router = self.router.clone();
+        let sources: Vec<Vec<u8>> = self
+            .router
+            .channels()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        let on_push = move |info: PushInfo| -> Result<(), ()> {
+            let is_watched =
+                matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == watched);
+            // Control pushes are handed over without a bound (the end of a
+            // connection must not be lost); messages through `hand_over`.
+            let control = match info.kind {
+                PushKind::SUnsubscribe | PushKind::Unsubscribe | PushKind::PUnsubscribe
+                    if is_watched =>
+                {
+                    Some(Pushed::Lost)
+                }
+                PushKind::SSubscribe | PushKind::Subscribe | PushKind::PSubscribe if is_watched => {
+                    Some(Pushed::Confirmed)
+                }
+                PushKind::Disconnection => Some(Pushed::Lost),
+                _ => None,
+            };
+            if let Some(control) = control {
+                let pushed = pushed.clone();
+                tokio::spawn(async move { pushed.send(control).await });
+                return Ok(());
+            }
+            let mut data = info.data.into_iter().map(|v| match v {
+                redis::Value::BulkString(bytes) => Some(bytes),
+                _ => None,
+            });
+            let mut next = || data.next().flatten();
+            let (route, channel, payload) = match info.kind {
+                PushKind::PMessage => {
+                    let (Some(pattern), Some(channel), Some(payload)) = (next(), next(), next())
+                    else {
+                        return Ok(());
+                    };
+                    let Some(route) = router.for_pattern(&pattern) else {
+                        return Ok(());
+                    };
+                    (route, channel, payload)
+                }
+                PushKind::Message | PushKind::SMessage => {
+                    let (Some(channel), Some(payload)) = (next(), next()) else {
+                        return Ok(());
+                    };
+                    if !sources.contains(&channel) {
+                        return Ok(());
+                    }
+                    let Some(route) = router.for_channel(&channel) else {
+                        return Ok(());
+                    };
+                    (route, channel, payload)
+                }
+                _ => return Ok(()),
+            };
+            // Subscriptions live on several nodes here, so copies of one
+            // PUBLISH through several routes can interleave with others':
+            // only optimus's own channels are left out (see the README).
+            if is_internal_channel(&channel) {
+                return Ok(());
+            }
+            hand_over(
+                &pushed,
+                Pushed::Message {
+                    route,
+                    channel,
+                    payload,
+                },
+                &counters,
+                &next_warning,
+                started,
+                &worker,
+            );
+            Ok(())
+        };
+        let conn = self
+            .endpoint
+            .connect_cluster(
+                self.endpoint
+                    .cluster_builder()?
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(on_push),
+            )
+            .await?;
+        let mut conn = SubConn {
+            conn,
+            sharded: self.endpoint.is_sharded(),
+        };
+        conn.subscribe(self.router.channels(), self.router.patterns())
+            .await?;
+        Ok((conn, receiver))
+    }
+}
+
+/// Puts a message in the subscription's buffer, or, when the buffer is
+/// full, drops it, counts it as `overflow` and says so (at most once a
+/// second).
+fn hand_over(
+    pushed: &mpsc::Sender<Pushed>,
+    message: Pushed,
+    counters: &Counters,
+    next_warning: &AtomicU64,
+    started: Instant,
+    worker: &str,
+) {
+    match pushed.try_send(message) {
+        Ok(()) => {}
+        // This connection was given up: nothing here received it.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            // Dropped here: received, and overflowed, by this worker.
+            Counters::add(&counters.received, 1);
+            Counters::add(&counters.overflow, 1);
+            let now = started.elapsed().as_millis() as u64;
+            let next = next_warning.load(Ordering::Relaxed);
+            if now >= next
+                && next_warning
+                    .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
+            }
+        }
+    }
+}

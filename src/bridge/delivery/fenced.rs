@@ -1,0 +1,1089 @@
+//! The default strategy's loop, one per process: the intake's messages go
+//! to their stream's lane; each stream has one writer in the pool (the
+//! process its writer record names), which writes its lane in order with
+//! `write.lua`; the other processes keep their copies as standbys until the
+//! record's position passes them, and take the record over when the writer
+//! falls silent, stops receiving or gets stuck.
+//!
+//! Every [`CYCLE_EVERY`] one script beats for the process (its member entry:
+//! server time and the last mark it has seen), publishes a mark, and reads
+//! the records of the streams it holds messages of.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::RedisError;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::budget::Budget;
+use super::intake::Intake;
+use super::reader::ReaderBatch;
+use super::{Lane, Message, Pool, Position, Trim, push_entry, scripts, target};
+use crate::connect::{Conn, brief, is_fatal, reconnect_backoff};
+use crate::monitor::{Counters, Throttle};
+
+/// Time between two cycles of a process.
+pub const CYCLE_EVERY: Duration = Duration::from_millis(50);
+/// Writes of one stream on their way at once (pipelined on one connection).
+const IN_FLIGHT: usize = 2;
+/// A member silent for this long is removed from the members hash.
+const MEMBER_STALE: Duration = Duration::from_secs(60);
+/// A quiet writer gives its stream back after this long.
+const QUIET_RELEASE: Duration = Duration::from_secs(30);
+
+/// What the loop needs besides its inputs.
+#[derive(Debug, Clone)]
+pub struct FencedConfig {
+    /// This process's name among the members.
+    pub member: String,
+    pub pool: Pool,
+    /// Most messages per write.
+    pub batch_size: usize,
+    /// How long a standby waits for a silent, deaf or stuck writer
+    /// (TAKEOVER_AFTER).
+    pub takeover_after: Duration,
+    /// A message id seen again within this long (by publish time) is a
+    /// re-sent message, written once (DEDUP_WINDOW).
+    pub dedup_window: Duration,
+}
+
+/// What becomes of a message in a lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Write it (to its stream, or as a dead letter when it is rejected).
+    Write,
+    /// Pass over it: its id was written within DEDUP_WINDOW (`reused`: with
+    /// other bytes).
+    Skip { reused: bool },
+    /// Pass over it: neither stream takes it.
+    GiveUp,
+}
+
+#[derive(Debug)]
+struct Queued {
+    m: Message,
+    fate: Fate,
+    /// Decided (dedup, give up) while it was in a write's span.
+    decided: bool,
+    /// Held as a standby before this process took the stream over.
+    taken_over: bool,
+}
+
+/// A write on its way: how many queued messages (from the front, after the
+/// writes before it) it covers, and the record's position after it.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    span: usize,
+}
+
+/// This process's part in one stream.
+#[derive(Debug)]
+enum Role {
+    Standby,
+    Writer { epoch: String },
+}
+
+/// The record of a stream, as the last cycle read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Record {
+    epoch: Option<String>,
+    owner: Option<String>,
+    pos: Option<Position>,
+}
+
+struct LaneState {
+    lane: Arc<Lane>,
+    queue: VecDeque<Queued>,
+    role: Role,
+    /// Where this process knows the stream's record to be.
+    pos: Option<Position>,
+    /// When that position last moved.
+    moved_at: Instant,
+    in_flight: VecDeque<InFlight>,
+    /// A write did not finish as asked: write again only once the record
+    /// has been read (the next cycle) and every write on its way answered.
+    resync: bool,
+    /// The stream refused a message for good: (its position, the reason).
+    refused: Option<(Position, String)>,
+    retry_at: Option<Instant>,
+    backoff: Option<Box<dyn Iterator<Item = Duration> + Send + Sync>>,
+    /// When a cycle last found the stream's writer (another process) alive.
+    writer_live_at: Option<Instant>,
+    /// Since when this process has wanted to take the stream over (it waits
+    /// a little for a process without a hole).
+    wanted_since: Option<Instant>,
+    /// The lane lost copies (shed for memory) up to this mark: it cannot
+    /// take over cleanly from before it.
+    shed_through: u64,
+    window: Window,
+    last_active: Instant,
+}
+
+impl LaneState {
+    fn new(lane: Arc<Lane>, window: Duration) -> Self {
+        Self {
+            lane,
+            queue: VecDeque::new(),
+            role: Role::Standby,
+            pos: None,
+            moved_at: Instant::now(),
+            in_flight: VecDeque::new(),
+            resync: false,
+            refused: None,
+            retry_at: None,
+            backoff: None,
+            wanted_since: None,
+            writer_live_at: None,
+            shed_through: 0,
+            window: Window::new(window),
+            last_active: Instant::now(),
+        }
+    }
+
+    fn is_writer(&self) -> bool {
+        matches!(self.role, Role::Writer { .. })
+    }
+
+    /// Queued messages not yet in a write.
+    fn unsent(&self) -> usize {
+        self.queue.len() - self.in_flight.iter().map(|w| w.span).sum::<usize>()
+    }
+}
+
+/// The message ids a lane has seen within DEDUP_WINDOW (by publish time),
+/// with the hash of their payloads: a message whose id is in it was sent
+/// again (a publisher retrying), and is passed over.
+#[derive(Debug)]
+struct Window {
+    length_ms: u64,
+    /// Each id's hash, with the publish time and payload hash it was last
+    /// seen with.
+    ids: HashMap<u128, (u64, u64)>,
+    /// The ids in the order they were seen, with that publish time.
+    order: VecDeque<(u64, u128)>,
+}
+
+impl Window {
+    fn new(length: Duration) -> Self {
+        Self {
+            length_ms: length.as_millis() as u64,
+            ids: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn key(m: &Message) -> Option<(u128, u64)> {
+        // Ids made from positions never come twice.
+        if m.id.starts_with("p:") || m.id.is_empty() {
+            return None;
+        }
+        let published = m.position.map_or(0, |p| p.published_ms());
+        Some((xxhash_rust::xxh3::xxh3_128(m.id.as_bytes()), published))
+    }
+
+    /// Whether `m`'s id was seen within the window: `Some(reused)` (reused:
+    /// with other bytes) if so. Remembers it either way.
+    fn seen(&mut self, m: &Message) -> Option<bool> {
+        if self.length_ms == 0 {
+            return None;
+        }
+        let (key, published) = Self::key(m)?;
+        self.expire(published);
+        let before = self.ids.insert(key, (published, m.hash));
+        self.order.push_back((published, key));
+        before.map(|(_, hash)| hash != m.hash)
+    }
+
+    /// Forgets the ids seen longer than the window before `now_ms` (server
+    /// time), and gives back the memory of a window that shrank.
+    fn expire(&mut self, now_ms: u64) {
+        while let Some(&(at, old)) = self.order.front() {
+            if at + self.length_ms >= now_ms {
+                break;
+            }
+            self.order.pop_front();
+            // Unless it was seen again since.
+            if self.ids.get(&old).is_some_and(|(last, _)| *last == at) {
+                self.ids.remove(&old);
+            }
+        }
+        if self.ids.capacity() > 1024 && self.ids.len() < self.ids.capacity() / 4 {
+            self.ids.shrink_to(self.ids.len() * 2);
+            self.order.shrink_to(self.order.len() * 2);
+        }
+    }
+}
+
+/// What the write script answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteReply {
+    /// Another process holds the record now.
+    Fenced { pos: Option<Position> },
+    /// The record is not where the write started.
+    Elsewhere,
+    /// All written.
+    Done,
+    /// Part written, then a refusal that passes.
+    Stopped { reason: String },
+    /// The first `n` written, then the stream refused the next for good.
+    Refused { n: usize, reason: String },
+}
+
+/// The default strategy's loop; see the module's notes.
+pub struct Fenced {
+    config: FencedConfig,
+    conn: Conn,
+    counters: Arc<Counters>,
+    budget: Arc<Budget>,
+    intake: Intake,
+    lanes: HashMap<Box<str>, LaneState>,
+    writes: JoinSet<(Box<str>, u64, Result<WriteReply, RedisError>)>,
+    /// Answers that came before an earlier write's (by lane and write id).
+    early: HashMap<(Box<str>, u64), Result<WriteReply, RedisError>>,
+    next_write: u64,
+    reported_pending: u64,
+    warnings: Throttle,
+}
+
+impl Fenced {
+    pub fn new(
+        config: FencedConfig,
+        conn: Conn,
+        counters: Arc<Counters>,
+        budget: Arc<Budget>,
+        intake: Intake,
+    ) -> Self {
+        Self {
+            config,
+            conn,
+            counters,
+            budget,
+            intake,
+            lanes: HashMap::new(),
+            writes: JoinSet::new(),
+            early: HashMap::new(),
+            next_write: 0,
+            reported_pending: 0,
+            warnings: Throttle::default(),
+        }
+    }
+
+    /// Runs until `batches` is closed (every reader stopped) and what this
+    /// process holds is written or covered (or, for copies, until
+    /// TAKEOVER_AFTER + 2 s after that), then leaves the members. Returns an
+    /// error only when Redis refuses us in a way retrying cannot mend.
+    pub async fn run(mut self, mut batches: mpsc::Receiver<ReaderBatch>) -> Result<(), RedisError> {
+        let mut tick = tokio::time::interval(CYCLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut readers_done: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                done = self.writes.join_next(), if !self.writes.is_empty() => {
+                    let (stream, id, reply) = done.expect("a write was on its way").unwrap_or_else(|panic| {
+                        std::panic::resume_unwind(panic.into_panic())
+                    });
+                    self.on_written(stream, id, reply)?;
+                }
+                batch = batches.recv(), if readers_done.is_none() => match batch {
+                    Some(batch) => self.on_batch(batch),
+                    None => readers_done = Some(Instant::now()),
+                },
+                _ = tick.tick() => self.cycle(false).await?,
+            }
+            if self.budget.pressed() {
+                self.shed();
+            }
+            self.start_writes();
+            if let Some(since) = readers_done
+                && self.finished(since).await?
+            {
+                break;
+            }
+        }
+        if let Err(err) = self.cycle(true).await {
+            tracing::debug!(cause = %brief(&err), "could not leave the members; the entry lapses by itself");
+        }
+        Counters::sub(&self.counters.pending, self.reported_pending);
+        Ok(())
+    }
+
+    /// Takes a reader's batch into the lanes.
+    fn on_batch(&mut self, batch: ReaderBatch) {
+        let messages = self.intake.take(batch);
+        self.intake.count_holes(&self.counters);
+        Counters::add(&self.counters.received, messages.len() as u64);
+        let window = self.config.dedup_window;
+        for m in messages {
+            let stream = m.lane.stream();
+            let lane = match self.lanes.get_mut(stream) {
+                Some(lane) => lane,
+                None => self
+                    .lanes
+                    .entry(stream.into())
+                    .or_insert_with(|| LaneState::new(m.lane.clone(), window)),
+            };
+            lane.last_active = Instant::now();
+            if lane
+                .pos
+                .is_some_and(|pos| m.position.is_some_and(|p| p <= pos))
+            {
+                lane.window.seen(&m);
+                Counters::add(&self.counters.duplicates_skipped, 1);
+                continue;
+            }
+            lane.queue.push_back(Queued {
+                m,
+                fate: Fate::Write,
+                decided: false,
+                taken_over: false,
+            });
+        }
+    }
+
+    /// Starts the writes the writer lanes can send now.
+    fn start_writes(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<Box<str>> = self
+            .lanes
+            .iter()
+            .filter(|(_, l)| {
+                l.is_writer()
+                    && !l.resync
+                    && l.in_flight.len() < IN_FLIGHT
+                    && l.unsent() > 0
+                    && l.retry_at.is_none_or(|at| now >= at)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let lane = self.lanes.get_mut(&key).expect("a lane");
+            if let Some(cmd) = write_command(lane, self.config.batch_size, &self.config.member) {
+                let id = self.next_write;
+                self.next_write += 1;
+                let span = cmd.1;
+                lane.in_flight.push_back(InFlight { id, span });
+                let mut conn = self.conn.clone();
+                let stream = key.clone();
+                let started = Instant::now();
+                let counters = self.counters.clone();
+                self.writes.spawn(async move {
+                    let reply = scripts::run::<redis::Value, _>(&mut conn, cmd.0).await;
+                    counters
+                        .batch_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    (stream, id, reply.and_then(decode_write))
+                });
+            }
+        }
+    }
+
+    /// A write answered: in the order the writes went, per lane.
+    fn on_written(
+        &mut self,
+        stream: Box<str>,
+        id: u64,
+        reply: Result<WriteReply, RedisError>,
+    ) -> Result<(), RedisError> {
+        let Some(lane) = self.lanes.get(&stream) else {
+            return Ok(());
+        };
+        if lane.in_flight.front().is_none_or(|w| w.id != id) {
+            if lane.in_flight.iter().any(|w| w.id == id) {
+                self.early.insert((stream, id), reply);
+            }
+            return Ok(());
+        }
+        let mut next = Some((id, reply));
+        while let Some((id, reply)) = next.take() {
+            self.answered(&stream, id, reply)?;
+            let lane = self.lanes.get(&stream).expect("a lane");
+            if let Some(front) = lane.in_flight.front() {
+                next = self
+                    .early
+                    .remove(&(stream.clone(), front.id))
+                    .map(|reply| (front.id, reply));
+            }
+        }
+        Ok(())
+    }
+
+    /// The answer of the lane's first write on its way.
+    fn answered(
+        &mut self,
+        stream: &str,
+        _id: u64,
+        reply: Result<WriteReply, RedisError>,
+    ) -> Result<(), RedisError> {
+        let lane = self.lanes.get_mut(stream).expect("a lane");
+        let write = lane.in_flight.pop_front().expect("a write on its way");
+        if lane.resync {
+            // A write after one that did not finish: its answer changes
+            // nothing (it was refused, the record being elsewhere).
+            return Ok(());
+        }
+        match reply {
+            Ok(WriteReply::Done) => {
+                let last = lane.queue.get(write.span - 1).and_then(|q| q.m.position);
+                pop(lane, write.span, &self.counters);
+                lane.pos = last.or(lane.pos);
+                lane.moved_at = Instant::now();
+                lane.backoff = None;
+                lane.retry_at = None;
+            }
+            Ok(WriteReply::Fenced { pos }) => {
+                tracing::info!(stream = %stream, "another process writes this stream now (fenced): keeping the copies as a standby");
+                lane.role = Role::Standby;
+                lane.resync = false;
+                lane.in_flight.clear();
+                if let Some(pos) = pos {
+                    cover(lane, pos, &self.counters);
+                }
+            }
+            Ok(WriteReply::Elsewhere) => {
+                lane.resync = true;
+            }
+            Ok(WriteReply::Stopped { reason, .. }) => {
+                Counters::add(&self.counters.redis_errors, 1);
+                let wait = back_off(lane);
+                if self.warnings.ready().is_some() {
+                    tracing::warn!(stream = %stream, cause = %reason, retry_in_ms = wait.as_millis() as u64, "Redis did not take the batch for now; keeping it and retrying");
+                }
+                lane.resync = true;
+            }
+            Ok(WriteReply::Refused { n, reason }) => {
+                let refused = lane
+                    .queue
+                    .iter()
+                    .take(write.span)
+                    .filter(|q| !matches!(q.fate, Fate::Skip { .. }))
+                    .nth(n)
+                    .and_then(|q| q.m.position);
+                if let Some(position) = refused {
+                    lane.refused = Some((position, reason));
+                }
+                lane.resync = true;
+            }
+            Err(err) if is_fatal(&err) => return Err(err),
+            Err(err) => {
+                Counters::add(&self.counters.redis_errors, 1);
+                let wait = back_off(lane);
+                if self.warnings.ready().is_some() {
+                    tracing::warn!(stream = %stream, cause = %brief(&err), retry_in_ms = wait.as_millis() as u64, "write not confirmed; reading the record before writing again");
+                }
+                lane.resync = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// One cycle: beat, mark, read the records of the lanes that need it;
+    /// then each lane acts on its record.
+    async fn cycle(&mut self, leaving: bool) -> Result<(), RedisError> {
+        let asked: Vec<Box<str>> = self
+            .lanes
+            .iter()
+            .filter(|(_, l)| !l.queue.is_empty() || l.is_writer())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let pool = &self.config.pool;
+        let mut keys: Vec<&str> = vec![&pool.clock, &pool.members];
+        for stream in &asked {
+            keys.push(&self.lanes[stream].lane.keys.writer);
+        }
+        let mut cmd = scripts::evalsha(scripts::CYCLE, &keys);
+        cmd.arg(&self.config.member)
+            .arg(self.intake.seen())
+            .arg(&pool.marks)
+            .arg(if leaving { 0 } else { 1 })
+            .arg(MEMBER_STALE.as_millis() as u64);
+        type Reply = (
+            u64,
+            u64,
+            Vec<String>,
+            Vec<(Option<String>, Option<String>, Option<String>)>,
+        );
+        let reply: Reply = match scripts::run(&mut self.conn, cmd).await {
+            Ok(reply) => reply,
+            Err(err) if is_fatal(&err) => return Err(err),
+            Err(err) => {
+                Counters::add(&self.counters.redis_errors, 1);
+                tracing::debug!(cause = %brief(&err), "cycle failed; trying again next time");
+                return Ok(());
+            }
+        };
+        self.report_pending();
+        if leaving {
+            return Ok(());
+        }
+        let (_mark, now, members, records) = reply;
+        let members: HashMap<&str, (u64, u64)> = members
+            .chunks(2)
+            .filter_map(|pair| {
+                let (beat, seen) = pair.get(1)?.split_once(':')?;
+                Some((pair[0].as_str(), (beat.parse().ok()?, seen.parse().ok()?)))
+            })
+            .collect();
+        for (stream, (epoch, owner, pos)) in asked.iter().zip(records) {
+            let record = Record {
+                epoch,
+                owner: owner.filter(|o| !o.is_empty()),
+                pos: pos.as_deref().and_then(Position::decode),
+            };
+            self.decide(stream, record, now, &members).await?;
+        }
+        for lane in self.lanes.values_mut() {
+            lane.window.expire(now);
+            let queue = &mut lane.queue;
+            if queue.capacity() > 1024 && queue.len() < queue.capacity() / 4 {
+                queue.shrink_to(queue.len() * 2);
+            }
+        }
+        self.lanes.retain(|_, l| {
+            !l.queue.is_empty() || l.is_writer() || l.last_active.elapsed() < QUIET_RELEASE
+        });
+        Ok(())
+    }
+
+    /// What a lane does with its record.
+    async fn decide(
+        &mut self,
+        stream: &str,
+        record: Record,
+        now_ms: u64,
+        members: &HashMap<&str, (u64, u64)>,
+    ) -> Result<(), RedisError> {
+        let takeover_ms = self.config.takeover_after.as_millis() as u64;
+        let seen = self.intake.seen();
+        let since = self.intake.continuous_since();
+        let lane = self.lanes.get_mut(stream).expect("a lane");
+        if let Role::Writer { epoch } = &lane.role {
+            if record.epoch.as_deref() != Some(epoch.as_str()) {
+                tracing::info!(stream = %stream, "another process writes this stream now (fenced): keeping the copies as a standby");
+                lane.role = Role::Standby;
+                lane.resync = false;
+                lane.in_flight.clear();
+            } else {
+                if lane.resync && lane.in_flight.is_empty() {
+                    if let Some(pos) = record.pos {
+                        let covered = lane
+                            .queue
+                            .iter()
+                            .take_while(|q| q.m.position.is_some_and(|p| p <= pos))
+                            .count();
+                        pop(lane, covered, &self.counters);
+                        lane.pos = Some(pos);
+                        lane.moved_at = Instant::now();
+                    }
+                    if let Some((position, reason)) = lane.refused.take()
+                        && let Some(front) = lane.queue.front_mut()
+                        && front.m.position == Some(position)
+                    {
+                        if front.m.rejected.is_none() {
+                            front.m.rejected = Some(format!("the stream refused it: {reason}"));
+                        } else {
+                            front.fate = Fate::GiveUp;
+                            tracing::error!(stream = %stream, message_id = %front.m.id, reason = %front.m.rejected.as_deref().unwrap_or(""), dead_letter_refusal = %reason, "neither the stream nor the dead-letter stream took the message: given up (see refused)");
+                        }
+                    }
+                    lane.resync = false;
+                }
+                let idle = lane.queue.is_empty() && lane.in_flight.is_empty();
+                let readers_gone = !self.intake.any_connected();
+                if idle && (readers_gone || lane.last_active.elapsed() >= QUIET_RELEASE) {
+                    let Role::Writer { epoch } = &lane.role else {
+                        unreachable!()
+                    };
+                    let mut cmd = scripts::evalsha(scripts::RELEASE, &[&lane.lane.keys.writer]);
+                    cmd.arg(epoch);
+                    let released: Result<u64, RedisError> = scripts::run(&mut self.conn, cmd).await;
+                    match released {
+                        Ok(_) => {
+                            tracing::debug!(stream = %stream, "gave the stream back");
+                            lane.role = Role::Standby;
+                        }
+                        Err(err) if is_fatal(&err) => return Err(err),
+                        Err(_) => {}
+                    }
+                }
+                return Ok(());
+            }
+        }
+        // A standby.
+        if let Some(pos) = record.pos {
+            cover(lane, pos, &self.counters);
+        }
+        if record.pos != lane.pos {
+            lane.pos = record.pos;
+            lane.moved_at = Instant::now();
+        }
+        let live = record.owner.as_deref().and_then(|o| members.get(o));
+        if live.is_some_and(|(beat, _)| now_ms.saturating_sub(*beat) <= takeover_ms) {
+            lane.writer_live_at = Some(Instant::now());
+        }
+        let Some(front) = lane.queue.front() else {
+            lane.wanted_since = None;
+            return Ok(());
+        };
+        let waiting = front.m.received_at.elapsed();
+        let owner = record
+            .owner
+            .as_deref()
+            .and_then(|o| members.get(o).map(|m| (o, *m)));
+        let why = match (&record.epoch, record.owner.as_deref(), owner) {
+            (None, _, _) | (_, None, _) => Some("the stream has no writer"),
+            (_, Some(_), None) => Some("its writer is gone"),
+            (_, Some(_), Some((_, (beat, _)))) if now_ms.saturating_sub(beat) > takeover_ms => {
+                Some("its writer fell silent")
+            }
+            (_, Some(_), Some((_, (_, their_seen))))
+                if waiting > self.config.takeover_after
+                    && seen.saturating_sub(their_seen) > takeover_ms * 1024 =>
+            {
+                Some("its writer stopped receiving")
+            }
+            _ if waiting > stuck_after(self.config.takeover_after)
+                && lane.moved_at.elapsed() > stuck_after(self.config.takeover_after) =>
+            {
+                Some("its writer is stuck")
+            }
+            _ => None,
+        };
+        let Some(why) = why else {
+            lane.wanted_since = None;
+            return Ok(());
+        };
+        // Without a hole from the record's position on, take it at once;
+        // else give a process that has one a moment to be first.
+        let clean = record
+            .pos
+            .is_none_or(|p| since.max(lane.shed_through) <= p.mark);
+        let wanted_since = *lane.wanted_since.get_or_insert_with(Instant::now);
+        if !clean && wanted_since.elapsed() < self.config.takeover_after {
+            return Ok(());
+        }
+        let taken = take_over(
+            &mut self.conn,
+            &lane.lane,
+            record.epoch.as_deref(),
+            &self.config.member,
+        )
+        .await;
+        match taken {
+            Ok(Takeover::Taken { epoch, pos }) => {
+                tracing::info!(stream = %stream, previous = %record.owner.as_deref().unwrap_or("-"), reason = why, clean, "took the stream over");
+                lane.role = Role::Writer { epoch };
+                lane.wanted_since = None;
+                lane.resync = false;
+                lane.in_flight.clear();
+                if let Some(pos) = pos {
+                    cover(lane, pos, &self.counters);
+                }
+                lane.pos = pos;
+                lane.moved_at = Instant::now();
+                for q in lane.queue.iter_mut() {
+                    q.taken_over = true;
+                }
+            }
+            Ok(_) => {}
+            Err(err) if is_fatal(&err) => return Err(err),
+            Err(err) => {
+                Counters::add(&self.counters.redis_errors, 1);
+                tracing::debug!(cause = %brief(&err), "takeover failed; trying again next cycle");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a stopping process is done: its readers stopped, its
+    /// writer lanes written out (and given back), its copies covered; or
+    /// TAKEOVER_AFTER + 2 s passed for copies another process should write.
+    async fn finished(&mut self, readers_done: Instant) -> Result<bool, RedisError> {
+        let writing = self
+            .lanes
+            .values()
+            .any(|l| l.is_writer() && (!l.queue.is_empty() || !l.in_flight.is_empty()));
+        if writing || !self.writes.is_empty() {
+            return Ok(false);
+        }
+        let held: usize = self.lanes.values().map(|l| l.queue.len()).sum();
+        if held > 0 && readers_done.elapsed() < self.config.takeover_after + Duration::from_secs(2)
+        {
+            return Ok(false);
+        }
+        if self.lanes.values().any(|l| l.is_writer()) {
+            // Given back at the next cycle.
+            return Ok(false);
+        }
+        if held > 0 {
+            tracing::warn!(
+                unsettled = held,
+                "stopping with copies still held; their writer is expected to write them"
+            );
+            Counters::add(&self.counters.expired, held as u64);
+            for lane in self.lanes.values_mut() {
+                lane.queue.clear();
+            }
+        }
+        Ok(true)
+    }
+
+    /// The budget is spent: copies another process writes go first, oldest
+    /// first, from the lanes whose writer a recent cycle found alive; the
+    /// lane can then no longer take over cleanly from before them. A lane
+    /// without a live writer keeps its copies (it may have to write them),
+    /// and the readers stop reading until writes free memory.
+    fn shed(&mut self) {
+        let mut shed = 0u64;
+        let fresh = self.config.takeover_after * 2 + CYCLE_EVERY * 4;
+        for lane in self
+            .lanes
+            .values_mut()
+            .filter(|l| !l.is_writer() && l.writer_live_at.is_some_and(|at| at.elapsed() < fresh))
+        {
+            let n = lane.queue.len().div_ceil(2);
+            for q in lane.queue.drain(..n) {
+                if let Some(p) = q.m.position {
+                    lane.shed_through = lane.shed_through.max(p.mark + 1);
+                }
+                shed += 1;
+            }
+        }
+        if shed > 0 {
+            Counters::add(&self.counters.overflow, shed);
+            if self.warnings.ready().is_some() {
+                tracing::warn!(
+                    shed,
+                    "memory budget spent (MEMORY_LIMIT): dropped copies another process writes (see overflow)"
+                );
+            }
+        }
+    }
+
+    fn report_pending(&mut self) {
+        let pending: u64 = self.lanes.values().map(|l| l.queue.len() as u64).sum();
+        if pending != self.reported_pending {
+            Counters::add(&self.counters.pending, pending);
+            Counters::sub(&self.counters.pending, self.reported_pending);
+            self.reported_pending = pending;
+        }
+    }
+}
+
+/// The next write of a writer's lane: its command, and how many queued
+/// messages it covers (from the first not yet in a write). Each message's
+/// fate is decided once, in order: one whose id the lane saw within
+/// DEDUP_WINDOW is passed over.
+fn write_command(
+    lane: &mut LaneState,
+    batch_size: usize,
+    consumer: &str,
+) -> Option<(redis::Cmd, usize)> {
+    let Role::Writer { epoch } = &lane.role else {
+        return None;
+    };
+    let start = lane.queue.len() - lane.unsent();
+    // The record's position before this write: after the writes on their
+    // way, or where it is.
+    let prev = match start {
+        0 => lane.pos,
+        _ => lane.queue[start - 1].m.position,
+    };
+    let mut span = 0;
+    let mut entries = 0;
+    for q in lane.queue.iter_mut().skip(start) {
+        if entries >= batch_size {
+            break;
+        }
+        if !q.decided {
+            q.decided = true;
+            if q.fate == Fate::Write
+                && q.m.rejected.is_none()
+                && let Some(reused) = lane.window.seen(&q.m)
+            {
+                q.fate = Fate::Skip { reused };
+            }
+        }
+        span += 1;
+        if !matches!(q.fate, Fate::Skip { .. }) {
+            entries += 1;
+        }
+    }
+    if span == 0 {
+        return None;
+    }
+    let last = lane.queue[start + span - 1].m.position;
+    let items = lane
+        .queue
+        .iter()
+        .skip(start)
+        .take(span)
+        .filter_map(|q| match q.fate {
+            Fate::Skip { .. } => None,
+            Fate::GiveUp => Some((&q.m, 0)),
+            Fate::Write => Some((&q.m, target(&q.m))),
+        });
+    let cmd = write_cmd(&lane.lane, epoch, prev, last, items, consumer);
+    Some((cmd, span))
+}
+
+/// How long a writer may leave the position unmoved, with copies waiting,
+/// before it counts as stuck.
+fn stuck_after(takeover_after: Duration) -> Duration {
+    (takeover_after * 20).max(Duration::from_secs(5))
+}
+
+/// The next wait of a lane's backoff.
+fn back_off(lane: &mut LaneState) -> Duration {
+    let wait = lane
+        .backoff
+        .get_or_insert_with(|| Box::new(reconnect_backoff()))
+        .next()
+        .unwrap_or(crate::connect::MAX_BACKOFF);
+    lane.retry_at = Some(Instant::now() + wait);
+    wait
+}
+
+/// Takes the first `n` queued messages off a writer's lane, counting each
+/// by its fate.
+fn pop(lane: &mut LaneState, n: usize, counters: &Counters) {
+    for q in lane.queue.drain(..n.min(lane.queue.len())) {
+        match q.fate {
+            Fate::Write => {
+                if q.m.rejected.is_some() {
+                    tracing::warn!(stream = %lane.lane.stream(), message_id = %q.m.id, reason = %q.m.rejected.as_deref().unwrap_or(""), "message dead-lettered");
+                    Counters::add(&counters.dead_lettered, 1);
+                } else {
+                    Counters::add(&counters.written, 1);
+                }
+                if q.taken_over {
+                    Counters::add(&counters.taken_over, 1);
+                }
+            }
+            Fate::Skip { reused } => {
+                Counters::add(&counters.duplicates_skipped, 1);
+                if reused {
+                    Counters::add(&counters.reused_ids, 1);
+                    tracing::warn!(stream = %lane.lane.stream(), message_id = %q.m.id, "a message with this id was already written with other bytes: skipped (a publisher is reusing ids; see reused_ids)");
+                }
+            }
+            Fate::GiveUp => Counters::add(&counters.refused, 1),
+        }
+    }
+}
+
+/// Drops a standby's copies the record's position passes (another process
+/// wrote them), remembering their ids.
+fn cover(lane: &mut LaneState, pos: Position, counters: &Counters) {
+    let mut covered = 0;
+    while let Some(front) = lane.queue.front() {
+        if front.m.position.is_none_or(|p| p > pos) {
+            break;
+        }
+        let q = lane.queue.pop_front().expect("a front");
+        lane.window.seen(&q.m);
+        covered += 1;
+    }
+    Counters::add(&counters.duplicates_skipped, covered);
+}
+
+fn decode_write(value: redis::Value) -> Result<WriteReply, RedisError> {
+    let bad = || RedisError::from((redis::ErrorKind::UnexpectedReturnType, "write reply"));
+    let redis::Value::Array(items) = value else {
+        return Err(bad());
+    };
+    let code: u8 = redis::from_redis_value(items.first().cloned().ok_or_else(bad)?)?;
+    let text = |i: usize| -> Option<String> {
+        items
+            .get(i)
+            .cloned()
+            .and_then(|v| redis::from_redis_value::<Option<String>>(v).ok().flatten())
+    };
+    let n = || -> usize {
+        items
+            .get(1)
+            .cloned()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or(0)
+    };
+    Ok(match code {
+        0 => WriteReply::Fenced {
+            pos: text(2).as_deref().and_then(Position::decode),
+        },
+        1 => WriteReply::Elsewhere,
+        2 => WriteReply::Done,
+        3 => WriteReply::Stopped {
+            reason: text(2).unwrap_or_default(),
+        },
+        _ => WriteReply::Refused {
+            n: n(),
+            reason: text(2).unwrap_or_default(),
+        },
+    })
+}
+
+/// What [`take_over`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Takeover {
+    /// This process writes the stream now, with this epoch, from this
+    /// position (`None`: the stream has no record of one).
+    Taken {
+        epoch: String,
+        pos: Option<Position>,
+    },
+    /// The record no longer held the epoch seen: another process was
+    /// quicker.
+    Lost {
+        epoch: Option<String>,
+        owner: Option<String>,
+        pos: Option<Position>,
+    },
+}
+
+/// Becomes the writer of `lane`'s stream, fencing the writer before, if the
+/// record still holds `seen_epoch` (`None`: there was no record).
+pub async fn take_over(
+    conn: &mut Conn,
+    lane: &Lane,
+    seen_epoch: Option<&str>,
+    member: &str,
+) -> Result<Takeover, RedisError> {
+    let mut cmd = scripts::evalsha(scripts::TAKEOVER, &[&lane.keys.writer]);
+    cmd.arg(seen_epoch.unwrap_or("")).arg(member);
+    let value: redis::Value = scripts::run(conn, cmd).await?;
+    let redis::Value::Array(items) = value else {
+        return Err(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "takeover reply",
+        )));
+    };
+    let text = |i: usize| -> Option<String> {
+        items
+            .get(i)
+            .cloned()
+            .and_then(|v| redis::from_redis_value::<Option<String>>(v).ok().flatten())
+    };
+    let code: u8 = items
+        .first()
+        .cloned()
+        .map(redis::from_redis_value)
+        .transpose()?
+        .unwrap_or(0);
+    let position = |i: usize| text(i).as_deref().and_then(Position::decode);
+    Ok(match (code, text(1)) {
+        (1, Some(epoch)) => Takeover::Taken {
+            epoch,
+            pos: position(2),
+        },
+        _ => Takeover::Lost {
+            epoch: text(1),
+            owner: text(2).filter(|o| !o.is_empty()),
+            pos: position(3),
+        },
+    })
+}
+
+/// `write.lua`'s command: as `member`, the writer of epoch `epoch`, from
+/// the record's position `prev` to `last`, the `items` in order, each with
+/// its target (0: passed over, recorded only; 1: the stream; 2: the
+/// dead-letter stream). Entries name `member` as their consumer.
+pub fn write_cmd<'a>(
+    lane: &Lane,
+    epoch: &str,
+    prev: Option<Position>,
+    last: Option<Position>,
+    items: impl IntoIterator<Item = (&'a Message, u8)>,
+    member: &str,
+) -> redis::Cmd {
+    let encode = |p: Option<Position>| p.map(|p| p.encode()).unwrap_or_default();
+    let mut cmd = scripts::evalsha(
+        scripts::WRITE,
+        &[&lane.keys.writer, lane.stream(), &lane.to.dead_stream],
+    );
+    let (kind, op, limit) = Trim::args(lane.trim);
+    cmd.arg(epoch)
+        .arg(encode(prev))
+        .arg(encode(last))
+        .arg(member)
+        .arg(kind)
+        .arg(op)
+        .arg(limit);
+    for (m, to) in items {
+        cmd.arg(encode(m.position)).arg(to);
+        if to != 0 {
+            push_entry(&mut cmd, m, member);
+        } else {
+            cmd.arg(0);
+        }
+    }
+    cmd
+}
+
+/// One fenced write of `messages` (in their order, each to its target), as
+/// `member`, the writer of epoch `epoch`, starting after the record's
+/// position `prev`.
+pub async fn write(
+    conn: &mut Conn,
+    member: &str,
+    epoch: &str,
+    prev: Option<Position>,
+    messages: &[&Message],
+) -> Result<WriteReply, RedisError> {
+    let Some(first) = messages.first() else {
+        return Ok(WriteReply::Done);
+    };
+    let last = messages.last().and_then(|m| m.position);
+    let cmd = write_cmd(
+        &first.lane,
+        epoch,
+        prev,
+        last,
+        messages.iter().map(|m| (*m, target(m))),
+        member,
+    );
+    scripts::run::<redis::Value, _>(conn, cmd)
+        .await
+        .and_then(decode_write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::delivery::Destination;
+
+    #[test]
+    fn a_window_knows_ids_sent_again_and_forgets_old_ones() {
+        let lane = Arc::new(Lane::new(Destination::new("s", "c"), None));
+        let message = |id: &str, payload: &str, ms: u64| {
+            let mut m = Message::with_id(id, payload.as_bytes().to_vec(), lane.clone());
+            m.position = Some(Position {
+                mark: ms << 10,
+                seq: 1,
+            });
+            m
+        };
+        let mut window = Window::new(Duration::from_secs(5));
+        assert_eq!(window.seen(&message("a", "x", 1000)), None);
+        assert_eq!(
+            window.seen(&message("a", "x", 2000)),
+            Some(false),
+            "the same bytes again"
+        );
+        assert_eq!(
+            window.seen(&message("a", "y", 3000)),
+            Some(true),
+            "other bytes"
+        );
+        assert_eq!(window.seen(&message("b", "x", 3000)), None);
+        // Long after: forgotten.
+        assert_eq!(window.seen(&message("b", "x", 9000)), None);
+        // Ids made from positions are never remembered.
+        let mut p = message("p:1:1", "x", 9000);
+        p.id = "p:1:1".into();
+        assert_eq!(window.seen(&p), None);
+        assert_eq!(window.seen(&p), None);
+    }
+}

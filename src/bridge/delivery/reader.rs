@@ -1,0 +1,683 @@
+//! A subscription of this process (one server): a connection of its own that
+//! speaks RESP3 itself, reads the channels in chunks, and slices each message
+//! out of the chunk it came in (no copy), giving it its [`Position`].
+//!
+//! - **Start at a mark.** Each connection subscribes and publishes a mark in
+//!   one MULTI: nothing can be published between the two, so the first thing
+//!   it receives after subscribing is its own mark, and every message after
+//!   it has a position every other subscription agrees on.
+//! - **Batches.** What one read brings is one [`ReaderBatch`], charged to
+//!   the process's [`Budget`] before the next read: when the budget is spent
+//!   the reader stops reading and the messages wait in the server's output
+//!   buffer (backpressure to the socket).
+//! - **Silence**: after [`KEEPALIVE`] without a byte it PINGs; nothing for
+//!   [`PING_TIMEOUT`] counts as a lost connection (marks come every 50 ms,
+//!   so silence means trouble).
+//! - **Lost connection**: it says so ([`Event::Lost`]), reconnects with
+//!   backoff and starts again at a new mark; errors retrying cannot mend
+//!   (credentials, permissions) end it.
+//! - **Stopping**: UNSUBSCRIBE, and everything that arrived before its
+//!   confirmation is handed over, then [`Event::Stopped`].
+//! - **What is not bridged**: optimus's own channels (marks, probes), and a
+//!   message's second copy bound for a stream when several routes match it
+//!   (see [`Publication`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redis::RedisError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::budget::{Budget, MESSAGE_OVERHEAD};
+use super::resp::{self, Frame, Parse, Parts};
+use super::{Lane, Message, Pool, Position, is_internal_channel, scripts};
+use crate::bridge::route::Router;
+use crate::connect::{Endpoint, Transport, retry_until_connected};
+use crate::monitor::Counters;
+
+/// Silence on the subscription after which it is checked with a PING.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// How long that PING (and the handshake) may take: longer than a
+/// `CLIENT PAUSE` of a few seconds.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+/// How much is read from the socket at a time, at most.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What a reader hands over, in order: one read's items.
+#[derive(Debug)]
+pub struct ReaderBatch {
+    /// Which reader of the process.
+    pub reader: usize,
+    pub items: Vec<Item>,
+    /// What happened to the connection, after the items.
+    pub event: Option<Event>,
+}
+
+#[derive(Debug)]
+pub enum Item {
+    /// A mark: everything after it was published after this clock value.
+    Mark(u64),
+    Message(Message),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A new connection, starting at this mark (its first item).
+    Subscribed { start: u64 },
+    /// The connection was lost: what follows is a new one.
+    Lost,
+    /// The reader stopped, having handed over everything it received.
+    Stopped,
+}
+
+/// Everything a reader needs.
+pub struct Reader {
+    pub index: usize,
+    pub endpoint: Endpoint,
+    pub router: Arc<Router>,
+    pub pool: Pool,
+    pub budget: Arc<Budget>,
+    pub counters: Arc<Counters>,
+    pub coverage: Arc<Coverage>,
+    pub out: mpsc::Sender<ReaderBatch>,
+    pub cancel: CancellationToken,
+}
+
+/// One connection of a reader.
+struct Session {
+    read: ReadHalf<Box<dyn Transport>>,
+    write: WriteHalf<Box<dyn Transport>>,
+    /// What was read and not yet cut into frames.
+    buf: BytesMut,
+    /// The last mark, and each stream's count of messages since.
+    mark: u64,
+    seqs: HashMap<Box<str>, u32>,
+    publication: Publication,
+    last_heard: Instant,
+    /// A PING is on its way.
+    pinged: bool,
+    /// Reading waited for memory (MEMORY_LIMIT) on this connection.
+    waited_for_memory: bool,
+}
+
+/// Why a connection's reading ended.
+enum Ended {
+    Cancelled,
+    Lost(String),
+    /// Nobody takes the batches any more.
+    Closed,
+}
+
+/// Pattern routes' lanes by channel, so that a busy channel's lane is made
+/// once, not per message. Cleared when it grows past this: channels under a
+/// pattern can be many and short-lived, and a quiet one must leave nothing
+/// behind.
+const LANE_CACHE: usize = 1_024;
+
+impl Reader {
+    /// Reads until cancelled; returns an error only when reconnecting cannot
+    /// help (credentials, permissions).
+    pub async fn run(self) -> Result<(), RedisError> {
+        let shown = self.endpoint.to_string();
+        let mut lanes: HashMap<Bytes, Arc<Lane>> = HashMap::new();
+        let mut lost_at: Option<Instant> = None;
+        loop {
+            let connected = retry_until_connected(&shown, &self.cancel, || self.connect()).await?;
+            let Some(mut session) = connected else {
+                let _ = self.send(Vec::new(), Some(Event::Stopped)).await;
+                return Ok(());
+            };
+            self.coverage.up(&self.counters);
+            match lost_at.take() {
+                Some(t) => {
+                    Counters::add(&self.counters.reconnects, 1);
+                    tracing::warn!(
+                        reader = self.index,
+                        down_ms = t.elapsed().as_millis() as u64,
+                        "resubscribed (what was published meanwhile is this process's only if its other subscription was up: a gap is reported otherwise)"
+                    );
+                }
+                None => tracing::debug!(reader = self.index, "subscribed"),
+            }
+            let start = session.mark;
+            if !self
+                .send(vec![Item::Mark(start)], Some(Event::Subscribed { start }))
+                .await
+            {
+                self.coverage.down(false);
+                return Ok(());
+            }
+            match self.read(&mut session, &mut lanes).await {
+                Ended::Cancelled => {
+                    self.drain(&mut session, &mut lanes).await;
+                    self.coverage.down(false);
+                    let _ = self.send(Vec::new(), Some(Event::Stopped)).await;
+                    return Ok(());
+                }
+                Ended::Closed => {
+                    self.coverage.down(false);
+                    return Ok(());
+                }
+                Ended::Lost(why) => {
+                    if session.waited_for_memory {
+                        tracing::warn!(reader = self.index, cause = %why, "subscription lost while reading waited for memory (MEMORY_LIMIT): the server's client-output-buffer-limit for pubsub was probably passed; reconnecting");
+                    } else {
+                        tracing::warn!(reader = self.index, cause = %why, "subscription lost, reconnecting");
+                    }
+                    self.coverage.down(true);
+                    lost_at = Some(Instant::now());
+                    if !self.send(Vec::new(), Some(Event::Lost)).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a batch over; false when nobody takes it any more.
+    async fn send(&self, items: Vec<Item>, event: Option<Event>) -> bool {
+        let batch = ReaderBatch {
+            reader: self.index,
+            items,
+            event,
+        };
+        self.out.send(batch).await.is_ok()
+    }
+
+    /// The channels subscribed to: the routes' channels, the marks channel
+    /// and the routes' probe channels, all in one SUBSCRIBE (so the probes
+    /// count exactly the subscriptions that get messages).
+    fn channels(&self) -> Vec<&str> {
+        let mut channels = self.router.channels();
+        channels.push(&self.pool.marks);
+        channels.extend(self.router.probes());
+        channels
+    }
+
+    /// A new connection: HELLO 3 (with the credentials), SELECT, then the
+    /// subscription and a mark in one MULTI. Returns it once the mark is in.
+    async fn connect(&self) -> Result<Session, RedisError> {
+        let info = self.endpoint.info()?;
+        let settings = info.redis_settings();
+        let stream = self.endpoint.open_stream().await?;
+        let (read, mut write) = tokio::io::split(stream);
+        let mut out = Vec::new();
+        let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
+        if let Some(password) = settings.password() {
+            hello.extend([
+                b"AUTH".as_slice(),
+                settings.username().unwrap_or("default").as_bytes(),
+                password.as_bytes(),
+            ]);
+        }
+        hello.extend([b"SETNAME".as_slice(), b"optimus-reader"]);
+        encode(&mut out, &hello);
+        let mut replies = 1;
+        let db = settings.db().to_string();
+        if db != "0" {
+            encode(&mut out, &[b"SELECT", db.as_bytes()]);
+            replies += 1;
+        }
+        encode(&mut out, &[b"MULTI"]);
+        let mut subscribe: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+        subscribe.extend(self.channels().into_iter().map(str::as_bytes));
+        encode(&mut out, &subscribe);
+        let mut queued = 2;
+        let patterns = self.router.patterns();
+        if !patterns.is_empty() {
+            let mut psubscribe: Vec<&[u8]> = vec![b"PSUBSCRIBE"];
+            psubscribe.extend(patterns.iter().map(|p| p.as_bytes()));
+            encode(&mut out, &psubscribe);
+            queued += 1;
+        }
+        encode(
+            &mut out,
+            &[
+                b"EVAL",
+                scripts::MARK.as_bytes(),
+                b"1",
+                self.pool.clock.as_bytes(),
+                self.pool.marks.as_bytes(),
+            ],
+        );
+        encode(&mut out, &[b"EXEC"]);
+        replies += 1 + queued;
+
+        // The replies before EXEC's come first (an error among them is kept:
+        // the first one says why, a refused password before the rest); then
+        // EXEC's: its header, the subscriptions' pushes, the mark's push and
+        // the mark's value.
+        let handshake = async {
+            write.write_all(&out).await?;
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let mut read = read;
+            let mut first_error: Option<RedisError> = None;
+            let mut in_exec = false;
+            loop {
+                let how = if replies == 0 && !in_exec {
+                    Parse::Header
+                } else {
+                    Parse::Whole
+                };
+                let (frame, len) = match resp::frame(&buf, how) {
+                    Err(err) => return Err(first_error.unwrap_or(protocol_error(err))),
+                    Ok(Some(found)) => found,
+                    Ok(None) => {
+                        if read.read_buf(&mut buf).await? == 0 {
+                            return Err(first_error.unwrap_or_else(|| {
+                                RedisError::from(std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "the server closed the connection",
+                                ))
+                            }));
+                        }
+                        continue;
+                    }
+                };
+                let bytes = buf.split_to(len).freeze();
+                match frame {
+                    Frame::Push(_) => {}
+                    Frame::Error(_) if replies > 0 => {
+                        replies -= 1;
+                        first_error.get_or_insert(server_error(&bytes));
+                    }
+                    Frame::Error(_) => return Err(first_error.unwrap_or(server_error(&bytes))),
+                    _ if replies > 0 => replies -= 1,
+                    Frame::Header => in_exec = true,
+                    Frame::Integer(mark) if in_exec => {
+                        return match first_error {
+                            Some(err) => Err(err),
+                            None => Ok((read, buf, mark as u64)),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let (read, buf, mark) = match tokio::time::timeout(PING_TIMEOUT, handshake).await {
+            Ok(done) => done?,
+            Err(_) => {
+                return Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the subscription's handshake timed out",
+                )));
+            }
+        };
+        Ok(Session {
+            read,
+            write,
+            buf,
+            mark,
+            seqs: HashMap::new(),
+            publication: Publication::default(),
+            last_heard: Instant::now(),
+            pinged: false,
+            waited_for_memory: false,
+        })
+    }
+
+    /// Reads until the connection is lost or the reader is cancelled.
+    async fn read(&self, s: &mut Session, lanes: &mut HashMap<Bytes, Arc<Lane>>) -> Ended {
+        let keepalive = tokio::time::sleep(KEEPALIVE);
+        tokio::pin!(keepalive);
+        loop {
+            let (items, bytes) = match self.cut(s, lanes, None) {
+                Ok(cut) => cut,
+                Err(why) => return Ended::Lost(why),
+            };
+            if !items.is_empty() {
+                let (sent, waited) = tokio::select! {
+                    _ = self.cancel.cancelled() => return Ended::Cancelled,
+                    sent = self.charge_and_send(items, bytes) => sent,
+                };
+                s.waited_for_memory |= waited;
+                if !sent {
+                    return Ended::Closed;
+                }
+            }
+            if s.buf.capacity() - s.buf.len() < READ_CHUNK / 4 {
+                s.buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ended::Cancelled,
+                read = s.read.read_buf(&mut s.buf) => match read {
+                    Ok(0) => return Ended::Lost("the server closed the connection".into()),
+                    Ok(_) => {
+                        s.last_heard = Instant::now();
+                        s.pinged = false;
+                    }
+                    Err(err) => return Ended::Lost(err.to_string()),
+                },
+                _ = &mut keepalive => {
+                    let silent = s.last_heard.elapsed();
+                    if silent >= PING_TIMEOUT {
+                        return Ended::Lost(format!("nothing heard for {} s", silent.as_secs()));
+                    }
+                    if silent >= KEEPALIVE && !s.pinged {
+                        let mut ping = Vec::new();
+                        encode(&mut ping, &[b"PING"]);
+                        if let Err(err) = s.write.write_all(&ping).await {
+                            return Ended::Lost(err.to_string());
+                        }
+                        s.pinged = true;
+                    }
+                    let next = if s.pinged { PING_TIMEOUT } else { KEEPALIVE };
+                    keepalive.as_mut().reset((s.last_heard + next).into());
+                }
+            }
+        }
+    }
+
+    /// Charges a batch to the budget (waiting for room), then hands it over.
+    /// Returns whether it was taken, and whether it had to wait for room.
+    async fn charge_and_send(&self, mut items: Vec<Item>, bytes: usize) -> (bool, bool) {
+        let messages = items
+            .iter()
+            .filter(|i| matches!(i, Item::Message(_)))
+            .count();
+        let mut waited = false;
+        if messages > 0 {
+            let need = bytes + messages * MESSAGE_OVERHEAD;
+            waited = self.budget.used() + need > self.budget.limit();
+            let charge = self.budget.charge(need).await;
+            for item in items.iter_mut() {
+                if let Item::Message(m) = item {
+                    m.charge = Some(charge.clone());
+                }
+            }
+        }
+        (self.send(items, None).await, waited)
+    }
+
+    /// Cuts the whole frames at the front of the buffer into items; with
+    /// `unsubscribed`, counts the unsubscribe confirmations there too.
+    /// Returns the items and the bytes they came in.
+    fn cut(
+        &self,
+        s: &mut Session,
+        lanes: &mut HashMap<Bytes, Arc<Lane>>,
+        mut unsubscribed: Option<&mut usize>,
+    ) -> Result<(Vec<Item>, usize), String> {
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let (frame, len) = match resp::frame(&s.buf, Parse::Whole) {
+                Ok(Some(found)) => found,
+                Ok(None) => return Ok((items, bytes)),
+                Err(err) => return Err(err.to_string()),
+            };
+            let raw = s.buf.split_to(len).freeze();
+            bytes += len;
+            match frame {
+                Frame::Push(parts) => {
+                    if let Some(count) = unsubscribed.as_deref_mut()
+                        && matches!(
+                            part(&raw, &parts, 0).as_deref(),
+                            Some(b"unsubscribe" | b"punsubscribe")
+                        )
+                    {
+                        *count += 1;
+                    }
+                    if let Some(item) = self.on_push(s, lanes, &raw, &parts) {
+                        items.push(item);
+                    }
+                }
+                Frame::Error(text) => {
+                    return Err(String::from_utf8_lossy(&raw[text]).into_owned());
+                }
+                // A PING's reply, or an UNSUBSCRIBE's.
+                _ => {}
+            }
+        }
+    }
+
+    /// The item a push makes, if any.
+    fn on_push(
+        &self,
+        s: &mut Session,
+        lanes: &mut HashMap<Bytes, Arc<Lane>>,
+        raw: &Bytes,
+        parts: &Parts,
+    ) -> Option<Item> {
+        let kind = part(raw, parts, 0)?;
+        let (route, channel, payload) = match kind.as_ref() {
+            b"message" | b"smessage" => {
+                let channel = part(raw, parts, 1)?;
+                let payload = part(raw, parts, 2)?;
+                if channel.as_ref() == self.pool.marks.as_bytes() {
+                    let mark = std::str::from_utf8(&payload).ok()?.parse().ok()?;
+                    s.mark = mark;
+                    s.seqs.clear();
+                    return Some(Item::Mark(mark));
+                }
+                (self.router.for_channel(&channel)?, channel, payload)
+            }
+            b"pmessage" => {
+                let pattern = part(raw, parts, 1)?;
+                let channel = part(raw, parts, 2)?;
+                let payload = part(raw, parts, 3)?;
+                (self.router.for_pattern(&pattern)?, channel, payload)
+            }
+            _ => return None,
+        };
+        if is_internal_channel(&channel)
+            || self.router.may_overlap()
+                && !s
+                    .publication
+                    .first_for_stream(&self.router, route, &channel)
+        {
+            return None;
+        }
+        let lane = match self.router.fixed(route) {
+            Some(lane) => lane,
+            None => {
+                if lanes.len() >= LANE_CACHE {
+                    *lanes = HashMap::new();
+                }
+                lanes
+                    .entry(channel.clone())
+                    .or_insert_with(|| self.router.lane(route, &String::from_utf8_lossy(&channel)))
+                    .clone()
+            }
+        };
+        let seq = match s.seqs.get_mut(lane.stream()) {
+            Some(seq) => seq,
+            None => s.seqs.entry(lane.stream().into()).or_insert(0),
+        };
+        *seq += 1;
+        let mut m = Message::new(payload, channel, lane);
+        m.position = Some(Position {
+            mark: s.mark,
+            seq: *seq,
+        });
+        Some(Item::Message(m))
+    }
+
+    /// Stops reading without losing what the server already sent: once the
+    /// unsubscriptions are confirmed, every message published before them
+    /// has been read off the connection (replies come in order), and is
+    /// handed over.
+    async fn drain(&self, s: &mut Session, lanes: &mut HashMap<Bytes, Arc<Lane>>) {
+        let channels = self.channels().len();
+        let patterns = self.router.patterns().len();
+        let mut out = Vec::new();
+        encode(&mut out, &[b"UNSUBSCRIBE"]);
+        if patterns > 0 {
+            encode(&mut out, &[b"PUNSUBSCRIBE"]);
+        }
+        let expected = channels + patterns;
+        let mut confirmed = 0;
+        let drained = async {
+            s.write.write_all(&out).await.map_err(|e| e.to_string())?;
+            loop {
+                let (items, bytes) = self.cut(s, lanes, Some(&mut confirmed))?;
+                if !items.is_empty() && !self.charge_and_send(items, bytes).await.0 {
+                    return Ok(());
+                }
+                if confirmed >= expected {
+                    return Ok(());
+                }
+                if s.read
+                    .read_buf(&mut s.buf)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    == 0
+                {
+                    return Err("the server closed the connection".to_string());
+                }
+            }
+        };
+        match tokio::time::timeout(PING_TIMEOUT, drained).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                tracing::warn!(reader = self.index, cause = %why, "UNSUBSCRIBE failed; handed over what had arrived")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    reader = self.index,
+                    "UNSUBSCRIBE not confirmed in time; handed over what had arrived"
+                )
+            }
+        }
+    }
+}
+
+/// Part `i` of a push, sliced out of its frame.
+fn part(raw: &Bytes, parts: &Parts, i: usize) -> Option<Bytes> {
+    parts.get(i).map(|range| raw.slice(range))
+}
+
+/// Appends a command in RESP (an array of bulk strings).
+fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A server's error reply as the client library's error (so that
+/// [`crate::connect::is_fatal`] knows it).
+fn server_error(frame: &[u8]) -> RedisError {
+    match redis::parse_redis_value(frame) {
+        Ok(redis::Value::ServerError(err)) => err.into(),
+        Ok(other) => RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected reply",
+            format!("{other:?}"),
+        )),
+        Err(err) => err,
+    }
+}
+
+fn protocol_error(err: resp::ProtocolError) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Parse,
+        "not the Redis protocol",
+        err.to_string(),
+    ))
+}
+
+/// The pushes the last PUBLISH made on a subscribed connection so far.
+///
+/// Redis delivers one PUBLISH to a connection once per subscription that
+/// matches it (its channel, then each matching pattern), one push right
+/// after the other: nothing else comes between them. So a push on the same
+/// channel as the one before, through a subscription (route) not yet seen
+/// for it, is the same message again; a push through a subscription already
+/// seen is the next message. A message is bridged once per stream,
+/// whatever number of routes lead it there.
+#[derive(Debug, Default)]
+pub struct Publication {
+    channel: Vec<u8>,
+    routes: Vec<usize>,
+}
+
+impl Publication {
+    /// Whether the push on `channel` by `route` is the first copy of its
+    /// message bound for its route's stream.
+    pub fn first_for_stream(&mut self, router: &Router, route: usize, channel: &[u8]) -> bool {
+        if self.channel != channel || self.routes.contains(&route) {
+            self.channel.clear();
+            self.channel.extend_from_slice(channel);
+            self.routes.clear();
+            self.routes.push(route);
+            return true;
+        }
+        let stream = router.stream_of(route, channel);
+        let first = self
+            .routes
+            .iter()
+            .all(|r| router.stream_of(*r, channel) != stream);
+        self.routes.push(route);
+        first
+    }
+}
+
+/// Whether any subscription of this process is up. A stretch of time in
+/// which none is, after one had been, is a *gap*: messages published then
+/// reached no worker here. Gaps are counted, timed and logged, here (race
+/// strategy) or by the intake, from the marks (fenced: see
+/// [`super::intake::Intake::take_holes`]).
+#[derive(Debug, Default)]
+pub struct Coverage {
+    /// The intake counts the gaps (fenced strategy).
+    intake_counts: bool,
+    subscribed: AtomicUsize,
+    /// When the last subscription of the process was lost, if none is up.
+    uncovered_since: Mutex<Option<Instant>>,
+}
+
+impl Coverage {
+    /// A coverage whose gaps the intake counts (fenced strategy).
+    pub fn counted_by_intake() -> Self {
+        Self {
+            intake_counts: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn up(&self, counters: &Counters) {
+        if self.subscribed.fetch_add(1, Ordering::SeqCst) == 0
+            && let Some(since) = self.uncovered_since.lock().unwrap().take()
+            && !self.intake_counts
+        {
+            // Rounded up: a gap shorter than a millisecond is still a gap.
+            let ms = since.elapsed().as_micros().div_ceil(1000) as u64;
+            Counters::add(&counters.gaps, 1);
+            Counters::add(&counters.gap_ms, ms);
+            tracing::warn!(
+                gap_ms = ms,
+                "no worker of this process was subscribed for {ms} ms: messages published then reached no worker here"
+            );
+        }
+    }
+
+    /// `lost`: the subscription dropped (as opposed to a deliberate stop).
+    pub fn down(&self, lost: bool) {
+        if self.subscribed.fetch_sub(1, Ordering::SeqCst) == 1 && lost {
+            *self.uncovered_since.lock().unwrap() = Some(Instant::now());
+        }
+    }
+
+    /// The process runs no worker on purpose (`ctl scale`): from now until a
+    /// worker subscribes again is a gap too.
+    pub fn pause(&self) {
+        self.uncovered_since
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// How many subscriptions of this process are up.
+    pub fn subscribed(&self) -> usize {
+        self.subscribed.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,29 @@
+-- Race: claims a batch's messages. KEYS: lock1, ack1, lock2, ack2, …
+-- ARGV[1]: the worker; ARGV[2]: the lock TTL in ms; ARGV[3]: the ACK TTL in
+-- ms; ARGV[4]: how old (ms since published) a message may be and still be
+-- written; then per message its payload hash and the server ms it was
+-- published no earlier than (0: unknown).
+-- Returns per message a code and a detail: 0 held by another, 1 won, 2 in
+-- the stream already, 5 in the stream with another payload (first noticed
+-- here), 6 too old to write safely. A lock this worker already holds (a
+-- claim whose write failed, retried) counts as won.
+local out = {}
+local h = 5
+for i = 1, #KEYS, 2 do
+  local acked = redis.call('GET', KEYS[i + 1])
+  if acked then
+    out[#out + 1] = acked_code(KEYS[i + 1], acked, ARGV[h], ARGV[3])
+  elseif too_old(ARGV[h + 1], ARGV[4]) then
+    out[#out + 1] = 6
+  else
+    local old = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+    if not old or old == ARGV[1] then
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  out[#out + 1] = false
+  h = h + 2
+end
+return out

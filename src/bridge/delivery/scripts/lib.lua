@@ -1,0 +1,75 @@
+-- Helpers every script of the protocol starts with (scripts.rs prepends this
+-- file to each). Numbers that leave a script go through string.format('%d'):
+-- Lua would otherwise print a large one as 1.8e+15.
+
+-- The server's time in milliseconds.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A number as the text Redis stores.
+local function int(n)
+  return string.format('%d', n)
+end
+
+-- Takes the next value of the clock in KEYS[clock] and publishes it on
+-- `channel` (a mark). The clock never goes back, even when its key is gone
+-- (a server restarted without persistence, or an older snapshot restored):
+-- a value is at least the server time in ms times 1024.
+local function next_mark(clock, channel)
+  local value = math.max((tonumber(redis.call('GET', KEYS[clock])) or 0) + 1, now_ms() * 1024)
+  redis.call('SET', KEYS[clock], int(value))
+  redis.call('PUBLISH', channel, int(value))
+  return value
+end
+
+-- An XADD for entries: ARGV[first..first+2] say how the output stream is
+-- capped (kind 0 none, 1 MAXLEN, 2 MINID by age in ms; the operator ~ or =;
+-- the limit); KEYS[stream] and KEYS[dead] are the output and dead-letter
+-- streams. The function adds an entry of the fields and values it is given
+-- to `target`: 1 the output stream, 2 the dead-letter stream.
+local function xadd_for(first, stream, dead)
+  local trim, op, limit = tonumber(ARGV[first]), ARGV[first + 1], tonumber(ARGV[first + 2])
+  local minid
+  if trim == 2 then
+    minid = now_ms() - limit
+    if minid < 0 then minid = 0 end
+  end
+  return function(target, ...)
+    if target ~= 1 then
+      redis.call('XADD', KEYS[dead], '*', ...)
+    elseif trim == 1 then
+      redis.call('XADD', KEYS[stream], 'MAXLEN', op, limit, '*', ...)
+    elseif trim == 2 then
+      redis.call('XADD', KEYS[stream], 'MINID', op, int(minid), '*', ...)
+    else
+      redis.call('XADD', KEYS[stream], '*', ...)
+    end
+  end
+end
+
+-- Refusals that pass (out of memory, too few replicas, a read-only
+-- replica, a loading, busy or misconfigured server): try again later.
+local passing = {OOM = true, NOREPLICAS = true, READONLY = true, MASTERDOWN = true,
+  LOADING = true, BUSY = true, TRYAGAIN = true, CLUSTERDOWN = true, MISCONF = true}
+-- Refusals of us: they end the script with that error, for the process to
+-- stop (retrying or dead-lettering cannot mend them).
+local refused_us = {NOPERM = true, NOAUTH = true, WRONGPASS = true}
+
+-- Runs `add` (a write): nil when it worked; else Redis's (or Lua's) reason,
+-- and whether that refusal passes. A refusal of us ends the script.
+local function try(add)
+  local ok, err = pcall(add)
+  if ok then return nil end
+  local reason = type(err) == 'table' and err.err or tostring(err)
+  local code = string.match(reason, '^(%u+)') or ''
+  if refused_us[code] then error(err) end
+  return reason, passing[code] == true
+end
+
+-- Adds ARGV[from..to] (field, value, …) to `target` with `xadd`, as `try`
+-- does (the unpack, which fails for thousands of fields, is tried too).
+local function try_xadd(xadd, target, from, to)
+  return try(function() xadd(target, unpack(ARGV, from, to)) end)
+end

@@ -1,0 +1,86 @@
+-- The publisher's batch, on one server, in one step: publishes it and, when
+-- no bridge worker was subscribed, writes it to the stream itself (the
+-- fast path).
+-- KEYS[1]: the batch's marker; KEYS[2]: the stream; KEYS[3]: its
+-- dead-letter stream.
+-- ARGV[1]: the bridge's probe channel; ARGV[2]: PUBLISH or SPUBLISH;
+-- ARGV[3]: the channel; ARGV[4]: the marker's lifetime in ms; ARGV[5]: the
+-- server ms after which this batch may no longer be sent (its first
+-- attempt plus the publisher's --retry-for: well before the marker can have
+-- expired); ARGV[6]: 1 when the fast path is on; ARGV[7]: the publisher's
+-- name (consumer_id); ARGV[8..10]: the cap (see xadd_for); ARGV[11]: ms
+-- after the first attempt within which a batch sent again is published
+-- again (below the bridge's DEDUP_WINDOW); then per message: its id and its
+-- payload.
+-- A batch sent again (Redis did not confirm it) finds the marker of the
+-- attempt that ran: the fast path goes on where it stopped and writes
+-- nothing twice. A batch that was published is published again while that
+-- is within ARGV[11]: a server that stops right after running a script
+-- never sends its output to the subscribers, and the bridge writes a
+-- message id it has seen within DEDUP_WINDOW once. Later, it is not.
+-- The marker holds "<bridge subscriptions>:<next message to write, 0 when
+-- none>:<written>:<dead-lettered>:<refused>:<first attempt ms>".
+-- Returns {bridge subscriptions, written, dead-lettered, refused}, or
+-- {-1} when the batch came too late to be sent safely.
+local now = now_ms()
+if now > tonumber(ARGV[5]) then
+  return {-1}
+end
+local function publish()
+  for i = 12, #ARGV, 2 do
+    redis.call(ARGV[2], ARGV[3], ARGV[i + 1])
+  end
+end
+local state = redis.call('GET', KEYS[1])
+local bridge, next, stored, dead, refused, first
+local function value()
+  return table.concat({int(bridge), int(next), int(stored), int(dead), int(refused), int(first)}, ':')
+end
+if state then
+  bridge, next, stored, dead, refused, first = string.match(state, '^(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)$')
+  bridge, next, stored, dead, refused, first = tonumber(bridge), tonumber(next), tonumber(stored),
+    tonumber(dead), tonumber(refused), tonumber(first)
+  if bridge > 0 and now - first <= tonumber(ARGV[11]) then
+    publish()
+  end
+else
+  bridge = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
+  next = (bridge == 0 and ARGV[6] == '1') and 12 or 0
+  stored, dead, refused, first = 0, 0, 0, now
+  -- The marker first. A server that refuses writes for now (out of memory,
+  -- too few replicas) still publishes, without a marker (sent again, the
+  -- batch is published again: the bridge writes an id once within
+  -- DEDUP_WINDOW); the fast path, which writes, waits for writes to be
+  -- taken again.
+  local reason = try(function() redis.call('SET', KEYS[1], value(), 'PX', ARGV[4]) end)
+  if reason and next > 0 then
+    return redis.error_reply(reason)
+  end
+  publish()
+end
+if next > 0 then
+  local xadd = xadd_for(8, 2, 3)
+  while next <= #ARGV do
+    local id, payload = ARGV[next], ARGV[next + 1]
+    local reason, passes = try(function()
+      xadd(1, 'message_id', id, 'payload', payload, 'consumer_id', ARGV[7])
+    end)
+    if passes then
+      redis.call('SET', KEYS[1], value(), 'KEEPTTL')
+      return redis.error_reply(reason)
+    elseif not reason then
+      stored = stored + 1
+    elseif try(function()
+      xadd(2, 'message_id', id, 'reason', 'the stream refused it: ' .. reason,
+        'channel', ARGV[3], 'payload', payload, 'consumer_id', ARGV[7])
+    end) then
+      refused = refused + 1
+    else
+      dead = dead + 1
+    end
+    next = next + 2
+  end
+  next = 0
+  redis.call('SET', KEYS[1], value(), 'KEEPTTL')
+end
+return {bridge, stored, dead, refused}
