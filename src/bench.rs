@@ -6,17 +6,23 @@
 //!   pipelined XADD, no bridge;
 //! - **publisher**: `optimus publish`'s pipelined PUBLISH against
 //!   `redis-cli --pipe` for the same messages;
-//! - **bridge**, for each worker count: messages/s from the first PUBLISH to
-//!   the last stream entry, Redis commands per bridged message (from INFO
-//!   commandstats, PUBLISH and the benchmark's own commands left out), the
-//!   bridge process's CPU time per message and peak RSS, and lost and
-//!   duplicated messages (a row with either is a failure, not a result);
+//! - **burst**, for each worker count: the messages sent as fast as
+//!   `redis-cli --pipe` can, to a bridge at default settings (nothing sized
+//!   for the burst): messages/s from the first PUBLISH to the last stream
+//!   entry, and its ratio to the ceiling; Redis commands per bridged message
+//!   (from INFO commandstats, PUBLISH and the benchmark's own commands left
+//!   out); the bridge process's CPU time per message and peak RSS; Redis
+//!   memory per message beyond the stream (used_memory after the burst,
+//!   less before it, less the stream's own MEMORY USAGE); entries out of
+//!   publish order; lost and duplicated messages (a row with lost,
+//!   duplicated or out-of-order entries is a failure, not a result: for the
+//!   race strategy, which does not keep order, order is reported only);
 //! - **latency** from publish to stream entry at a steady rate;
 //! - **memory**: the bridge's peak RSS with the most workers at a steady
 //!   high rate.
 //!
-//! Every bridge measurement is made for each strategy (`partitioned`,
-//! `race`) asked for.
+//! Every bridge measurement is made for each strategy (`fenced`, `race`)
+//! asked for.
 //!
 //! The bridge runs as a separate `optimus consume` process (this binary), so
 //! its CPU and memory are its own.
@@ -64,11 +70,25 @@ pub struct BridgeRow {
     pub messages: u64,
     pub seconds: f64,
     pub rate: f64,
+    /// `rate` over the ceiling (pipelined XADD, no bridge).
+    pub of_ceiling: f64,
     pub commands_per_message: f64,
     pub cpu_us_per_message: f64,
     pub peak_rss_mib: f64,
+    /// Redis memory the protocol keeps per message beyond the stream entry.
+    pub redis_bytes_per_message: f64,
+    /// Entries that stand before one published earlier.
+    pub out_of_order: u64,
     pub lost: u64,
     pub duplicates: u64,
+}
+
+impl BridgeRow {
+    /// Lost or duplicated messages, or (for a strategy that keeps order)
+    /// entries out of order.
+    pub fn failed(&self) -> bool {
+        self.lost + self.duplicates > 0 || (self.strategy != "race" && self.out_of_order > 0)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,10 +135,7 @@ pub struct Report {
 impl Report {
     /// Rows with lost or duplicated messages: failures, not results.
     pub fn failures(&self) -> usize {
-        self.bridge
-            .iter()
-            .filter(|r| r.lost + r.duplicates > 0)
-            .count()
+        self.bridge.iter().filter(|r| r.failed()).count()
             + self
                 .latency
                 .iter()
@@ -230,6 +247,10 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         .trim()
         .to_string();
     let payload_bytes = test_message(0, 0).len();
+    // The burst, as RESP for redis-cli --pipe, made once for every row.
+    let scratch = tempfile_dir::TempDir::new()?;
+    let burst = scratch.path().join("burst.resp");
+    std::fs::write(&burst, resp_publishes(config.messages))?;
 
     eprintln!(
         "bench: ceiling (pipelined XADD of {} messages)",
@@ -238,14 +259,27 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     let ceiling_rate = ceiling(&mut conn, config.messages).await?;
     eprintln!("bench: publisher against redis-cli --pipe");
     let (publisher_rate, redis_cli_pipe_rate) =
-        publisher_vs_pipe(&url, &mut conn, config.messages).await?;
+        publisher_vs_pipe(&url, &mut conn, config.messages, &burst).await?;
 
     let mut bridge = Vec::new();
     let mut latency = Vec::new();
     for &strategy in &config.strategies {
         for &workers in &config.workers {
-            eprintln!("bench: {} bridge with {workers} workers", strategy.name());
-            bridge.push(bridge_row(config, &url, &mut conn, strategy, workers).await?);
+            eprintln!(
+                "bench: {} bridge with {workers} workers, a burst of {}",
+                strategy.name(),
+                config.messages
+            );
+            let row = bridge_row(
+                config,
+                &url,
+                &mut conn,
+                strategy,
+                workers,
+                ceiling_rate,
+                &burst,
+            );
+            bridge.push(row.await?);
         }
         eprintln!(
             "bench: {} latency at {}/s for {:?}",
@@ -332,14 +366,21 @@ async fn publisher_vs_pipe(
     url: &str,
     conn: &mut MultiplexedConnection,
     messages: u64,
+    burst: &Path,
 ) -> Result<(f64, f64)> {
     reset(conn).await?;
     let start = publish_burst(url, messages).await?;
     let ours = messages as f64 / start.elapsed().as_secs_f64();
+    // The same number of messages through redis-cli --pipe.
+    let start = Instant::now();
+    pipe_burst(url, burst)?;
+    Ok((ours, messages as f64 / start.elapsed().as_secs_f64()))
+}
 
-    // The same messages, as RESP, through redis-cli --pipe.
+/// `n` test messages (sequence 0 to n-1) as PUBLISH commands in RESP.
+fn resp_publishes(n: u64) -> Vec<u8> {
     let mut resp = Vec::new();
-    for p in payloads(0, messages) {
+    for p in payloads(0, n) {
         resp.extend_from_slice(
             format!(
                 "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{CHANNEL}\r\n${}\r\n",
@@ -351,26 +392,26 @@ async fn publisher_vs_pipe(
         resp.extend_from_slice(&p);
         resp.extend_from_slice(b"\r\n");
     }
-    let file = std::env::temp_dir().join(format!("optimus-bench-pipe-{}", std::process::id()));
-    std::fs::write(&file, resp)?;
+    resp
+}
+
+/// Sends a RESP file through `redis-cli --pipe`: as fast as Redis takes it.
+fn pipe_burst(url: &str, file: &Path) -> Result<()> {
     let info = redis::Client::open(url)?.get_connection_info().clone();
     let (host, port) = match info.addr() {
         redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
-        _ => bail!("the publisher comparison needs a TCP server"),
+        _ => bail!("the burst needs a TCP server"),
     };
-    let start = Instant::now();
     let status = Command::new("redis-cli")
         .args(["-h", &host, "-p", &port.to_string(), "--pipe"])
-        .stdin(std::fs::File::open(&file)?)
+        .stdin(std::fs::File::open(file)?)
         .stdout(Stdio::null())
         .status()
-        .context("cannot run redis-cli")?;
-    let pipe_rate = messages as f64 / start.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&file);
+        .context("cannot run redis-cli (install Debian's redis-tools package)")?;
     if !status.success() {
         bail!("redis-cli --pipe failed: {status}");
     }
-    Ok((ours, pipe_rate))
+    Ok(())
 }
 
 /// Publishes `messages` test messages as fast as `optimus publish` can (the
@@ -417,9 +458,6 @@ async fn spawn_bridge(
         .env("CONSUMERS_COUNT", workers.to_string())
         .env("INPUT_CHANNEL", CHANNEL)
         .env("OUTPUT_STREAM", STREAM)
-        // Room for the whole run, in each of the two halves of the bound:
-        // the benchmark measures speed, not overflow.
-        .env("QUEUE_CAPACITY", (2 * config.messages + 2000).to_string())
         .env("MONITORING_INTERVAL", "3600")
         .env("LOGLEVEL", "ERROR")
         .env_remove("RUST_LOG")
@@ -434,12 +472,18 @@ async fn spawn_bridge(
             .arg(CHANNEL)
             .query_async(conn)
             .await?;
-        let members: usize = redis::cmd("ZCARD")
+        let members: usize = redis::cmd("HLEN")
             .arg(format!("{{{STREAM}}}:members"))
             .query_async(conn)
             .await?;
-        if subs.first().map(|s| s.1) == Some(workers)
-            && (strategy == Strategy::Race || members == workers)
+        // Fenced: at most two subscriptions a process, and the process a
+        // member of the pool.
+        let subscribed = match strategy {
+            Strategy::Race => workers,
+            Strategy::Fenced => workers.min(2),
+        };
+        if subs.first().map(|s| s.1) == Some(subscribed)
+            && (strategy == Strategy::Race || members == 1)
         {
             // A few cycles more, so that every worker has the same view of
             // the members: the rows measure the bridge running, not starting.
@@ -466,23 +510,37 @@ async fn bridge_row(
     conn: &mut MultiplexedConnection,
     strategy: Strategy,
     workers: usize,
+    ceiling_rate: f64,
+    burst: &Path,
 ) -> Result<BridgeRow> {
     reset(conn).await?;
     let child = spawn_bridge(config, url, conn, strategy, workers).await?;
     let cpu_before = cpu_time(child.id());
+    let memory_before = used_memory(conn).await?;
     redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async::<()>(conn)
         .await?;
 
-    let start = publish_burst(url, config.messages).await?;
+    let start = Instant::now();
+    pipe_burst(url, burst)?;
     let done = wait_for_len(conn, config.messages, Duration::from_secs(10)).await?;
     let seconds = done.duration_since(start).as_secs_f64();
     let cpu = cpu_time(child.id()).saturating_sub(cpu_before);
     let rss = peak_rss(child.id());
     let commands = bridge_commands(conn).await?;
-    // Let late copies settle before the audit, then stop the bridge.
+    // Let late copies settle before the audit and the memory, then stop the
+    // bridge.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept = used_memory(conn).await?.saturating_sub(memory_before);
+    let stream: u64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(STREAM)
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async::<Option<u64>>(conn)
+        .await?
+        .unwrap_or(0);
     stop(child);
     let audit = crate::audit::audit(
         &crate::connect::Endpoint::new(url),
@@ -491,18 +549,67 @@ async fn bridge_row(
         Some(""),
     )
     .await?;
+    let rate = config.messages as f64 / seconds;
     Ok(BridgeRow {
         strategy: strategy.name(),
         workers,
         messages: config.messages,
         seconds,
-        rate: config.messages as f64 / seconds,
+        rate,
+        of_ceiling: rate / ceiling_rate,
         commands_per_message: commands as f64 / config.messages as f64,
         cpu_us_per_message: cpu.as_micros() as f64 / config.messages as f64,
         peak_rss_mib: rss as f64 / (1024.0 * 1024.0),
+        redis_bytes_per_message: kept.saturating_sub(stream) as f64 / config.messages as f64,
+        out_of_order: out_of_order(conn).await?,
         lost: audit.lost,
         duplicates: audit.duplicates,
     })
+}
+
+/// Redis's used_memory, in bytes.
+async fn used_memory(conn: &mut MultiplexedConnection) -> Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO memory has no used_memory")
+}
+
+/// Entries of the stream whose test message was published before that of an
+/// entry ahead of them (the burst publishes in sequence order, on one
+/// connection).
+async fn out_of_order(conn: &mut MultiplexedConnection) -> Result<u64> {
+    let mut from = "-".to_string();
+    let (mut highest, mut out) = (None::<u64>, 0);
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(STREAM)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        let Some(last) = page.ids.last() else {
+            return Ok(out);
+        };
+        from = format!("({}", last.id);
+        for entry in &page.ids {
+            let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
+            let Some(seq) = serde_json::from_slice::<serde_json::Value>(&payload)
+                .ok()
+                .and_then(|v| v["seq"].as_u64())
+            else {
+                continue;
+            };
+            if highest.is_some_and(|h| seq < h) {
+                out += 1;
+            } else {
+                highest = Some(seq);
+            }
+        }
+    }
 }
 
 /// Waits until the stream holds `n` entries; gives up when it stops growing
@@ -562,6 +669,8 @@ async fn bridge_commands(conn: &mut MultiplexedConnection) -> Result<u64> {
         "client|setinfo",
         "hello",
         "select",
+        "memory|usage",
+        "hlen",
     ];
     Ok(calls
         .iter()
@@ -604,18 +713,18 @@ async fn latency_row(
                 for entry in key.ids {
                     last = entry.id.clone();
                     let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
-                    if let Some(sent_ms) = serde_json::from_slice::<serde_json::Value>(&payload)
+                    if let Some(sent_us) = serde_json::from_slice::<serde_json::Value>(&payload)
                         .ok()
-                        .and_then(|v| v["sent_ms"].as_f64())
+                        .and_then(|v| v["sent_us"].as_f64())
                     {
-                        latencies.push(((now_us - sent_ms * 1000.0) / 1000.0).max(0.0));
+                        latencies.push(((now_us - sent_us) / 1000.0).max(0.0));
                     }
                 }
             }
         }
         anyhow::Ok(latencies)
     });
-    publish_at(url, total, config.latency_rate as f64, 100).await?;
+    publish_steady(url, total, config.latency_rate).await?;
     let mut latencies = reader.await??;
     stop(child);
     let audit =
@@ -638,6 +747,38 @@ async fn latency_row(
         lost: audit.lost,
         duplicates: audit.duplicates,
     })
+}
+
+/// A service's own publisher at a steady `rate`: every millisecond, the
+/// messages due, pipelined on one connection, each stamped with the
+/// microsecond it was sent (`sent_us`) and numbered from 0 (`seq`).
+async fn publish_steady(url: &str, total: u64, rate: u64) -> Result<()> {
+    let mut conn = connect(url).await?;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut seq = 0;
+    while seq < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+        if due <= seq {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        let sent_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros();
+        for s in seq..due {
+            let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+            pipe.cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(format!(
+                    r#"{{"message_id":"{id}","seq":{s},"sent_us":{sent_us}}}"#
+                ))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        seq = due;
+    }
+    Ok(())
 }
 
 async fn steady_row(
@@ -743,25 +884,23 @@ pub fn table(report: &Report) -> String {
         report.publisher_rate / report.redis_cli_pipe_rate,
         report.redis_cli_pipe_rate
     );
-    out += "| strategy | workers | messages/s | of ceiling | commands/msg | CPU µs/msg | peak RSS MiB | lost | duplicates |\n";
-    out += "|---|---|---|---|---|---|---|---|---|\n";
+    out += "| strategy | workers | messages/s | of ceiling | commands/msg | CPU µs/msg | peak RSS MiB | Redis B/msg | out of order | lost | duplicates |\n";
+    out += "|---|---|---|---|---|---|---|---|---|---|---|\n";
     for r in &report.bridge {
         out += &format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {} |{}\n",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {} | {} |{}\n",
             r.strategy,
             r.workers,
             r.rate,
-            r.rate / report.ceiling_rate,
+            r.of_ceiling,
             r.commands_per_message,
             r.cpu_us_per_message,
             r.peak_rss_mib,
+            r.redis_bytes_per_message,
+            r.out_of_order,
             r.lost,
             r.duplicates,
-            if r.lost + r.duplicates > 0 {
-                " FAILED"
-            } else {
-                ""
-            }
+            if r.failed() { " FAILED" } else { "" }
         );
     }
     out += "\n| strategy | latency at | workers | samples | p50 ms | p99 ms | p99.9 ms | lost | duplicates |\n|---|---|---|---|---|---|---|---|---|\n";

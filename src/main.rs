@@ -46,21 +46,16 @@ enum Command {
     /// REDIS_URL is set, which it then FLUSHALLs): ceiling, throughput per
     /// worker count, commands, CPU and memory per message, latency; prints a
     /// table and writes JSON and an SVG chart. Exits 1 if any row lost or
-    /// duplicated a message.
+    /// duplicated a message, or (fenced) wrote one out of publish order.
     Bench {
-        /// Messages per throughput row.
+        /// Messages in each burst row (sent with redis-cli --pipe).
         #[arg(long, default_value = "300000")]
         messages: u64,
         /// Worker counts to measure, comma-separated.
         #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
         workers: Vec<usize>,
         /// Strategies to measure, comma-separated.
-        #[arg(
-            long,
-            default_value = "partitioned,race",
-            value_delimiter = ',',
-            value_enum
-        )]
+        #[arg(long, default_value = "fenced,race", value_delimiter = ',', value_enum)]
         strategies: Vec<optimus::Strategy>,
         /// Steady rate of the latency run, messages/s.
         #[arg(long, default_value = "10000")]

@@ -1,6 +1,8 @@
 //! `optimus bench` runs end to end on a small scale (the real figures come
-//! from a full run, in the README): every row is measured, nothing is lost or
-//! duplicated, and the JSON and the chart are written.
+//! from a full run, in the README), at default settings: every row is
+//! measured, nothing is lost, duplicated or (fenced) out of order, the
+//! fenced strategy keeps nothing per message in Redis, and the JSON and the
+//! chart are written.
 
 mod support;
 
@@ -43,7 +45,7 @@ fn a_small_benchmark_measures_every_row() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("| partitioned | 2 |"), "{stdout}");
+    assert!(stdout.contains("| fenced | 2 |"), "{stdout}");
     assert!(stdout.contains("| race | 2 |"), "{stdout}");
 
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -53,7 +55,20 @@ fn a_small_benchmark_measures_every_row() {
         assert_eq!(row["lost"], 0, "{row}");
         assert_eq!(row["duplicates"], 0, "{row}");
         assert!(row["rate"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["of_ceiling"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["commands_per_message"].as_f64().unwrap() > 1.0, "{row}");
+        if row["strategy"] == "fenced" {
+            assert_eq!(row["out_of_order"], 0, "{row}");
+            assert!(
+                row["redis_bytes_per_message"].as_f64().unwrap() <= 16.0,
+                "nothing kept per message: {row}"
+            );
+        } else {
+            assert!(
+                row["redis_bytes_per_message"].as_f64().unwrap() > 16.0,
+                "race keeps an ACK key per message: {row}"
+            );
+        }
     }
     assert!(report["ceiling_rate"].as_f64().unwrap() > 0.0);
     for latency in report["latency"].as_array().unwrap() {
@@ -61,7 +76,7 @@ fn a_small_benchmark_measures_every_row() {
         assert_eq!(latency["lost"], 0, "{latency}");
     }
     let steady = &report["steady"][0];
-    assert_eq!(steady["strategy"], "partitioned", "{steady}");
+    assert_eq!(steady["strategy"], "fenced", "{steady}");
     assert_eq!(steady["workers"], 2, "{steady}");
     assert_eq!(steady["messages"], 2000, "{steady}");
     assert_eq!(steady["lost"], 0, "{steady}");

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::RedisError;
+use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -21,13 +22,21 @@ use super::budget::Budget;
 use super::intake::Intake;
 use super::reader::ReaderBatch;
 use super::{Lane, Message, Pool, Position, Trim, push_entry, scripts, target};
+use crate::config::OutputFormat;
 use crate::connect::{Conn, brief, is_fatal, reconnect_backoff};
 use crate::monitor::{Counters, Throttle};
 
 /// Time between two cycles of a process.
 pub const CYCLE_EVERY: Duration = Duration::from_millis(50);
-/// Writes of one stream on their way at once (pipelined on one connection).
-const IN_FLIGHT: usize = 2;
+/// Most writes (of up to PROCESSING_BATCH_SIZE messages each) of one stream
+/// sent together, as one pipeline (a trip).
+const WRITES_PER_TRIP: usize = 16;
+/// Trips of one stream on their way at once: the next is made while Redis
+/// runs the one before. Each is handed to the connection before the next
+/// is made, so they reach Redis in their order (were one to overtake
+/// another, its writes would find the record elsewhere and write nothing:
+/// the lane reads the record and goes on).
+const TRIPS: usize = 2;
 /// A member silent for this long is removed from the members hash.
 const MEMBER_STALE: Duration = Duration::from_secs(60);
 /// A quiet writer gives its stream back after this long.
@@ -103,6 +112,10 @@ struct LaneState {
     /// When that position last moved.
     moved_at: Instant,
     in_flight: VecDeque<InFlight>,
+    /// Trips (pipelines of writes) on their way.
+    trips: usize,
+    /// Answers of trips that ended before an earlier trip's.
+    early: Vec<Vec<(u64, Result<WriteReply, RedisError>)>>,
     /// A write did not finish as asked: write again only once the record
     /// has been read (the next cycle) and every write on its way answered.
     resync: bool,
@@ -131,6 +144,8 @@ impl LaneState {
             pos: None,
             moved_at: Instant::now(),
             in_flight: VecDeque::new(),
+            trips: 0,
+            early: Vec::new(),
             resync: false,
             refused: None,
             retry_at: None,
@@ -161,7 +176,7 @@ struct Window {
     length_ms: u64,
     /// Each id's hash, with the publish time and payload hash it was last
     /// seen with.
-    ids: HashMap<u128, (u64, u64)>,
+    ids: FxHashMap<u128, (u64, u64)>,
     /// The ids in the order they were seen, with that publish time.
     order: VecDeque<(u64, u128)>,
 }
@@ -170,7 +185,7 @@ impl Window {
     fn new(length: Duration) -> Self {
         Self {
             length_ms: length.as_millis() as u64,
-            ids: HashMap::new(),
+            ids: FxHashMap::default(),
             order: VecDeque::new(),
         }
     }
@@ -232,6 +247,9 @@ pub enum WriteReply {
     Refused { n: usize, reason: String },
 }
 
+/// A pipeline's answers: its stream, and each write's id and answer.
+type WriteAnswers = (Box<str>, Vec<(u64, Result<WriteReply, RedisError>)>);
+
 /// The default strategy's loop; see the module's notes.
 pub struct Fenced {
     config: FencedConfig,
@@ -239,10 +257,10 @@ pub struct Fenced {
     counters: Arc<Counters>,
     budget: Arc<Budget>,
     intake: Intake,
-    lanes: HashMap<Box<str>, LaneState>,
-    writes: JoinSet<(Box<str>, u64, Result<WriteReply, RedisError>)>,
-    /// Answers that came before an earlier write's (by lane and write id).
-    early: HashMap<(Box<str>, u64), Result<WriteReply, RedisError>>,
+    lanes: FxHashMap<Box<str>, LaneState>,
+    /// The pipelines of writes on their way, each answering with its
+    /// stream and each write's id and answer.
+    writes: JoinSet<WriteAnswers>,
     next_write: u64,
     reported_pending: u64,
     warnings: Throttle,
@@ -262,9 +280,8 @@ impl Fenced {
             counters,
             budget,
             intake,
-            lanes: HashMap::new(),
+            lanes: FxHashMap::default(),
             writes: JoinSet::new(),
-            early: HashMap::new(),
             next_write: 0,
             reported_pending: 0,
             warnings: Throttle::default(),
@@ -283,10 +300,10 @@ impl Fenced {
             tokio::select! {
                 biased;
                 done = self.writes.join_next(), if !self.writes.is_empty() => {
-                    let (stream, id, reply) = done.expect("a write was on its way").unwrap_or_else(|panic| {
+                    let (stream, replies) = done.expect("a write was on its way").unwrap_or_else(|panic| {
                         std::panic::resume_unwind(panic.into_panic())
                     });
-                    self.on_written(stream, id, reply)?;
+                    self.on_written(stream, replies)?;
                 }
                 batch = batches.recv(), if readers_done.is_none() => match batch {
                     Some(batch) => self.on_batch(batch),
@@ -297,7 +314,7 @@ impl Fenced {
             if self.budget.pressed() {
                 self.shed();
             }
-            self.start_writes();
+            self.start_writes().await;
             if let Some(since) = readers_done
                 && self.finished(since).await?
             {
@@ -317,6 +334,7 @@ impl Fenced {
         self.intake.count_holes(&self.counters);
         Counters::add(&self.counters.received, messages.len() as u64);
         let window = self.config.dedup_window;
+        let now = Instant::now();
         for m in messages {
             let stream = m.lane.stream();
             let lane = match self.lanes.get_mut(stream) {
@@ -326,7 +344,7 @@ impl Fenced {
                     .entry(stream.into())
                     .or_insert_with(|| LaneState::new(m.lane.clone(), window)),
             };
-            lane.last_active = Instant::now();
+            lane.last_active = now;
             if lane
                 .pos
                 .is_some_and(|pos| m.position.is_some_and(|p| p <= pos))
@@ -344,8 +362,10 @@ impl Fenced {
         }
     }
 
-    /// Starts the writes the writer lanes can send now.
-    fn start_writes(&mut self) {
+    /// Starts the writes the writer lanes can send now: for each writer lane
+    /// with fewer than [`TRIPS`] on their way, its next writes, as one
+    /// pipeline, handed to the connection before the next one is made.
+    async fn start_writes(&mut self) {
         let now = Instant::now();
         let keys: Vec<Box<str>> = self
             .lanes
@@ -353,7 +373,7 @@ impl Fenced {
             .filter(|(_, l)| {
                 l.is_writer()
                     && !l.resync
-                    && l.in_flight.len() < IN_FLIGHT
+                    && l.trips < TRIPS
                     && l.unsent() > 0
                     && l.retry_at.is_none_or(|at| now >= at)
             })
@@ -361,51 +381,91 @@ impl Fenced {
             .collect();
         for key in keys {
             let lane = self.lanes.get_mut(&key).expect("a lane");
-            if let Some(cmd) = write_command(lane, self.config.batch_size, &self.config.member) {
+            let mut pipe = redis::pipe();
+            let mut ids = Vec::new();
+            while ids.len() < WRITES_PER_TRIP
+                && let Some((cmd, span)) =
+                    write_command(lane, self.config.batch_size, &self.config.member)
+            {
                 let id = self.next_write;
                 self.next_write += 1;
-                let span = cmd.1;
                 lane.in_flight.push_back(InFlight { id, span });
-                let mut conn = self.conn.clone();
-                let stream = key.clone();
-                let started = Instant::now();
-                let counters = self.counters.clone();
-                self.writes.spawn(async move {
-                    let reply = scripts::run::<redis::Value, _>(&mut conn, cmd.0).await;
-                    counters
-                        .batch_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    (stream, id, reply.and_then(decode_write))
-                });
+                pipe.add_command(cmd);
+                ids.push(id);
             }
+            if ids.is_empty() {
+                continue;
+            }
+            lane.trips += 1;
+            let mut conn = self.conn.clone();
+            let started = Instant::now();
+            let mut trip =
+                Box::pin(
+                    async move { scripts::query::<Vec<redis::Value>, _>(&mut conn, &pipe).await },
+                );
+            // Polled once here: the pipeline is queued on the connection
+            // now, ahead of the next trip's.
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(trip.as_mut().poll(cx))).await;
+            let counters = self.counters.clone();
+            let stream = key.clone();
+            self.writes.spawn(async move {
+                let answer = match first {
+                    std::task::Poll::Ready(answer) => answer,
+                    std::task::Poll::Pending => trip.await,
+                };
+                let replies: Vec<Result<WriteReply, RedisError>> = match answer {
+                    Ok(values) => values.into_iter().map(decode_write).collect(),
+                    Err(err) => ids.iter().map(|_| Err(err.clone())).collect(),
+                };
+                counters
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                (stream, ids.into_iter().zip(replies).collect())
+            });
         }
     }
 
-    /// A write answered: in the order the writes went, per lane.
+    /// A pipeline of writes answered: each answer in the order the writes
+    /// went.
     fn on_written(
         &mut self,
         stream: Box<str>,
-        id: u64,
-        reply: Result<WriteReply, RedisError>,
+        replies: Vec<(u64, Result<WriteReply, RedisError>)>,
     ) -> Result<(), RedisError> {
-        let Some(lane) = self.lanes.get(&stream) else {
+        let Some(lane) = self.lanes.get_mut(&stream) else {
             return Ok(());
         };
-        if lane.in_flight.front().is_none_or(|w| w.id != id) {
-            if lane.in_flight.iter().any(|w| w.id == id) {
-                self.early.insert((stream, id), reply);
-            }
+        lane.trips = lane.trips.saturating_sub(1);
+        // The trips' tasks may end in any order: a trip whose writes come
+        // after writes still unanswered waits for their answers.
+        let Some(first) = replies.first().map(|(id, _)| *id) else {
+            return Ok(());
+        };
+        if lane.in_flight.iter().any(|w| w.id < first) {
+            lane.early.push(replies);
             return Ok(());
         }
-        let mut next = Some((id, reply));
-        while let Some((id, reply)) = next.take() {
-            self.answered(&stream, id, reply)?;
-            let lane = self.lanes.get(&stream).expect("a lane");
-            if let Some(front) = lane.in_flight.front() {
-                next = self
-                    .early
-                    .remove(&(stream.clone(), front.id))
-                    .map(|reply| (front.id, reply));
+        let mut next = Some(replies);
+        while let Some(replies) = next.take() {
+            for (id, reply) in replies {
+                let lane = self.lanes.get(&stream).expect("a lane");
+                // A takeover or a fencing cleared the writes on their way.
+                if lane.in_flight.front().is_none_or(|w| w.id != id) {
+                    continue;
+                }
+                self.answered(&stream, reply)?;
+            }
+            let lane = self.lanes.get_mut(&stream).expect("a lane");
+            let front = lane.in_flight.front().map(|w| w.id);
+            if let Some(i) = lane
+                .early
+                .iter()
+                .position(|r| r.first().map(|(id, _)| *id) == front)
+            {
+                next = Some(lane.early.swap_remove(i));
+            } else if lane.in_flight.is_empty() {
+                lane.early.clear();
             }
         }
         Ok(())
@@ -415,7 +475,6 @@ impl Fenced {
     fn answered(
         &mut self,
         stream: &str,
-        _id: u64,
         reply: Result<WriteReply, RedisError>,
     ) -> Result<(), RedisError> {
         let lane = self.lanes.get_mut(stream).expect("a lane");
@@ -444,6 +503,7 @@ impl Fenced {
                 }
             }
             Ok(WriteReply::Elsewhere) => {
+                tracing::debug!(stream = %stream, pos = ?lane.pos, "the record was not where the write started: reading it again");
                 lane.resync = true;
             }
             Ok(WriteReply::Stopped { reason, .. }) => {
@@ -543,7 +603,10 @@ impl Fenced {
             }
         }
         self.lanes.retain(|_, l| {
-            !l.queue.is_empty() || l.is_writer() || l.last_active.elapsed() < QUIET_RELEASE
+            !l.queue.is_empty()
+                || l.is_writer()
+                || l.trips > 0
+                || l.last_active.elapsed() < QUIET_RELEASE
         });
         Ok(())
     }
@@ -989,7 +1052,9 @@ pub async fn take_over(
 /// `write.lua`'s command: as `member`, the writer of epoch `epoch`, from
 /// the record's position `prev` to `last`, the `items` in order, each with
 /// its target (0: passed over, recorded only; 1: the stream; 2: the
-/// dead-letter stream). Entries name `member` as their consumer.
+/// dead-letter stream). Entries name `member` as their consumer; an
+/// envelope entry goes as its id and payload alone (the script adds the
+/// field names).
 pub fn write_cmd<'a>(
     lane: &Lane,
     epoch: &str,
@@ -1012,11 +1077,22 @@ pub fn write_cmd<'a>(
         .arg(op)
         .arg(limit);
     for (m, to) in items {
-        cmd.arg(encode(m.position)).arg(to);
-        if to != 0 {
-            push_entry(&mut cmd, m, member);
-        } else {
-            cmd.arg(0);
+        cmd.arg(encode(m.position));
+        match to {
+            0 => {
+                cmd.arg(0);
+            }
+            1 if m.lane.to.format == OutputFormat::Envelope => {
+                cmd.arg(1).arg(&m.id).arg(m.payload.as_ref());
+            }
+            1 => {
+                cmd.arg(2);
+                push_entry(&mut cmd, m, member);
+            }
+            _ => {
+                cmd.arg(3);
+                push_entry(&mut cmd, m, member);
+            }
         }
     }
     cmd

@@ -8,7 +8,7 @@
 //! positions, an id every subscription derives alike from what it has seen
 //! (`h:<xxh3-128 of the bytes>:<n>`, see [`DerivedIds`]).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,7 @@ impl<'de> Visitor<'de> for FindField<'_> {
 /// - Two different payloads with the same 128-bit hash would share an id.
 #[derive(Debug)]
 pub struct DerivedIds {
-    counts: HashMap<u128, (u64, Instant)>,
+    counts: FxHashMap<u128, (u64, Instant)>,
     forget_after: Duration,
     last_sweep: Instant,
 }
@@ -105,7 +105,7 @@ pub struct DerivedIds {
 impl DerivedIds {
     pub fn new(forget_after: Duration) -> Self {
         Self {
-            counts: HashMap::new(),
+            counts: FxHashMap::default(),
             forget_after,
             last_sweep: Instant::now(),
         }

@@ -14,7 +14,7 @@
 //! (counted by the readers' coverage), and the readers' new connections
 //! start the sequence again ([`Intake::continuous_since`]).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use super::ids::Identify;
 use super::reader::{Event, Item, ReaderBatch};
@@ -47,7 +47,7 @@ pub struct Intake {
     since: u64,
     /// Per stream, the last position handed on (forgotten once every
     /// continuous reader is past it).
-    last: HashMap<Box<str>, Position>,
+    last: FxHashMap<Box<str>, Position>,
     /// Marks since `last` was last swept.
     marks_since_sweep: u32,
     /// The frontier when no reader was left (the sequence waits for the
@@ -64,7 +64,7 @@ impl Intake {
             sources: Vec::new(),
             frontier: None,
             since: 0,
-            last: HashMap::new(),
+            last: FxHashMap::default(),
             marks_since_sweep: 0,
             lost_at: None,
             holes: Vec::new(),

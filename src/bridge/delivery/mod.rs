@@ -121,6 +121,12 @@ pub struct Message {
 impl Message {
     /// A message for `lane`, not yet positioned nor identified.
     pub fn new(payload: Bytes, channel: Bytes, lane: Arc<Lane>) -> Self {
+        Self::arrived(payload, channel, lane, Instant::now())
+    }
+
+    /// A message for `lane` that arrived at `at` (a reader dates what one
+    /// read brings once).
+    pub fn arrived(payload: Bytes, channel: Bytes, lane: Arc<Lane>, at: Instant) -> Self {
         Self {
             hash: xxhash_rust::xxh3::xxh3_64(&payload),
             payload,
@@ -129,7 +135,7 @@ impl Message {
             position: None,
             id: String::new(),
             rejected: None,
-            received_at: Instant::now(),
+            received_at: at,
             charge: None,
         }
     }

@@ -22,7 +22,7 @@
 //!   message's second copy bound for a stream when several routes match it
 //!   (see [`Publication`]).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,7 +97,7 @@ struct Session {
     buf: BytesMut,
     /// The last mark, and each stream's count of messages since.
     mark: u64,
-    seqs: HashMap<Box<str>, u32>,
+    seqs: FxHashMap<Box<str>, u32>,
     publication: Publication,
     last_heard: Instant,
     /// A PING is on its way.
@@ -125,7 +125,7 @@ impl Reader {
     /// help (credentials, permissions).
     pub async fn run(self) -> Result<(), RedisError> {
         let shown = self.endpoint.to_string();
-        let mut lanes: HashMap<Bytes, Arc<Lane>> = HashMap::new();
+        let mut lanes: FxHashMap<Bytes, Arc<Lane>> = FxHashMap::default();
         let mut lost_at: Option<Instant> = None;
         loop {
             let connected = retry_until_connected(&shown, &self.cancel, || self.connect()).await?;
@@ -314,7 +314,7 @@ impl Reader {
             write,
             buf,
             mark,
-            seqs: HashMap::new(),
+            seqs: FxHashMap::default(),
             publication: Publication::default(),
             last_heard: Instant::now(),
             pinged: false,
@@ -323,7 +323,7 @@ impl Reader {
     }
 
     /// Reads until the connection is lost or the reader is cancelled.
-    async fn read(&self, s: &mut Session, lanes: &mut HashMap<Bytes, Arc<Lane>>) -> Ended {
+    async fn read(&self, s: &mut Session, lanes: &mut FxHashMap<Bytes, Arc<Lane>>) -> Ended {
         let keepalive = tokio::time::sleep(KEEPALIVE);
         tokio::pin!(keepalive);
         loop {
@@ -401,11 +401,12 @@ impl Reader {
     fn cut(
         &self,
         s: &mut Session,
-        lanes: &mut HashMap<Bytes, Arc<Lane>>,
+        lanes: &mut FxHashMap<Bytes, Arc<Lane>>,
         mut unsubscribed: Option<&mut usize>,
     ) -> Result<(Vec<Item>, usize), String> {
         let mut items = Vec::new();
         let mut bytes = 0;
+        let now = Instant::now();
         loop {
             let (frame, len) = match resp::frame(&s.buf, Parse::Whole) {
                 Ok(Some(found)) => found,
@@ -424,7 +425,7 @@ impl Reader {
                     {
                         *count += 1;
                     }
-                    if let Some(item) = self.on_push(s, lanes, &raw, &parts) {
+                    if let Some(item) = self.on_push(s, lanes, &raw, &parts, now) {
                         items.push(item);
                     }
                 }
@@ -441,9 +442,10 @@ impl Reader {
     fn on_push(
         &self,
         s: &mut Session,
-        lanes: &mut HashMap<Bytes, Arc<Lane>>,
+        lanes: &mut FxHashMap<Bytes, Arc<Lane>>,
         raw: &Bytes,
         parts: &Parts,
+        now: Instant,
     ) -> Option<Item> {
         let kind = part(raw, parts, 0)?;
         let (route, channel, payload) = match kind.as_ref() {
@@ -478,7 +480,7 @@ impl Reader {
             Some(lane) => lane,
             None => {
                 if lanes.len() >= LANE_CACHE {
-                    *lanes = HashMap::new();
+                    *lanes = FxHashMap::default();
                 }
                 lanes
                     .entry(channel.clone())
@@ -491,7 +493,7 @@ impl Reader {
             None => s.seqs.entry(lane.stream().into()).or_insert(0),
         };
         *seq += 1;
-        let mut m = Message::new(payload, channel, lane);
+        let mut m = Message::arrived(payload, channel, lane, now);
         m.position = Some(Position {
             mark: s.mark,
             seq: *seq,
@@ -503,7 +505,7 @@ impl Reader {
     /// unsubscriptions are confirmed, every message published before them
     /// has been read off the connection (replies come in order), and is
     /// handed over.
-    async fn drain(&self, s: &mut Session, lanes: &mut HashMap<Bytes, Arc<Lane>>) {
+    async fn drain(&self, s: &mut Session, lanes: &mut FxHashMap<Bytes, Arc<Lane>>) {
         let channels = self.channels().len();
         let patterns = self.router.patterns().len();
         let mut out = Vec::new();

@@ -57,15 +57,20 @@ local passing = {OOM = true, NOREPLICAS = true, READONLY = true, MASTERDOWN = tr
 -- stop (retrying or dead-lettering cannot mend them).
 local refused_us = {NOPERM = true, NOAUTH = true, WRONGPASS = true}
 
--- Runs `add` (a write): nil when it worked; else Redis's (or Lua's) reason,
--- and whether that refusal passes. A refusal of us ends the script.
-local function try(add)
-  local ok, err = pcall(add)
-  if ok then return nil end
+-- A write's error (as pcall caught it): Redis's (or Lua's) reason, and
+-- whether that refusal passes. A refusal of us ends the script.
+local function refusal(err)
   local reason = type(err) == 'table' and err.err or tostring(err)
   local code = string.match(reason, '^(%u+)') or ''
   if refused_us[code] then error(err) end
   return reason, passing[code] == true
+end
+
+-- Runs `add` (a write): nil when it worked; else as `refusal`.
+local function try(add)
+  local ok, err = pcall(add)
+  if ok then return nil end
+  return refusal(err)
 end
 
 -- Adds ARGV[from..to] (field, value, …) to `target` with `xadd`, as `try`

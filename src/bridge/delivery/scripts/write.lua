@@ -4,11 +4,14 @@
 -- KEYS[1]: the writer record, KEYS[2]: the stream, KEYS[3]: its dead-letter
 -- stream. ARGV[1]: the writer's epoch; ARGV[2]: the position the record must
 -- hold ('' for none); ARGV[3]: the position after the whole batch; ARGV[4]:
--- the writer's member name (an epoch taken in the same millisecond as one a
--- lost record held can be equal to it; the owner tells them apart);
--- ARGV[5..7]: the cap (see xadd_for); then per message: its position, its
--- target (0: none, only passed over; 1: the stream; 2: the dead-letter
--- stream), the field count n, n values.
+-- the writer's member name, its entries' consumer_id (an epoch taken in the
+-- same millisecond as one a lost record held can be equal to it; the owner
+-- tells them apart); ARGV[5..7]: the cap (see xadd_for); then per message:
+-- its position and its kind, then
+--   kind 0: nothing (passed over: only recorded);
+--   kind 1: its id and payload (an envelope entry in the stream);
+--   kind 2: a field count n and n values (an entry in the stream);
+--   kind 3: a field count n and n values (an entry in the dead-letter stream).
 -- Returns {0, epoch, position}: fenced, nothing written; {1, position}: the
 -- record is elsewhere, nothing written; {2, n}: all n written, the record
 -- at ARGV[3]; {3, n, reason}: the first n written, then a refusal that
@@ -22,27 +25,50 @@ end
 if (rec[3] or '') ~= ARGV[2] then
   return {1, rec[3] or false}
 end
-local xadd = xadd_for(5, 2, 3)
-local a = 8
-local done = 0
-local last = ARGV[2]
-while a <= #ARGV do
-  local pos, target, n = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  if target ~= 0 then
-    local reason, passes = try_xadd(xadd, target, a + 3, a + 2 + n)
-    if reason then
-      if last ~= '' then
-        redis.call('HSET', KEYS[1], 'pos', last)
+local stream, dead, me = KEYS[2], KEYS[3], ARGV[4]
+local trim, op, limit = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local add
+if trim == 1 then
+  add = function(...) redis.call('XADD', stream, 'MAXLEN', op, limit, '*', ...) end
+elseif trim == 2 then
+  local minid = now_ms() - limit
+  if minid < 0 then minid = 0 end
+  minid = int(minid)
+  add = function(...) redis.call('XADD', stream, 'MINID', op, minid, '*', ...) end
+else
+  add = function(...) redis.call('XADD', stream, '*', ...) end
+end
+-- One pcall for the batch: `done` and `last` say how far it went.
+local a, done, last = 8, 0, ARGV[2]
+local ok, err = pcall(function()
+  local count = #ARGV
+  while a <= count do
+    local kind, next = ARGV[a + 1], 0
+    if kind == '1' then
+      add('message_id', ARGV[a + 2], 'payload', ARGV[a + 3], 'consumer_id', me)
+      next = a + 4
+    elseif kind == '0' then
+      next = a + 2
+    else
+      local n = tonumber(ARGV[a + 2])
+      if kind == '2' then
+        add(unpack(ARGV, a + 3, a + 2 + n))
+      else
+        redis.call('XADD', dead, '*', unpack(ARGV, a + 3, a + 2 + n))
       end
-      if passes then
-        return {3, done, reason}
-      end
-      return {4, done, reason}
+      next = a + 3 + n
     end
+    done = done + 1
+    last = ARGV[a]
+    a = next
   end
-  done = done + 1
-  last = pos
-  a = a + 3 + n
+end)
+if not ok then
+  local reason, passes = refusal(err)
+  if last ~= '' then
+    redis.call('HSET', KEYS[1], 'pos', last)
+  end
+  return {passes and 3 or 4, done, reason}
 end
 redis.call('HSET', KEYS[1], 'pos', ARGV[3])
 return {2, done}
