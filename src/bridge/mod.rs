@@ -197,7 +197,13 @@ impl Bridge {
                 false => Coverage::counted_by_intake(),
             }),
             budget: budget.clone(),
-            pool: Pool::new(&config.output_stream),
+            pool: Pool::in_db(
+                &config.output_stream,
+                config
+                    .endpoint
+                    .info()
+                    .map_or(0, |info| info.redis_settings().db()),
+            ),
             batches: None,
             readers: Vec::new(),
             racers: Arc::default(),
@@ -400,6 +406,7 @@ impl Spawner {
                 let fenced = Fenced::new(
                     FencedConfig {
                         member: process.name(),
+                        routes: xxhash_rust::xxh3::xxh3_64(self.routes_shown.as_bytes()),
                         pool: self.pool.clone(),
                         batch_size: config.batch_size,
                         takeover_after: config.takeover_after,
@@ -413,11 +420,18 @@ impl Spawner {
                 tasks.spawn(fenced.run(rx));
             }
             Strategy::Race => {
+                let Some(conn) = connection(&config.endpoint, shutdown).await? else {
+                    return Ok(());
+                };
                 tasks.spawn(dispatch(
                     intake,
                     self.counters.clone(),
                     rx,
                     self.racers.clone(),
+                    Marks {
+                        conn,
+                        pool: self.pool.clone(),
+                    },
                 ));
             }
         }
@@ -542,13 +556,40 @@ impl Spawner {
 /// The race strategy on one server: every racing worker gets every message
 /// the intake hands on. Ends when the readers are done; the workers' queues
 /// close with it.
+/// What publishes the race strategy's marks (the fenced loop's cycle does
+/// for its own): a message's mark dates it in the server's time, which the
+/// race's guard against long stops needs.
+struct Marks {
+    conn: Conn,
+    pool: Pool,
+}
+
 async fn dispatch(
     mut intake: Intake,
     counters: Arc<Counters>,
     mut batches: mpsc::Receiver<ReaderBatch>,
     racers: Racers,
+    mut marks: Marks,
 ) -> Result<(), RedisError> {
-    while let Some(batch) = batches.recv().await {
+    let mut tick = tokio::time::interval(delivery::fenced::CYCLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let batch = tokio::select! {
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
+            _ = tick.tick() => {
+                let mut cmd = delivery::scripts::evalsha(delivery::scripts::MARK, &[&marks.pool.clock]);
+                cmd.arg(&marks.pool.marks);
+                match delivery::scripts::run::<u64, _>(&mut marks.conn, cmd).await {
+                    Ok(_) => {}
+                    Err(err) if crate::connect::is_fatal(&err) => return Err(err),
+                    Err(err) => tracing::debug!(cause = %crate::connect::brief(&err), "no mark this time"),
+                }
+                continue;
+            }
+        };
         let messages = intake.take(batch);
         intake.count_holes(&counters);
         if messages.is_empty() {

@@ -9,6 +9,7 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod proxy;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read};

@@ -47,6 +47,9 @@ const QUIET_RELEASE: Duration = Duration::from_secs(30);
 pub struct FencedConfig {
     /// This process's name among the members.
     pub member: String,
+    /// A fingerprint of the routes (INPUT_CHANNEL, ROUTES): processes that
+    /// route otherwise number messages otherwise, and must not share a pool.
+    pub routes: u64,
     pub pool: Pool,
     /// Most messages per write.
     pub batch_size: usize,
@@ -95,6 +98,20 @@ enum Role {
     Writer { epoch: String },
 }
 
+/// A live process of the pool, as its last beat says.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    /// Server time (ms) of its last beat.
+    beat: u64,
+    /// The last mark its readers delivered.
+    seen: u64,
+    /// The mark its sequence has been whole since (`u64::MAX`: it has no
+    /// subscription now).
+    since: u64,
+    /// Its routes' fingerprint (0: not said).
+    routes: u64,
+}
+
 /// The record of a stream, as the last cycle read it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Record {
@@ -125,6 +142,9 @@ struct LaneState {
     backoff: Option<Box<dyn Iterator<Item = Duration> + Send + Sync>>,
     /// When a cycle last found the stream's writer (another process) alive.
     writer_live_at: Option<Instant>,
+    /// The mark this process's sequence was whole since when it took the
+    /// stream over (see the writer's hole in `decide`).
+    taken_since: u64,
     /// Since when this process has wanted to take the stream over (it waits
     /// a little for a process without a hole).
     wanted_since: Option<Instant>,
@@ -152,6 +172,7 @@ impl LaneState {
             backoff: None,
             wanted_since: None,
             writer_live_at: None,
+            taken_since: 0,
             shed_through: 0,
             window: Window::new(window),
             last_active: Instant::now(),
@@ -160,6 +181,15 @@ impl LaneState {
 
     fn is_writer(&self) -> bool {
         matches!(self.role, Role::Writer { .. })
+    }
+
+    /// Where this writer's sequence has a hole after what it wrote, if it
+    /// has one: the mark its sequence is whole since, when that is past the
+    /// last position written and the sequence it took the stream over with.
+    /// It writes nothing from there on.
+    fn hole(&self, since: u64) -> Option<u64> {
+        let covered = self.pos.map_or(0, |p| p.mark).max(self.taken_since);
+        (since != u64::MAX && since > covered).then_some(since)
     }
 
     /// Queued messages not yet in a write.
@@ -192,7 +222,7 @@ impl Window {
 
     fn key(m: &Message) -> Option<(u128, u64)> {
         // Ids made from positions never come twice.
-        if m.id.starts_with("p:") || m.id.is_empty() {
+        if !m.id_given || m.id.is_empty() {
             return None;
         }
         let published = m.position.map_or(0, |p| p.published_ms());
@@ -207,9 +237,14 @@ impl Window {
         }
         let (key, published) = Self::key(m)?;
         self.expire(published);
-        let before = self.ids.insert(key, (published, m.hash));
+        // Remembered from its first sighting: an id that keeps coming back
+        // is forgotten a window after it was first seen.
+        if let Some(&(_, hash)) = self.ids.get(&key) {
+            return Some(hash != m.hash);
+        }
+        self.ids.insert(key, (published, m.hash));
         self.order.push_back((published, key));
-        before.map(|(_, hash)| hash != m.hash)
+        None
     }
 
     /// Forgets the ids seen longer than the window before `now_ms` (server
@@ -264,6 +299,12 @@ pub struct Fenced {
     next_write: u64,
     reported_pending: u64,
     warnings: Throttle,
+    /// When the routes' mismatch was last said (every 30 s at most).
+    routes_said: Option<Instant>,
+    /// Since when this process's member entry has been there: it counts
+    /// itself the most complete process only once the others have had
+    /// TAKEOVER_AFTER to beat too.
+    member_since: Option<Instant>,
 }
 
 impl Fenced {
@@ -285,6 +326,8 @@ impl Fenced {
             next_write: 0,
             reported_pending: 0,
             warnings: Throttle::default(),
+            routes_said: None,
+            member_since: None,
         }
     }
 
@@ -383,9 +426,10 @@ impl Fenced {
             let lane = self.lanes.get_mut(&key).expect("a lane");
             let mut pipe = redis::pipe();
             let mut ids = Vec::new();
+            let stop_at = lane.hole(self.intake.continuous_since());
             while ids.len() < WRITES_PER_TRIP
                 && let Some((cmd, span)) =
-                    write_command(lane, self.config.batch_size, &self.config.member)
+                    write_command(lane, self.config.batch_size, &self.config.member, stop_at)
             {
                 let id = self.next_write;
                 self.next_write += 1;
@@ -556,16 +600,17 @@ impl Fenced {
         }
         let mut cmd = scripts::evalsha(scripts::CYCLE, &keys);
         cmd.arg(&self.config.member)
-            .arg(self.intake.seen())
+            .arg(format!(
+                "{}:{}:{}",
+                self.intake.seen(),
+                self.intake.continuous_since(),
+                self.config.routes
+            ))
             .arg(&pool.marks)
             .arg(if leaving { 0 } else { 1 })
             .arg(MEMBER_STALE.as_millis() as u64);
-        type Reply = (
-            u64,
-            u64,
-            Vec<String>,
-            Vec<(Option<String>, Option<String>, Option<String>)>,
-        );
+        type Record3 = (Option<String>, Option<String>, Option<String>);
+        type Reply = (u64, u64, Vec<String>, Vec<Record3>, u8);
         let reply: Reply = match scripts::run(&mut self.conn, cmd).await {
             Ok(reply) => reply,
             Err(err) if is_fatal(&err) => return Err(err),
@@ -579,14 +624,42 @@ impl Fenced {
         if leaving {
             return Ok(());
         }
-        let (_mark, now, members, records) = reply;
-        let members: HashMap<&str, (u64, u64)> = members
+        let (_mark, now, members, records, new) = reply;
+        // A new entry (first cycle, or the members were lost with Redis's
+        // data): the others' entries may not be back yet.
+        if new == 1 || self.member_since.is_none() {
+            self.member_since = Some(Instant::now());
+        }
+        let members: HashMap<&str, Member> = members
             .chunks(2)
             .filter_map(|pair| {
-                let (beat, seen) = pair.get(1)?.split_once(':')?;
-                Some((pair[0].as_str(), (beat.parse().ok()?, seen.parse().ok()?)))
+                let mut parts = pair.get(1)?.split(':');
+                let mut next = || parts.next().and_then(|v| v.parse().ok());
+                let member = Member {
+                    beat: next()?,
+                    seen: next()?,
+                    since: next().unwrap_or(0),
+                    routes: next().unwrap_or(0),
+                };
+                Some((pair[0].as_str(), member))
             })
             .collect();
+        let strangers: Vec<&str> = members
+            .iter()
+            .filter(|(_, m)| m.routes != 0 && m.routes != self.config.routes)
+            .map(|(name, _)| *name)
+            .collect();
+        if !strangers.is_empty()
+            && self
+                .routes_said
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(30))
+        {
+            self.routes_said = Some(Instant::now());
+            tracing::error!(
+                others = %strangers.join(","),
+                "processes with other routes (INPUT_CHANNEL, ROUTES, OUTPUT_STREAM) share this pool: they number messages otherwise, so messages can be lost or written twice; run one set of routes at a time"
+            );
+        }
         for (stream, (epoch, owner, pos)) in asked.iter().zip(records) {
             let record = Record {
                 epoch,
@@ -596,7 +669,14 @@ impl Fenced {
             self.decide(stream, record, now, &members).await?;
         }
         for lane in self.lanes.values_mut() {
-            lane.window.expire(now);
+            // Nothing still to be decided was published before the front's
+            // mark: ids older than a window before it can match nothing.
+            let horizon = lane
+                .queue
+                .front()
+                .and_then(|q| q.m.position)
+                .map_or(now, |p| p.published_ms().min(now));
+            lane.window.expire(horizon);
             let queue = &mut lane.queue;
             if queue.capacity() > 1024 && queue.len() < queue.capacity() / 4 {
                 queue.shrink_to(queue.len() * 2);
@@ -617,7 +697,7 @@ impl Fenced {
         stream: &str,
         record: Record,
         now_ms: u64,
-        members: &HashMap<&str, (u64, u64)>,
+        members: &HashMap<&str, Member>,
     ) -> Result<(), RedisError> {
         let takeover_ms = self.config.takeover_after.as_millis() as u64;
         let seen = self.intake.seen();
@@ -656,7 +736,23 @@ impl Fenced {
                 }
                 let idle = lane.queue.is_empty() && lane.in_flight.is_empty();
                 let readers_gone = !self.intake.any_connected();
-                if idle && (readers_gone || lane.last_active.elapsed() >= QUIET_RELEASE) {
+                // Its sequence has a hole after what it wrote (every reader
+                // was lost at once, and one is back): messages in the hole
+                // may be in other processes' hands, and writing on past it
+                // would let the record pass them. Once it has written what
+                // it holds from before the hole, it gives the stream back;
+                // the most complete process takes it.
+                let hole = lane.hole(since).is_some_and(|h| {
+                    lane.in_flight.is_empty()
+                        && lane
+                            .queue
+                            .front()
+                            .is_none_or(|q| q.m.position.is_none_or(|p| p.mark >= h))
+                });
+                if hole {
+                    tracing::info!(stream = %stream, "this process missed messages after the last it wrote (all its subscriptions were lost): giving the stream back");
+                }
+                if hole || idle && (readers_gone || lane.last_active.elapsed() >= QUIET_RELEASE) {
                     let Role::Writer { epoch } = &lane.role else {
                         unreachable!()
                     };
@@ -684,7 +780,7 @@ impl Fenced {
             lane.moved_at = Instant::now();
         }
         let live = record.owner.as_deref().and_then(|o| members.get(o));
-        if live.is_some_and(|(beat, _)| now_ms.saturating_sub(*beat) <= takeover_ms) {
+        if live.is_some_and(|m| now_ms.saturating_sub(m.beat) <= takeover_ms) {
             lane.writer_live_at = Some(Instant::now());
         }
         let Some(front) = lane.queue.front() else {
@@ -698,13 +794,18 @@ impl Fenced {
             .and_then(|o| members.get(o).map(|m| (o, *m)));
         let why = match (&record.epoch, record.owner.as_deref(), owner) {
             (None, _, _) | (_, None, _) => Some("the stream has no writer"),
+            // An older record came back (a snapshot restored): it names this
+            // process, which no longer writes with that epoch.
+            (_, Some(o), _) if o == self.config.member => {
+                Some("the record names this process, which is not writing")
+            }
             (_, Some(_), None) => Some("its writer is gone"),
-            (_, Some(_), Some((_, (beat, _)))) if now_ms.saturating_sub(beat) > takeover_ms => {
+            (_, Some(_), Some((_, m))) if now_ms.saturating_sub(m.beat) > takeover_ms => {
                 Some("its writer fell silent")
             }
-            (_, Some(_), Some((_, (_, their_seen))))
+            (_, Some(_), Some((_, m)))
                 if waiting > self.config.takeover_after
-                    && seen.saturating_sub(their_seen) > takeover_ms * 1024 =>
+                    && seen.saturating_sub(m.seen) > takeover_ms * 1024 =>
             {
                 Some("its writer stopped receiving")
             }
@@ -719,13 +820,35 @@ impl Fenced {
             lane.wanted_since = None;
             return Ok(());
         };
-        // Without a hole from the record's position on, take it at once;
-        // else give a process that has one a moment to be first.
+        // A writer that lives on (it beats) is replaced only by a process
+        // without a hole from the record's position on: else the record
+        // would pass messages that only the writer holds.
+        let lives_on = matches!(why, "its writer stopped receiving" | "its writer is stuck");
+        // A process without a subscription takes nothing over.
+        if since == u64::MAX {
+            lane.wanted_since = None;
+            return Ok(());
+        }
+        // Without a hole from the record's position on, take it at once.
+        // Else the most complete live process (whole since the earliest
+        // mark) takes it; the others give it time to.
         let clean = record
             .pos
-            .is_none_or(|p| since.max(lane.shed_through) <= p.mark);
+            .is_some_and(|p| since.max(lane.shed_through) <= p.mark);
+        let me = (since.max(lane.shed_through), self.config.member.as_str());
+        let settled = self
+            .member_since
+            .is_some_and(|at| at.elapsed() >= self.config.takeover_after);
+        let best = settled
+            && members.iter().all(|(name, m)| {
+                *name == me.1
+                    || now_ms.saturating_sub(m.beat) > takeover_ms
+                    || m.since == u64::MAX
+                    || (m.since, *name) > me
+            });
         let wanted_since = *lane.wanted_since.get_or_insert_with(Instant::now);
-        if !clean && wanted_since.elapsed() < self.config.takeover_after {
+        if !clean && (lives_on || !best && wanted_since.elapsed() < self.config.takeover_after * 2)
+        {
             return Ok(());
         }
         let taken = take_over(
@@ -739,6 +862,7 @@ impl Fenced {
             Ok(Takeover::Taken { epoch, pos }) => {
                 tracing::info!(stream = %stream, previous = %record.owner.as_deref().unwrap_or("-"), reason = why, clean, "took the stream over");
                 lane.role = Role::Writer { epoch };
+                lane.taken_since = since;
                 lane.wanted_since = None;
                 lane.resync = false;
                 lane.in_flight.clear();
@@ -747,8 +871,11 @@ impl Fenced {
                 }
                 lane.pos = pos;
                 lane.moved_at = Instant::now();
-                for q in lane.queue.iter_mut() {
-                    q.taken_over = true;
+                // Copies held for another writer (not a free stream's).
+                if record.owner.is_some() {
+                    for q in lane.queue.iter_mut() {
+                        q.taken_over = true;
+                    }
                 }
             }
             Ok(_) => {}
@@ -844,6 +971,7 @@ fn write_command(
     lane: &mut LaneState,
     batch_size: usize,
     consumer: &str,
+    stop_at: Option<u64>,
 ) -> Option<(redis::Cmd, usize)> {
     let Role::Writer { epoch } = &lane.role else {
         return None;
@@ -858,7 +986,9 @@ fn write_command(
     let mut span = 0;
     let mut entries = 0;
     for q in lane.queue.iter_mut().skip(start) {
-        if entries >= batch_size {
+        if entries >= batch_size
+            || stop_at.is_some_and(|h| q.m.position.is_some_and(|p| p.mark >= h))
+        {
             break;
         }
         if !q.decided {
@@ -1158,7 +1288,7 @@ mod tests {
         assert_eq!(window.seen(&message("b", "x", 9000)), None);
         // Ids made from positions are never remembered.
         let mut p = message("p:1:1", "x", 9000);
-        p.id = "p:1:1".into();
+        p.id_given = false;
         assert_eq!(window.seen(&p), None);
         assert_eq!(window.seen(&p), None);
     }

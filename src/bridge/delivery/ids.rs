@@ -196,6 +196,7 @@ impl Identify {
                 id => id,
             }
         };
+        m.id_given = explicit.is_some();
         m.id = match (explicit, m.position, self.derived.as_mut()) {
             (Some(id), _, _) => id,
             (None, Some(position), _) => position_id(position),

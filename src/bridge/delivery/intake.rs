@@ -50,6 +50,10 @@ pub struct Intake {
     last: FxHashMap<Box<str>, Position>,
     /// Marks since `last` was last swept.
     marks_since_sweep: u32,
+    /// Every continuous reader had delivered this mark when `last` was
+    /// last swept: a message below it was handed on already (a reader that
+    /// became continuous late brings it again), and `last` no longer says so.
+    swept_below: u64,
     /// The frontier when no reader was left (the sequence waits for the
     /// next subscription to start it again: a hole).
     lost_at: Option<u64>,
@@ -66,6 +70,7 @@ impl Intake {
             since: 0,
             last: FxHashMap::default(),
             marks_since_sweep: 0,
+            swept_below: 0,
             lost_at: None,
             holes: Vec::new(),
         }
@@ -102,8 +107,13 @@ impl Intake {
 
     /// The mark this process's sequence has been whole since (no hole after
     /// it): a stream may be taken over cleanly from a position at or after it.
+    /// `u64::MAX` while no reader is continuous (every subscription was
+    /// lost: the sequence waits for the next one to start again).
     pub fn continuous_since(&self) -> u64 {
-        self.since
+        match self.frontier {
+            Some(_) => self.since,
+            None => u64::MAX,
+        }
     }
 
     /// The last mark a continuous reader delivered (0: none yet): how far
@@ -183,6 +193,9 @@ impl Intake {
             }
             Item::Message(mut m) => {
                 let Some(position) = m.position else { return };
+                if position.mark < self.swept_below {
+                    return;
+                }
                 let stream = m.lane.stream();
                 match self.last.get_mut(stream) {
                     Some(last) if *last >= position => return,
@@ -254,6 +267,7 @@ impl Intake {
             return;
         };
         self.last.retain(|_, p| p.mark >= floor);
+        self.swept_below = self.swept_below.max(floor);
         if self.last.capacity() > 4 * self.last.len().max(64) {
             self.last.shrink_to_fit();
         }

@@ -108,6 +108,8 @@ pub struct Message {
     /// Its id: MESSAGE_ID_FIELD's (see [`ids`]), or one made from its
     /// position for a payload without.
     pub id: String,
+    /// The id is the payload's own (MESSAGE_ID_FIELD), not one made for it.
+    pub id_given: bool,
     /// Why it goes to the dead-letter stream instead of its stream.
     pub rejected: Option<String>,
     /// xxh3-64 of the payload.
@@ -134,6 +136,7 @@ impl Message {
             lane,
             position: None,
             id: String::new(),
+            id_given: false,
             rejected: None,
             received_at: at,
             charge: None,
@@ -146,6 +149,7 @@ impl Message {
         let channel = Bytes::from(lane.to.channel.clone());
         Self {
             id: id.into(),
+            id_given: true,
             ..Self::new(payload.into(), channel, lane)
         }
     }
@@ -284,9 +288,20 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(stream: &str) -> Self {
+        Self::in_db(stream, 0)
+    }
+
+    /// The pool of `stream` in database `db`. Pub/Sub ignores databases:
+    /// pools in other databases of one server have marks channels of their
+    /// own (`…:marks:db<n>`), not to mix their clocks.
+    pub fn in_db(stream: &str, db: i64) -> Self {
+        let marks = match db {
+            0 => format!("{{{stream}}}:marks"),
+            n => format!("{{{stream}}}:marks:db{n}"),
+        };
         Self {
             clock: format!("{{{stream}}}:clock"),
-            marks: format!("{{{stream}}}:marks"),
+            marks,
             members: format!("{{{stream}}}:members"),
         }
     }
@@ -309,9 +324,12 @@ pub fn probe_channel(source: &str) -> String {
 /// matches it.
 pub fn is_internal_channel(name: &[u8]) -> bool {
     const MARK: &[u8] = b"}:mark:";
+    const MARKS_DB: &[u8] = b"}:marks:db";
     name.starts_with(PROBE_PREFIX.as_bytes())
         || (name.first() == Some(&b'{')
-            && (name.ends_with(b"}:marks") || name.windows(MARK.len()).any(|w| w == MARK)))
+            && (name.ends_with(b"}:marks")
+                || name.windows(MARK.len()).any(|w| w == MARK)
+                || name.windows(MARKS_DB.len()).any(|w| w == MARKS_DB)))
 }
 
 /// Appends a message's entry to a write script's ARGV: the field count,
@@ -412,6 +430,7 @@ mod tests {
             "optimus:bridge:messages:published",
             "{messages:processed}:marks",
             "{messages:processed}:mark:w-1",
+            "{messages:processed}:marks:db3",
         ] {
             assert!(is_internal_channel(name.as_bytes()), "{name}");
         }

@@ -34,7 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::budget::{Budget, MESSAGE_OVERHEAD};
+use super::budget::{Budget, Charge, MESSAGE_OVERHEAD};
 use super::resp::{self, Frame, Parse, Parts};
 use super::{Lane, Message, Pool, Position, is_internal_channel, scripts};
 use crate::bridge::route::Router;
@@ -104,6 +104,9 @@ struct Session {
     pinged: bool,
     /// Reading waited for memory (MEMORY_LIMIT) on this connection.
     waited_for_memory: bool,
+    /// Items cut when the reader was asked to stop, not yet handed over
+    /// (with the bytes they came in).
+    unsent: Option<(Vec<Item>, usize)>,
 }
 
 /// Why a connection's reading ended.
@@ -197,6 +200,9 @@ impl Reader {
         let mut channels = self.router.channels();
         channels.push(&self.pool.marks);
         channels.extend(self.router.probes());
+        // Redis subscribes (and confirms an UNSUBSCRIBE of) each once.
+        channels.sort_unstable();
+        channels.dedup();
         channels
     }
 
@@ -319,6 +325,7 @@ impl Reader {
             last_heard: Instant::now(),
             pinged: false,
             waited_for_memory: false,
+            unsent: None,
         })
     }
 
@@ -332,12 +339,17 @@ impl Reader {
                 Err(why) => return Ended::Lost(why),
             };
             if !items.is_empty() {
-                let (sent, waited) = tokio::select! {
-                    _ = self.cancel.cancelled() => return Ended::Cancelled,
-                    sent = self.charge_and_send(items, bytes) => sent,
+                // Items cut are never dropped: a stop while they wait for
+                // memory leaves them to `drain`, which hands them over first.
+                let (charge, waited) = tokio::select! {
+                    _ = self.cancel.cancelled() => {
+                        s.unsent = Some((items, bytes));
+                        return Ended::Cancelled;
+                    }
+                    charged = self.charge(&items, bytes) => charged,
                 };
                 s.waited_for_memory |= waited;
-                if !sent {
+                if !self.send(attach(items, charge), None).await {
                     return Ended::Closed;
                 }
             }
@@ -374,25 +386,26 @@ impl Reader {
         }
     }
 
-    /// Charges a batch to the budget (waiting for room), then hands it over.
-    /// Returns whether it was taken, and whether it had to wait for room.
-    async fn charge_and_send(&self, mut items: Vec<Item>, bytes: usize) -> (bool, bool) {
+    /// Charges a batch's messages to the budget, waiting for room (none for
+    /// marks alone). Returns the charge, and whether it had to wait.
+    async fn charge(&self, items: &[Item], bytes: usize) -> (Option<Arc<Charge>>, bool) {
         let messages = items
             .iter()
             .filter(|i| matches!(i, Item::Message(_)))
             .count();
-        let mut waited = false;
-        if messages > 0 {
-            let need = bytes + messages * MESSAGE_OVERHEAD;
-            waited = self.budget.used() + need > self.budget.limit();
-            let charge = self.budget.charge(need).await;
-            for item in items.iter_mut() {
-                if let Item::Message(m) = item {
-                    m.charge = Some(charge.clone());
-                }
-            }
+        if messages == 0 {
+            return (None, false);
         }
-        (self.send(items, None).await, waited)
+        let need = bytes + messages * MESSAGE_OVERHEAD;
+        let waited = self.budget.used() + need > self.budget.limit();
+        (Some(self.budget.charge(need).await), waited)
+    }
+
+    /// Charges a batch to the budget (waiting for room), then hands it over.
+    /// Returns whether it was taken.
+    async fn charge_and_send(&self, items: Vec<Item>, bytes: usize) -> bool {
+        let (charge, _) = self.charge(&items, bytes).await;
+        self.send(attach(items, charge), None).await
     }
 
     /// Cuts the whole frames at the front of the buffer into items; with
@@ -516,10 +529,15 @@ impl Reader {
         let expected = channels + patterns;
         let mut confirmed = 0;
         let drained = async {
+            if let Some((items, bytes)) = s.unsent.take()
+                && !self.charge_and_send(items, bytes).await
+            {
+                return Ok(());
+            }
             s.write.write_all(&out).await.map_err(|e| e.to_string())?;
             loop {
                 let (items, bytes) = self.cut(s, lanes, Some(&mut confirmed))?;
-                if !items.is_empty() && !self.charge_and_send(items, bytes).await.0 {
+                if !items.is_empty() && !self.charge_and_send(items, bytes).await {
                     return Ok(());
                 }
                 if confirmed >= expected {
@@ -548,6 +566,18 @@ impl Reader {
             }
         }
     }
+}
+
+/// The items, their messages carrying `charge`.
+fn attach(mut items: Vec<Item>, charge: Option<Arc<Charge>>) -> Vec<Item> {
+    if let Some(charge) = charge {
+        for item in items.iter_mut() {
+            if let Item::Message(m) = item {
+                m.charge = Some(charge.clone());
+            }
+        }
+    }
+    items
 }
 
 /// Part `i` of a push, sliced out of its frame.

@@ -1,15 +1,18 @@
 -- One process's cycle (every 50 ms): its beat among the members, a mark,
 -- and the writer records it asks about.
 -- KEYS[1]: the clock, KEYS[2]: the members hash, KEYS[3..]: writer records.
--- ARGV[1]: this process's member name; ARGV[2]: the last mark its readers
--- saw (0: none yet); ARGV[3]: the marks channel; ARGV[4]: 1 to stay a member,
--- 0 to leave; ARGV[5]: ms after which a silent member is removed.
--- A member's value is "<beat ms>:<last mark seen>".
+-- ARGV[1]: this process's member name; ARGV[2]: "<the last mark its readers
+-- saw (0: none yet)>:<the mark its sequence has been whole since>:<its
+-- routes' fingerprint>";
+-- ARGV[3]: the marks channel; ARGV[4]: 1 to stay a member, 0 to leave;
+-- ARGV[5]: ms after which a silent member is removed.
+-- A member's value is "<beat ms>:<last mark seen>:<whole since>:<routes>".
 -- Returns {mark, server ms, members (name, value, …), records ({epoch,
--- owner, pos} each)}.
+-- owner, pos} each), 1 when this process's entry is new (0 if not)}.
 local now = now_ms()
+local new = 0
 if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[2], ARGV[1], int(now) .. ':' .. ARGV[2])
+  new = redis.call('HSET', KEYS[2], ARGV[1], int(now) .. ':' .. ARGV[2])
 else
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
@@ -29,4 +32,4 @@ local records = {}
 for i = 3, #KEYS do
   records[#records + 1] = redis.call('HMGET', KEYS[i], 'epoch', 'owner', 'pos')
 end
-return {mark, now, kept, records}
+return {mark, now, kept, records, new}

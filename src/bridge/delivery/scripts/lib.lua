@@ -57,13 +57,19 @@ local passing = {OOM = true, NOREPLICAS = true, READONLY = true, MASTERDOWN = tr
 -- stop (retrying or dead-lettering cannot mend them).
 local refused_us = {NOPERM = true, NOAUTH = true, WRONGPASS = true}
 
--- A write's error (as pcall caught it): Redis's (or Lua's) reason, and
--- whether that refusal passes. A refusal of us ends the script.
-local function refusal(err)
+-- A write's error (as pcall caught it): Redis's (or Lua's) reason, whether
+-- that refusal passes, and whether it refuses us.
+local function classify(err)
   local reason = type(err) == 'table' and err.err or tostring(err)
   local code = string.match(reason, '^(%u+)') or ''
-  if refused_us[code] then error(err) end
-  return reason, passing[code] == true
+  return reason, passing[code] == true, refused_us[code] == true
+end
+
+-- As `classify`; a refusal of us ends the script.
+local function refusal(err)
+  local reason, passes, us = classify(err)
+  if us then error(err) end
+  return reason, passes
 end
 
 -- Runs `add` (a write): nil when it worked; else as `refusal`.

@@ -64,10 +64,12 @@ local ok, err = pcall(function()
   end
 end)
 if not ok then
-  local reason, passes = refusal(err)
+  local reason, passes, us = classify(err)
   if last ~= '' then
     redis.call('HSET', KEYS[1], 'pos', last)
   end
+  -- A refusal of us ends the script, once what was written is recorded.
+  if us then error(err) end
   return {passes and 3 or 4, done, reason}
 end
 redis.call('HSET', KEYS[1], 'pos', ARGV[3])
