@@ -299,6 +299,11 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return bad_setting(&err),
     };
+    if let Some(raw) = &args.queue_capacity {
+        tracing::warn!(
+            "QUEUE_CAPACITY={raw} is no longer used and is ignored: the memory bound is MEMORY_LIMIT (bytes)"
+        );
+    }
     let controls = match Controls::parse(&args.metrics_addr, &args.idle_timeout) {
         Ok(controls) => controls,
         Err(err) => return bad_setting(&err),

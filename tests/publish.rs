@@ -78,6 +78,98 @@ fn with_the_bridge_running_the_fast_path_stays_idle() {
     assert_exactly_once(&server.stream_entries(STREAM), 0..2000);
 }
 
+/// A batch whose reply is lost after Redis ran it (the connection drops at
+/// the worst moment): the publisher cannot know whether the subscribers got
+/// it, so it publishes it again (within DEDUP_WINDOW), and the bridge
+/// writes each id once. Both strategies.
+#[test]
+fn a_batch_published_again_after_a_lost_reply_is_written_once() {
+    for strategy in ["fenced", "race"] {
+        let server = RedisServer::start();
+        let consume = OptimusProcess::consume(&server, &[("STRATEGY", strategy)]);
+        consume.wait_consumers(2);
+        let proxy = support::proxy::StallingProxy::start(server.port);
+        proxy.lose_the_reply_to(b"EVALSHA");
+        let url = proxy.url();
+        let summary = publish_with(
+            &[("REDIS_URL", url.as_str())],
+            &["--count", "1000", "--batch-size", "100"],
+        );
+        assert!(proxy.reply_lost(), "{strategy}: no script went through");
+        assert!(summary.num("resent") > 0, "{strategy}: {}", summary.line);
+        assert_eq!(summary.num("published"), 1000, "{}", summary.line);
+        support::wait_for(
+            "1000 entries",
+            Duration::from_secs(20),
+            || (server.xlen(STREAM) >= 1000).then_some(()),
+            || consume.describe(),
+        );
+        let line = consume.wait_settled(Duration::from_secs(10));
+        assert_exactly_once(&server.stream_entries(STREAM), 0..1000);
+        assert!(
+            line.num("duplicates_skipped") > 0,
+            "{strategy}: the lost batch was published twice, and its second copies skipped: {}",
+            line.line
+        );
+    }
+}
+
+/// DEDUP_WINDOW: a foreign publisher that sends an id again within the
+/// window gets one entry; once the window has passed, the same id is a new
+/// message. Ids the bridge makes itself (payloads without one) are never
+/// taken for re-sends.
+#[test]
+fn an_id_sent_again_within_the_window_is_written_once() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(&server, &[("DEDUP_WINDOW", "1")]);
+    consume.wait_consumers(2);
+    let mut conn = server.conn();
+    let mut send = |payload: &str| {
+        let n: i64 = redis::cmd("PUBLISH")
+            .arg("messages:published")
+            .arg(payload)
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(n, 2, "both workers subscribed");
+    };
+    let retried = r#"{"message_id":"retried","attempt":1}"#;
+    for _ in 0..3 {
+        send(retried);
+        send("no id here");
+    }
+    let entries = |n: usize| {
+        support::wait_for(
+            &format!("{n} entries"),
+            Duration::from_secs(20),
+            || (server.xlen(STREAM) >= n).then_some(()),
+            || consume.describe(),
+        );
+        consume.wait_settled(Duration::from_secs(10));
+        server.stream_entries(STREAM)
+    };
+    let first = entries(4);
+    let payloads: Vec<&[u8]> = first.iter().map(|e| &e["payload"][..]).collect();
+    assert_eq!(
+        payloads,
+        [
+            retried.as_bytes(),
+            b"no id here",
+            b"no id here",
+            b"no id here"
+        ],
+        "one entry for the re-sent id, every id-less payload"
+    );
+    // The window is 1 s, by publish time: well past it, the id is new.
+    std::thread::sleep(Duration::from_millis(2500));
+    send(retried);
+    let second = entries(5);
+    assert_eq!(second.len(), 5, "{second:?}");
+    assert_eq!(&second[4]["payload"][..], retried.as_bytes());
+    let line = consume.wait_settled(Duration::from_secs(10));
+    assert_eq!(line.num("duplicates_skipped"), 2, "{}", line.line);
+    assert_eq!(line.num("reused_ids"), 0, "{}", line.line);
+}
+
 /// A payload over MAX_PAYLOAD_BYTES is never published (it could drop every
 /// subscriber at the server's output-buffer limit): it goes to the
 /// dead-letter stream with the reason, with or without a bridge, and the

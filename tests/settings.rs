@@ -55,6 +55,14 @@ fn bad_settings_give_one_line_and_exit_code_2() {
         (&[("REDIS_CLUSTER", "maybe")], "REDIS_CLUSTER", "maybe"),
         (&[("PUBSUB_MODE", "sharded")], "PUBSUB_MODE", "sharded"),
         (&[("PUBSUB_MODE", "loud")], "PUBSUB_MODE", "loud"),
+        (&[("MEMORY_LIMIT", "lots")], "MEMORY_LIMIT", "lots"),
+        (
+            &[("MEMORY_LIMIT", "12 parsecs")],
+            "MEMORY_LIMIT",
+            "12 parsecs",
+        ),
+        (&[("DEDUP_WINDOW", "-1")], "DEDUP_WINDOW", "-1"),
+        (&[("DEDUP_WINDOW", "a while")], "DEDUP_WINDOW", "a while"),
         (
             &[
                 ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
@@ -140,6 +148,8 @@ fn help_lists_every_variable_with_its_default() {
         ("OUTPUT_FORMAT", "envelope"),
         ("SHUTDOWN_TIMEOUT", "30"),
         ("MAX_PAYLOAD_BYTES", "1048576"),
+        ("MEMORY_LIMIT", "256MiB"),
+        ("DEDUP_WINDOW", "5"),
     ] {
         let lines: Vec<&str> = help.lines().map(str::trim).collect();
         let at = lines

@@ -2,18 +2,22 @@
 //! subscriptions passing through it, as a congested or half-broken path
 //! would: while stalled, nothing the server sends to a connection that
 //! subscribed reaches the client (the bytes wait, nothing is lost), and
-//! every other connection flows.
+//! every other connection flows. It can also lose the reply to one
+//! request (the request reaches the server, its reply never comes back and
+//! the connection drops), as a connection lost at the worst moment would.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct StallingProxy {
     pub port: u16,
     stalled: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    /// The next request containing these bytes loses its reply.
+    lose_reply: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl StallingProxy {
@@ -24,14 +28,15 @@ impl StallingProxy {
         listener.set_nonblocking(true).unwrap();
         let stalled = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (stalled.clone(), stop.clone());
+        let lose_reply = Arc::new(Mutex::new(None));
+        let (s, st, lose) = (stalled.clone(), stop.clone(), lose_reply.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
                         if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) {
-                            forward(client, server, s.clone(), st.clone());
+                            forward(client, server, s.clone(), st.clone(), lose.clone());
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -42,6 +47,7 @@ impl StallingProxy {
             port,
             stalled,
             stop,
+            lose_reply,
         }
     }
 
@@ -52,6 +58,18 @@ impl StallingProxy {
     /// Stalls (or lets flow again) what the server sends to subscriptions.
     pub fn stall_subscriptions(&self, stalled: bool) {
         self.stalled.store(stalled, Ordering::SeqCst);
+    }
+
+    /// The next request whose bytes contain `needle` reaches the server,
+    /// but its reply (and whatever else that connection was owed) is lost:
+    /// the proxy drops the connection instead of answering.
+    pub fn lose_the_reply_to(&self, needle: &[u8]) {
+        *self.lose_reply.lock().unwrap() = Some(needle.to_vec());
+    }
+
+    /// Whether that request has come (and lost its reply).
+    pub fn reply_lost(&self) -> bool {
+        self.lose_reply.lock().unwrap().is_none()
     }
 }
 
@@ -64,10 +82,19 @@ impl Drop for StallingProxy {
 
 /// Copies both ways; the server-to-client direction of a connection that
 /// sent a SUBSCRIBE (or PSUBSCRIBE, SSUBSCRIBE) waits while `stalled`.
-fn forward(client: TcpStream, server: TcpStream, stalled: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    stalled: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    lose_reply: Arc<Mutex<Option<Vec<u8>>>>,
+) {
     let subscribed = Arc::new(AtomicBool::new(false));
+    let losing = Arc::new(AtomicBool::new(false));
     let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let (to_close, from_close) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     let flag = subscribed.clone();
+    let lose = losing.clone();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -81,7 +108,24 @@ fn forward(client: TcpStream, server: TcpStream, stalled: Arc<AtomicBool>, stop:
             {
                 flag.store(true, Ordering::SeqCst);
             }
+            let mut armed = lose_reply.lock().unwrap();
+            let hit = armed
+                .as_ref()
+                .is_some_and(|needle| buf[..n].windows(needle.len()).any(|w| w == &needle[..]));
+            if hit {
+                *armed = None;
+                // Nothing more reaches the client from here on.
+                lose.store(true, Ordering::SeqCst);
+            }
+            drop(armed);
             if s_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            if hit {
+                // Time for the server to act on it; then the connection drops.
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = to_close.shutdown(Shutdown::Both);
+                let _ = from_close.shutdown(Shutdown::Both);
                 break;
             }
         }
@@ -101,6 +145,9 @@ fn forward(client: TcpStream, server: TcpStream, stalled: Arc<AtomicBool>, stop:
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if losing.load(Ordering::SeqCst) {
+                continue;
+            }
             if c_out.write_all(&buf[..n]).is_err() {
                 break;
             }
