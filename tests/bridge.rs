@@ -773,3 +773,32 @@ fn writes_refused_for_now_are_kept_and_written_later() {
         assert_eq!(server.xlen("messages:processed:dead"), 0, "{strategy}");
     }
 }
+
+/// A server that refuses writes when the bridge starts (too few replicas):
+/// the process waits, says why, and bridges once writes are taken again.
+/// Both strategies.
+#[test]
+fn a_server_refusing_writes_at_start_is_waited_out() {
+    for strategy in ["fenced", "race"] {
+        let server = RedisServer::start();
+        let _: () = server.command(&["CONFIG", "SET", "min-replicas-to-write", "1"]);
+        let mut consume = OptimusProcess::consume(&server, &[("STRATEGY", strategy)]);
+        support::wait_for(
+            "the process to say it is waiting",
+            Duration::from_secs(20),
+            || {
+                consume
+                    .stderr()
+                    .contains("cannot register this process yet")
+                    .then_some(())
+            },
+            || consume.describe(),
+        );
+        assert!(consume.try_exit().is_none(), "{}", consume.describe());
+        let _: () = server.command(&["CONFIG", "SET", "min-replicas-to-write", "0"]);
+        consume.wait_consumers(2);
+        publish_raw(&server, &[r#"{"message_id":"after"}"#], 2);
+        let entries = settled_entries(&server, &[&consume], 1);
+        assert_eq!(entries.len(), 1, "{strategy}: {entries:?}");
+    }
+}

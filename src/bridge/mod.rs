@@ -158,18 +158,37 @@ impl Bridge {
         // of the total set with `optimus ctl scale`.
         let scale =
             crate::control::Scale::new(process.name(), process.describe(), config.consumers);
-        let first = scale.target(&mut conn).await.map_err(refused)?;
-        let worker_ids: Vec<String> = (0..first).map(|i| process.worker_id(i)).collect();
         let presence = Presence::new(
             &config.consumers_list,
             config.presence_ttl,
             process.describe(),
         )
         .on_cluster(config.endpoint.is_cluster());
-        presence
-            .refresh(&mut conn, &worker_ids)
-            .await
-            .map_err(refused)?;
+        // Registering writes: a server that refuses writes for now (too few
+        // replicas, out of memory, loading) or a connection lost is waited
+        // out; a refusal of us ends the bridge.
+        let mut backoff = crate::connect::reconnect_backoff();
+        let (first, worker_ids) = loop {
+            let registered = async {
+                let first = scale.target(&mut conn).await?;
+                let ids: Vec<String> = (0..first).map(|i| process.worker_id(i)).collect();
+                presence.refresh(&mut conn, &ids).await?;
+                Ok::<_, RedisError>((first, ids))
+            }
+            .await;
+            match registered {
+                Ok(done) => break done,
+                Err(err) if crate::connect::is_fatal(&err) => return Err(refused(err)),
+                Err(err) => {
+                    let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
+                    tracing::warn!(cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, "cannot register this process yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return Ok(self.counters.snapshot()),
+                    }
+                }
+            }
+        };
         self.counters.set_link(true);
 
         // Stops the subscriptions; the workers follow once their queues drain.
