@@ -476,22 +476,20 @@ async fn spawn_bridge(
             .arg(format!("{{{STREAM}}}:members"))
             .query_async(conn)
             .await?;
-        // Fenced: at most two subscriptions a process, and the process a
-        // member of the pool.
-        let subscribed = match strategy {
-            Strategy::Race => workers,
-            Strategy::Fenced => workers.min(2),
-        };
-        if subs.first().map(|s| s.1) == Some(subscribed)
-            && (strategy == Strategy::Race || members == 1)
-        {
+        // At most two subscriptions a process (one server), and, fenced,
+        // the process a member of the pool.
+        let subscribed = workers.min(2);
+        let seen = subs.first().map_or(0, |s| s.1);
+        if seen == subscribed && (strategy == Strategy::Race || members == 1) {
             // A few cycles more, so that every worker has the same view of
             // the members: the rows measure the bridge running, not starting.
             tokio::time::sleep(Duration::from_millis(300)).await;
             return Ok(child);
         }
         if Instant::now() > deadline {
-            bail!("optimus consume did not subscribe");
+            bail!(
+                "optimus consume did not subscribe within 30 s ({seen} of {subscribed} subscriptions, {members} members)"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
