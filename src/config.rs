@@ -407,7 +407,9 @@ impl Strategy {
 // not an unknown flag.
 #[command(allow_negative_numbers = true)]
 pub struct ConsumeArgs {
-    /// Workers (subscriptions) in this process.
+    /// Workers this process counts as (presence, `ctl scale`). On one server
+    /// a process reads through at most two subscriptions whatever the count;
+    /// on a cluster each worker has its own.
     #[arg(long = "consumers", env = "CONSUMERS_COUNT", default_value = "2")]
     pub consumers_count: String,
     /// Most messages a worker handles per batch; a batch never waits to fill.

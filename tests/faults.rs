@@ -197,10 +197,10 @@ fn sigkill_and_restart(env: &[(&'static str, &str)]) {
     pool.check(&summary);
 }
 
-/// Workers join and leave while messages flow. With the partitioned strategy
-/// every change of the membership changes which worker owns which message:
-/// a process joins, one leaves with SIGTERM (handing everything over before it
-/// exits), another joins, one is SIGKILLed and replaced.
+/// Workers join and leave while messages flow: a process joins, one leaves
+/// with SIGTERM (writing what it holds as writer and giving the stream back
+/// before it exits), another joins, one is SIGKILLed and replaced (the
+/// writer, as often as not: then a standby takes the stream over).
 #[test]
 fn workers_joining_and_leaving_mid_run_lose_nothing() {
     let mut pool = Pool::start(RedisServer::start(), 2, &[]);
@@ -388,8 +388,8 @@ fn a_gap_with_no_subscriber_is_counted_and_reported() {
 
 /// The rolling crash: five processes, one killed about every second and
 /// restarted, for 30 s at 10,000 messages/s, default settings. A message whose
-/// lock holder dies survives only while another worker that received it lives
-/// until the lock expires, so the takeover window must be short and safe.
+/// writer dies survives only while another process that received it lives
+/// until it takes the stream over, so the takeover must be quick and safe.
 #[test]
 fn rolling_crash_of_five_processes_loses_nothing() {
     let mut pool = Pool::start(RedisServer::start(), 5, &[]);

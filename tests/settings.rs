@@ -143,7 +143,7 @@ fn help_lists_every_variable_with_its_default() {
         ("ACK_TTL", "60"),
         ("PENDING_RETENTION", "30"),
         ("PRESENCE_TTL", "5"),
-        ("STRATEGY", ""), // partitioned, or race on a cluster: said in its help
+        ("STRATEGY", ""), // fenced, or race on a cluster: said in its help
         ("TAKEOVER_AFTER", "0.25"),
         ("OUTPUT_FORMAT", "envelope"),
         ("SHUTDOWN_TIMEOUT", "30"),

@@ -152,6 +152,8 @@ struct LaneState {
     /// take over cleanly from before it.
     shed_through: u64,
     window: Window,
+    /// The warning about reused ids, at most once a second per stream.
+    reused: Throttle,
     last_active: Instant,
 }
 
@@ -175,6 +177,7 @@ impl LaneState {
             taken_since: 0,
             shed_through: 0,
             window: Window::new(window),
+            reused: Throttle::default(),
             last_active: Instant::now(),
         }
     }
@@ -1060,7 +1063,9 @@ fn pop(lane: &mut LaneState, n: usize, counters: &Counters) {
                 Counters::add(&counters.duplicates_skipped, 1);
                 if reused {
                     Counters::add(&counters.reused_ids, 1);
-                    tracing::warn!(stream = %lane.lane.stream(), message_id = %q.m.id, "a message with this id was already written with other bytes: skipped (a publisher is reusing ids; see reused_ids)");
+                    if let Some(held_back) = lane.reused.ready() {
+                        tracing::warn!(stream = %lane.lane.stream(), message_id = %q.m.id, held_back, "a message with this id was already written with other bytes: skipped (a publisher is reusing ids; see reused_ids)");
+                    }
                 }
             }
             Fate::GiveUp => Counters::add(&counters.refused, 1),
