@@ -149,7 +149,7 @@ impl Bridge {
         tracing::info!(server = %server, routes = %routes_shown, workers = config.consumers, "bridge starting");
         crate::connect::warn_if_evicting(
             &mut conn,
-            "the stream and the delivery protocol's keys (ACK keys, locks, members, watermarks)",
+            "the stream and the delivery protocol's keys (writer records, members, clock; with STRATEGY=race, ACK keys and locks)",
         )
         .await;
 
