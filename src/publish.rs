@@ -391,8 +391,15 @@ impl Publisher {
             .arg(op)
             .arg(limit)
             .arg(self.republish_within.as_millis() as u64);
-        for (id, payload) in ids.iter().zip(part) {
-            cmd.arg(id).arg(payload.as_slice());
+        let mut packed = Vec::with_capacity(ids.iter().map(|id| id.len() + 4).sum());
+        for id in ids {
+            packed.extend_from_slice(id.len().to_string().as_bytes());
+            packed.push(b':');
+            packed.extend_from_slice(id.as_bytes());
+        }
+        cmd.arg(packed);
+        for payload in part {
+            cmd.arg(payload.as_slice());
         }
         let reply: Vec<i64> = scripts::run(&mut self.conn, cmd).await?;
         Ok(match reply.as_slice() {

@@ -10,26 +10,40 @@
 -- expired); ARGV[6]: 1 when the fast path is on; ARGV[7]: the publisher's
 -- name (consumer_id); ARGV[8..10]: the cap (see xadd_for); ARGV[11]: ms
 -- after the first attempt within which a batch sent again is published
--- again (below the bridge's DEDUP_WINDOW); then per message: its id and its
--- payload.
+-- again (below the bridge's DEDUP_WINDOW); ARGV[12]: the messages' ids,
+-- each as "<length>:<id>", one after the other (read only by the fast
+-- path: a Lua string per message fewer); then the payloads.
 -- A batch sent again (Redis did not confirm it) finds the marker of the
 -- attempt that ran: the fast path goes on where it stopped and writes
 -- nothing twice. A batch that was published is published again while that
 -- is within ARGV[11]: a server that stops right after running a script
 -- never sends its output to the subscribers, and the bridge writes a
 -- message id it has seen within DEDUP_WINDOW once. Later, it is not.
--- The marker holds "<bridge subscriptions>:<next message to write, 0 when
--- none>:<written>:<dead-lettered>:<refused>:<first attempt ms>".
+-- The marker holds "<bridge subscriptions>:<number of the next message to
+-- write, 0 when none>:<written>:<dead-lettered>:<refused>:<first attempt
+-- ms>".
 -- Returns {bridge subscriptions, written, dead-lettered, refused}, or
 -- {-1} when the batch came too late to be sent safely.
 local now = now_ms()
 if now > tonumber(ARGV[5]) then
   return {-1}
 end
+local first_payload = 13
 local function publish()
-  for i = 12, #ARGV, 2 do
-    redis.call(ARGV[2], ARGV[3], ARGV[i + 1])
+  for i = first_payload, #ARGV do
+    redis.call(ARGV[2], ARGV[3], ARGV[i])
   end
+end
+-- The ids of ARGV[12], in order.
+local function ids()
+  local out, at, packed = {}, 1, ARGV[12]
+  while at <= #packed do
+    local colon = string.find(packed, ':', at, true)
+    local length = tonumber(string.sub(packed, at, colon - 1))
+    out[#out + 1] = string.sub(packed, colon + 1, colon + length)
+    at = colon + length + 1
+  end
+  return out
 end
 local state = redis.call('GET', KEYS[1])
 local bridge, next, stored, dead, refused, first
@@ -45,7 +59,7 @@ if state then
   end
 else
   bridge = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
-  next = (bridge == 0 and ARGV[6] == '1') and 12 or 0
+  next = (bridge == 0 and ARGV[6] == '1') and 1 or 0
   stored, dead, refused, first = 0, 0, 0, now
   -- The marker first. A server that refuses writes for now (out of memory,
   -- too few replicas) still publishes, without a marker (sent again, the
@@ -60,8 +74,9 @@ else
 end
 if next > 0 then
   local xadd = xadd_for(8, 2, 3)
-  while next <= #ARGV do
-    local id, payload = ARGV[next], ARGV[next + 1]
+  local id_of = ids()
+  while first_payload + next - 1 <= #ARGV do
+    local id, payload = id_of[next], ARGV[first_payload + next - 1]
     local reason, passes = try(function()
       xadd(1, 'message_id', id, 'payload', payload, 'consumer_id', ARGV[7])
     end)
@@ -78,7 +93,7 @@ if next > 0 then
     else
       dead = dead + 1
     end
-    next = next + 2
+    next = next + 1
   end
   next = 0
   redis.call('SET', KEYS[1], value(), 'KEEPTTL')
