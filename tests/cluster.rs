@@ -603,3 +603,76 @@ fn mutual_tls_to_a_cluster_delivers_exactly_once() {
     assert_eq!(stderr.lines().count(), 1, "one line:\n{stderr}");
     assert!(stderr.to_lowercase().contains("tls"), "{stderr}");
 }
+
+/// A worker stopped (SIGSTOP) for longer than ACK_TTL on a cluster, where
+/// messages have no positions, then resumed: what waited for it in the
+/// server's buffer and in its own queues is older than every ACK, and must
+/// not be written again. (Short TTLs, so that the pause stays short; the
+/// single-server case at default settings is in `tests/faults.rs`.)
+#[test]
+fn a_worker_stopped_past_the_ack_ttl_on_a_cluster_writes_nothing_twice() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds = cluster.seeds();
+    let env = [
+        ("REDIS_URL", seeds.as_str()),
+        ("CONSUMERS_COUNT", "1"),
+        ("MONITORING_INTERVAL", "0.2"),
+        ("LOCK_TTL", "1"),
+        ("PENDING_RETENTION", "2"),
+        ("ACK_TTL", "4"),
+    ];
+    let stopped = OptimusProcess::spawn(&["consume"], &env);
+    let other = OptimusProcess::spawn(&["consume"], &env);
+    other.wait_consumers(2);
+    let mut publisher = OptimusProcess::spawn(
+        &[
+            "publish",
+            "--rate",
+            "500",
+            "--duration",
+            "14",
+            "--batch-size",
+            "10",
+        ],
+        &env[..1],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    stopped.signal("STOP");
+    std::thread::sleep(Duration::from_secs(8));
+    stopped.signal("CONT");
+    assert!(
+        publisher.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        publisher.describe()
+    );
+    let published = published(&publisher);
+    support::wait_for(
+        &format!("messages:processed to hold {published} messages"),
+        Duration::from_secs(30),
+        || (xlen(&cluster, "messages:processed") as u64 >= published).then_some(()),
+        || other.describe(),
+    );
+    stopped.wait_settled(Duration::from_secs(30));
+    other.wait_settled(Duration::from_secs(30));
+    let tally = Tally::of(
+        &stream_entries(&mut cluster.conn(), "messages:processed"),
+        0..published,
+    );
+    assert!(
+        tally.duplicated.is_empty() && tally.missing.is_empty() && tally.unexpected == 0,
+        "{tally}\n{}",
+        stopped.describe()
+    );
+    assert!(
+        stopped
+            .stderr()
+            .contains("this process was stopped for a while"),
+        "the pause was noticed: {}",
+        stopped.describe()
+    );
+    assert!(
+        !other.stderr().contains("this process was stopped"),
+        "no pause where there was none: {}",
+        other.describe()
+    );
+}

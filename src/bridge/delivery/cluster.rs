@@ -18,10 +18,16 @@
 //!   the time until the new subscription is confirmed as a gap.
 //! - **Ids**: messages have no positions here; a payload without an id gets
 //!   a derived one (see [`super::ids::DerivedIds`]).
+//! - **A stopped process** (SIGSTOP, a frozen VM): what waited for it in the
+//!   server's buffer comes out when it resumes, looking fresh, and could be
+//!   older than its ACK. The [`PauseWatch`] notices the pause before such a
+//!   message is handed on: the subscription drops the connection with
+//!   everything it held (a gap: the other workers had them) and subscribes
+//!   again.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,6 +45,64 @@ use crate::monitor::Counters;
 pub use super::reader::{KEEPALIVE, PING_TIMEOUT};
 /// Cluster: the first wait before subscribing again after a lost subscription.
 const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
+
+/// A thread that beats every [`PauseWatch::BEAT`]: a beat that comes more
+/// than [`PauseWatch::PAUSED_AFTER`] after the one before means the process
+/// did not run meanwhile (it was stopped), and counts a pause.
+pub struct PauseWatch {
+    started: Instant,
+    /// Ms after `started` of the last beat.
+    last_beat: AtomicU64,
+    pauses: AtomicU64,
+}
+
+impl PauseWatch {
+    const BEAT: Duration = Duration::from_millis(100);
+    const PAUSED_AFTER: Duration = Duration::from_secs(1);
+
+    /// The process's watch (its thread starts with the first call).
+    pub fn get() -> &'static PauseWatch {
+        static WATCH: OnceLock<&'static PauseWatch> = OnceLock::new();
+        WATCH.get_or_init(|| {
+            let watch: &'static PauseWatch = Box::leak(Box::new(PauseWatch {
+                started: Instant::now(),
+                last_beat: AtomicU64::new(0),
+                pauses: AtomicU64::new(0),
+            }));
+            std::thread::Builder::new()
+                .name("optimus-pause-watch".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Self::BEAT);
+                        let now = watch.now_ms();
+                        if now.saturating_sub(watch.last_beat.load(Ordering::Acquire))
+                            > Self::PAUSED_AFTER.as_millis() as u64
+                        {
+                            // Before the beat: whoever sees the beat sees the pause.
+                            watch.pauses.fetch_add(1, Ordering::Release);
+                        }
+                        watch.last_beat.store(now, Ordering::Release);
+                    }
+                })
+                .expect("a thread for the pause watch");
+            watch
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The pauses counted so far; `None` while one may be under way
+    /// unnoticed (the last beat is too old).
+    pub fn pauses(&self) -> Option<u64> {
+        let beat = self.last_beat.load(Ordering::Acquire);
+        if self.now_ms().saturating_sub(beat) > Self::PAUSED_AFTER.as_millis() as u64 {
+            return None;
+        }
+        Some(self.pauses.load(Ordering::Acquire))
+    }
+}
 
 /// Everything the subscription task needs.
 pub struct Subscription {
@@ -155,6 +219,8 @@ impl Subscription {
                 }
             }
             let mut last_heard = Instant::now();
+            let watch = PauseWatch::get();
+            let pauses = watch.pauses();
             // One timer, moved on only when it fires: no timer per message.
             let keepalive = tokio::time::sleep(KEEPALIVE);
             tokio::pin!(keepalive);
@@ -240,6 +306,10 @@ impl Subscription {
                     None => break,
                 };
                 last_heard = Instant::now();
+                if pauses.is_none() || watch.pauses() != pauses {
+                    tracing::warn!(worker = %self.worker_id, channel = %self.channel, "this process was stopped for a while: what its subscription held may be older than its ACKs; dropped (the other workers had it), subscribing again");
+                    break;
+                }
                 if self.queue.send(vec![message]).await.is_err() {
                     self.coverage.down(false);
                     return Ok(()); // the worker is gone

@@ -194,7 +194,14 @@ pub struct Racer {
     worker_id: String,
     lock_ttl_ms: u64,
     ack_ttl_ms: u64,
+    /// The server's time (ms) at a moment of this process: dates the
+    /// messages that have no position (a cluster's) by when they were
+    /// received.
+    clock: Option<(Instant, u64)>,
 }
+
+/// How often a [`Racer`] reads the server's time again.
+const CLOCK_EVERY: Duration = Duration::from_secs(60);
 
 /// The messages of a batch that go to one lane, and their places in it.
 struct Group<'a> {
@@ -210,6 +217,38 @@ impl Racer {
             worker_id,
             lock_ttl_ms: lock_ttl.as_millis().max(1) as u64,
             ack_ttl_ms: ack_ttl.as_millis().max(1) as u64,
+            clock: None,
+        }
+    }
+
+    /// Reads the server's time when it has not for [`CLOCK_EVERY`] (a
+    /// failure leaves the messages without a position undated).
+    async fn sync_clock(&mut self) {
+        if self.clock.is_some_and(|(at, _)| at.elapsed() < CLOCK_EVERY) {
+            return;
+        }
+        let time: RedisResult<(u64, u64)> = redis::cmd("TIME").query_async(&mut self.conn).await;
+        if let Ok((secs, micros)) = time {
+            // Taken after the reply: the estimate errs towards older.
+            self.clock = Some((Instant::now(), secs * 1000 + micros / 1000));
+        }
+    }
+
+    /// When a message was published, in server ms, for the scripts' age
+    /// guard (0: unknown). From its position: no later than published. A
+    /// cluster's messages have none: the server's time when this process
+    /// received it, later than published by the delivery's lag. What waited
+    /// in the server's buffer while this process was stopped would come
+    /// late by the whole pause: the subscription drops it (see
+    /// [`super::cluster::PauseWatch`]).
+    fn published(&self, m: &Message) -> u64 {
+        if let Some(p) = m.position {
+            return p.published_ms();
+        }
+        match self.clock {
+            Some((at, ms)) if m.received_at >= at => ms + (m.received_at - at).as_millis() as u64,
+            Some((at, ms)) => ms.saturating_sub((at - m.received_at).as_millis() as u64),
+            None => 0,
         }
     }
 
@@ -246,6 +285,7 @@ impl Racer {
 
     /// Step 1 alone, for a whole batch in one round trip per stream.
     pub async fn claim(&mut self, messages: &[&Message]) -> RedisResult<Vec<Claim>> {
+        self.sync_clock().await;
         let mut out = vec![Claim::Held; messages.len()];
         for group in Self::groups(messages) {
             let cmd = self.claim_cmd(&group.lane, &group.messages);
@@ -259,6 +299,7 @@ impl Racer {
     /// Step 2 alone: writes the messages whose lock this worker holds, in one
     /// atomic script per stream.
     pub async fn write(&mut self, messages: &[&Message]) -> RedisResult<Vec<Write>> {
+        self.sync_clock().await;
         let mut out = vec![Write::LockLost; messages.len()];
         for group in Self::groups(messages) {
             let cmd = self.write_cmd(&group.lane, &group.messages);
@@ -278,6 +319,7 @@ impl Racer {
     /// itself). A worker killed between its claim and its write thus leaves
     /// no lock behind: the server received both at once.
     pub async fn settle(&mut self, messages: &[&Message]) -> RedisResult<Vec<Settled>> {
+        self.sync_clock().await;
         let mut out = vec![Settled::Held; messages.len()];
         for group in Self::groups(messages) {
             let mut pipe = redis::pipe();
@@ -360,7 +402,7 @@ impl Racer {
             .arg(self.ack_ttl_ms)
             .arg(self.max_age_ms());
         for m in messages {
-            cmd.arg(m.payload_hash()).arg(published(m));
+            cmd.arg(m.payload_hash()).arg(self.published(m));
         }
         cmd
     }
@@ -381,16 +423,13 @@ impl Racer {
             .arg(limit)
             .arg(self.max_age_ms());
         for m in messages {
-            cmd.arg(target(m)).arg(m.payload_hash()).arg(published(m));
+            cmd.arg(target(m))
+                .arg(m.payload_hash())
+                .arg(self.published(m));
             push_entry(&mut cmd, m, &self.worker_id);
         }
         cmd
     }
-}
-
-/// The server ms a message was published no earlier than (0: unknown).
-fn published(m: &Message) -> u64 {
-    m.position.map_or(0, |p| p.published_ms())
 }
 
 /// One message's outcome in a script's reply: a code and its detail.
