@@ -608,7 +608,18 @@ fn an_older_snapshot_restored_writes_nothing_twice() {
 /// every process numbers them alike (by position), so each lands once.
 #[test]
 fn id_less_repeats_across_a_join_a_cut_and_a_restart_land_once_each() {
-    let mut pool = Pool::start(RedisServer::start(), 2, &[]);
+    id_less_repeats(&[]);
+}
+
+/// Fault 9 with STRATEGY=race: its ids for id-less payloads are positions
+/// too (one server), so every worker races for the same id.
+#[test]
+fn id_less_repeats_land_once_each_with_the_race_strategy() {
+    id_less_repeats(&[("STRATEGY", "race")]);
+}
+
+fn id_less_repeats(env: &[(&'static str, &str)]) {
+    let mut pool = Pool::start(RedisServer::start(), 2, env);
     let url = pool.server.url();
     let sender = std::thread::spawn(move || {
         let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
