@@ -745,26 +745,54 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, RedisError>>,
 {
+    let counted = || {
+        let attempt = connect();
+        async {
+            let result = attempt.await;
+            if result.is_err() {
+                CONNECT_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            result
+        }
+    };
+    retry_until(cancel, counted, |err, wait| {
+        tracing::warn!(
+            server = %server,
+            cause = %brief(err),
+            retry_in_ms = wait.as_millis() as u64,
+            "Redis unreachable, retrying"
+        )
+    })
+    .await
+}
+
+/// Calls `step` until it succeeds: an error retrying cannot mend (see
+/// [`is_fatal`]) is returned, any other is passed to `on_retry` with the
+/// wait before the next attempt (backing off, with jitter). `None` when
+/// cancelled first.
+pub async fn retry_until<T, F, Fut>(
+    cancel: &CancellationToken,
+    mut step: F,
+    on_retry: impl Fn(&RedisError, Duration),
+) -> Result<Option<T>, RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RedisError>>,
+{
     let mut backoff = reconnect_backoff();
     loop {
         let err = tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
-            result = connect() => match result {
-                Ok(conn) => return Ok(Some(conn)),
+            result = step() => match result {
+                Ok(done) => return Ok(Some(done)),
                 Err(err) => err,
             },
         };
-        CONNECT_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if is_fatal(&err) {
             return Err(err);
         }
         let wait = backoff.next().unwrap_or(MAX_BACKOFF);
-        tracing::warn!(
-            server = %server,
-            cause = %brief(&err),
-            retry_in_ms = wait.as_millis() as u64,
-            "Redis unreachable, retrying"
-        );
+        on_retry(&err, wait);
         tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
             _ = tokio::time::sleep(wait) => {}

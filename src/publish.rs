@@ -317,16 +317,13 @@ impl Publisher {
             let first = if self.cluster { 0 } else { 1 };
             for target in first..self.targets.len() {
                 let pending = self.pending(&missed, target, false);
-                let (written, refused) = loop {
-                    match self.write(&pending).await {
-                        Ok(done) => break done,
-                        Err(err) => {
-                            retry
-                                .after(err, "fast-path write not confirmed; writing again")
-                                .await?
-                        }
-                    }
-                };
+                let (written, refused) = self
+                    .write_confirmed(
+                        &pending,
+                        &mut retry,
+                        "fast-path write not confirmed; writing again",
+                    )
+                    .await?;
                 outcome.refused += refused;
                 if target == 0 {
                     outcome.stored_directly += written;
@@ -335,16 +332,13 @@ impl Publisher {
         }
         if !oversized.is_empty() && !self.targets.is_empty() {
             let pending = self.pending(&oversized, 0, true);
-            let (written, refused) = loop {
-                match self.write(&pending).await {
-                    Ok(done) => break done,
-                    Err(err) => {
-                        retry
-                            .after(err, "dead-letter write not confirmed; writing again")
-                            .await?
-                    }
-                }
-            };
+            let (written, refused) = self
+                .write_confirmed(
+                    &pending,
+                    &mut retry,
+                    "dead-letter write not confirmed; writing again",
+                )
+                .await?;
             outcome.dead_lettered += written;
             outcome.refused += refused;
         }
@@ -455,6 +449,22 @@ impl Publisher {
     /// Writes messages with ACK keys, each exactly once by its id; one the
     /// stream refuses goes to the dead-letter stream with Redis's reason.
     /// Returns how many this call wrote, and how many neither stream took.
+    /// [`Self::write`] again until Redis confirms it, within `retry`'s
+    /// deadline (`what` says what is retried).
+    async fn write_confirmed(
+        &mut self,
+        pending: &[Message],
+        retry: &mut Retry<'_>,
+        what: &str,
+    ) -> Result<(u64, u64), RedisError> {
+        loop {
+            match self.write(pending).await {
+                Ok(done) => return Ok(done),
+                Err(err) => retry.after(err, what).await?,
+            }
+        }
+    }
+
     async fn write(&mut self, pending: &[Message]) -> Result<(u64, u64), RedisError> {
         let (mut written, mut refused) = (0, 0);
         let mut messages: Vec<Message> = pending.to_vec();

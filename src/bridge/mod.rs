@@ -167,27 +167,27 @@ impl Bridge {
         // Registering writes: a server that refuses writes for now (too few
         // replicas, out of memory, loading) or a connection lost is waited
         // out; a refusal of us ends the bridge.
-        let mut backoff = crate::connect::reconnect_backoff();
-        let (first, worker_ids) = loop {
-            let registered = async {
-                let first = scale.target(&mut conn).await?;
-                let ids: Vec<String> = (0..first).map(|i| process.worker_id(i)).collect();
-                presence.refresh(&mut conn, &ids).await?;
-                Ok::<_, RedisError>((first, ids))
-            }
-            .await;
-            match registered {
-                Ok(done) => break done,
-                Err(err) if crate::connect::is_fatal(&err) => return Err(refused(err)),
-                Err(err) => {
-                    let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
-                    tracing::warn!(cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, "cannot register this process yet; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => return Ok(self.counters.snapshot()),
-                    }
+        let registered = crate::connect::retry_until(
+            &shutdown,
+            || {
+                let mut conn = conn.clone();
+                let (scale, presence, process) = (&scale, &presence, &process);
+                async move {
+                    let first = scale.target(&mut conn).await?;
+                    let ids: Vec<String> = (0..first).map(|i| process.worker_id(i)).collect();
+                    presence.refresh(&mut conn, &ids).await?;
+                    Ok((first, ids))
                 }
-            }
+            },
+            |err, wait| {
+                tracing::warn!(cause = %crate::connect::brief(err), retry_in_ms = wait.as_millis() as u64, "cannot register this process yet; retrying")
+            },
+        )
+        .await;
+        let (first, worker_ids) = match registered {
+            Ok(Some(done)) => done,
+            Ok(None) => return Ok(self.counters.snapshot()),
+            Err(err) => return Err(refused(err)),
         };
         self.counters.set_link(true);
 
