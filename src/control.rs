@@ -152,6 +152,11 @@ impl Scale {
         self.step(conn, false).await
     }
 
+    /// Unregisters this process (also when it never registered).
+    pub async fn leave<C: ConnectionLike>(&self, conn: &mut C) -> redis::RedisResult<()> {
+        self.step(conn, true).await.map(drop)
+    }
+
     /// Renews the registration every [`WATCH_EVERY`] and sends the target
     /// whenever it changes; unregisters when `cancel`led.
     pub async fn watch<C: ConnectionLike + Send>(
@@ -179,7 +184,7 @@ impl Scale {
                 }
             }
         }
-        let _ = self.step(&mut conn, true).await;
+        let _ = self.leave(&mut conn).await;
     }
 }
 

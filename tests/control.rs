@@ -81,6 +81,51 @@ fn the_kill_switch_stops_every_process_until_resumed() {
     assert!(again.wait_exit(Duration::from_secs(10)).success());
 }
 
+/// A process told to stop while it registers (here its registration
+/// reached Redis but the reply hangs) takes the registration back before it
+/// exits, so `ctl status` never shows a process that is gone. (The kill
+/// switch's own test met this as a race: a process started while the
+/// switch was set stayed in `ctl status` after it exited.)
+#[test]
+fn a_process_stopped_while_registering_leaves_no_registration() {
+    let server = RedisServer::start();
+    // A first process loads the registration script into the server, so
+    // that the second's registration is one EVALSHA naming the key.
+    let mut first = OptimusProcess::consume(&server, &[]);
+    first.wait_consumers(2);
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(15)).success());
+    let proxy = support::proxy::StallingProxy::start(server.port);
+    proxy.hang_the_reply_to(b"{optimus:ctl}:processes");
+    let url = proxy.url();
+    let mut consume = OptimusProcess::spawn(
+        &["consume"],
+        &[("REDIS_URL", url.as_str()), ("MONITORING_INTERVAL", "0.2")],
+    );
+    let registered = || server.command::<i64>(&["ZCARD", "{optimus:ctl}:processes"]);
+    support::wait_for(
+        "the registration to reach Redis",
+        Duration::from_secs(20),
+        || (registered() == 1).then_some(()),
+        || consume.describe(),
+    );
+    consume.signal("TERM");
+    let status = consume.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{}", consume.describe());
+    assert_eq!(
+        registered(),
+        0,
+        "the process is gone, and so is its registration:\n{}\n{}",
+        ctl(&server, "status"),
+        consume.describe()
+    );
+    assert!(
+        ctl(&server, "status").contains("no live processes"),
+        "{}",
+        ctl(&server, "status")
+    );
+}
+
 #[test]
 fn idle_timeout_stops_a_consumer_with_nothing_to_do() {
     let server = RedisServer::start();

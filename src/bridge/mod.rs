@@ -167,13 +167,17 @@ impl Bridge {
         // Registering writes: a server that refuses writes for now (too few
         // replicas, out of memory, loading) or a connection lost is waited
         // out; a refusal of us ends the bridge.
+        // How many presence keys an attempt may have left behind.
+        let registering = std::sync::atomic::AtomicUsize::new(0);
         let registered = crate::connect::retry_until(
             &shutdown,
             || {
                 let mut conn = conn.clone();
                 let (scale, presence, process) = (&scale, &presence, &process);
+                let registering = &registering;
                 async move {
                     let first = scale.target(&mut conn).await?;
+                    registering.fetch_max(first, std::sync::atomic::Ordering::Relaxed);
                     let ids: Vec<String> = (0..first).map(|i| process.worker_id(i)).collect();
                     presence.refresh(&mut conn, &ids).await?;
                     Ok((first, ids))
@@ -186,7 +190,21 @@ impl Bridge {
         .await;
         let (first, worker_ids) = match registered {
             Ok(Some(done)) => done,
-            Ok(None) => return Ok(self.counters.snapshot()),
+            Ok(None) => {
+                // Stopped while registering (the kill switch, a signal): an
+                // attempt cut short may have registered the process, so
+                // `ctl status` would show it for a while. Take it back.
+                let ids: Vec<String> = (0..registering.into_inner())
+                    .map(|i| process.worker_id(i))
+                    .collect();
+                let unregister = async {
+                    let _ = scale.leave(&mut conn).await;
+                    let _ = presence.remove(&mut conn, &ids).await;
+                };
+                let _ = tokio::time::timeout(UNREGISTER_WITHIN, unregister).await;
+                tracing::info!("bridge stopped before it started");
+                return Ok(self.counters.snapshot());
+            }
             Err(err) => return Err(refused(err)),
         };
         self.counters.set_link(true);
@@ -372,6 +390,10 @@ impl Bridge {
         }
     }
 }
+
+/// How long a bridge stopped while registering may take to take its
+/// registration back (Redis may be what is slow).
+const UNREGISTER_WITHIN: Duration = Duration::from_secs(2);
 
 /// The readers the process runs on one server: at most this many,
 /// whatever its number of workers.

@@ -4,7 +4,9 @@
 //! subscribed reaches the client (the bytes wait, nothing is lost), and
 //! every other connection flows. It can also lose the reply to one
 //! request (the request reaches the server, its reply never comes back and
-//! the connection drops), as a connection lost at the worst moment would.
+//! the connection drops), as a connection lost at the worst moment would,
+//! or hang it (the reply never comes, the connection stays open), as a
+//! server that stopped answering one client would.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -17,7 +19,14 @@ pub struct StallingProxy {
     stalled: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     /// The next request containing these bytes loses its reply.
-    lose_reply: Arc<Mutex<Option<Vec<u8>>>>,
+    lose_reply: Arc<Mutex<Option<Armed>>>,
+}
+
+/// A request to be caught: the bytes it contains, and whether its
+/// connection then drops (else it stays open, answering nothing more).
+struct Armed {
+    needle: Vec<u8>,
+    drop_connection: bool,
 }
 
 impl StallingProxy {
@@ -64,7 +73,21 @@ impl StallingProxy {
     /// but its reply (and whatever else that connection was owed) is lost:
     /// the proxy drops the connection instead of answering.
     pub fn lose_the_reply_to(&self, needle: &[u8]) {
-        *self.lose_reply.lock().unwrap() = Some(needle.to_vec());
+        self.arm(needle, true);
+    }
+
+    /// The next request whose bytes contain `needle` reaches the server, and
+    /// so does everything its connection sends after it, but no reply
+    /// reaches the client any more: the connection stays open and hangs.
+    pub fn hang_the_reply_to(&self, needle: &[u8]) {
+        self.arm(needle, false);
+    }
+
+    fn arm(&self, needle: &[u8], drop_connection: bool) {
+        *self.lose_reply.lock().unwrap() = Some(Armed {
+            needle: needle.to_vec(),
+            drop_connection,
+        });
     }
 
     /// Whether that request has come (and lost its reply).
@@ -87,7 +110,7 @@ fn forward(
     server: TcpStream,
     stalled: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-    lose_reply: Arc<Mutex<Option<Vec<u8>>>>,
+    lose_reply: Arc<Mutex<Option<Armed>>>,
 ) {
     let subscribed = Arc::new(AtomicBool::new(false));
     let losing = Arc::new(AtomicBool::new(false));
@@ -111,9 +134,10 @@ fn forward(
             let mut armed = lose_reply.lock().unwrap();
             let hit = armed
                 .as_ref()
-                .is_some_and(|needle| buf[..n].windows(needle.len()).any(|w| w == &needle[..]));
+                .is_some_and(|a| buf[..n].windows(a.needle.len()).any(|w| w == &a.needle[..]));
+            let mut drop_connection = false;
             if hit {
-                *armed = None;
+                drop_connection = armed.take().is_some_and(|a| a.drop_connection);
                 // Nothing more reaches the client from here on.
                 lose.store(true, Ordering::SeqCst);
             }
@@ -121,7 +145,7 @@ fn forward(
             if s_out.write_all(&buf[..n]).is_err() {
                 break;
             }
-            if hit {
+            if drop_connection {
                 // Time for the server to act on it; then the connection drops.
                 std::thread::sleep(Duration::from_millis(300));
                 let _ = to_close.shutdown(Shutdown::Both);
