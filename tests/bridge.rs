@@ -604,6 +604,57 @@ fn a_poison_message_is_dead_lettered_and_never_stalls_a_worker() {
     }
 }
 
+/// A poison message right after a re-sent id (passed over, never part of
+/// a write) is still dead-lettered, and what follows it is written: the
+/// writer knows which message the stream refused.
+#[test]
+fn a_poison_message_after_a_re_sent_id_is_dead_lettered_too() {
+    for strategy in ["fenced", "race"] {
+        let server = RedisServer::start();
+        let consume = OptimusProcess::consume(
+            &server,
+            &[("STRATEGY", strategy), ("OUTPUT_FORMAT", "flat")],
+        );
+        consume.wait_consumers(2);
+        let first = r#"{"message_id":"a","n":1}"#;
+        publish_raw(&server, &[first], 2);
+        settled_entries(&server, &[&consume], 1);
+        let mut poison = serde_json::Map::new();
+        poison.insert("message_id".into(), "poison".into());
+        for i in 0..4000 {
+            poison.insert(format!("f{i}"), i.into());
+        }
+        let poison = serde_json::Value::Object(poison).to_string();
+        // In one MULTI, so that they come in one read and one write.
+        let mut conn = server.conn();
+        let _: () = redis::pipe()
+            .atomic()
+            .publish("messages:published", first)
+            .ignore()
+            .publish("messages:published", &poison)
+            .ignore()
+            .publish("messages:published", r#"{"message_id":"next","n":2}"#)
+            .ignore()
+            .query(&mut conn)
+            .unwrap();
+        let entries = settled_entries(&server, &[&consume], 2);
+        let ids: Vec<&[u8]> = entries.iter().map(|e| &e["message_id"][..]).collect();
+        assert_eq!(ids, [&b"a"[..], b"next"], "{strategy}");
+        let dead = server.stream_entries("messages:processed:dead");
+        assert_eq!(dead.len(), 1, "{strategy}: {dead:?}");
+        assert_eq!(dead[0]["message_id"], b"poison", "{strategy}");
+        let line = consume.wait_settled(Duration::from_secs(10));
+        // Fenced: one copy a process (its readers are merged), the re-sent
+        // one skipped; race: each worker's copies of it (and of what the
+        // other wrote).
+        let skipped = line.num("duplicates_skipped");
+        match strategy {
+            "fenced" => assert_eq!(skipped, 1, "{}", line.line),
+            _ => assert!(skipped >= 2, "{}", line.line),
+        }
+    }
+}
+
 /// While Redis is gone the monitoring line keeps coming, saying so, and the
 /// metrics say so too; when it is back, both say connected.
 #[test]

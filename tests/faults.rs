@@ -788,34 +788,74 @@ fn a_writer_whose_subscription_stalls_is_taken_over_quickly() {
     );
 }
 
+/// Fault 12: the writer is stopped for a few seconds (past TAKEOVER_AFTER,
+/// short of a death) while messages only it received wait in its socket,
+/// and a process that joins meanwhile, which lacks them, must not take the
+/// stream over and pass them by: the writer, resumed, writes them. Nothing
+/// lost, nothing twice, in order. (TAKEOVER_AFTER=1 gives the joining
+/// process time to start within the stop.)
+#[test]
+fn a_writer_paused_while_a_process_joins_keeps_what_only_it_received() {
+    let mut pool = Pool::start(RedisServer::start(), 1, &[("TAKEOVER_AFTER", "1")]);
+    wait_for_writer(&pool);
+    let mut conn = pool.server.conn();
+    let mut next = 0u64;
+    let mut publish = |n: u64| {
+        let mut pipe = redis::pipe();
+        for seq in next..next + n {
+            pipe.cmd("PUBLISH")
+                .arg("messages:published")
+                .arg(format!(r#"{{"message_id":"m-{seq}","seq":{seq}}}"#))
+                .ignore();
+        }
+        next += n;
+        pipe.query::<()>(&mut conn).unwrap();
+    };
+    publish(10);
+    support::wait_for(
+        "the first 10 entries",
+        Duration::from_secs(10),
+        || (pool.server.xlen(STREAM) >= 10).then_some(()),
+        || pool.describe(),
+    );
+    pool.processes[0].signal("STOP");
+    let stopped = Instant::now();
+    // Only the stopped writer receives these.
+    publish(10);
+    let joined = pool.spawn();
+    pool.processes.push(joined);
+    // The new process receives these too.
+    while stopped.elapsed() < Duration::from_millis(3_500) {
+        publish(5);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pool.processes[0].signal("CONT");
+    let published = next;
+    support::wait_for(
+        &format!("{published} entries"),
+        Duration::from_secs(30),
+        || (pool.server.xlen(STREAM) as u64 >= published).then_some(()),
+        || pool.describe(),
+    );
+    for p in &pool.processes {
+        p.wait_settled(Duration::from_secs(30));
+    }
+    let entries = pool.server.stream_entries(STREAM);
+    let tally = Tally::of(&entries, 0..published);
+    assert!(tally.is_exact(), "{tally}\n{}", pool.describe());
+    let seqs = support::seqs(&entries);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in publish order");
+}
+
 /// The burst the old core lost most of: 300,000 messages sent as fast as
 /// `redis-cli --pipe` can, to a process at default settings with 2 and with
 /// 8 workers: every message lands once, in publish order.
 #[test]
 fn a_burst_at_default_settings_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("burst.resp");
-    let mut resp = Vec::new();
-    for seq in 0..300_000u64 {
-        let payload = format!(r#"{{"message_id":"burst-{seq}","seq":{seq}}}"#);
-        resp.extend_from_slice(
-            format!(
-                "*3\r\n$7\r\nPUBLISH\r\n$18\r\nmessages:published\r\n${}\r\n{payload}\r\n",
-                payload.len()
-            )
-            .as_bytes(),
-        );
-    }
-    std::fs::write(&file, resp).unwrap();
+    let burst = Burst::new(300_000);
     for workers in ["2", "8"] {
         let pool = Pool::start(RedisServer::start(), 1, &[("CONSUMERS_COUNT", workers)]);
-        let status = std::process::Command::new("redis-cli")
-            .args(["-p", &pool.server.port.to_string(), "--pipe"])
-            .stdin(std::fs::File::open(&file).unwrap())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("redis-cli");
-        assert!(status.success());
+        burst.send(&pool.server);
         support::wait_for(
             "300,000 entries",
             Duration::from_secs(60),
@@ -833,4 +873,75 @@ fn a_burst_at_default_settings_loses_nothing() {
             "{workers} workers: in publish order"
         );
     }
+}
+
+/// A burst of numbered messages as one `redis-cli --pipe` input file.
+struct Burst {
+    _dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+}
+
+impl Burst {
+    fn new(count: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("burst.resp");
+        let mut resp = Vec::new();
+        for seq in 0..count {
+            let payload = format!(r#"{{"message_id":"burst-{seq}","seq":{seq}}}"#);
+            resp.extend_from_slice(
+                format!(
+                    "*3\r\n$7\r\nPUBLISH\r\n$18\r\nmessages:published\r\n${}\r\n{payload}\r\n",
+                    payload.len()
+                )
+                .as_bytes(),
+            );
+        }
+        std::fs::write(&file, resp).unwrap();
+        Self { _dir: dir, file }
+    }
+
+    /// Sends it as fast as `redis-cli --pipe` can.
+    fn send(&self, server: &RedisServer) {
+        let status = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port.to_string(), "--pipe"])
+            .stdin(std::fs::File::open(&self.file).unwrap())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success());
+    }
+}
+
+/// A standby with the smallest MEMORY_LIMIT (8 MiB) under a burst its
+/// budget cannot hold: it sheds only copies the live writer has received
+/// too (or waits for the writer, reading no more), so every message lands
+/// once, in publish order; the writer sheds nothing.
+#[test]
+fn a_standby_short_of_memory_loses_nothing_while_its_writer_lives() {
+    let mut pool = Pool::start(RedisServer::start(), 1, &[]);
+    wait_for_writer(&pool);
+    let standby = OptimusProcess::consume(&pool.server, &[("MEMORY_LIMIT", "8MiB")]);
+    standby.wait_consumers(4);
+    pool.processes.push(standby);
+    Burst::new(300_000).send(&pool.server);
+    support::wait_for(
+        "300,000 entries",
+        Duration::from_secs(60),
+        || (pool.server.xlen(STREAM) >= 300_000).then_some(()),
+        || pool.describe(),
+    );
+    let writer = pool.processes[0].wait_settled(Duration::from_secs(30));
+    let standby = pool.processes[1].wait_settled(Duration::from_secs(30));
+    assert_eq!(writer.num("overflow"), 0, "the writer: {}", writer.line);
+    let entries = pool.server.stream_entries(STREAM);
+    let tally = Tally::of(&entries, 0..300_000);
+    assert!(
+        tally.is_exact(),
+        "{tally}\nthe standby: {}\n{}",
+        standby.line,
+        pool.describe()
+    );
+    let seqs = support::seqs(&entries);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in publish order");
+    eprintln!("the standby: {}", standby.line);
 }

@@ -140,8 +140,10 @@ struct LaneState {
     refused: Option<(Position, String)>,
     retry_at: Option<Instant>,
     backoff: Option<Box<dyn Iterator<Item = Duration> + Send + Sync>>,
-    /// When a cycle last found the stream's writer (another process) alive.
+    /// When a cycle last found the stream's writer (another process) alive,
+    /// and the last mark its readers had delivered then.
     writer_live_at: Option<Instant>,
+    writer_seen: u64,
     /// The mark this process's sequence was whole since when it took the
     /// stream over (see the writer's hole in `decide`).
     taken_since: u64,
@@ -174,6 +176,7 @@ impl LaneState {
             backoff: None,
             wanted_since: None,
             writer_live_at: None,
+            writer_seen: 0,
             taken_since: 0,
             shed_through: 0,
             window: Window::new(window),
@@ -195,6 +198,17 @@ impl LaneState {
         (since != u64::MAX && since > covered).then_some(since)
     }
 
+    /// The record's position is `pos` now. When it went back (Redis lost
+    /// data), the ids seen after it are forgotten: their messages may be
+    /// gone from the stream.
+    fn record_at(&mut self, pos: Option<Position>) {
+        if self.pos.is_some_and(|known| pos.is_none_or(|p| p < known)) {
+            self.window.forget_after(pos);
+        }
+        self.pos = pos;
+        self.moved_at = Instant::now();
+    }
+
     /// Queued messages not yet in a write.
     fn unsent(&self) -> usize {
         self.queue.len() - self.in_flight.iter().map(|w| w.span).sum::<usize>()
@@ -207,11 +221,11 @@ impl LaneState {
 #[derive(Debug)]
 struct Window {
     length_ms: u64,
-    /// Each id's hash, with the publish time and payload hash it was last
-    /// seen with.
-    ids: FxHashMap<u128, (u64, u64)>,
-    /// The ids in the order they were seen, with that publish time.
-    order: VecDeque<(u64, u128)>,
+    /// Each id's hash, with the position it was first seen at and its
+    /// payload's hash.
+    ids: FxHashMap<u128, (Position, u64)>,
+    /// The ids in the order they were seen, with that position.
+    order: VecDeque<(Position, u128)>,
 }
 
 impl Window {
@@ -223,13 +237,13 @@ impl Window {
         }
     }
 
-    fn key(m: &Message) -> Option<(u128, u64)> {
+    fn key(m: &Message) -> Option<(u128, Position)> {
         // Ids made from positions never come twice.
         if !m.id_given || m.id.is_empty() {
             return None;
         }
-        let published = m.position.map_or(0, |p| p.published_ms());
-        Some((xxhash_rust::xxh3::xxh3_128(m.id.as_bytes()), published))
+        let position = m.position.unwrap_or(Position { mark: 0, seq: 0 });
+        Some((xxhash_rust::xxh3::xxh3_128(m.id.as_bytes()), position))
     }
 
     /// Whether `m`'s id was seen within the window: `Some(reused)` (reused:
@@ -238,15 +252,15 @@ impl Window {
         if self.length_ms == 0 {
             return None;
         }
-        let (key, published) = Self::key(m)?;
-        self.expire(published);
+        let (key, position) = Self::key(m)?;
+        self.expire(position.published_ms());
         // Remembered from its first sighting: an id that keeps coming back
         // is forgotten a window after it was first seen.
         if let Some(&(_, hash)) = self.ids.get(&key) {
             return Some(hash != m.hash);
         }
-        self.ids.insert(key, (published, m.hash));
-        self.order.push_back((published, key));
+        self.ids.insert(key, (position, m.hash));
+        self.order.push_back((position, key));
         None
     }
 
@@ -254,19 +268,26 @@ impl Window {
     /// time), and gives back the memory of a window that shrank.
     fn expire(&mut self, now_ms: u64) {
         while let Some(&(at, old)) = self.order.front() {
-            if at + self.length_ms >= now_ms {
+            if at.published_ms() + self.length_ms >= now_ms {
                 break;
             }
             self.order.pop_front();
-            // Unless it was seen again since.
-            if self.ids.get(&old).is_some_and(|(last, _)| *last == at) {
-                self.ids.remove(&old);
-            }
+            self.ids.remove(&old);
         }
         if self.ids.capacity() > 1024 && self.ids.len() < self.ids.capacity() / 4 {
             self.ids.shrink_to(self.ids.len() * 2);
             self.order.shrink_to(self.order.len() * 2);
         }
+    }
+
+    /// Forgets the ids first seen after `pos` (all of them for `None`): the
+    /// stream's record went back there (Redis lost data: a restart without
+    /// persistence, an older snapshot), so those messages may be gone from
+    /// the stream, and a copy sent again must be written.
+    fn forget_after(&mut self, pos: Option<Position>) {
+        let kept = |p: &Position| pos.is_some_and(|pos| *p <= pos);
+        self.ids.retain(|_, (p, _)| kept(p));
+        self.order.retain(|(p, _)| kept(p));
     }
 }
 
@@ -721,11 +742,16 @@ impl Fenced {
                             .take_while(|q| q.m.position.is_some_and(|p| p <= pos))
                             .count();
                         pop(lane, covered, &self.counters);
-                        lane.pos = Some(pos);
-                        lane.moved_at = Instant::now();
+                        lane.record_at(Some(pos));
                     }
+                    // The refused message is the first after the record's
+                    // position that the write carried: re-sent copies passed
+                    // over (never in a write) may come before it.
                     if let Some((position, reason)) = lane.refused.take()
-                        && let Some(front) = lane.queue.front_mut()
+                        && let Some(front) = lane
+                            .queue
+                            .iter_mut()
+                            .find(|q| !matches!(q.fate, Fate::Skip { .. }))
                         && front.m.position == Some(position)
                     {
                         if front.m.rejected.is_none() {
@@ -779,12 +805,12 @@ impl Fenced {
             cover(lane, pos, &self.counters);
         }
         if record.pos != lane.pos {
-            lane.pos = record.pos;
-            lane.moved_at = Instant::now();
+            lane.record_at(record.pos);
         }
         let live = record.owner.as_deref().and_then(|o| members.get(o));
-        if live.is_some_and(|m| now_ms.saturating_sub(m.beat) <= takeover_ms) {
+        if let Some(m) = live.filter(|m| now_ms.saturating_sub(m.beat) <= takeover_ms) {
             lane.writer_live_at = Some(Instant::now());
+            lane.writer_seen = m.seen;
         }
         let Some(front) = lane.queue.front() else {
             lane.wanted_since = None;
@@ -849,8 +875,21 @@ impl Fenced {
                     || m.since == u64::MAX
                     || (m.since, *name) > me
             });
+        // A writer silent for a moment may be only paused (a starved host,
+        // a stop): it holds the messages after the record's position, and a
+        // takeover that passes over them would lose them. Only a writer gone
+        // from the members, or silent for longer, is passed over.
+        // (A record naming this process is an older one come back: nobody
+        // writes with it.)
+        let dead_ms = presumed_dead_after(self.config.takeover_after).as_millis() as u64;
+        let presumed_dead = owner.is_none_or(|(name, m)| {
+            name == self.config.member || now_ms.saturating_sub(m.beat) > dead_ms
+        });
         let wanted_since = *lane.wanted_since.get_or_insert_with(Instant::now);
-        if !clean && (lives_on || !best && wanted_since.elapsed() < self.config.takeover_after * 2)
+        if !clean
+            && (lives_on
+                || !presumed_dead
+                || !best && wanted_since.elapsed() < self.config.takeover_after * 2)
         {
             return Ok(());
         }
@@ -925,10 +964,11 @@ impl Fenced {
     }
 
     /// The budget is spent: copies another process writes go first, oldest
-    /// first, from the lanes whose writer a recent cycle found alive; the
-    /// lane can then no longer take over cleanly from before them. A lane
-    /// without a live writer keeps its copies (it may have to write them),
-    /// and the readers stop reading until writes free memory.
+    /// first, from the lanes whose writer a recent cycle found alive, and
+    /// only copies that writer has received too (published before the last
+    /// mark it had seen); the lane can then no longer take over cleanly from
+    /// before them. Other copies are kept (this process may have to write
+    /// them), and the readers stop reading until writes free memory.
     fn shed(&mut self) {
         let mut shed = 0u64;
         let fresh = self.config.takeover_after * 2 + CYCLE_EVERY * 4;
@@ -937,7 +977,12 @@ impl Fenced {
             .values_mut()
             .filter(|l| !l.is_writer() && l.writer_live_at.is_some_and(|at| at.elapsed() < fresh))
         {
-            let n = lane.queue.len().div_ceil(2);
+            let held_by_writer = lane
+                .queue
+                .iter()
+                .take_while(|q| q.m.position.is_some_and(|p| p.mark < lane.writer_seen))
+                .count();
+            let n = held_by_writer.min(lane.queue.len().div_ceil(2));
             for q in lane.queue.drain(..n) {
                 if let Some(p) = q.m.position {
                     lane.shed_through = lane.shed_through.max(p.mark + 1);
@@ -1030,6 +1075,14 @@ fn write_command(
 /// before it counts as stuck.
 fn stuck_after(takeover_after: Duration) -> Duration {
     (takeover_after * 20).max(Duration::from_secs(5))
+}
+
+/// How long a writer must have been silent before a process that lacks some
+/// of the messages after the record's position takes its stream over (and
+/// passes over what it lacks): long enough that a writer only paused (a
+/// starved host) is not taken for dead.
+fn presumed_dead_after(takeover_after: Duration) -> Duration {
+    (takeover_after * 8).max(Duration::from_secs(2))
 }
 
 /// The next wait of a lane's backoff.
@@ -1296,5 +1349,31 @@ mod tests {
         p.id_given = false;
         assert_eq!(window.seen(&p), None);
         assert_eq!(window.seen(&p), None);
+    }
+
+    #[test]
+    fn a_window_forgets_what_came_after_a_record_that_went_back() {
+        let lane = Arc::new(Lane::new(Destination::new("s", "c"), None));
+        let message = |id: &str, ms: u64| {
+            let mut m = Message::with_id(id, b"x".to_vec(), lane.clone());
+            m.position = Some(Position {
+                mark: ms << 10,
+                seq: 1,
+            });
+            m
+        };
+        let mut window = Window::new(Duration::from_secs(5));
+        for (id, ms) in [("a", 1000), ("b", 2000), ("c", 3000)] {
+            assert_eq!(window.seen(&message(id, ms)), None);
+        }
+        // The record went back to b's position: c may be gone from the
+        // stream, a and b are there.
+        window.forget_after(message("b", 2000).position);
+        assert_eq!(window.seen(&message("a", 3500)), Some(false));
+        assert_eq!(window.seen(&message("b", 3500)), Some(false));
+        assert_eq!(window.seen(&message("c", 3500)), None, "c again is new");
+        // A record lost altogether: everything is new.
+        window.forget_after(None);
+        assert_eq!(window.seen(&message("a", 3600)), None);
     }
 }

@@ -43,8 +43,8 @@ use crate::monitor::Counters;
 
 /// Silence on the subscription after which it is checked with a PING.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
-/// How long that PING (and the handshake) may take: longer than a
-/// `CLIENT PAUSE` of a few seconds.
+/// How long that PING (counted from when it went out) and the handshake
+/// may take: longer than a `CLIENT PAUSE` of a few seconds.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 /// How much is read from the socket at a time, at most.
 const READ_CHUNK: usize = 64 * 1024;
@@ -100,8 +100,8 @@ struct Session {
     seqs: FxHashMap<Box<str>, u32>,
     publication: Publication,
     last_heard: Instant,
-    /// A PING is on its way.
-    pinged: bool,
+    /// When the PING on its way went out.
+    pinged: Option<Instant>,
     /// Reading waited for memory (MEMORY_LIMIT) on this connection.
     waited_for_memory: bool,
     /// Items cut when the reader was asked to stop, not yet handed over
@@ -323,7 +323,7 @@ impl Reader {
             seqs: FxHashMap::default(),
             publication: Publication::default(),
             last_heard: Instant::now(),
-            pinged: false,
+            pinged: None,
             waited_for_memory: false,
             unsent: None,
         })
@@ -356,31 +356,45 @@ impl Reader {
             if s.buf.capacity() - s.buf.len() < READ_CHUNK / 4 {
                 s.buf.reserve(READ_CHUNK);
             }
+            // Reading comes first: after this process was paused (SIGSTOP,
+            // a starved host) or waited for memory, what the server sent
+            // meanwhile is in the socket, and the silence was ours. Only a
+            // PING sent and left unanswered for PING_TIMEOUT ends it.
             tokio::select! {
+                biased;
                 _ = self.cancel.cancelled() => return Ended::Cancelled,
                 read = s.read.read_buf(&mut s.buf) => match read {
                     Ok(0) => return Ended::Lost("the server closed the connection".into()),
                     Ok(_) => {
                         s.last_heard = Instant::now();
-                        s.pinged = false;
+                        s.pinged = None;
                     }
                     Err(err) => return Ended::Lost(err.to_string()),
                 },
                 _ = &mut keepalive => {
-                    let silent = s.last_heard.elapsed();
-                    if silent >= PING_TIMEOUT {
-                        return Ended::Lost(format!("nothing heard for {} s", silent.as_secs()));
-                    }
-                    if silent >= KEEPALIVE && !s.pinged {
-                        let mut ping = Vec::new();
-                        encode(&mut ping, &[b"PING"]);
-                        if let Err(err) = s.write.write_all(&ping).await {
-                            return Ended::Lost(err.to_string());
+                    match s.pinged {
+                        Some(at) if at.elapsed() >= PING_TIMEOUT => {
+                            return Ended::Lost(format!(
+                                "no answer to a PING for {} s",
+                                at.elapsed().as_secs()
+                            ));
                         }
-                        s.pinged = true;
+                        Some(_) => {}
+                        None if s.last_heard.elapsed() >= KEEPALIVE => {
+                            let mut ping = Vec::new();
+                            encode(&mut ping, &[b"PING"]);
+                            if let Err(err) = s.write.write_all(&ping).await {
+                                return Ended::Lost(err.to_string());
+                            }
+                            s.pinged = Some(Instant::now());
+                        }
+                        None => {}
                     }
-                    let next = if s.pinged { PING_TIMEOUT } else { KEEPALIVE };
-                    keepalive.as_mut().reset((s.last_heard + next).into());
+                    let next = match s.pinged {
+                        Some(at) => at + PING_TIMEOUT,
+                        None => s.last_heard + KEEPALIVE,
+                    };
+                    keepalive.as_mut().reset(next.into());
                 }
             }
         }
