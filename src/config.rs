@@ -1285,6 +1285,16 @@ pub mod limits {
     pub const SECONDS: RangeInclusive<f64> = 0.01..=86_400.0;
 }
 
+/// A count given on the command line (`flag`), within `range`: as
+/// [`parse_whole`], for the binary's own flags.
+pub fn parse_count(
+    flag: &'static str,
+    raw: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    parse_whole(flag, raw, range)
+}
+
 /// A whole number within `range`; anything else is one line naming the range.
 pub(crate) fn parse_whole<T: TryFrom<u64>>(
     var: &'static str,

@@ -227,7 +227,10 @@ pub async fn check(conn: &mut (impl ConnectionLike + Send), config: &HealthConfi
             "",
         )),
         Err(err) => {
-            checks.push(failed("bridge consumers".into(), format!("Redis: {err}")));
+            checks.push(failed(
+                "bridge consumers".into(),
+                format!("Redis: {}", crate::connect::explain(&err)),
+            ));
             return Report { checks };
         }
     }
@@ -275,7 +278,10 @@ pub async fn check(conn: &mut (impl ConnectionLike + Send), config: &HealthConfi
             Ok(Some(oldest)) => now_ms.saturating_sub(oldest) / 1000,
             Ok(None) => 0,
             Err(err) => {
-                checks.push(failed(name("oldest pending"), format!("Redis: {err}")));
+                checks.push(failed(
+                    name("oldest pending"),
+                    format!("Redis: {}", crate::connect::explain(&err)),
+                ));
                 continue;
             }
         };

@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 /// or as the flag. Logs go to stderr; monitoring lines and summaries to stdout.
 #[derive(Parser)]
 #[command(name = "optimus", version, about, long_about)]
+// A negative number is a value (rejected with the setting's own reason),
+// not an unknown flag.
+#[command(allow_negative_numbers = true)]
 struct Cli {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -47,6 +50,7 @@ enum Command {
     /// worker count, commands, CPU and memory per message, latency; prints a
     /// table and writes JSON and an SVG chart. Exits 1 if any row lost or
     /// duplicated a message, or (fenced) wrote one out of publish order.
+    #[command(allow_negative_numbers = true)]
     Bench {
         /// Messages in each burst row (sent with redis-cli --pipe).
         #[arg(long, default_value = "300000")]
@@ -110,10 +114,11 @@ enum Command {
     /// unexpected messages of that run. Entries of other runs are counted
     /// apart (`others`). Exits 0 when the run is exact, 1 otherwise (or when
     /// the stream does not exist).
+    #[command(allow_negative_numbers = true)]
     Audit {
         /// How many messages the publisher reported as published.
         #[arg(long)]
-        published: u64,
+        published: String,
         /// The run to check (`run=` in the publisher's summary) [default: the latest].
         #[arg(long)]
         run: Option<String>,
@@ -183,11 +188,12 @@ enum StreamsAction {
     /// Trim a stream, exactly: keep the newest N entries, or drop the ones
     /// below an id.
     #[command(group(clap::ArgGroup::new("how").required(true).args(["maxlen", "minid"])))]
+    #[command(allow_negative_numbers = true)]
     Trim {
         stream: String,
         /// Keep the newest N entries.
         #[arg(long)]
-        maxlen: Option<u64>,
+        maxlen: Option<String>,
         /// Drop the entries whose id is lower.
         #[arg(long)]
         minid: Option<String>,
@@ -240,7 +246,22 @@ enum GroupsAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version; a command given without its subcommand
+        // shows its help.
+        Err(err)
+            if !err.use_stderr()
+                || err.kind()
+                    == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            err.exit()
+        }
+        Err(err) => {
+            eprintln!("optimus: {}", usage_error(&err));
+            return ExitCode::from(2);
+        }
+    };
     let level = match parse_log_level(&cli.loglevel) {
         Ok(level) => level,
         Err(err) => return bad_setting(&err),
@@ -258,7 +279,17 @@ fn main() -> ExitCode {
                 published,
                 stream,
                 run,
-            } => audit(&cli.connect, &stream, published, run.as_deref()).await,
+            } => {
+                let published = match optimus::config::parse_count(
+                    "--published",
+                    &published,
+                    0..=optimus::audit::MAX_PUBLISHED,
+                ) {
+                    Ok(n) => n,
+                    Err(err) => return bad_setting(&err),
+                };
+                audit(&cli.connect, &stream, published, run.as_deref()).await
+            }
             Command::Health(args) => health(&cli.connect, &args).await,
             Command::Work(args) => work(&cli.connect, &args).await,
             Command::Ctl { action } => ctl(&cli.connect, action).await,
@@ -495,7 +526,10 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("optimus: Redis at {server}: {err}");
+            eprintln!(
+                "optimus: Redis at {server}: {}",
+                optimus::connect::explain(&err)
+            );
             ExitCode::from(1)
         }
     }
@@ -569,7 +603,7 @@ async fn health(connect: &ConnectArgs, args: &optimus::health::HealthArgs) -> Ex
                 level: Level::Alert,
                 name: "redis".into(),
                 value: "-".into(),
-                rule: format!("cannot reach {server}: {err}"),
+                rule: format!("cannot reach {server}: {}", optimus::connect::explain(&err)),
             }],
         },
     };
@@ -590,6 +624,20 @@ async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
     let endpoint = match connect.endpoint() {
         Ok(endpoint) => endpoint,
         Err(err) => return bad_setting(&err),
+    };
+    // `streams trim`'s bound, checked before connecting.
+    let trim = match &what {
+        Managed::Streams(StreamsAction::Trim { maxlen, minid, .. }) => {
+            Some(match (maxlen, minid) {
+                (Some(n), _) => match optimus::config::parse_count("--maxlen", n, 0..=u64::MAX) {
+                    Ok(n) => Trim::MaxLen(n),
+                    Err(err) => return bad_setting(&err),
+                },
+                (None, Some(id)) => Trim::MinId(id.clone()),
+                (None, None) => unreachable!("clap requires one"),
+            })
+        }
+        _ => None,
     };
     let server = endpoint.to_string();
     let mut conn = match optimus::connect::open(&endpoint).await {
@@ -624,16 +672,8 @@ async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
             StreamsAction::Delete { stream, yes } => manage::delete_stream(c, &stream, yes)
                 .await
                 .map(|()| format!("deleted stream {stream}\n")),
-            StreamsAction::Trim {
-                stream,
-                maxlen,
-                minid,
-            } => {
-                let trim = match (maxlen, minid) {
-                    (Some(n), _) => Trim::MaxLen(n),
-                    (None, Some(id)) => Trim::MinId(id),
-                    (None, None) => unreachable!("clap requires one"),
-                };
+            StreamsAction::Trim { stream, .. } => {
+                let trim = trim.expect("checked before connecting");
                 manage::trim_stream(c, &stream, &trim)
                     .await
                     .map(|n| format!("trimmed {n} entries from {stream}\n"))
@@ -680,7 +720,10 @@ async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
             ExitCode::from(2)
         }
         Err(ManageError::Redis(err)) => {
-            eprintln!("optimus: Redis at {server}: {err}");
+            eprintln!(
+                "optimus: Redis at {server}: {}",
+                optimus::connect::explain(&err)
+            );
             ExitCode::from(1)
         }
         Err(err) => {
@@ -713,6 +756,27 @@ async fn bench(config: &optimus::bench::BenchConfig) -> ExitCode {
             eprintln!("optimus: bench failed: {err:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A command line clap cannot parse, as one line: clap's reason (and its
+/// tip, when it has one), without the usage it prints after it.
+fn usage_error(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    // The reason is the first paragraph ("…not provided:" lists what on the
+    // lines after it).
+    let reason = text
+        .split("\n\n")
+        .next()
+        .unwrap_or("bad command line")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let reason = reason.trim_start_matches("error: ");
+    let tip = text.lines().find_map(|l| l.trim().strip_prefix("tip: "));
+    match tip {
+        Some(tip) => format!("{reason} ({tip}); see optimus --help"),
+        None => format!("{reason}; see optimus --help"),
     }
 }
 

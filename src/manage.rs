@@ -21,7 +21,7 @@ pub enum ManageError {
     /// A deletion without `--yes`.
     #[error("refusing to delete {0} without --yes")]
     NotConfirmed(String),
-    #[error(transparent)]
+    #[error("{}", crate::connect::explain(.0))]
     Redis(#[from] redis::RedisError),
 }
 

@@ -629,6 +629,35 @@ fn bad_values_say_what_would_be_accepted() {
             "10",
             "shorter than WORK_CLAIM_IDLE",
         ),
+        // A global flag before the subcommand is read the same way.
+        (
+            &["--redis-port", "-1", "consume"],
+            &[],
+            "REDIS_PORT",
+            "-1",
+            "from 1 to 65535",
+        ),
+        (
+            &["audit", "--published", "-1"],
+            &[("REDIS_URL", &nowhere)],
+            "--published",
+            "-1",
+            "from 0 to",
+        ),
+        (
+            &["audit", "--published", "many"],
+            &[("REDIS_URL", &nowhere)],
+            "--published",
+            "many",
+            "whole number",
+        ),
+        (
+            &["streams", "trim", "s", "--maxlen", "-1"],
+            &[("REDIS_URL", &nowhere)],
+            "--maxlen",
+            "-1",
+            "whole number",
+        ),
     ];
     for (args, env, name, value, says) in cases {
         let out = run_optimus(args, env, Duration::from_secs(10));
@@ -645,6 +674,34 @@ fn bad_values_say_what_would_be_accepted() {
         );
         assert!(!stderr.contains("from 0 up"), "0 is not allowed: {stderr}");
     }
+}
+
+/// A command line that does not parse (an unknown flag or command, a
+/// missing value, a value of the wrong kind for the benchmark's flags) is
+/// one line saying why, exit code 2: not clap's usage block.
+#[test]
+fn command_lines_that_do_not_parse_give_one_line_and_exit_code_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["consume", "--bogus"], "'--bogus'"),
+        (&["bogus"], "'bogus'"),
+        (&["groups", "create", "s", "g", "--from"], "--from"),
+        (&["bench", "--messages", "-5"], "'-5'"),
+        (&["streams", "trim", "s"], "--maxlen"),
+    ];
+    for (args, says) in cases {
+        let out = run_optimus(args, &[], Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line:\n{stderr}");
+        assert!(
+            stderr.starts_with("optimus: ") && stderr.contains(says),
+            "{args:?}: says {says:?}: {stderr}"
+        );
+    }
+    // Help is still help, on stdout.
+    let out = run_optimus(&["consume", "--help"], &[], Duration::from_secs(10));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CONSUMERS_COUNT"));
 }
 
 /// A TCP server that is not Redis: it answers anything with an HTTP error.
@@ -712,7 +769,63 @@ fn errors_retrying_cannot_mend_end_the_command_at_once() {
             format!("rediss://127.0.0.1:{port}"),
             "plain Redis, not TLS",
         ),
+        // The same errors for the other commands.
+        (
+            vec!["work", "--", "true"],
+            format!("redis://127.0.0.1:{port}"),
+            "NOAUTH",
+        ),
+        (
+            vec!["work", "--", "true"],
+            format!("redis://:pw@127.0.0.1:{port}/99"),
+            "database",
+        ),
+        (
+            vec!["work", "--", "true"],
+            format!("rediss://127.0.0.1:{port}"),
+            "plain Redis, not TLS",
+        ),
+        (
+            vec!["ctl", "status"],
+            format!("redis://127.0.0.1:{http}"),
+            "Redis protocol",
+        ),
+        (
+            vec!["ctl", "stop"],
+            format!("redis://127.0.0.1:{port}"),
+            "NOAUTH",
+        ),
+        (
+            vec!["streams", "list"],
+            format!("redis://127.0.0.1:{http}"),
+            "Redis protocol",
+        ),
+        (
+            vec!["groups", "list", "s"],
+            format!("redis://:pw@127.0.0.1:{port}/99"),
+            "database",
+        ),
+        (
+            vec!["audit", "--published", "1"],
+            format!("redis://127.0.0.1:{http}"),
+            "Redis protocol",
+        ),
     ];
+    // `health` reports it as its one alert line (exit 2, on stdout).
+    for url in [
+        format!("redis://127.0.0.1:{http}"),
+        format!("redis://127.0.0.1:{port}"),
+    ] {
+        let out = run_optimus(&["health"], &[("REDIS_URL", &url)], Duration::from_secs(20));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "health {url}: {stdout}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "health {url}: one line:\n{stdout}");
+        assert!(
+            lines[0].starts_with("ALERT") && lines[0].len() < 400,
+            "health {url}: {stdout}"
+        );
+    }
     for (args, url, says) in &cases {
         let env = [("REDIS_URL", url.as_str()), ("IDLE_TIMEOUT", "1")];
         let out = run_optimus(args, &env, Duration::from_secs(40));
