@@ -707,6 +707,11 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 /// commands, subscriptions, one-shot commands); exported as a metric.
 pub static CONNECT_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Counts a failed attempt to reach Redis (`optimus_connect_failures_total`).
+pub fn count_connect_failure() {
+    CONNECT_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How long one command may take before it counts as failed. Long enough
 /// for a `CLIENT PAUSE` of a few seconds to pass without errors.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -750,7 +755,7 @@ where
         async {
             let result = attempt.await;
             if result.is_err() {
-                CONNECT_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                count_connect_failure();
             }
             result
         }

@@ -439,7 +439,7 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
                 use std::sync::atomic::Ordering::Relaxed;
                 optimus::control::Activity {
                     count: watched.handled.load(Relaxed) + watched.failed.load(Relaxed),
-                    redis_up: watched.redis_up.load(Relaxed),
+                    redis_up: watched.link.is_up(),
                 }
             },
             || optimus::metrics::work_registry(counters.clone(), config.consumers),

@@ -178,7 +178,7 @@ struct WorkCollector {
 impl Collector for WorkCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.counters;
-        process_metrics(&mut e, c.redis_up.load(Ordering::Relaxed))?;
+        process_metrics(&mut e, c.link.is_up())?;
         counter(
             &mut e,
             "optimus_work_handled",

@@ -55,11 +55,7 @@ pub struct Counters {
     /// take (each logged with Redis's reasons).
     pub refused: AtomicU64,
     /// Whether this process reaches Redis now (see [`Counters::set_link`]).
-    redis_up: AtomicBool,
-    /// Since when it has not (or has not yet).
-    down_since: Mutex<Option<Instant>>,
-    /// Whether it ever did.
-    ever_up: AtomicBool,
+    link: LinkState,
     /// Seconds each write batch took (its round trip to Redis).
     pub batch_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -83,9 +79,7 @@ impl Default for Counters {
             workers: AtomicU64::default(),
             reused_ids: AtomicU64::default(),
             refused: AtomicU64::default(),
-            redis_up: AtomicBool::new(false),
-            down_since: Mutex::new(Some(Instant::now())),
-            ever_up: AtomicBool::new(false),
+            link: LinkState::default(),
             // 0.1 ms to about 3 s.
             batch_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
@@ -111,29 +105,17 @@ impl Counters {
     /// Records whether Redis is reachable now: commands answer and, when
     /// workers should be running, at least one subscription is up.
     pub fn set_link(&self, up: bool) {
-        let mut since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
-        if up {
-            *since = None;
-            self.ever_up.store(true, Ordering::Relaxed);
-        } else if since.is_none() {
-            *since = Some(Instant::now());
-        }
-        self.redis_up.store(up, Ordering::Relaxed);
+        self.link.set(up);
     }
 
     /// Whether Redis was reachable at the last look.
     pub fn redis_up(&self) -> bool {
-        self.redis_up.load(Ordering::Relaxed)
+        self.link.is_up()
     }
 
     /// The state of the link to Redis, for the monitoring line.
     pub fn link(&self) -> Link {
-        let since = *self.down_since.lock().unwrap_or_else(|e| e.into_inner());
-        match since {
-            None => Link::Connected,
-            Some(at) if self.ever_up.load(Ordering::Relaxed) => Link::Reconnecting(at.elapsed()),
-            Some(at) => Link::Connecting(at.elapsed()),
-        }
+        self.link.state()
     }
 
     /// The values now.
@@ -210,6 +192,54 @@ impl Throttle {
         }
         self.next = Some(now + Duration::from_secs(1));
         Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+/// Whether a process reaches Redis, since when it has not, and whether it
+/// ever did: what the monitoring lines and `optimus_redis_up` say.
+#[derive(Debug)]
+pub struct LinkState {
+    up: AtomicBool,
+    /// Since when it has not (or has not yet).
+    down_since: Mutex<Option<Instant>>,
+    ever_up: AtomicBool,
+}
+
+impl Default for LinkState {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(false),
+            down_since: Mutex::new(Some(Instant::now())),
+            ever_up: AtomicBool::new(false),
+        }
+    }
+}
+
+impl LinkState {
+    /// Records whether Redis answered the last look.
+    pub fn set(&self, up: bool) {
+        let mut since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        if up {
+            *since = None;
+            self.ever_up.store(true, Ordering::Relaxed);
+        } else if since.is_none() {
+            *since = Some(Instant::now());
+        }
+        self.up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Connected, reconnecting since when, or connecting since when.
+    pub fn state(&self) -> Link {
+        let since = *self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        match since {
+            None => Link::Connected,
+            Some(at) if self.ever_up.load(Ordering::Relaxed) => Link::Reconnecting(at.elapsed()),
+            Some(at) => Link::Connecting(at.elapsed()),
+        }
     }
 }
 

@@ -89,6 +89,12 @@ pub enum WorkError {
         .timeout.as_secs_f64()
     )]
     ShutdownTimedOut { timeout: Duration, in_hand: usize },
+    /// The consumer group went away while Redis kept its data: somebody
+    /// deleted it. (Had Redis lost its data, the group is made again.)
+    #[error(
+        "consumer group {group} of stream {stream} was deleted while the workers ran: stopping (optimus groups create {stream} {group} makes it again)"
+    )]
+    GroupDeleted { stream: String, group: String },
 }
 
 /// The counters of a pool of downstream workers.
@@ -99,8 +105,8 @@ pub struct WorkCounters {
     pub claimed: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub redis_errors: AtomicU64,
-    /// Whether the workers' last command reached Redis.
-    pub redis_up: std::sync::atomic::AtomicBool,
+    /// Whether Redis answers the workers (and the monitor) now.
+    pub link: crate::monitor::LinkState,
     /// Seconds each handler run took.
     pub handle_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -113,7 +119,7 @@ impl Default for WorkCounters {
             claimed: AtomicU64::default(),
             dead_lettered: AtomicU64::default(),
             redis_errors: AtomicU64::default(),
-            redis_up: std::sync::atomic::AtomicBool::new(false),
+            link: crate::monitor::LinkState::default(),
             // 1 ms to about 30 s.
             handle_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
@@ -127,22 +133,20 @@ impl WorkCounters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// `work handled= failed= claimed= dead= errors=`
+    /// `work consumers= handled= failed= claimed= dead= errors= redis=…`
+    /// (`redis=connected`, or `redis=reconnecting down_s=…`, or
+    /// `redis=connecting down_s=…` before the first connection).
     pub fn line(&self, consumers: Option<u64>) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "work consumers={} handled={} failed={} claimed={} dead={} errors={} redis={}",
+            "work consumers={} handled={} failed={} claimed={} dead={} errors={} {}",
             consumers.map_or("?".into(), |n| n.to_string()),
             get(&self.handled),
             get(&self.failed),
             get(&self.claimed),
             get(&self.dead_lettered),
             get(&self.redis_errors),
-            if self.redis_up.load(Ordering::Relaxed) {
-                "connected"
-            } else {
-                "reconnecting"
-            }
+            self.link.state()
         )
     }
 }
@@ -189,18 +193,6 @@ async fn run_until_stopped(
     let Some(mut conn) = conn? else {
         return Ok(());
     };
-    let created: Result<(), RedisError> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&config.stream)
-        .arg(&config.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await;
-    match created {
-        Err(err) if err.code() == Some("BUSYGROUP") => {}
-        other => other?,
-    }
     let host = crate::bridge::host_name();
     let pid = std::process::id();
     let nonce: u16 = rand::random();
@@ -213,24 +205,56 @@ async fn run_until_stopped(
         format!("host={host} pid={pid}"),
     )
     .on_cluster(config.endpoint.is_cluster());
-    presence.refresh(&mut conn, &ids).await?;
+    // The group (and the stream) and the presence keys: a server that
+    // refuses writes for now (loading, out of memory, too few replicas) or a
+    // connection lost is waited out; a refusal of us ends the workers.
+    let started = crate::connect::retry_until(
+        &shutdown,
+        || {
+            let mut conn = conn.clone();
+            let (config, presence, ids) = (&config, &presence, &ids);
+            async move {
+                make_group(&mut conn, config, &ids[0], false).await?;
+                presence.refresh(&mut conn, ids).await
+            }
+        },
+        |err, wait| {
+            tracing::warn!(cause = %crate::connect::brief(err), retry_in_ms = wait.as_millis() as u64, "cannot start the workers yet; retrying")
+        },
+    )
+    .await?;
+    if started.is_none() {
+        // Stopped first: whatever was registered goes.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), presence.remove(&mut conn, &ids)).await;
+        return Ok(());
+    }
+    counters.link.set(true);
     tracing::info!(stream = %config.stream, group = %config.group, workers = config.consumers, "work starting");
     crate::connect::warn_if_evicting(&mut conn, "the stream and its consumer group").await;
 
+    // Each worker, and the monitor, on a connection of its own: a blocking
+    // XREADGROUP holds up every later command on its connection.
     let mut tasks = tokio::task::JoinSet::new();
     for id in &ids {
+        let Some(own) = connection(&config.endpoint, &shutdown).await? else {
+            break;
+        };
         let worker = Worker {
             config: config.clone(),
             consumer: id.clone(),
-            conn: conn.clone(),
+            conn: own,
             counters: counters.clone(),
         };
         tasks.spawn(worker.run(shutdown.clone()));
     }
+    let monitor_conn = connection(&config.endpoint, &shutdown)
+        .await?
+        .unwrap_or_else(|| conn.clone());
     let stop_aux = CancellationToken::new();
     let aux = tokio::spawn(housekeeping(
         presence.clone(),
-        conn.clone(),
+        monitor_conn,
         ids.clone(),
         counters.clone(),
         config.monitoring_interval,
@@ -251,7 +275,7 @@ async fn run_until_stopped(
         println!("{}", counters.line(presence.count(&mut conn).await.ok()));
     }
     match fatal {
-        Some(err) => Err(err.into()),
+        Some(err) => Err(err),
         None => Ok(()),
     }
 }
@@ -287,6 +311,9 @@ async fn housekeeping(
                     .await
                     .ok()
                     .and_then(Result::ok);
+                // Redis answering the monitor in time is the link (a hung
+                // server answers no worker either).
+                counters.link.set(consumers.is_some());
                 if consumers.is_some() {
                     let report = crate::control::report_rate(&mut conn, presence.value(), rate, interval);
                     let _ = tokio::time::timeout(budget, report).await;
@@ -308,7 +335,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, shutdown: CancellationToken) -> Result<(), RedisError> {
+    async fn run(mut self, shutdown: CancellationToken) -> Result<(), WorkError> {
         let mut backoff = reconnect_backoff();
         let mut last_claim = Instant::now() - self.config.claim_idle;
         while !shutdown.is_cancelled() {
@@ -320,14 +347,30 @@ impl Worker {
                 self.read_new(&shutdown).await
             };
             let result = step.await;
-            self.counters
-                .redis_up
-                .store(result.is_ok(), Ordering::Relaxed);
+            self.counters.link.set(result.is_ok());
             match result {
                 Ok(()) => backoff = reconnect_backoff(),
-                Err(err) if is_fatal(&err) => return Err(err),
+                Err(err) if is_fatal(&err) => return Err(err.into()),
+                Err(err) if err.code() == Some("NOGROUP") => {
+                    match make_group(&mut self.conn, &self.config, &self.consumer, true).await {
+                        Ok(true) => {
+                            tracing::warn!(stream = %self.config.stream, group = %self.config.group, "the consumer group was gone with the stream (Redis lost its data): made it again");
+                        }
+                        Ok(false) => {
+                            return Err(WorkError::GroupDeleted {
+                                stream: self.config.stream.clone(),
+                                group: self.config.group.clone(),
+                            });
+                        }
+                        Err(err) if is_fatal(&err) => return Err(err.into()),
+                        Err(_) => {}
+                    }
+                }
                 Err(err) => {
                     WorkCounters::add(&self.counters.redis_errors, 1);
+                    if err.is_connection_refusal() || err.is_connection_dropped() {
+                        crate::connect::count_connect_failure();
+                    }
                     let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
                     tracing::warn!(consumer = %self.consumer, cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, "Redis command failed; retrying");
                     tokio::select! {
@@ -512,6 +555,57 @@ redis.call('XADD', KEYS[1], '*', 'entry_id', ARGV[1], 'stream', KEYS[2],
     'group', ARGV[2], 'reason', ARGV[3], 'payload', ARGV[4])
 redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
 "#;
+
+/// KEYS[1]: the stream, KEYS[2]: the group's marker. ARGV[1]: the group,
+/// ARGV[2]: this consumer, ARGV[3]: `again` when the group was found
+/// missing. Makes the group (from the start of the stream, and the stream
+/// if it is missing) unless it exists, sets its marker, and returns 1. Found
+/// missing with its marker there, the group was deleted (Redis kept its
+/// data): 0, unless it is back already (1).
+const MAKE_GROUP: &str = r#"
+if ARGV[3] == 'again' and redis.call('EXISTS', KEYS[2]) == 1 then
+  if pcall(redis.call, 'XGROUP', 'CREATECONSUMER', KEYS[1], ARGV[1], ARGV[2]) then return 1 end
+  return 0
+end
+local made, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if not made and not string.match(err.err or tostring(err), '^BUSYGROUP') then
+  return redis.error_reply(err.err or tostring(err))
+end
+redis.call('SET', KEYS[2], '1')
+return 1
+"#;
+
+/// Makes `config`'s group (see [`MAKE_GROUP`]); `again` when it was found
+/// missing. Whether the group is there now.
+async fn make_group(
+    conn: &mut Conn,
+    config: &WorkConfig,
+    consumer: &str,
+    again: bool,
+) -> Result<bool, RedisError> {
+    let made: i64 = redis::cmd("EVAL")
+        .arg(MAKE_GROUP)
+        .arg(2)
+        .arg(&config.stream)
+        .arg(group_marker(config))
+        .arg(&config.group)
+        .arg(consumer)
+        .arg(if again { "again" } else { "start" })
+        .query_async(conn)
+        .await?;
+    Ok(made == 1)
+}
+
+/// The key that says a group was made: it goes only with Redis's data, so
+/// a group missing while it is there was deleted (in the stream's slot on a
+/// cluster).
+fn group_marker(config: &WorkConfig) -> String {
+    crate::config::slot_mate(
+        &config.stream,
+        &format!(":work-group:{}", config.group),
+        config.endpoint.is_cluster(),
+    )
+}
 
 fn bytes(value: &Value) -> Option<Vec<u8>> {
     match value {
@@ -747,11 +841,23 @@ impl WorkArgs {
                 timeout
             }
         };
+        for (var, value) in [("OUTPUT_STREAM", &self.stream), ("WORK_GROUP", &self.group)] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::new(var, value, "must not be empty"));
+            }
+        }
         let cluster = endpoint.is_cluster();
         let dead_stream = self
             .dead_letter_stream
             .clone()
             .unwrap_or_else(|| crate::config::slot_mate(&self.stream, ":work-dead", cluster));
+        if dead_stream.trim().is_empty() || dead_stream == self.stream {
+            return Err(ConfigError::new(
+                "WORK_DEAD_LETTER_STREAM",
+                &dead_stream,
+                "must be a stream other than OUTPUT_STREAM (dead letters would be read again)",
+            ));
+        }
         if cluster {
             crate::config::require_slot_mate(
                 "WORK_DEAD_LETTER_STREAM",

@@ -452,6 +452,13 @@ fn bad_work_settings_give_one_line_and_exit_code_2() {
             "WORK_DEAD_LETTER_STREAM",
             "elsewhere",
         ),
+        (
+            &[("WORK_DEAD_LETTER_STREAM", "messages:processed")],
+            "WORK_DEAD_LETTER_STREAM",
+            "messages:processed",
+        ),
+        (&[("WORK_GROUP", "")], "WORK_GROUP", "\"\""),
+        (&[("OUTPUT_STREAM", " ")], "OUTPUT_STREAM", "\" \""),
     ];
     for (env, var, value) in cases {
         let out = run_optimus(&["work", "--", "true"], env, Duration::from_secs(10));

@@ -24,6 +24,11 @@ fn work(server: &RedisServer, env: &[(&str, &str)], script: &str) -> OptimusProc
     OptimusProcess::spawn(&["work", "--", "sh", "-c", script], &env)
 }
 
+/// Waits until the latest work line counts `n` entries handled.
+fn wait_handled(worker: &OptimusProcess, n: u64) {
+    worker.wait_for_latest("work ", Duration::from_secs(20), |f| f.num("handled") == n);
+}
+
 /// Pending entries of the group (delivered, not acknowledged); 0 before the
 /// worker has created the group.
 fn pending(server: &RedisServer) -> u64 {
@@ -312,4 +317,102 @@ fn shutdown_timeout_kills_the_handler_in_hand() {
     assert!(last.starts_with("optimus: SHUTDOWN_TIMEOUT (1s)"), "{last}");
     assert_all_gone(&pids, &worker);
     assert_eq!(pending(&server), 1, "the entry stays pending");
+}
+
+/// While Redis is away the work line keeps coming and says since when
+/// (`redis=reconnecting down_s=…`; `redis=connecting` before the first
+/// connection), the metrics say so, failed attempts are counted; when Redis
+/// is back the line says connected and the workers go on.
+#[test]
+fn a_lost_redis_is_visible_in_the_work_line_and_the_metrics() {
+    let port = support::free_port();
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let url = format!("redis://127.0.0.1:{port}");
+    let worker = OptimusProcess::spawn(
+        &["work", "--", "true"],
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("MONITORING_INTERVAL", "0.2"),
+            ("METRICS_ADDR", addr.as_str()),
+        ],
+    );
+    let line = worker.wait_for_latest("work ", Duration::from_secs(20), |_| true);
+    assert_eq!(line.values["redis"], "connecting", "{}", line.line);
+    assert!(line.values.contains_key("down_s"), "{}", line.line);
+
+    let mut server = RedisServer::start_on(port);
+    worker.wait_for_latest("work ", Duration::from_secs(20), |f| {
+        f.values["redis"] == "connected" && f.values["consumers"] == "1"
+    });
+    let metric = |name: &str| support::metric(&addr, name);
+    assert_eq!(metric("optimus_redis_up"), Some(1.0));
+    let failures = metric("optimus_connect_failures_total").unwrap_or(0.0);
+
+    server.stop();
+    let down = worker.wait_for_latest("work ", Duration::from_secs(20), |f| {
+        f.values["redis"] == "reconnecting"
+    });
+    assert_eq!(down.values["consumers"], "?", "{}", down.line);
+    assert!(down.values.contains_key("down_s"), "{}", down.line);
+    assert_eq!(metric("optimus_redis_up"), Some(0.0));
+    support::wait_for(
+        "failed attempts to be counted",
+        Duration::from_secs(20),
+        || (metric("optimus_connect_failures_total").unwrap_or(0.0) > failures).then_some(()),
+        || worker.describe(),
+    );
+
+    server.start_again();
+    worker.wait_for_latest("work ", Duration::from_secs(30), |f| {
+        f.values["redis"] == "connected"
+    });
+    add(&server, "after");
+    wait_handled(&worker, 1);
+}
+
+/// A server that refuses writes when `optimus work` starts (too few
+/// replicas) is waited out, with a warning, not taken for a refusal of the
+/// workers: they start once it takes writes.
+#[test]
+fn a_server_refusing_writes_at_start_is_waited_out_by_work() {
+    let server = RedisServer::start();
+    let _: () = server.command(&["CONFIG", "SET", "min-replicas-to-write", "1"]);
+    let mut worker = work(&server, &[], "cat >/dev/null");
+    support::wait_for(
+        "the workers to say they are waiting",
+        Duration::from_secs(20),
+        || {
+            worker
+                .stderr()
+                .contains("cannot start the workers yet")
+                .then_some(())
+        },
+        || worker.describe(),
+    );
+    assert!(worker.try_exit().is_none(), "{}", worker.describe());
+    let _: () = server.command(&["CONFIG", "SET", "min-replicas-to-write", "0"]);
+    add(&server, "one");
+    wait_handled(&worker, 1);
+}
+
+/// A consumer group deleted while the workers run (Redis kept its data) is
+/// an error retrying cannot mend: one line, exit 1. (A group lost with
+/// Redis's data is made again: see the test above.)
+#[test]
+fn a_group_deleted_under_the_workers_stops_them_with_one_line() {
+    let server = RedisServer::start();
+    let mut worker = work(&server, &[], "cat >/dev/null");
+    add(&server, "one");
+    wait_handled(&worker, 1);
+    let _: i64 = server.command(&["XGROUP", "DESTROY", STREAM, GROUP]);
+    let status = worker.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", worker.describe());
+    let errors: Vec<String> = worker
+        .stderr()
+        .lines()
+        .filter(|l| l.starts_with("optimus: "))
+        .map(String::from)
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", worker.describe());
+    assert!(errors[0].contains("was deleted"), "{}", errors[0]);
 }
