@@ -319,3 +319,50 @@ fn many_short_lived_channels_leave_no_memory_behind() {
         peak >> 20
     );
 }
+
+/// A template route over many short-lived channels makes a stream per
+/// channel: 20,000 of them at once are each written once, and the lanes
+/// of the streams, quiet for QUIET_RELEASE (30 s), give their memory back.
+#[test]
+fn many_short_lived_streams_are_written_and_leave_no_memory_behind() {
+    let server = RedisServer::start();
+    let consume = OptimusProcess::consume(&server, &[("ROUTES", "ev:*={channel}:out")]);
+    consume.wait_consumers(2);
+    let idle = optimus::bench::rss(consume.pid());
+    let pairs: Vec<(String, String)> = (0..20_000)
+        .map(|i| (format!("ev:{i}"), format!(r#"{{"message_id":"m{i}"}}"#)))
+        .collect();
+    assert_eq!(
+        publish_pairs(&server, &pairs),
+        2 * 20_000,
+        "every message reached both readers"
+    );
+    support::wait_for(
+        "20,000 messages written",
+        Duration::from_secs(60),
+        || {
+            let line = consume.latest_line("monitor ")?;
+            (line.num("written") == 20_000).then_some(())
+        },
+        || consume.describe(),
+    );
+    consume.wait_settled(Duration::from_secs(30));
+    for i in [0, 9_999, 19_999] {
+        assert_eq!(server.xlen(&format!("ev:{i}:out")), 1, "ev:{i}:out");
+    }
+    let peak = optimus::bench::peak_rss(consume.pid());
+    support::wait_for(
+        "the memory of the quiet streams to be given back",
+        Duration::from_secs(90),
+        || (optimus::bench::rss(consume.pid()) < idle + 24 * 1024 * 1024).then_some(()),
+        || {
+            format!(
+                "resident {} MiB (idle {} MiB, peak {} MiB)\n{}",
+                optimus::bench::rss(consume.pid()) >> 20,
+                idle >> 20,
+                peak >> 20,
+                consume.describe()
+            )
+        },
+    );
+}

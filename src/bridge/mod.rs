@@ -391,6 +391,9 @@ impl Bridge {
     }
 }
 
+/// How often a quiet process gives free memory back to the system.
+const RELEASE_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a bridge stopped while registering may take to take its
 /// registration back (Redis may be what is slow).
 const UNREGISTER_WITHIN: Duration = Duration::from_secs(2);
@@ -700,9 +703,11 @@ async fn monitor(
     let mut last = (Instant::now(), counters.snapshot().written);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let budget = monitor_budget(interval);
-    // Memory is given back once per quiet spell: the first line with
-    // nothing received since the one before, and nothing in hand.
-    let mut quiet = (counters.snapshot().received, false);
+    // Memory is given back while quiet: at the first line with nothing
+    // received since the one before and nothing in hand, and then every
+    // RELEASE_EVERY while it stays so (what goes later, such as the lanes of
+    // channels gone quiet, is given back too).
+    let mut quiet: (u64, Option<Instant>) = (counters.snapshot().received, None);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -737,9 +742,11 @@ async fn monitor(
             let _ = tokio::time::timeout(budget, report).await;
         }
         if snapshot.received != quiet.0 {
-            quiet = (snapshot.received, false);
-        } else if !quiet.1 && snapshot.unsettled() == 0 {
-            quiet.1 = true;
+            quiet = (snapshot.received, None);
+        } else if snapshot.unsettled() == 0
+            && quiet.1.is_none_or(|at| at.elapsed() >= RELEASE_EVERY)
+        {
+            quiet.1 = Some(Instant::now());
             crate::monitor::release_free_memory();
         }
         let line = MonitorLine {

@@ -41,6 +41,11 @@ const TRIPS: usize = 2;
 const MEMBER_STALE: Duration = Duration::from_secs(60);
 /// A quiet writer gives its stream back after this long.
 const QUIET_RELEASE: Duration = Duration::from_secs(30);
+/// Cycles between two sweeps of every lane (see `Fenced::sweep`).
+const SWEEP_EVERY: u64 = 10;
+/// Most writer records one cycle reads: with more streams than this in
+/// hand, the lanes take turns (those waiting on their record first).
+const RECORDS_PER_CYCLE: usize = 1024;
 
 /// What the loop needs besides its inputs.
 #[derive(Debug, Clone)]
@@ -157,6 +162,8 @@ struct LaneState {
     /// The warning about reused ids, at most once a second per stream.
     reused: Throttle,
     last_active: Instant,
+    /// The cycle that last read the record.
+    asked_in: u64,
 }
 
 impl LaneState {
@@ -182,6 +189,7 @@ impl LaneState {
             window: Window::new(window),
             reused: Throttle::default(),
             last_active: Instant::now(),
+            asked_in: 0,
         }
     }
 
@@ -317,6 +325,11 @@ pub struct Fenced {
     budget: Arc<Budget>,
     intake: Intake,
     lanes: FxHashMap<Box<str>, LaneState>,
+    /// The lanes that may have writes to send (the others wait for an
+    /// answer, a record, or messages, which put them back here).
+    ready: rustc_hash::FxHashSet<Box<str>>,
+    /// Cycles so far.
+    cycles: u64,
     /// The pipelines of writes on their way, each answering with its
     /// stream and each write's id and answer.
     writes: JoinSet<WriteAnswers>,
@@ -346,6 +359,8 @@ impl Fenced {
             budget,
             intake,
             lanes: FxHashMap::default(),
+            ready: Default::default(),
+            cycles: 0,
             writes: JoinSet::new(),
             next_write: 0,
             reported_pending: 0,
@@ -402,6 +417,7 @@ impl Fenced {
         Counters::add(&self.counters.received, messages.len() as u64);
         let window = self.config.dedup_window;
         let now = Instant::now();
+        let mut last_woken: Option<Arc<Lane>> = None;
         for m in messages {
             let stream = m.lane.stream();
             let lane = match self.lanes.get_mut(stream) {
@@ -412,6 +428,10 @@ impl Fenced {
                     .or_insert_with(|| LaneState::new(m.lane.clone(), window)),
             };
             lane.last_active = now;
+            if lane.is_writer() && !last_woken.as_ref().is_some_and(|l| Arc::ptr_eq(l, &m.lane)) {
+                self.ready.insert(stream.into());
+                last_woken = Some(m.lane.clone());
+            }
             if lane
                 .pos
                 .is_some_and(|pos| m.position.is_some_and(|p| p <= pos))
@@ -434,18 +454,21 @@ impl Fenced {
     /// pipeline, handed to the connection before the next one is made.
     async fn start_writes(&mut self) {
         let now = Instant::now();
-        let keys: Vec<Box<str>> = self
-            .lanes
-            .iter()
-            .filter(|(_, l)| {
-                l.is_writer()
-                    && !l.resync
-                    && l.trips < TRIPS
-                    && l.unsent() > 0
-                    && l.retry_at.is_none_or(|at| now >= at)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut keys: Vec<Box<str>> = Vec::new();
+        let lanes = &self.lanes;
+        self.ready.retain(|k| {
+            let Some(l) = lanes.get(k) else {
+                return false;
+            };
+            // Put back by what changes that: an answer, a record, messages.
+            if !l.is_writer() || l.resync || l.trips >= TRIPS || l.unsent() == 0 {
+                return false;
+            }
+            if l.retry_at.is_none_or(|at| now >= at) {
+                keys.push(k.clone());
+            }
+            true
+        });
         for key in keys {
             let lane = self.lanes.get_mut(&key).expect("a lane");
             let mut pipe = redis::pipe();
@@ -505,6 +528,7 @@ impl Fenced {
             return Ok(());
         };
         lane.trips = lane.trips.saturating_sub(1);
+        self.ready.insert(stream.clone());
         // The trips' tasks may end in any order: a trip whose writes come
         // after writes still unanswered waits for their answers.
         let Some(first) = replies.first().map(|(id, _)| *id) else {
@@ -611,12 +635,25 @@ impl Fenced {
     /// One cycle: beat, mark, read the records of the lanes that need it;
     /// then each lane acts on its record.
     async fn cycle(&mut self, leaving: bool) -> Result<(), RedisError> {
-        let asked: Vec<Box<str>> = self
+        self.cycles += 1;
+        let mut asked: Vec<(bool, u64, &Box<str>)> = self
             .lanes
             .iter()
             .filter(|(_, l)| !l.queue.is_empty() || l.is_writer())
-            .map(|(k, _)| k.clone())
+            .map(|(k, l)| (!l.resync, l.asked_in, k))
             .collect();
+        // With more lanes than a cycle reads, writers waiting on their
+        // record first, then the longest unasked.
+        if asked.len() > RECORDS_PER_CYCLE {
+            asked.select_nth_unstable(RECORDS_PER_CYCLE);
+            asked.truncate(RECORDS_PER_CYCLE);
+        }
+        let asked: Vec<Box<str>> = asked.into_iter().map(|(_, _, k)| k.clone()).collect();
+        for stream in &asked {
+            if let Some(lane) = self.lanes.get_mut(stream) {
+                lane.asked_in = self.cycles;
+            }
+        }
         let pool = &self.config.pool;
         let mut keys: Vec<&str> = vec![&pool.clock, &pool.members];
         for stream in &asked {
@@ -691,7 +728,18 @@ impl Fenced {
                 pos: pos.as_deref().and_then(Position::decode),
             };
             self.decide(stream, record, now, &members).await?;
+            // It may write now (it took the stream over, or read its record).
+            self.ready.insert(stream.clone());
         }
+        if self.cycles.is_multiple_of(SWEEP_EVERY) {
+            self.sweep(now);
+        }
+        Ok(())
+    }
+
+    /// Forgets what every lane no longer needs (ids past the window, queue
+    /// room, lanes quiet for QUIET_RELEASE) and gives the room back.
+    fn sweep(&mut self, now: u64) {
         for lane in self.lanes.values_mut() {
             // Nothing still to be decided was published before the front's
             // mark: ids older than a window before it can match nothing.
@@ -712,7 +760,13 @@ impl Fenced {
                 || l.trips > 0
                 || l.last_active.elapsed() < QUIET_RELEASE
         });
-        Ok(())
+        // Many streams once, few now: the maps give their room back.
+        if self.lanes.capacity() > 4 * self.lanes.len().max(16) {
+            self.lanes.shrink_to(self.lanes.len() * 2);
+        }
+        if self.ready.capacity() > 4 * self.ready.len().max(16) {
+            self.ready.shrink_to(self.ready.len() * 2);
+        }
     }
 
     /// What a lane does with its record.
@@ -902,7 +956,12 @@ impl Fenced {
         .await;
         match taken {
             Ok(Takeover::Taken { epoch, pos }) => {
-                tracing::info!(stream = %stream, previous = %record.owner.as_deref().unwrap_or("-"), reason = why, clean, "took the stream over");
+                if record.epoch.is_some() {
+                    tracing::info!(stream = %stream, previous = %record.owner.as_deref().unwrap_or("-"), reason = why, clean, "took the stream over");
+                } else {
+                    // A stream new to the pool (many, under a template route).
+                    tracing::debug!(stream = %stream, "writing a new stream");
+                }
                 lane.role = Role::Writer { epoch };
                 lane.taken_since = since;
                 lane.wanted_since = None;

@@ -482,7 +482,12 @@ impl Reader {
                 if channel.as_ref() == self.pool.marks.as_bytes() {
                     let mark = std::str::from_utf8(&payload).ok()?.parse().ok()?;
                     s.mark = mark;
+                    let counted = s.seqs.len();
                     s.seqs.clear();
+                    // Many streams once, few now: give the room back.
+                    if s.seqs.capacity() > 4 * counted.max(64) {
+                        s.seqs.shrink_to(counted);
+                    }
                     return Some(Item::Mark(mark));
                 }
                 (self.router.for_channel(&channel)?, channel, payload)
