@@ -154,10 +154,12 @@ async fn scan<C: redis::aio::ConnectionLike>(
 
 /// Reads the whole stream (in pages) and checks the run `run` (by default
 /// the latest run in the stream) against `published`; the run's messages in
-/// the stream's dead-letter stream count as `dead`, not lost.
+/// the dead-letter stream (`dead_stream`, by default the stream's) count as
+/// `dead`, not lost.
 pub async fn audit(
     endpoint: &crate::connect::Endpoint,
     stream: &str,
+    dead_stream: Option<&str>,
     published: u64,
     run: Option<&str>,
 ) -> Result<AuditReport, AuditError> {
@@ -225,7 +227,9 @@ pub async fn audit(
         true
     })
     .await?;
-    let dead_stream = crate::config::default_dead_stream(stream, endpoint.is_cluster());
+    let dead_stream = dead_stream
+        .map(str::to_string)
+        .unwrap_or_else(|| crate::config::default_dead_stream(stream, endpoint.is_cluster()));
     scan(&mut conn, &dead_stream, false, |entry| {
         let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
         if let Some((r, Some(s))) = run_and_seq(&payload)

@@ -543,6 +543,7 @@ async fn bridge_row(
     let audit = crate::audit::audit(
         &crate::connect::Endpoint::new(url),
         STREAM,
+        None,
         config.messages,
         Some(""),
     )
@@ -725,8 +726,14 @@ async fn latency_row(
     publish_steady(url, total, config.latency_rate).await?;
     let mut latencies = reader.await??;
     stop(child);
-    let audit =
-        crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total, Some("")).await?;
+    let audit = crate::audit::audit(
+        &crate::connect::Endpoint::new(url),
+        STREAM,
+        None,
+        total,
+        Some(""),
+    )
+    .await?;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -797,8 +804,14 @@ async fn steady_row(
     let rss = peak_rss(child.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop(child);
-    let audit =
-        crate::audit::audit(&crate::connect::Endpoint::new(url), STREAM, total, Some("")).await?;
+    let audit = crate::audit::audit(
+        &crate::connect::Endpoint::new(url),
+        STREAM,
+        None,
+        total,
+        Some(""),
+    )
+    .await?;
     Ok(SteadyRow {
         strategy: strategy.name(),
         workers,

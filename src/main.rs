@@ -125,6 +125,10 @@ enum Command {
         /// Stream to check.
         #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
         stream: String,
+        /// The bridge's dead-letter stream, whose messages of the run count as
+        /// dead, not lost [default: <stream>:dead].
+        #[arg(long, env = "DEAD_LETTER_STREAM")]
+        dead_letter_stream: Option<String>,
     },
 }
 
@@ -278,6 +282,7 @@ fn main() -> ExitCode {
             Command::Audit {
                 published,
                 stream,
+                dead_letter_stream,
                 run,
             } => {
                 let published = match optimus::config::parse_count(
@@ -288,7 +293,14 @@ fn main() -> ExitCode {
                     Ok(n) => n,
                     Err(err) => return bad_setting(&err),
                 };
-                audit(&cli.connect, &stream, published, run.as_deref()).await
+                audit(
+                    &cli.connect,
+                    &stream,
+                    dead_letter_stream.as_deref(),
+                    published,
+                    run.as_deref(),
+                )
+                .await
             }
             Command::Health(args) => health(&cli.connect, &args).await,
             Command::Work(args) => work(&cli.connect, &args).await,
@@ -395,12 +407,18 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
     }
 }
 
-async fn audit(connect: &ConnectArgs, stream: &str, published: u64, run: Option<&str>) -> ExitCode {
+async fn audit(
+    connect: &ConnectArgs,
+    stream: &str,
+    dead_stream: Option<&str>,
+    published: u64,
+    run: Option<&str>,
+) -> ExitCode {
     let endpoint = match connect.endpoint() {
         Ok(endpoint) => endpoint,
         Err(err) => return bad_setting(&err),
     };
-    match optimus::audit::audit(&endpoint, stream, published, run).await {
+    match optimus::audit::audit(&endpoint, stream, dead_stream, published, run).await {
         Ok(report) => {
             println!("{report}");
             if report.ok() {

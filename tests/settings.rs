@@ -960,6 +960,29 @@ fn audit_checks_one_run_exactly() {
         report.line
     );
 
+    // With a dead-letter stream of its own (DEAD_LETTER_STREAM), as the
+    // bridge and the publisher were given.
+    let elsewhere = support::publish_with(
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("DEAD_LETTER_STREAM", "elsewhere:dead"),
+        ],
+        &["--count", "2", "--payload-size", "2000000"],
+    );
+    let (code, report, _) = audit(&[
+        "--run",
+        &elsewhere.values["run"],
+        "--dead-letter-stream",
+        "elsewhere:dead",
+    ]);
+    assert_eq!(code, Some(1), "2 of 1000: {}", report.line);
+    assert_eq!(
+        (report.num("dead"), report.num("lost")),
+        (2, 998),
+        "{}",
+        report.line
+    );
+
     let (code, report, stderr) = audit(&["--stream", "nosuch"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("does not exist"), "{stderr}");
