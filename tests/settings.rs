@@ -307,6 +307,55 @@ fn credentials_refused_on_reconnect_stop_the_process() {
     );
 }
 
+/// Permissions taken away while the bridge writes (an ACL change): the
+/// writes are refused (NOPERM), and the process ends with one line and exit
+/// 1, without waiting for a graceful stop it cannot make; with either
+/// strategy.
+#[test]
+fn permissions_taken_away_mid_run_stop_the_bridge_with_one_line() {
+    for strategy in ["fenced", "race"] {
+        let server = RedisServer::start();
+        let _: () = server.command(&["ACL", "SETUSER", "bridge", "on", ">pw", "~*", "&*", "+@all"]);
+        let url = format!("redis://bridge:pw@127.0.0.1:{}", server.port);
+        let mut consume = OptimusProcess::spawn(
+            &["consume"],
+            &[
+                ("REDIS_URL", &url),
+                ("MONITORING_INTERVAL", "0.2"),
+                ("STRATEGY", strategy),
+            ],
+        );
+        consume.wait_consumers(2);
+        let admin = server.url();
+        let publisher = OptimusProcess::spawn(
+            &[
+                "publish",
+                "--rate",
+                "2000",
+                "--count",
+                "20000",
+                "--no-fast-path",
+            ],
+            &[("REDIS_URL", admin.as_str())],
+        );
+        consume.wait_for_latest("monitor ", Duration::from_secs(20), |f| {
+            f.num("written") > 0
+        });
+        let _: () = server.command(&["ACL", "SETUSER", "bridge", "-@scripting"]);
+        let status = consume.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(1), "{strategy}: {}", consume.describe());
+        let errors: Vec<String> = consume
+            .stderr()
+            .lines()
+            .filter(|l| l.starts_with("optimus: "))
+            .map(String::from)
+            .collect();
+        assert_eq!(errors.len(), 1, "{strategy}: {}", consume.describe());
+        assert!(errors[0].contains("NOPERM"), "{strategy}: {}", errors[0]);
+        publisher.signal("KILL");
+    }
+}
+
 /// When the server goes away for longer than --retry-for, the publisher gives
 /// the unconfirmed batches up, says how many, and exits 1.
 #[test]

@@ -285,6 +285,7 @@ impl Bridge {
         let mut next_index = 0;
         let mut scaler_alive = true;
         let mut fatal = None;
+        let mut fatal_deadline: Option<Instant> = None;
         loop {
             if !stop_reading.is_cancelled() {
                 let target = *target_rx.borrow_and_update();
@@ -339,6 +340,7 @@ impl Bridge {
                     if let Err(err) = result {
                         tracing::error!(cause = %crate::connect::brief(&err), "Redis refused the bridge; stopping");
                         fatal.get_or_insert(err);
+                        fatal_deadline.get_or_insert_with(|| Instant::now() + FATAL_GRACE);
                         stop_reading.cancel();
                     }
                 }
@@ -346,6 +348,13 @@ impl Bridge {
                     scaler_alive = changed.is_ok();
                 }
                 _ = stop_reading.cancelled(), if !stop_reading.is_cancelled() => {}
+                // Redis refused us: what is left gets a moment, not a
+                // graceful stop's time (its writes would be refused too).
+                _ = tokio::time::sleep_until(fatal_deadline.unwrap_or_else(Instant::now).into()), if fatal_deadline.is_some() => {
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
             }
         }
         stop_aux.cancel();
@@ -390,6 +399,9 @@ impl Bridge {
         }
     }
 }
+
+/// How long the rest of a bridge that Redis refused may take to stop.
+const FATAL_GRACE: Duration = Duration::from_secs(2);
 
 /// How often a quiet process gives free memory back to the system.
 const RELEASE_EVERY: Duration = Duration::from_secs(10);
