@@ -12,8 +12,8 @@
 //!   entry, and its ratio to the ceiling; Redis commands per bridged message
 //!   (from INFO commandstats, PUBLISH and the benchmark's own commands left
 //!   out); the bridge process's CPU time per message and peak RSS; Redis
-//!   memory per message beyond the stream (used_memory after the burst,
-//!   less before it, less the stream's own MEMORY USAGE); entries out of
+//!   memory per message beyond the stream (the MEMORY USAGE of every other
+//!   key once the burst is written); entries out of
 //!   publish order; lost and duplicated messages (a row with lost,
 //!   duplicated or out-of-order entries is a failure, not a result: for the
 //!   race strategy, which does not keep order, order is reported only);
@@ -130,6 +130,93 @@ pub struct Report {
     pub bridge: Vec<BridgeRow>,
     pub latency: Vec<LatencyRow>,
     pub steady: Vec<SteadyRow>,
+    /// The delivery core's targets, against this run (fenced rows).
+    pub targets: Vec<Target>,
+}
+
+/// One of the delivery core's targets, and what this run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+/// The targets the fenced rows of `report` can be held against (those whose
+/// rows were measured): every burst row exact and in order, 2 workers at
+/// 200,000/s, 8 workers at 0.8 of 2, CPU per message flat with workers
+/// (the most at most 1.5 times the least), p99 at most 2 ms, at most 16
+/// bytes per message in Redis beside the stream.
+pub fn targets(report: &Report) -> Vec<Target> {
+    let rows: Vec<&BridgeRow> = report
+        .bridge
+        .iter()
+        .filter(|r| r.strategy == "fenced")
+        .collect();
+    let mut out = Vec::new();
+    let mut add = |target: &str, measured: String, met: bool| {
+        out.push(Target {
+            target: target.to_string(),
+            measured,
+            met,
+        })
+    };
+    if rows.is_empty() {
+        return out;
+    }
+    let bad: u64 = rows
+        .iter()
+        .map(|r| r.lost + r.duplicates + r.out_of_order)
+        .sum();
+    add(
+        "every burst: 0 lost, 0 twice, 0 out of order",
+        format!("{bad} in {} rows", rows.len()),
+        bad == 0,
+    );
+    let at = |n: usize| rows.iter().find(|r| r.workers == n);
+    if let Some(two) = at(2) {
+        add(
+            "2 workers: at least 200,000 messages/s",
+            format!("{:.0}/s ({:.2} of the ceiling)", two.rate, two.of_ceiling),
+            two.rate >= 200_000.0,
+        );
+        if let Some(eight) = at(8) {
+            let ratio = eight.rate / two.rate;
+            add(
+                "8 workers: at least 0.8 of 2 workers",
+                format!("{:.0}/s = {ratio:.2}", eight.rate),
+                ratio >= 0.8,
+            );
+        }
+    }
+    let cpu: Vec<f64> = rows.iter().map(|r| r.cpu_us_per_message).collect();
+    let (least, most) = cpu
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
+    if rows.len() > 1 {
+        add(
+            "CPU per message flat with workers (most at most 1.5 x least)",
+            format!("{least:.1} to {most:.1} µs"),
+            most <= least * 1.5,
+        );
+    }
+    if let Some(l) = report.latency.iter().find(|l| l.strategy == "fenced") {
+        add(
+            "p99 at a steady 10,000/s: at most 2 ms",
+            format!("{:.1} ms (at {}/s)", l.p99_ms, l.rate),
+            l.p99_ms <= 2.0,
+        );
+    }
+    let bytes = rows
+        .iter()
+        .map(|r| r.redis_bytes_per_message)
+        .fold(0.0f64, f64::max);
+    add(
+        "Redis memory beside the stream: at most 16 B per message",
+        format!("{bytes:.1} B at most"),
+        bytes <= 16.0,
+    );
+    out
 }
 
 impl Report {
@@ -303,7 +390,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         steady.push(steady_row(config, &url, &mut conn, strategy, workers).await?);
     }
 
-    let report = Report {
+    let mut report = Report {
         machine: machine(),
         redis_version,
         payload_bytes,
@@ -313,7 +400,9 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         bridge,
         latency,
         steady,
+        targets: Vec::new(),
     };
+    report.targets = targets(&report);
     std::fs::write(&config.json_out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("cannot write {}", config.json_out.display()))?;
     std::fs::write(&config.svg_out, svg(&report))
@@ -451,8 +540,11 @@ async fn spawn_bridge(
     strategy: Strategy,
     workers: usize,
 ) -> Result<Child> {
+    // A clean environment: the defaults, whatever the caller exported.
     let child = Command::new(&config.exe)
         .arg("consume")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("REDIS_URL", url)
         .env("STRATEGY", strategy.name())
         .env("CONSUMERS_COUNT", workers.to_string())
@@ -460,7 +552,6 @@ async fn spawn_bridge(
         .env("OUTPUT_STREAM", STREAM)
         .env("MONITORING_INTERVAL", "3600")
         .env("LOGLEVEL", "ERROR")
-        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -514,7 +605,6 @@ async fn bridge_row(
     reset(conn).await?;
     let child = spawn_bridge(config, url, conn, strategy, workers).await?;
     let cpu_before = cpu_time(child.id());
-    let memory_before = used_memory(conn).await?;
     redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async::<()>(conn)
@@ -530,15 +620,7 @@ async fn bridge_row(
     // Let late copies settle before the audit and the memory, then stop the
     // bridge.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let kept = used_memory(conn).await?.saturating_sub(memory_before);
-    let stream: u64 = redis::cmd("MEMORY")
-        .arg("USAGE")
-        .arg(STREAM)
-        .arg("SAMPLES")
-        .arg(0)
-        .query_async::<Option<u64>>(conn)
-        .await?
-        .unwrap_or(0);
+    let kept = memory_beside(conn, STREAM).await?;
     stop(child);
     let audit = crate::audit::audit(
         &crate::connect::Endpoint::new(url),
@@ -559,20 +641,41 @@ async fn bridge_row(
         commands_per_message: commands as f64 / config.messages as f64,
         cpu_us_per_message: cpu.as_micros() as f64 / config.messages as f64,
         peak_rss_mib: rss as f64 / (1024.0 * 1024.0),
-        redis_bytes_per_message: kept.saturating_sub(stream) as f64 / config.messages as f64,
+        redis_bytes_per_message: kept as f64 / config.messages as f64,
         out_of_order: out_of_order(conn).await?,
         lost: audit.lost,
         duplicates: audit.duplicates,
     })
 }
 
-/// Redis's used_memory, in bytes.
-async fn used_memory(conn: &mut MultiplexedConnection) -> Result<u64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("INFO memory has no used_memory")
+/// What every key but `stream` takes in Redis (MEMORY USAGE, all of each
+/// key): the protocol's keys (writer records, members, clock; race's ACK
+/// keys and locks) and the processes' presence and control keys.
+async fn memory_beside(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64> {
+    let mut cursor = 0u64;
+    let mut total = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        for key in keys.iter().filter(|k| k.as_str() != stream) {
+            pipe.cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0);
+        }
+        let sizes: Vec<Option<u64>> = pipe.query_async(conn).await?;
+        total += sizes.into_iter().flatten().sum::<u64>();
+        if next == 0 {
+            return Ok(total);
+        }
+        cursor = next;
+    }
 }
 
 /// Entries of the stream whose test message was published before that of an
@@ -688,6 +791,14 @@ async fn latency_row(
     reset(conn).await?;
     let child = spawn_bridge(config, url, conn, strategy, workers).await?;
     let total = config.latency_rate * config.latency_duration.as_secs().max(1);
+    // A first message makes the stream and its writer (a new stream waits
+    // up to a cycle for one): the run measures the steady state.
+    redis::cmd("PUBLISH")
+        .arg(CHANNEL)
+        .arg(r#"{"message_id":"warm-up"}"#)
+        .query_async::<()>(conn)
+        .await?;
+    wait_for_len(conn, 1, Duration::from_secs(10)).await?;
 
     // A reader stamps each entry as it appears in the stream.
     let reader_url = url.to_string();
@@ -942,6 +1053,17 @@ pub fn table(report: &Report) -> String {
                 r.peak_rss_mib,
                 r.lost,
                 r.duplicates
+            );
+        }
+    }
+    if !report.targets.is_empty() {
+        out += "\n| target (fenced) | this run | |\n|---|---|---|\n";
+        for t in &report.targets {
+            out += &format!(
+                "| {} | {} | {} |\n",
+                t.target,
+                t.measured,
+                if t.met { "met" } else { "NOT MET" }
             );
         }
     }

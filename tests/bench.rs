@@ -71,6 +71,15 @@ fn a_small_benchmark_measures_every_row() {
         }
     }
     assert!(report["ceiling_rate"].as_f64().unwrap() > 0.0);
+    // The delivery core's targets, held against this run.
+    let targets = report["targets"].as_array().unwrap();
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["target"].as_str().unwrap().starts_with("every burst") && t["met"] == true),
+        "{targets:?}"
+    );
+    assert!(stdout.contains("| target (fenced) |"), "{stdout}");
     for latency in report["latency"].as_array().unwrap() {
         assert_eq!(latency["samples"], 1000, "{latency}");
         assert_eq!(latency["lost"], 0, "{latency}");

@@ -352,9 +352,10 @@ fn calls(server: &RedisServer, command: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Redis `SET` calls for bridging `n` messages with 4 workers (2 processes)
-/// of `strategy`, and the protocol's keys left.
-fn sets_for(strategy: &str, n: u64) -> (u64, Vec<String>) {
+/// What bridging `n` messages with 4 workers (2 processes) of `strategy`
+/// cost Redis: its `SET` calls, the protocol's keys left, and the bytes
+/// (MEMORY USAGE) of every key but the stream.
+fn sets_for(strategy: &str, n: u64) -> (u64, Vec<String>, u64) {
     let server = RedisServer::start();
     let env = [("STRATEGY", strategy)];
     let a = OptimusProcess::consume(&server, &env);
@@ -372,18 +373,36 @@ fn sets_for(strategy: &str, n: u64) -> (u64, Vec<String>) {
     assert_eq!(calls(&server, "xadd"), n, "one XADD per message");
     let mut keys = server.keys("{messages:processed}:*");
     keys.sort();
-    (calls(&server, "set"), keys)
+    let mut conn = server.conn();
+    let beside: u64 = server
+        .keys("*")
+        .iter()
+        .filter(|k| k.as_str() != STREAM)
+        .map(|k| {
+            redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(k)
+                .arg("SAMPLES")
+                .arg(0)
+                .query::<Option<u64>>(&mut conn)
+                .unwrap()
+                .unwrap_or(0)
+        })
+        .sum();
+    (calls(&server, "set"), keys, beside)
 }
 
 /// The point of the fenced strategy: a message costs one XADD in its
 /// writer's batch, the other processes drop their copies without a command
 /// of their own, and nothing is kept per message (the keys left are the
-/// pool's clock and members and the stream's writer record). The race
+/// pool's clock and members and the stream's writer record; every key but
+/// the stream, presence and control keys too, takes at most 16 bytes a
+/// message over 100,000). The race
 /// strategy spends a lock per worker per message, and an ACK key each.
 #[test]
 fn no_key_and_no_command_per_message_but_its_xadd() {
-    let n = 20_000;
-    let (sets, keys) = sets_for("fenced", n);
+    let n = 100_000;
+    let (sets, keys, bytes) = sets_for("fenced", n);
     assert!(
         sets < n / 100,
         "fenced: {sets} SETs for {n} messages, expected only the clock's (one a cycle)"
@@ -396,7 +415,15 @@ fn no_key_and_no_command_per_message_but_its_xadd() {
             "{messages:processed}:writer"
         ]
     );
-    let (sets, keys) = sets_for("race", n);
+    assert!(
+        bytes <= 16 * n,
+        "fenced: {bytes} bytes beside the stream for {n} messages, more than 16 a message"
+    );
+    let (sets, keys, bytes) = sets_for("race", n);
+    assert!(
+        bytes > 16 * n,
+        "race: {bytes} bytes, an ACK key per message"
+    );
     assert!(
         sets >= 2 * n,
         "race: {sets} SETs for {n} messages, expected a lock and an ACK each at least"
