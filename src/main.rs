@@ -271,6 +271,24 @@ fn main() -> ExitCode {
         Err(err) => return bad_setting(&err),
     };
     init_logging(level);
+    // A one-shot command whose output goes to a pipe closed early (`| head`)
+    // ends quietly, as Unix tools do, instead of panicking on the write.
+    // The long-running ones (consume, work, publish, bench) drop a line
+    // nobody reads and go on.
+    if matches!(
+        cli.command,
+        Command::Streams { .. }
+            | Command::Groups { .. }
+            | Command::Audit { .. }
+            | Command::Ctl { .. }
+            | Command::Health(_)
+    ) {
+        // SAFETY: restores the default action of one signal before any
+        // thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -389,7 +407,7 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
     };
     match optimus::publish::run(&config, shutdown_on_signal()).await {
         Ok(summary) => {
-            println!("publish done {summary}");
+            optimus::monitor::print_line(format_args!("publish done {summary}"));
             if summary.failed > 0 {
                 eprintln!(
                     "optimus: {} messages were never confirmed by Redis and may be lost",
@@ -400,7 +418,7 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            println!("publish failed {}", err.summary);
+            optimus::monitor::print_line(format_args!("publish failed {}", err.summary));
             eprintln!("optimus: {err}");
             ExitCode::from(1)
         }

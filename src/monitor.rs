@@ -156,7 +156,7 @@ pub async fn while_connecting(
             _ = tick.tick() => {}
         }
         if print {
-            println!("{}", line());
+            print_line(line());
         }
     }
 }
@@ -172,6 +172,13 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Prints a monitoring line on stdout. A stdout nobody reads any more (a
+/// closed pipe) is no reason to stop bridging: the line is dropped.
+pub fn print_line(line: impl fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// Lets a repeated warning through at most once a second.

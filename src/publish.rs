@@ -724,7 +724,7 @@ pub async fn run_messages(
             && last_progress.0.elapsed() >= every
         {
             let dt = last_progress.0.elapsed().as_secs_f64();
-            println!(
+            crate::monitor::print_line(format_args!(
                 "publish sent={} no_subscriber={} stored_directly={} dead_lettered={} failed={} rate={:.0}/s run={}",
                 summary.published,
                 summary.no_subscriber,
@@ -733,7 +733,7 @@ pub async fn run_messages(
                 summary.failed,
                 (summary.published - last_progress.1) as f64 / dt,
                 summary.run,
-            );
+            ));
             last_progress = (Instant::now(), summary.published);
         }
 

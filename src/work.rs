@@ -272,7 +272,7 @@ async fn run_until_stopped(
     let _ = aux.await;
     let _ = presence.remove(&mut conn, &ids).await;
     if config.print_monitor {
-        println!("{}", counters.line(presence.count(&mut conn).await.ok()));
+        crate::monitor::print_line(counters.line(presence.count(&mut conn).await.ok()));
     }
     match fatal {
         Some(err) => Err(err),
@@ -320,7 +320,7 @@ async fn housekeeping(
                 }
                 let line = counters.line(consumers);
                 if print {
-                    println!("{line}");
+                    crate::monitor::print_line(&line);
                 }
             }
         }

@@ -880,3 +880,51 @@ fn a_server_refusing_writes_at_start_is_waited_out() {
         assert_eq!(entries.len(), 1, "{strategy}: {entries:?}");
     }
 }
+
+/// A closed stdout (the reader of a pipe went away) does not stop the
+/// bridge: its monitoring lines are dropped, the messages are still
+/// bridged, and SIGTERM still ends it cleanly.
+#[test]
+fn a_closed_stdout_does_not_stop_the_bridge() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut child = support::optimus(
+        &["consume"],
+        &[("REDIS_URL", url.as_str()), ("MONITORING_INTERVAL", "0.05")],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    drop(child.stdout.take());
+    support::wait_for(
+        "the bridge's subscriptions",
+        Duration::from_secs(20),
+        || {
+            let subs: Vec<(String, i64)> =
+                server.command(&["PUBSUB", "NUMSUB", "optimus:bridge:messages:published"]);
+            (subs[0].1 == 2).then_some(())
+        },
+        String::new,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let summary = publish(&server, 100);
+    assert_eq!(summary.num("no_subscriber"), 0, "{}", summary.line);
+    support::wait_for(
+        "100 entries",
+        Duration::from_secs(20),
+        || (server.xlen(STREAM) >= 100).then_some(()),
+        String::new,
+    );
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = support::wait_for(
+        "the bridge to exit",
+        Duration::from_secs(20),
+        || child.try_wait().unwrap(),
+        String::new,
+    );
+    assert!(status.success(), "{status:?}");
+}

@@ -378,15 +378,12 @@ impl Bridge {
                 .and_then(Result::ok);
             // No worker is wanted any more: Redis answering is the link.
             self.counters.set_link(consumers.is_some());
-            println!(
-                "{}",
-                MonitorLine {
-                    consumers,
-                    counters: totals,
-                    rate: 0.0,
-                    link: self.counters.link(),
-                }
-            );
+            crate::monitor::print_line(MonitorLine {
+                consumers,
+                counters: totals,
+                rate: 0.0,
+                link: self.counters.link(),
+            });
         }
         tracing::info!(
             written = totals.written,
@@ -768,7 +765,7 @@ async fn monitor(
             link: counters.link(),
         };
         if print {
-            println!("{line}");
+            crate::monitor::print_line(line);
         }
         tracing::debug!(%line, "monitor");
     }
