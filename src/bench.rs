@@ -17,12 +17,16 @@
 //!   publish order; lost and duplicated messages (a row with lost,
 //!   duplicated or out-of-order entries is a failure, not a result: for the
 //!   race strategy, which does not keep order, order is reported only);
-//! - **latency** from publish to stream entry at a steady rate;
+//! - **DEDUP_WINDOW's cost**: the fenced 2-worker burst again with
+//!   DEDUP_WINDOW=0;
+//! - **latency** from publish to stream entry at a steady rate, once a first
+//!   message has made the stream's writer;
 //! - **memory**: the bridge's peak RSS with the most workers at a steady
 //!   high rate.
 //!
 //! Every bridge measurement is made for each strategy (`fenced`, `race`)
-//! asked for.
+//! asked for; the delivery core's targets are held against the fenced rows
+//! ([`targets`]).
 //!
 //! The bridge runs as a separate `optimus consume` process (this binary), so
 //! its CPU and memory are its own.
@@ -128,6 +132,9 @@ pub struct Report {
     pub publisher_rate: f64,
     pub redis_cli_pipe_rate: f64,
     pub bridge: Vec<BridgeRow>,
+    /// The fenced 2-worker burst with DEDUP_WINDOW=0: the default window's
+    /// cost is the difference.
+    pub dedup_off: Option<BridgeRow>,
     pub latency: Vec<LatencyRow>,
     pub steady: Vec<SteadyRow>,
     /// The delivery core's targets, against this run (fenced rows).
@@ -222,7 +229,11 @@ pub fn targets(report: &Report) -> Vec<Target> {
 impl Report {
     /// Rows with lost or duplicated messages: failures, not results.
     pub fn failures(&self) -> usize {
-        self.bridge.iter().filter(|r| r.failed()).count()
+        self.bridge
+            .iter()
+            .chain(self.dedup_off.iter())
+            .filter(|r| r.failed())
+            .count()
             + self
                 .latency
                 .iter()
@@ -361,10 +372,12 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
                 config,
                 &url,
                 &mut conn,
-                strategy,
-                workers,
-                ceiling_rate,
-                &burst,
+                (strategy, workers),
+                Burst {
+                    file: &burst,
+                    ceiling_rate,
+                },
+                &[],
             );
             bridge.push(row.await?);
         }
@@ -375,6 +388,27 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
             config.latency_duration
         );
         latency.push(latency_row(config, &url, &mut conn, strategy, 2).await?);
+    }
+    // What the default DEDUP_WINDOW costs: the 2-worker fenced burst again
+    // without it.
+    let mut dedup_off = None;
+    if config.strategies.contains(&Strategy::Fenced) && config.workers.contains(&2) {
+        eprintln!(
+            "bench: fenced bridge with 2 workers and DEDUP_WINDOW=0, a burst of {}",
+            config.messages
+        );
+        let row = bridge_row(
+            config,
+            &url,
+            &mut conn,
+            (Strategy::Fenced, 2),
+            Burst {
+                file: &burst,
+                ceiling_rate,
+            },
+            &[("DEDUP_WINDOW", "0")],
+        );
+        dedup_off = Some(row.await?);
     }
     let mut steady = Vec::new();
     if let (Some(&strategy), Some(&workers)) =
@@ -398,6 +432,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         publisher_rate,
         redis_cli_pipe_rate,
         bridge,
+        dedup_off,
         latency,
         steady,
         targets: Vec::new(),
@@ -539,6 +574,7 @@ async fn spawn_bridge(
     conn: &mut MultiplexedConnection,
     strategy: Strategy,
     workers: usize,
+    settings: &[(&str, &str)],
 ) -> Result<Child> {
     // A clean environment: the defaults, whatever the caller exported.
     let child = Command::new(&config.exe)
@@ -552,6 +588,7 @@ async fn spawn_bridge(
         .env("OUTPUT_STREAM", STREAM)
         .env("MONITORING_INTERVAL", "3600")
         .env("LOGLEVEL", "ERROR")
+        .envs(settings.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -593,17 +630,28 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+/// The burst every throughput row sends (RESP for `redis-cli --pipe`), and
+/// the ceiling its rate is held against.
+#[derive(Clone, Copy)]
+struct Burst<'a> {
+    file: &'a Path,
+    ceiling_rate: f64,
+}
+
+/// One burst row: the bridge of `strategy` with `workers` workers (and
+/// `settings` besides the defaults) against the burst.
 async fn bridge_row(
     config: &BenchConfig,
     url: &str,
     conn: &mut MultiplexedConnection,
-    strategy: Strategy,
-    workers: usize,
-    ceiling_rate: f64,
-    burst: &Path,
+    (strategy, workers): (Strategy, usize),
+    burst: Burst<'_>,
+    settings: &[(&str, &str)],
 ) -> Result<BridgeRow> {
+    let ceiling_rate = burst.ceiling_rate;
+    let burst = burst.file;
     reset(conn).await?;
-    let child = spawn_bridge(config, url, conn, strategy, workers).await?;
+    let child = spawn_bridge(config, url, conn, strategy, workers, settings).await?;
     let cpu_before = cpu_time(child.id());
     redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -789,7 +837,7 @@ async fn latency_row(
     workers: usize,
 ) -> Result<LatencyRow> {
     reset(conn).await?;
-    let child = spawn_bridge(config, url, conn, strategy, workers).await?;
+    let child = spawn_bridge(config, url, conn, strategy, workers, &[]).await?;
     let total = config.latency_rate * config.latency_duration.as_secs().max(1);
     // A first message makes the stream and its writer (a new stream waits
     // up to a cycle for one): the run measures the steady state.
@@ -905,7 +953,7 @@ async fn steady_row(
     workers: usize,
 ) -> Result<SteadyRow> {
     reset(conn).await?;
-    let child = spawn_bridge(config, url, conn, strategy, workers).await?;
+    let child = spawn_bridge(config, url, conn, strategy, workers, &[]).await?;
     let cpu_before = cpu_time(child.id());
     let total = config.steady_rate * config.steady_duration.as_secs().max(1);
     let start = Instant::now();
@@ -1024,6 +1072,26 @@ pub fn table(report: &Report) -> String {
             r.duplicates,
             if r.failed() { " FAILED" } else { "" }
         );
+    }
+    if let (Some(off), Some(on)) = (
+        &report.dedup_off,
+        report
+            .bridge
+            .iter()
+            .find(|r| r.strategy == "fenced" && r.workers == 2),
+    ) {
+        out += "\n| fenced, 2 workers | messages/s | CPU µs/msg | peak RSS MiB | lost | duplicates |\n|---|---|---|---|---|---|\n";
+        for (name, r) in [("DEDUP_WINDOW=5 (default)", on), ("DEDUP_WINDOW=0", off)] {
+            out += &format!(
+                "| {name} | {:.0} | {:.1} | {:.1} | {} | {} |{}\n",
+                r.rate,
+                r.cpu_us_per_message,
+                r.peak_rss_mib,
+                r.lost,
+                r.duplicates,
+                if r.failed() { " FAILED" } else { "" }
+            );
+        }
     }
     out += "\n| strategy | latency at | workers | samples | p50 ms | p99 ms | p99.9 ms | lost | duplicates |\n|---|---|---|---|---|---|---|---|---|\n";
     for l in &report.latency {

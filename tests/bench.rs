@@ -71,6 +71,11 @@ fn a_small_benchmark_measures_every_row() {
         }
     }
     assert!(report["ceiling_rate"].as_f64().unwrap() > 0.0);
+    // The default DEDUP_WINDOW's cost: the 2-worker burst without it.
+    let off = &report["dedup_off"];
+    assert_eq!(off["workers"], 2, "{off}");
+    assert_eq!(off["lost"], 0, "{off}");
+    assert!(stdout.contains("| DEDUP_WINDOW=0 |"), "{stdout}");
     // The delivery core's targets, held against this run.
     let targets = report["targets"].as_array().unwrap();
     assert!(
