@@ -22,6 +22,15 @@
 //!   positions' order, and a new writer continues right after the old one's
 //!   last position.
 //!
+//! # With STRATEGY=race
+//!
+//! **An entry is written only by the script that holds its message's lock
+//! and finds no ACK, in the step that sets the ACK** (`race_write.lua`), so
+//! a message is written once while its ACK lives; a copy published longer
+//! ago than ACK_TTL − LOCK_TTL (by its position's mark, or on a cluster by
+//! when it was received) is dropped unwritten, so no copy outlives its ACK.
+//! It keeps no order, and an ACK key per message.
+//!
 //! # Positions
 //!
 //! Every subscription of the pool also listens to one marks channel, on which
