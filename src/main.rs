@@ -822,18 +822,21 @@ fn bad_setting(err: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// A token cancelled by the first SIGINT or SIGTERM; the second one exits at once.
+/// A token cancelled by the first SIGINT, SIGTERM or SIGHUP (a closed
+/// terminal); the second one exits at once.
 fn shutdown_on_signal() -> CancellationToken {
     use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
     let mut int = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
+    let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
     let cancel = token.clone();
     tokio::spawn(async move {
         for n in 0.. {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
+                _ = hup.recv() => {}
             }
             if n == 0 {
                 tracing::info!(

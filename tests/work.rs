@@ -174,25 +174,32 @@ fn alive(pid: &str) -> bool {
 /// fetched stay pending (for another worker), not handled on the way out.
 #[test]
 fn sigterm_finishes_only_the_entry_in_hand() {
-    let server = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("handled");
-    for p in ["e1", "e2", "e3", "e4", "e5"] {
-        add(&server, p);
+    // SIGHUP (the terminal went away) is a graceful stop too.
+    for signal in ["TERM", "HUP"] {
+        let server = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("handled");
+        for p in ["e1", "e2", "e3", "e4", "e5"] {
+            add(&server, p);
+        }
+        let script = format!("cat >> {0}; echo >> {0}; sleep 1", out.display());
+        let mut worker = work(&server, &[("WORK_BATCH_SIZE", "10")], &script);
+        support::wait_for(
+            "the first entry in hand",
+            Duration::from_secs(20),
+            || (!lines(&out).is_empty()).then_some(()),
+            || worker.describe(),
+        );
+        worker.signal(signal);
+        let status = worker.wait_exit(Duration::from_secs(20));
+        assert!(status.success(), "{signal}: {}", worker.describe());
+        assert_eq!(lines(&out), ["e1"], "{signal}: {}", worker.describe());
+        assert_eq!(
+            pending(&server),
+            4,
+            "{signal}: the rest wait for another worker"
+        );
     }
-    let script = format!("cat >> {0}; echo >> {0}; sleep 1", out.display());
-    let mut worker = work(&server, &[("WORK_BATCH_SIZE", "10")], &script);
-    support::wait_for(
-        "the first entry in hand",
-        Duration::from_secs(20),
-        || (!lines(&out).is_empty()).then_some(()),
-        || worker.describe(),
-    );
-    worker.signal("TERM");
-    let status = worker.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "{}", worker.describe());
-    assert_eq!(lines(&out), ["e1"], "{}", worker.describe());
-    assert_eq!(pending(&server), 4, "the rest wait for another worker");
 }
 
 /// A handler past WORK_HANDLER_TIMEOUT is killed, with what it started,
