@@ -911,18 +911,27 @@ struct Burst {
 
 impl Burst {
     fn new(count: u64) -> Self {
+        Self::on(&["messages:published"], count)
+    }
+
+    /// `count` messages on each of `channels`, taking turns, numbered per
+    /// channel.
+    fn on(channels: &[&str], count: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("burst.resp");
         let mut resp = Vec::new();
         for seq in 0..count {
-            let payload = format!(r#"{{"message_id":"burst-{seq}","seq":{seq}}}"#);
-            resp.extend_from_slice(
-                format!(
-                    "*3\r\n$7\r\nPUBLISH\r\n$18\r\nmessages:published\r\n${}\r\n{payload}\r\n",
-                    payload.len()
-                )
-                .as_bytes(),
-            );
+            for channel in channels {
+                let payload = format!(r#"{{"message_id":"burst-{seq}","seq":{seq}}}"#);
+                resp.extend_from_slice(
+                    format!(
+                        "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
+                        channel.len(),
+                        payload.len()
+                    )
+                    .as_bytes(),
+                );
+            }
         }
         std::fs::write(&file, resp).unwrap();
         Self { _dir: dir, file }
@@ -972,4 +981,83 @@ fn a_standby_short_of_memory_loses_nothing_while_its_writer_lives() {
     let seqs = support::seqs(&entries);
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in publish order");
     eprintln!("the standby: {}", standby.line);
+}
+
+/// The process (of `processes`) that writes `stream`, by its record.
+fn writer_of(server: &RedisServer, stream: &str, processes: &[OptimusProcess]) -> Option<usize> {
+    let owner: Option<String> = server.command(&["HGET", &format!("{{{stream}}}:writer"), "owner"]);
+    let pid: u32 = owner?.rsplit('-').nth(1)?.parse().ok()?;
+    processes.iter().position(|p| p.pid() == pid)
+}
+
+/// Two streams, each written by another of two processes that are short of
+/// memory (MEMORY_LIMIT=8MiB), under a burst on both: each process holds,
+/// as a standby, copies the other has not read yet, and each waits for
+/// memory. Neither may stall the other for good: every message lands once,
+/// in order.
+#[test]
+fn two_writers_short_of_memory_do_not_stall_each_other() {
+    const ROUTES: &str = "a=a:out,b=b:out";
+    let env = [("ROUTES", ROUTES), ("MEMORY_LIMIT", "8MiB")];
+    let server = RedisServer::start();
+    let mut processes = vec![OptimusProcess::consume(&server, &env)];
+    processes[0].wait_consumers(2);
+    let publish = |channel: &str, id: &str| {
+        let _: i64 = server.command(&["PUBLISH", channel, &format!(r#"{{"message_id":"{id}"}}"#)]);
+    };
+    let wait_writer = |stream: &str, processes: &[OptimusProcess], who: usize| {
+        support::wait_for(
+            &format!("process {who} to write {stream}"),
+            Duration::from_secs(20),
+            || (writer_of(&server, stream, processes) == Some(who)).then_some(()),
+            || processes.iter().map(|p| p.describe()).collect(),
+        )
+    };
+    publish("a", "a-warm-up");
+    wait_writer("a:out", &processes, 0);
+    processes.push(OptimusProcess::consume(&server, &env));
+    processes[1].wait_consumers(4);
+    // The second process takes a:out over while the first is stopped.
+    processes[0].signal("STOP");
+    publish("a", "a-while-stopped");
+    wait_writer("a:out", &processes, 1);
+    processes[0].signal("CONT");
+    // The first, whole since earlier, writes b:out.
+    publish("b", "b-warm-up");
+    wait_writer("b:out", &processes, 0);
+    for p in &processes {
+        p.wait_settled(Duration::from_secs(20));
+    }
+    for stream in ["a:out", "b:out"] {
+        let _: i64 = server.command(&["XTRIM", stream, "MAXLEN", "0"]);
+    }
+    Burst::on(&["a", "b"], 150_000).send(&server);
+    for stream in ["a:out", "b:out"] {
+        support::wait_for(
+            &format!("150,000 entries in {stream}"),
+            Duration::from_secs(90),
+            || (server.xlen(stream) >= 150_000).then_some(()),
+            || {
+                format!(
+                    "a:out {} b:out {}\n{}",
+                    server.xlen("a:out"),
+                    server.xlen("b:out"),
+                    processes.iter().map(|p| p.describe()).collect::<String>()
+                )
+            },
+        );
+    }
+    for p in &processes {
+        p.wait_settled(Duration::from_secs(30));
+    }
+    for stream in ["a:out", "b:out"] {
+        let entries = server.stream_entries(stream);
+        let tally = Tally::of(&entries, 0..150_000);
+        assert!(tally.is_exact(), "{stream}: {tally}");
+        let seqs = support::seqs(&entries);
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{stream}: in publish order"
+        );
+    }
 }

@@ -340,7 +340,8 @@ impl Bridge {
                     if let Err(err) = result {
                         tracing::error!(cause = %crate::connect::brief(&err), "Redis refused the bridge; stopping");
                         fatal.get_or_insert(err);
-                        fatal_deadline.get_or_insert_with(|| Instant::now() + FATAL_GRACE);
+                        fatal_deadline
+                            .get_or_insert_with(|| Instant::now() + config.shutdown_timeout);
                         stop_reading.cancel();
                     }
                 }
@@ -348,11 +349,18 @@ impl Bridge {
                     scaler_alive = changed.is_ok();
                 }
                 _ = stop_reading.cancelled(), if !stop_reading.is_cancelled() => {}
-                // Redis refused us: what is left gets a moment, not a
-                // graceful stop's time (its writes would be refused too).
+                // Redis refused us: what is left stops as in a graceful
+                // stop (the engine writes what it can), within
+                // SHUTDOWN_TIMEOUT, then is ended.
                 _ = tokio::time::sleep_until(fatal_deadline.unwrap_or_else(Instant::now).into()), if fatal_deadline.is_some() => {
                     tasks.abort_all();
-                    while tasks.join_next().await.is_some() {}
+                    while let Some(joined) = tasks.join_next().await {
+                        if let Err(err) = joined
+                            && err.is_panic()
+                        {
+                            std::panic::resume_unwind(err.into_panic());
+                        }
+                    }
                     break;
                 }
             }
@@ -366,8 +374,14 @@ impl Bridge {
         ever.extend(worker_ids);
         ever.sort();
         ever.dedup();
-        if let Err(err) = presence.remove(&mut conn, &ever).await {
-            tracing::warn!(cause = %crate::connect::brief(&err), "could not delete the presence keys; they expire by themselves");
+        match tokio::time::timeout(UNREGISTER_WITHIN, presence.remove(&mut conn, &ever)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(cause = %crate::connect::brief(&err), "could not delete the presence keys; they expire by themselves");
+            }
+            Err(_) => tracing::warn!(
+                "Redis did not answer the deletion of the presence keys; they expire by themselves"
+            ),
         }
         let totals = self.counters.snapshot();
         if config.print_monitor {
@@ -397,14 +411,11 @@ impl Bridge {
     }
 }
 
-/// How long the rest of a bridge that Redis refused may take to stop.
-const FATAL_GRACE: Duration = Duration::from_secs(2);
-
 /// How often a quiet process gives free memory back to the system.
 const RELEASE_EVERY: Duration = Duration::from_secs(10);
 
-/// How long a bridge stopped while registering may take to take its
-/// registration back (Redis may be what is slow).
+/// How long taking a registration back (ctl's, the presence keys) may take
+/// when a bridge stops (Redis may be what is slow): they lapse by themselves.
 const UNREGISTER_WITHIN: Duration = Duration::from_secs(2);
 
 /// The readers the process runs on one server: at most this many,

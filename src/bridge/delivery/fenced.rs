@@ -149,6 +149,8 @@ struct LaneState {
     /// and the last mark its readers had delivered then.
     writer_live_at: Option<Instant>,
     writer_seen: u64,
+    /// The mark that writer's sequence was whole since then.
+    writer_since: u64,
     /// The mark this process's sequence was whole since when it took the
     /// stream over (see the writer's hole in `decide`).
     taken_since: u64,
@@ -167,7 +169,7 @@ struct LaneState {
 }
 
 impl LaneState {
-    fn new(lane: Arc<Lane>, window: Duration) -> Self {
+    fn new(lane: Arc<Lane>, window: Duration, cycle: u64) -> Self {
         Self {
             lane,
             queue: VecDeque::new(),
@@ -184,12 +186,14 @@ impl LaneState {
             wanted_since: None,
             writer_live_at: None,
             writer_seen: 0,
+            writer_since: 0,
             taken_since: 0,
             shed_through: 0,
             window: Window::new(window),
             reused: Throttle::default(),
             last_active: Instant::now(),
-            asked_in: 0,
+            // A new lane takes its turn after those waiting longer.
+            asked_in: cycle,
         }
     }
 
@@ -212,6 +216,14 @@ impl LaneState {
     fn record_at(&mut self, pos: Option<Position>) {
         if self.pos.is_some_and(|known| pos.is_none_or(|p| p < known)) {
             self.window.forget_after(pos);
+            // Copies passed over as re-sends of what is gone are decided
+            // again (nothing is on its way here).
+            for q in self.queue.iter_mut() {
+                if matches!(q.fate, Fate::Skip { .. }) {
+                    q.fate = Fate::Write;
+                    q.decided = false;
+                }
+            }
         }
         self.pos = pos;
         self.moved_at = Instant::now();
@@ -342,6 +354,8 @@ pub struct Fenced {
     /// itself the most complete process only once the others have had
     /// TAKEOVER_AFTER to beat too.
     member_since: Option<Instant>,
+    /// Since when the budget has been spent with nothing to shed.
+    shed_nothing_since: Option<Instant>,
 }
 
 impl Fenced {
@@ -367,6 +381,7 @@ impl Fenced {
             warnings: Throttle::default(),
             routes_said: None,
             member_since: None,
+            shed_nothing_since: None,
         }
     }
 
@@ -395,6 +410,8 @@ impl Fenced {
             }
             if self.budget.pressed() {
                 self.shed();
+            } else {
+                self.shed_nothing_since = None;
             }
             self.start_writes().await;
             if let Some(since) = readers_done
@@ -425,7 +442,7 @@ impl Fenced {
                 None => self
                     .lanes
                     .entry(stream.into())
-                    .or_insert_with(|| LaneState::new(m.lane.clone(), window)),
+                    .or_insert_with(|| LaneState::new(m.lane.clone(), window, self.cycles)),
             };
             lane.last_active = now;
             if lane.is_writer() && !last_woken.as_ref().is_some_and(|l| Arc::ptr_eq(l, &m.lane)) {
@@ -590,6 +607,7 @@ impl Fenced {
                 lane.role = Role::Standby;
                 lane.resync = false;
                 lane.in_flight.clear();
+                lane.refused = None;
                 if let Some(pos) = pos {
                     cover(lane, pos, &self.counters);
                 }
@@ -640,7 +658,7 @@ impl Fenced {
             .lanes
             .iter()
             .filter(|(_, l)| !l.queue.is_empty() || l.is_writer())
-            .map(|(k, l)| (!l.resync, l.asked_in, k))
+            .map(|(k, l)| (!(l.resync && l.in_flight.is_empty()), l.asked_in, k))
             .collect();
         // With more lanes than a cycle reads, writers waiting on their
         // record first, then the longest unasked.
@@ -787,6 +805,7 @@ impl Fenced {
                 lane.role = Role::Standby;
                 lane.resync = false;
                 lane.in_flight.clear();
+                lane.refused = None;
             } else {
                 if lane.resync && lane.in_flight.is_empty() {
                     if let Some(pos) = record.pos {
@@ -861,10 +880,21 @@ impl Fenced {
         if record.pos != lane.pos {
             lane.record_at(record.pos);
         }
-        let live = record.owner.as_deref().and_then(|o| members.get(o));
-        if let Some(m) = live.filter(|m| now_ms.saturating_sub(m.beat) <= takeover_ms) {
-            lane.writer_live_at = Some(Instant::now());
-            lane.writer_seen = m.seen;
+        // (A record naming this process is not a live writer: nobody writes
+        // with it.)
+        let live = record
+            .owner
+            .as_deref()
+            .filter(|o| *o != self.config.member)
+            .and_then(|o| members.get(o))
+            .filter(|m| now_ms.saturating_sub(m.beat) <= takeover_ms);
+        match live {
+            Some(m) => {
+                lane.writer_live_at = Some(Instant::now());
+                lane.writer_seen = m.seen;
+                lane.writer_since = m.since;
+            }
+            None => lane.writer_live_at = None,
         }
         let Some(front) = lane.queue.front() else {
             lane.wanted_since = None;
@@ -967,6 +997,7 @@ impl Fenced {
                 lane.wanted_since = None;
                 lane.resync = false;
                 lane.in_flight.clear();
+                lane.refused = None;
                 if let Some(pos) = pos {
                     cover(lane, pos, &self.counters);
                 }
@@ -1028,19 +1059,35 @@ impl Fenced {
     /// mark it had seen); the lane can then no longer take over cleanly from
     /// before them. Other copies are kept (this process may have to write
     /// them), and the readers stop reading until writes free memory.
+    ///
+    /// Should nothing be shed that way for a while (each process holds, as a
+    /// standby, copies its writer has not read, and each writer waits for
+    /// memory: two streams written by two processes can do that to each
+    /// other), copies of a live writer's lanes are shed regardless, oldest
+    /// first, and that is said.
     fn shed(&mut self) {
         let mut shed = 0u64;
         let fresh = self.config.takeover_after * 2 + CYCLE_EVERY * 4;
+        let stuck = self
+            .shed_nothing_since
+            .is_some_and(|at| at.elapsed() >= presumed_dead_after(self.config.takeover_after));
         for lane in self
             .lanes
             .values_mut()
             .filter(|l| !l.is_writer() && l.writer_live_at.is_some_and(|at| at.elapsed() < fresh))
         {
-            let held_by_writer = lane
-                .queue
-                .iter()
-                .take_while(|q| q.m.position.is_some_and(|p| p.mark < lane.writer_seen))
-                .count();
+            // What the writer holds: from the mark it is whole since, up to
+            // the last mark it has seen.
+            let held_by_writer = match lane.queue.front().and_then(|q| q.m.position) {
+                Some(front) if front.mark >= lane.writer_since || stuck => lane
+                    .queue
+                    .iter()
+                    .take_while(|q| {
+                        stuck || q.m.position.is_some_and(|p| p.mark < lane.writer_seen)
+                    })
+                    .count(),
+                _ => 0,
+            };
             let n = held_by_writer.min(lane.queue.len().div_ceil(2));
             for q in lane.queue.drain(..n) {
                 if let Some(p) = q.m.position {
@@ -1049,9 +1096,19 @@ impl Fenced {
                 shed += 1;
             }
         }
-        if shed > 0 {
-            Counters::add(&self.counters.overflow, shed);
-            if self.warnings.ready().is_some() {
+        if shed == 0 {
+            self.shed_nothing_since.get_or_insert_with(Instant::now);
+            return;
+        }
+        self.shed_nothing_since = None;
+        Counters::add(&self.counters.overflow, shed);
+        if self.warnings.ready().is_some() {
+            if stuck {
+                tracing::warn!(
+                    shed,
+                    "memory budget spent (MEMORY_LIMIT) with nothing the writers had received to drop: dropped copies they had not received yet (lost if their writer misses them; see overflow)"
+                );
+            } else {
                 tracing::warn!(
                     shed,
                     "memory budget spent (MEMORY_LIMIT): dropped copies another process writes (see overflow)"
