@@ -3,8 +3,9 @@
 //! rate, a fault injected while it runs, and then the stream compared with
 //! what was published: every message exactly once (lost = 0, duplicates = 0).
 //!
-//! These tests run one at a time (see .config/nextest.toml): each loads both
-//! cores on its own.
+//! Each of these tests runs alone, no other test beside it (see
+//! .config/nextest.toml): each loads both cores on its own, and some
+//! measure time.
 
 mod support;
 
