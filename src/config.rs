@@ -512,7 +512,7 @@ pub struct ConsumeArgs {
     /// [default: never].
     #[arg(long, env = "IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
-    /// Seconds a graceful stop (SIGTERM, SIGINT, the kill switch) may take:
+    /// Seconds a graceful stop (SIGTERM, SIGINT, SIGHUP, the kill switch) may take:
     /// past it the process exits 1, saying how many messages it left
     /// unsettled (other workers hold copies of them).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30")]

@@ -40,7 +40,7 @@ enum Command {
     /// and write every message to OUTPUT_STREAM (or its route's stream)
     /// exactly once, printing a monitoring line every MONITORING_INTERVAL.
     ///
-    /// SIGINT/SIGTERM stop reading, finish what was received, delete the presence
+    /// SIGINT, SIGTERM or SIGHUP stop reading, finish what was received, delete the presence
     /// keys and exit 0; a second signal exits at once.
     Consume(Box<ConsumeArgs>),
     /// Publish timed batches of test messages ({"message_id": "<uuid>", "seq": n, "sent_ms": t}).
