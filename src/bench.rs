@@ -623,6 +623,13 @@ async fn spawn_bridge(
     }
 }
 
+/// The benchmark's messages (an unnamed run, numbered from 0) in its
+/// stream against the `published` count.
+async fn audit_of(url: &str, published: u64) -> Result<crate::audit::AuditReport> {
+    let endpoint = crate::connect::Endpoint::new(url);
+    Ok(crate::audit::audit(&endpoint, STREAM, None, published, Some("")).await?)
+}
+
 fn stop(mut child: Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -670,14 +677,7 @@ async fn bridge_row(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let kept = memory_beside(conn, STREAM).await?;
     stop(child);
-    let audit = crate::audit::audit(
-        &crate::connect::Endpoint::new(url),
-        STREAM,
-        None,
-        config.messages,
-        Some(""),
-    )
-    .await?;
+    let audit = audit_of(url, config.messages).await?;
     let rate = config.messages as f64 / seconds;
     Ok(BridgeRow {
         strategy: strategy.name(),
@@ -885,14 +885,7 @@ async fn latency_row(
     publish_steady(url, total, config.latency_rate).await?;
     let mut latencies = reader.await??;
     stop(child);
-    let audit = crate::audit::audit(
-        &crate::connect::Endpoint::new(url),
-        STREAM,
-        None,
-        total,
-        Some(""),
-    )
-    .await?;
+    let audit = audit_of(url, total).await?;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -963,14 +956,7 @@ async fn steady_row(
     let rss = peak_rss(child.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop(child);
-    let audit = crate::audit::audit(
-        &crate::connect::Endpoint::new(url),
-        STREAM,
-        None,
-        total,
-        Some(""),
-    )
-    .await?;
+    let audit = audit_of(url, total).await?;
     Ok(SteadyRow {
         strategy: strategy.name(),
         workers,

@@ -344,12 +344,7 @@ fn permissions_taken_away_mid_run_stop_the_bridge_with_one_line() {
         let _: () = server.command(&["ACL", "SETUSER", "bridge", "-@scripting"]);
         let status = consume.wait_exit(Duration::from_secs(20));
         assert_eq!(status.code(), Some(1), "{strategy}: {}", consume.describe());
-        let errors: Vec<String> = consume
-            .stderr()
-            .lines()
-            .filter(|l| l.starts_with("optimus: "))
-            .map(String::from)
-            .collect();
+        let errors = consume.error_lines();
         assert_eq!(errors.len(), 1, "{strategy}: {}", consume.describe());
         assert!(errors[0].contains("NOPERM"), "{strategy}: {}", errors[0]);
         publisher.signal("KILL");

@@ -414,12 +414,7 @@ fn a_group_deleted_under_the_workers_stops_them_with_one_line() {
     let _: i64 = server.command(&["XGROUP", "DESTROY", STREAM, GROUP]);
     let status = worker.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(1), "{}", worker.describe());
-    let errors: Vec<String> = worker
-        .stderr()
-        .lines()
-        .filter(|l| l.starts_with("optimus: "))
-        .map(String::from)
-        .collect();
+    let errors = worker.error_lines();
     assert_eq!(errors.len(), 1, "{}", worker.describe());
     assert!(errors[0].contains("was deleted"), "{}", errors[0]);
 }

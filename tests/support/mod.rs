@@ -372,6 +372,15 @@ impl OptimusProcess {
         )
     }
 
+    /// Its error lines: those of stderr that start with `optimus: `.
+    pub fn error_lines(&self) -> Vec<String> {
+        self.stderr()
+            .lines()
+            .filter(|l| l.starts_with("optimus: "))
+            .map(String::from)
+            .collect()
+    }
+
     pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{signal}"), &self.pid().to_string()])
