@@ -393,6 +393,10 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
     match bridge.run(shutdown).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(BridgeError::Config(err)) => bad_setting(&err),
+        Err(err @ BridgeError::MixedStrategies(_)) => {
+            eprintln!("optimus: {err}");
+            ExitCode::from(2)
+        }
         Err(err) => {
             eprintln!("optimus: {err}");
             ExitCode::from(1)

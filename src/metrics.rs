@@ -146,6 +146,12 @@ impl Collector for BridgeCollector {
             "Messages neither the stream nor the dead-letter stream would take",
             &c.refused,
         )?;
+        counter(
+            &mut e,
+            "optimus_bad_marks",
+            "Messages on the pool's marks channel that were no mark of the pool (not sealed by the server's scripts, or sent again): ignored",
+            &c.bad_marks,
+        )?;
         gauge(
             &mut e,
             "optimus_pending",

@@ -4,7 +4,7 @@
 //! monitor prints one line on stdout:
 //!
 //! ```text
-//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 redis=connected
+//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 bad_marks=0 redis=connected
 //! ```
 //!
 //! The line is printed every interval whatever Redis does: while it cannot
@@ -54,6 +54,9 @@ pub struct Counters {
     /// Messages that neither the stream nor the dead-letter stream would
     /// take (each logged with Redis's reasons).
     pub refused: AtomicU64,
+    /// Messages on the marks channel that were no mark of the pool (not
+    /// sealed by the server's scripts, or not after the last mark): ignored.
+    pub bad_marks: AtomicU64,
     /// Whether this process reaches Redis now (see [`Counters::set_link`]).
     link: LinkState,
     /// Seconds each write batch took (its round trip to Redis).
@@ -79,6 +82,7 @@ impl Default for Counters {
             workers: AtomicU64::default(),
             reused_ids: AtomicU64::default(),
             refused: AtomicU64::default(),
+            bad_marks: AtomicU64::default(),
             link: LinkState::default(),
             // 0.1 ms to about 3 s.
             batch_seconds: prometheus_client::metrics::histogram::Histogram::new(
@@ -136,6 +140,7 @@ impl Counters {
             redis_errors: get(&self.redis_errors),
             reused_ids: get(&self.reused_ids),
             refused: get(&self.refused),
+            bad_marks: get(&self.bad_marks),
         }
     }
 }
@@ -289,6 +294,7 @@ pub struct Snapshot {
     pub redis_errors: u64,
     pub reused_ids: u64,
     pub refused: u64,
+    pub bad_marks: u64,
 }
 
 impl Snapshot {
@@ -328,7 +334,7 @@ impl fmt::Display for MonitorLine {
         }
         write!(
             f,
-            " received={} written={} duplicates_skipped={} taken_over={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={} reused_ids={} refused={} {}",
+            " received={} written={} duplicates_skipped={} taken_over={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={} reused_ids={} refused={} bad_marks={} {}",
             c.received,
             c.written,
             c.duplicates_skipped,
@@ -344,6 +350,7 @@ impl fmt::Display for MonitorLine {
             c.redis_errors,
             c.reused_ids,
             c.refused,
+            c.bad_marks,
             self.link
         )
     }
@@ -368,7 +375,7 @@ mod tests {
         };
         assert_eq!(
             line.to_string(),
-            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 redis=connected"
+            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 bad_marks=0 redis=connected"
         );
         let down = MonitorLine {
             consumers: None,

@@ -224,7 +224,10 @@ impl Publisher {
                 config.ack_ttl,
             ),
             conn,
-            probe: routes.first().map(|r| probe_channel(&r.source)),
+            probe: routes.first().map(|r| {
+                let db = endpoint.info().map_or(0, |info| info.redis_settings().db());
+                probe_channel(db, &r.source, &r.target)
+            }),
             sharded: endpoint.is_sharded(),
             cluster: endpoint.is_cluster() || cluster_node,
             channel: config.channel.clone(),

@@ -1062,3 +1062,129 @@ fn two_writers_short_of_memory_do_not_stall_each_other() {
         );
     }
 }
+
+/// The pool's marks channel, as every process of the default pool hears it.
+const MARKS: &str = "{messages:processed}:marks";
+
+/// Numbers published on the marks channel by anything but the pool's
+/// scripts (a careless client; a tool forwarding every channel of another
+/// server): the largest number, a mark far back, one ahead of the clock, a
+/// well-formed mark with a wrong tag, garbage, and a genuine mark sent
+/// again later. None of them is taken for a mark: every process, one that
+/// joins after them too, writes every message once, in order, and counts
+/// and names what it ignored.
+#[test]
+fn forged_marks_lose_and_duplicate_nothing() {
+    forged_marks(&[]);
+}
+
+#[test]
+fn forged_marks_lose_and_duplicate_nothing_with_the_race_strategy() {
+    forged_marks(&[("STRATEGY", "race")]);
+}
+
+fn forged_marks(env: &[(&'static str, &str)]) {
+    let mut pool = Pool::start(RedisServer::start(), 3, env);
+    let mut conn = pool.server.conn();
+    // A genuine mark, caught as any subscriber of the channel can.
+    let mut listener = pool.server.conn();
+    let mut pubsub = listener.as_pubsub();
+    pubsub.subscribe(MARKS).unwrap();
+    let genuine: String = pubsub.get_message().unwrap().get_payload().unwrap();
+    drop(pubsub);
+    let mut publisher = pool.publisher(5000, 6);
+    std::thread::sleep(Duration::from_millis(800));
+    let clock: u64 = pool.server.command(&["GET", "{messages:processed}:clock"]);
+    let ahead = clock + 10_000 * 1024;
+    let forged = [
+        u64::MAX.to_string(),
+        "1".to_string(),
+        ahead.to_string(),
+        format!("{ahead}:0123456789abcdef"),
+        "not a mark".to_string(),
+        genuine.clone(),
+    ];
+    for payload in &forged {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(MARKS)
+            .arg(payload)
+            .query(&mut conn)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // A process joins after the forgeries.
+    pool.replace(0);
+    let summary = pool.finish(&mut publisher);
+    pool.check(&summary);
+    for p in &pool.processes[1..] {
+        let line = p.wait_for_latest("monitor ", Duration::from_secs(10), |f| {
+            f.num("bad_marks") >= forged.len() as u64
+        });
+        assert!(
+            line.num("bad_marks") >= forged.len() as u64,
+            "{}",
+            line.line
+        );
+        assert!(
+            p.stderr()
+                .lines()
+                .any(|l| l.contains("not a mark of this pool") && l.contains(MARKS)),
+            "the ignored marks are said, naming the channel\n{}",
+            p.describe()
+        );
+    }
+}
+
+/// A writer record holding a position no mark of the pool made (written by
+/// hand, or left by an older optimus that took a forged mark): it is put
+/// right, loudly, and nothing is lost or written twice.
+#[test]
+fn a_writer_record_with_an_impossible_position_is_put_right() {
+    let pool = Pool::start(RedisServer::start(), 2, &[]);
+    let mut publisher = pool.publisher(5000, 6);
+    std::thread::sleep(Duration::from_millis(1500));
+    for bad in [format!("{}:60", u64::MAX), "garbage".to_string()] {
+        let _: i64 = pool
+            .server
+            .command(&["HSET", "{messages:processed}:writer", "pos", &bad]);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let summary = pool.finish(&mut publisher);
+    pool.check(&summary);
+    let said = pool
+        .processes
+        .iter()
+        .any(|p| p.stderr().contains("put right"));
+    assert!(said, "the repair is said\n{}", pool.describe());
+}
+
+/// One pool, one strategy: a race process started beside a fenced pool
+/// (and a fenced one beside a race pool) exits 2 with one line naming
+/// both strategies, having written nothing: the stream still holds every
+/// message once.
+#[test]
+fn a_process_of_another_strategy_is_refused() {
+    for (pool_env, other) in [(vec![], "race"), (vec![("STRATEGY", "race")], "fenced")] {
+        let pool = Pool::start(RedisServer::start(), 2, &pool_env);
+        let mut publisher = pool.publisher(5000, 4);
+        std::thread::sleep(Duration::from_millis(1000));
+        let mut stranger = OptimusProcess::consume(&pool.server, &[("STRATEGY", other)]);
+        let status = stranger.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{}", stranger.describe());
+        let errors = stranger.error_lines();
+        let last = stranger
+            .stderr()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            last.starts_with("optimus: ")
+                && last.contains(&format!("STRATEGY={other}"))
+                && last.contains(if other == "race" { "=fenced" } else { "=race" }),
+            "one line naming both strategies: {last}\n{errors:?}"
+        );
+        let summary = pool.finish(&mut publisher);
+        pool.check(&summary);
+    }
+}

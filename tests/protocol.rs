@@ -163,11 +163,13 @@ async fn the_clock_and_the_epochs_never_go_back_when_redis_loses_its_data() {
     let clock = "{s:out}:clock";
     let mark = || -> u64 {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::MARK)
+        cmd.arg(scripts::START)
             .arg(1)
             .arg(clock)
             .arg("{s:out}:marks");
-        cmd.query(&mut server.conn()).unwrap()
+        // "<mark>:<seal>"
+        let text: String = cmd.query(&mut server.conn()).unwrap();
+        text.split(':').next().unwrap().parse().unwrap()
     };
     let first = mark();
     let second = mark();

@@ -315,3 +315,45 @@ fn a_batch_of_large_payloads_does_not_drop_the_subscribers() {
     assert_eq!(line.num("reconnects"), 0, "{}", line.line);
     assert_exactly_once(&server.stream_entries(STREAM), 0..1000);
 }
+
+/// The fast path asks whether a bridge for *its* stream and database is
+/// subscribed: a pool bridging the same channel into another stream, or in
+/// another database, is no bridge for it. With only pool `sx` running,
+/// `publish --stream sy` writes every message to `sy` itself (and `sx`
+/// still gets each once from its pool); a pool of `sy` in database 1 does
+/// not count for database 0 either.
+#[test]
+fn the_fast_path_asks_for_a_bridge_of_its_own_stream_and_database() {
+    let server = RedisServer::start();
+    let sx = OptimusProcess::consume(&server, &[("OUTPUT_STREAM", "sx")]);
+    let db1 = format!("{}/1", server.url());
+    let sy_db1 = OptimusProcess::consume(
+        &server,
+        &[("OUTPUT_STREAM", "sy"), ("REDIS_URL", db1.as_str())],
+    );
+    sx.wait_consumers(2);
+    sy_db1.wait_consumers(2);
+    let summary = publish(
+        &server,
+        &[],
+        &["--stream", "sy", "--count", "1000", "--batch-size", "100"],
+    );
+    assert_eq!(summary.num("no_subscriber"), 1000, "{}", summary.line);
+    assert_eq!(summary.num("stored_directly"), 1000, "{}", summary.line);
+    assert_exactly_once(&server.stream_entries("sy"), 0..1000);
+    support::wait_for(
+        "1000 entries in sx",
+        Duration::from_secs(20),
+        || (server.xlen("sx") >= 1000).then_some(()),
+        || sx.describe(),
+    );
+    sx.wait_settled(Duration::from_secs(10));
+    assert_exactly_once(&server.stream_entries("sx"), 0..1000);
+    // And with the pool of sx asked for: the bridge writes, the fast path not.
+    let summary = publish(
+        &server,
+        &[],
+        &["--stream", "sx", "--count", "500", "--batch-size", "100"],
+    );
+    assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
+}

@@ -34,6 +34,7 @@ use delivery::cluster::Subscription;
 use delivery::fenced::{Fenced, FencedConfig};
 use delivery::ids::Identify;
 use delivery::intake::Intake;
+use delivery::members::{Beat, is_mixed};
 use delivery::race::{RaceWorker, Racer};
 use delivery::reader::{Coverage, Reader, ReaderBatch};
 use delivery::{Message, Pool};
@@ -47,6 +48,10 @@ pub enum BridgeError {
     /// Redis refused us in a way retrying cannot mend (credentials, permissions).
     #[error("Redis at {server} refused the bridge: {}", crate::connect::explain(.source))]
     Refused { server: String, source: RedisError },
+    /// The pool runs another strategy (see [`delivery::members`]): this
+    /// process writes nothing.
+    #[error("{0}")]
+    MixedStrategies(String),
     /// A graceful stop took longer than SHUTDOWN_TIMEOUT.
     #[error(
         "SHUTDOWN_TIMEOUT ({}s) passed: stopped with {unsettled} received messages unsettled (other workers hold copies of them, unless they stopped too)",
@@ -113,9 +118,12 @@ impl Bridge {
     async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<Snapshot, BridgeError> {
         let config = &self.config;
         let server = config.endpoint.to_string();
-        let refused = |source| BridgeError::Refused {
-            server: server.clone(),
-            source,
+        let refused = |source: RedisError| match is_mixed(&source) {
+            Some(line) => BridgeError::MixedStrategies(line),
+            None => BridgeError::Refused {
+                server: server.clone(),
+                source,
+            },
         };
         // The monitoring line goes on while Redis cannot be reached yet.
         let connected = CancellationToken::new();
@@ -214,6 +222,10 @@ impl Bridge {
         // Stops presence, monitoring and scaling, after the workers are done.
         let stop_aux = CancellationToken::new();
         let mut tasks: JoinSet<Result<(), RedisError>> = JoinSet::new();
+        let db = config
+            .endpoint
+            .info()
+            .map_or(0, |info| info.redis_settings().db());
         let router = Arc::new(route::Router::new(
             routes,
             route::LanePlan {
@@ -221,6 +233,7 @@ impl Bridge {
                 cluster: config.endpoint.is_cluster(),
                 format: config.output_format,
                 id_field: config.message_id_field.clone(),
+                db,
             },
         ));
         let budget = Budget::new(config.memory_limit);
@@ -234,13 +247,7 @@ impl Bridge {
                 false => Coverage::counted_by_intake(),
             }),
             budget: budget.clone(),
-            pool: Pool::in_db(
-                &config.output_stream,
-                config
-                    .endpoint
-                    .info()
-                    .map_or(0, |info| info.redis_settings().db()),
-            ),
+            pool: Pool::in_db(&config.output_stream, db),
             batches: None,
             readers: Vec::new(),
             racers: Arc::default(),
@@ -338,7 +345,10 @@ impl Bridge {
                     let result =
                         joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
                     if let Err(err) = result {
-                        tracing::error!(cause = %crate::connect::brief(&err), "Redis refused the bridge; stopping");
+                        match is_mixed(&err) {
+                            Some(line) => tracing::error!(cause = %line, "this process may not write this stream; stopping"),
+                            None => tracing::error!(cause = %crate::connect::brief(&err), "Redis refused the bridge; stopping"),
+                        }
                         fatal.get_or_insert(err);
                         fatal_deadline
                             .get_or_insert_with(|| Instant::now() + config.shutdown_timeout);
@@ -458,19 +468,33 @@ impl Spawner {
         let config = &self.config;
         let (tx, rx) = mpsc::channel(64);
         self.batches = Some(tx);
+        let routes = xxhash_rust::xxh3::xxh3_64(self.routes_shown.as_bytes());
+        let member = process.name();
+        // Joins the pool before anything is read: a process whose strategy
+        // is not the live members' stops here, having written nothing.
+        let Some(mut conn) = connection(&config.endpoint, shutdown).await? else {
+            return Ok(());
+        };
+        Beat {
+            pool: &self.pool,
+            member: &member,
+            strategy: config.strategy,
+            seen: 0,
+            since: u64::MAX,
+            routes,
+        }
+        .cycle(&mut conn, &[], false)
+        .await?;
         let intake = Intake::new(Identify::by_position(
             config.message_id_field.clone(),
             config.max_payload_bytes,
         ));
         match config.strategy {
             Strategy::Fenced => {
-                let Some(conn) = connection(&config.endpoint, shutdown).await? else {
-                    return Ok(());
-                };
                 let fenced = Fenced::new(
                     FencedConfig {
-                        member: process.name(),
-                        routes: xxhash_rust::xxh3::xxh3_64(self.routes_shown.as_bytes()),
+                        member,
+                        routes,
                         pool: self.pool.clone(),
                         batch_size: config.batch_size,
                         takeover_after: config.takeover_after,
@@ -484,9 +508,6 @@ impl Spawner {
                 tasks.spawn(fenced.run(rx));
             }
             Strategy::Race => {
-                let Some(conn) = connection(&config.endpoint, shutdown).await? else {
-                    return Ok(());
-                };
                 tasks.spawn(dispatch(
                     intake,
                     self.counters.clone(),
@@ -495,6 +516,8 @@ impl Spawner {
                     Marks {
                         conn,
                         pool: self.pool.clone(),
+                        member,
+                        routes,
                     },
                 ));
             }
@@ -623,9 +646,33 @@ impl Spawner {
 /// What publishes the race strategy's marks (the fenced loop's cycle does
 /// for its own): a message's mark dates it in the server's time, which the
 /// race's guard against long stops needs.
+/// The race loop's cycle: its beat among the pool's members, and a mark.
 struct Marks {
     conn: Conn,
     pool: Pool,
+    member: String,
+    routes: u64,
+}
+
+impl Marks {
+    async fn cycle(&mut self, intake: &Intake, leaving: bool) -> Result<(), RedisError> {
+        let beat = Beat {
+            pool: &self.pool,
+            member: &self.member,
+            strategy: Strategy::Race,
+            seen: intake.seen(),
+            since: intake.continuous_since(),
+            routes: self.routes,
+        };
+        match beat.cycle(&mut self.conn, &[], leaving).await {
+            Ok(_) => Ok(()),
+            Err(err) if crate::connect::is_fatal(&err) || is_mixed(&err).is_some() => Err(err),
+            Err(err) => {
+                tracing::debug!(cause = %crate::connect::brief(&err), "no mark this time");
+                Ok(())
+            }
+        }
+    }
 }
 
 async fn dispatch(
@@ -644,13 +691,7 @@ async fn dispatch(
                 None => break,
             },
             _ = tick.tick() => {
-                let mut cmd = delivery::scripts::evalsha(delivery::scripts::MARK, &[&marks.pool.clock]);
-                cmd.arg(&marks.pool.marks);
-                match delivery::scripts::run::<u64, _>(&mut marks.conn, cmd).await {
-                    Ok(_) => {}
-                    Err(err) if crate::connect::is_fatal(&err) => return Err(err),
-                    Err(err) => tracing::debug!(cause = %crate::connect::brief(&err), "no mark this time"),
-                }
+                marks.cycle(&intake, false).await?;
                 continue;
             }
         };
@@ -671,6 +712,7 @@ async fn dispatch(
         }
     }
     racers.lock().unwrap().clear();
+    let _ = marks.cycle(&intake, true).await;
     Ok(())
 }
 

@@ -249,6 +249,8 @@ pub struct LanePlan {
     pub cluster: bool,
     pub format: OutputFormat,
     pub id_field: String,
+    /// The database the streams are in (the probe channels name it).
+    pub db: i64,
 }
 
 /// A process's routes, resolved to lanes. Shared by its workers.
@@ -273,7 +275,7 @@ impl Router {
             fixed: Vec::new(),
             probes: routes
                 .iter()
-                .map(|r| super::delivery::probe_channel(&r.source))
+                .map(|r| super::delivery::probe_channel(plan.db, &r.source, &r.target))
                 .collect(),
             routes,
             plan,

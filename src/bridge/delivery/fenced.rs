@@ -20,9 +20,10 @@ use tokio::task::JoinSet;
 
 use super::budget::Budget;
 use super::intake::Intake;
+use super::members::{Beat, Cycle, is_mixed};
 use super::reader::ReaderBatch;
 use super::{Lane, Message, Pool, Position, Trim, push_entry, scripts, target};
-use crate::config::OutputFormat;
+use crate::config::{OutputFormat, Strategy};
 use crate::connect::{Conn, brief, is_fatal, reconnect_backoff};
 use crate::monitor::{Counters, Throttle};
 
@@ -37,8 +38,6 @@ const WRITES_PER_TRIP: usize = 16;
 /// another, its writes would find the record elsewhere and write nothing:
 /// the lane reads the record and goes on).
 const TRIPS: usize = 2;
-/// A member silent for this long is removed from the members hash.
-const MEMBER_STALE: Duration = Duration::from_secs(60);
 /// A quiet writer gives its stream back after this long.
 const QUIET_RELEASE: Duration = Duration::from_secs(30);
 /// Cycles between two sweeps of every lane (see `Fenced::sweep`).
@@ -123,6 +122,10 @@ struct Record {
     epoch: Option<String>,
     owner: Option<String>,
     pos: Option<Position>,
+    /// The position as the record holds it, when no mark of the pool can
+    /// have made it (past the clock, or no position at all): see
+    /// `Fenced::repair`.
+    impossible: Option<String>,
 }
 
 struct LaneState {
@@ -166,6 +169,8 @@ struct LaneState {
     last_active: Instant,
     /// The cycle that last read the record.
     asked_in: u64,
+    /// Since when the record has held an impossible position.
+    impossible_since: Option<Instant>,
 }
 
 impl LaneState {
@@ -194,6 +199,7 @@ impl LaneState {
             last_active: Instant::now(),
             // A new lane takes its turn after those waiting longer.
             asked_in: cycle,
+            impossible_since: None,
         }
     }
 
@@ -672,27 +678,21 @@ impl Fenced {
                 lane.asked_in = self.cycles;
             }
         }
-        let pool = &self.config.pool;
-        let mut keys: Vec<&str> = vec![&pool.clock, &pool.members];
-        for stream in &asked {
-            keys.push(&self.lanes[stream].lane.keys.writer);
-        }
-        let mut cmd = scripts::evalsha(scripts::CYCLE, &keys);
-        cmd.arg(&self.config.member)
-            .arg(format!(
-                "{}:{}:{}",
-                self.intake.seen(),
-                self.intake.continuous_since(),
-                self.config.routes
-            ))
-            .arg(&pool.marks)
-            .arg(if leaving { 0 } else { 1 })
-            .arg(MEMBER_STALE.as_millis() as u64);
-        type Record3 = (Option<String>, Option<String>, Option<String>);
-        type Reply = (u64, u64, Vec<String>, Vec<Record3>, u8);
-        let reply: Reply = match scripts::run(&mut self.conn, cmd).await {
+        let records: Vec<&str> = asked
+            .iter()
+            .map(|stream| self.lanes[stream].lane.keys.writer.as_str())
+            .collect();
+        let beat = Beat {
+            pool: &self.config.pool,
+            member: &self.config.member,
+            strategy: Strategy::Fenced,
+            seen: self.intake.seen(),
+            since: self.intake.continuous_since(),
+            routes: self.config.routes,
+        };
+        let reply = match beat.cycle(&mut self.conn, &records, leaving).await {
             Ok(reply) => reply,
-            Err(err) if is_fatal(&err) => return Err(err),
+            Err(err) if is_fatal(&err) || is_mixed(&err).is_some() => return Err(err),
             Err(err) => {
                 Counters::add(&self.counters.redis_errors, 1);
                 tracing::debug!(cause = %brief(&err), "cycle failed; trying again next time");
@@ -703,10 +703,16 @@ impl Fenced {
         if leaving {
             return Ok(());
         }
-        let (_mark, now, members, records, new) = reply;
+        let Cycle {
+            mark,
+            now_ms: now,
+            members,
+            records,
+            new,
+        } = reply;
         // A new entry (first cycle, or the members were lost with Redis's
         // data): the others' entries may not be back yet.
-        if new == 1 || self.member_since.is_none() {
+        if new || self.member_since.is_none() {
             self.member_since = Some(Instant::now());
         }
         let members: HashMap<&str, Member> = members
@@ -740,11 +746,20 @@ impl Fenced {
             );
         }
         for (stream, (epoch, owner, pos)) in asked.iter().zip(records) {
+            let decoded = pos.as_deref().and_then(Position::decode);
+            // The cycle's mark is above every mark published before it: a
+            // position past it was made of no mark of the pool.
+            let impossible = pos.filter(|_| decoded.is_none_or(|p| p.mark > mark));
             let record = Record {
                 epoch,
                 owner: owner.filter(|o| !o.is_empty()),
-                pos: pos.as_deref().and_then(Position::decode),
+                pos: decoded.filter(|_| impossible.is_none()),
+                impossible,
             };
+            if record.impossible.is_some() {
+                self.repair(stream, &record, now, &members).await?;
+                continue;
+            }
             self.decide(stream, record, now, &members).await?;
             // It may write now (it took the stream over, or read its record).
             self.ready.insert(stream.clone());
@@ -785,6 +800,80 @@ impl Fenced {
         if self.ready.capacity() > 4 * self.ready.len().max(16) {
             self.ready.shrink_to(self.ready.len() * 2);
         }
+    }
+
+    /// A record holding an impossible position (see [`Record`]): nothing is
+    /// covered by it. The writer puts back the position it last wrote; when
+    /// the writer is gone or silent (or another never puts it right), a
+    /// standby puts back the last position it saw the record hold, or (new
+    /// to the stream) the one just before the first copy it holds. Said
+    /// loudly: the record was written by something outside the pool.
+    async fn repair(
+        &mut self,
+        stream: &str,
+        record: &Record,
+        now_ms: u64,
+        members: &HashMap<&str, Member>,
+    ) -> Result<(), RedisError> {
+        let Some(found) = record.impossible.as_deref() else {
+            return Ok(());
+        };
+        let dead_ms = presumed_dead_after(self.config.takeover_after).as_millis() as u64;
+        let member = self.config.member.as_str();
+        let lane = self.lanes.get_mut(stream).expect("a lane");
+        let since = *lane.impossible_since.get_or_insert_with(Instant::now);
+        let writer = matches!(&lane.role, Role::Writer { epoch } if record.epoch.as_deref() == Some(epoch.as_str()));
+        if writer && !lane.in_flight.is_empty() {
+            return Ok(());
+        }
+        let owner_lives = record
+            .owner
+            .as_deref()
+            .filter(|o| *o != member)
+            .and_then(|o| members.get(o))
+            .is_some_and(|m| now_ms.saturating_sub(m.beat) <= dead_ms);
+        if !writer
+            && owner_lives
+            && since.elapsed() < presumed_dead_after(self.config.takeover_after)
+        {
+            return Ok(());
+        }
+        let put = match (lane.pos, lane.queue.front().and_then(|q| q.m.position)) {
+            (Some(pos), _) => pos,
+            (None, Some(first)) if first.seq > 0 => Position {
+                seq: first.seq - 1,
+                ..first
+            },
+            (None, Some(first)) => Position {
+                mark: first.mark.saturating_sub(1),
+                seq: u32::MAX,
+            },
+            (None, None) => Position {
+                mark: self.intake.seen(),
+                seq: 0,
+            },
+        };
+        let mut cmd = scripts::evalsha(
+            scripts::REPAIR,
+            &[&lane.lane.keys.writer, &self.config.pool.clock],
+        );
+        cmd.arg(found).arg(put.encode());
+        match scripts::run::<u8, _>(&mut self.conn, cmd).await {
+            Ok(1) => {
+                tracing::error!(stream = %stream, record = %lane.lane.keys.writer, found = %found, put = %put.encode(), by = if writer { "its writer" } else { "a standby" }, "the stream's writer record held a position no mark of the pool made (written by something outside the pool): put right");
+                lane.impossible_since = None;
+                lane.pos = Some(put);
+                lane.moved_at = Instant::now();
+                lane.resync = writer;
+            }
+            Ok(_) => lane.impossible_since = None,
+            Err(err) if is_fatal(&err) => return Err(err),
+            Err(err) => {
+                Counters::add(&self.counters.redis_errors, 1);
+                tracing::debug!(cause = %brief(&err), "could not put the record right; trying again next cycle");
+            }
+        }
+        Ok(())
     }
 
     /// What a lane does with its record.

@@ -49,6 +49,8 @@
 //!   [`resp`] its frames; [`budget`] the process's memory for messages.
 //! - [`intake`]: merges a process's readers (at most two) into each stream's
 //!   sequence, without a duplicate or a hole, and finds each message's id.
+//! - [`members`]: every process's cycle (its beat, a mark, the records it
+//!   asks about), and one strategy per pool.
 //! - [`fenced`]: the default strategy's loop: the writer records, the
 //!   writes, the standbys and the takeovers.
 //! - [`race`]: the design card's strategy (STRATEGY=race): every worker races
@@ -61,6 +63,7 @@ pub mod cluster;
 pub mod fenced;
 pub mod ids;
 pub mod intake;
+pub mod members;
 pub mod race;
 pub mod reader;
 pub mod resp;
@@ -321,10 +324,14 @@ const PROBE_PREFIX: &str = "optimus:bridge:";
 
 /// The channel every bridge subscription to a route's `source` (a channel
 /// or a pattern) also subscribes to, in the same command: `PUBSUB NUMSUB`
-/// of it counts the bridge's subscriptions and nobody else's. Nothing is
-/// ever published on it. (The publisher's fast path asks it.)
-pub fn probe_channel(source: &str) -> String {
-    format!("{PROBE_PREFIX}{source}")
+/// of it counts the bridge's subscriptions for that route and nobody
+/// else's. Nothing is ever published on it. (The publisher's fast path
+/// asks it.) It names the database, the source and the route's target (a
+/// stream, or a template): Pub/Sub ignores databases, and a pool writing
+/// another stream from the same channel is no bridge for this one.
+/// `optimus:bridge:<db>:<source>-><target>`.
+pub fn probe_channel(db: i64, source: &str, target: &str) -> String {
+    format!("{PROBE_PREFIX}{db}:{source}->{target}")
 }
 
 /// Whether a channel is one of optimus's own (a marks channel
@@ -436,7 +443,7 @@ mod tests {
     #[test]
     fn internal_channels_are_known() {
         for name in [
-            "optimus:bridge:messages:published",
+            "optimus:bridge:0:messages:published->messages:processed",
             "{messages:processed}:marks",
             "{messages:processed}:mark:w-1",
             "{messages:processed}:marks:db3",

@@ -39,7 +39,7 @@ use super::resp::{self, Frame, Parse, Parts};
 use super::{Lane, Message, Pool, Position, is_internal_channel, scripts};
 use crate::bridge::route::Router;
 use crate::connect::{Endpoint, Transport, retry_until_connected};
-use crate::monitor::Counters;
+use crate::monitor::{Counters, Throttle};
 
 /// Silence on the subscription after which it is checked with a PING.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -97,6 +97,10 @@ struct Session {
     buf: BytesMut,
     /// The last mark, and each stream's count of messages since.
     mark: u64,
+    /// What this server's marks are sealed with (see [`Start`]).
+    seal: Box<str>,
+    /// The line about a bad mark, at most once a second.
+    bad_marks_said: Throttle,
     seqs: FxHashMap<Box<str>, u32>,
     publication: Publication,
     last_heard: Instant,
@@ -246,7 +250,7 @@ impl Reader {
             &mut out,
             &[
                 b"EVAL",
-                scripts::MARK.as_bytes(),
+                scripts::START.as_bytes(),
                 b"1",
                 self.pool.clock.as_bytes(),
                 self.pool.marks.as_bytes(),
@@ -296,17 +300,22 @@ impl Reader {
                     Frame::Error(_) => return Err(first_error.unwrap_or(server_error(&bytes))),
                     _ if replies > 0 => replies -= 1,
                     Frame::Header => in_exec = true,
-                    Frame::Integer(mark) if in_exec => {
-                        return match first_error {
-                            Some(err) => Err(err),
-                            None => Ok((read, buf, mark as u64)),
+                    Frame::Other if in_exec && bytes.first() == Some(&b'$') => {
+                        if let Some(err) = first_error {
+                            return Err(err);
+                        }
+                        return match redis::parse_redis_value(&bytes) {
+                            Ok(redis::Value::BulkString(text)) => Start::parse(&text)
+                                .map(|start| (read, buf, start))
+                                .ok_or_else(|| protocol_error(NOT_A_START)),
+                            _ => Err(protocol_error(NOT_A_START)),
                         };
                     }
                     _ => {}
                 }
             }
         };
-        let (read, buf, mark) = match tokio::time::timeout(PING_TIMEOUT, handshake).await {
+        let (read, buf, start) = match tokio::time::timeout(PING_TIMEOUT, handshake).await {
             Ok(done) => done?,
             Err(_) => {
                 return Err(RedisError::from(std::io::Error::new(
@@ -319,7 +328,9 @@ impl Reader {
             read,
             write,
             buf,
-            mark,
+            mark: start.mark,
+            seal: start.seal,
+            bad_marks_said: Throttle::default(),
             seqs: FxHashMap::default(),
             publication: Publication::default(),
             last_heard: Instant::now(),
@@ -480,7 +491,10 @@ impl Reader {
                 let channel = part(raw, parts, 1)?;
                 let payload = part(raw, parts, 2)?;
                 if channel.as_ref() == self.pool.marks.as_bytes() {
-                    let mark = std::str::from_utf8(&payload).ok()?.parse().ok()?;
+                    let Some(mark) = unseal(&payload, &s.seal).filter(|m| *m > s.mark) else {
+                        self.bad_mark(&mut s.bad_marks_said, &payload, s.mark);
+                        return None;
+                    };
                     s.mark = mark;
                     let counted = s.seqs.len();
                     s.seqs.clear();
@@ -531,6 +545,25 @@ impl Reader {
             seq: *seq,
         });
         Some(Item::Message(m))
+    }
+
+    /// A message on the marks channel that is no mark of this pool: not
+    /// sealed by this server's scripts (a client or a forwarding tool
+    /// published it), or not after the last mark (a mark sent again). It
+    /// is no mark: every reader of the pool passes over it alike, so the
+    /// positions stay the same everywhere. Counted, and said in one line.
+    fn bad_mark(&self, said: &mut Throttle, payload: &[u8], last: u64) {
+        Counters::add(&self.counters.bad_marks, 1);
+        if let Some(held_back) = said.ready() {
+            let shown: String = String::from_utf8_lossy(&payload[..payload.len().min(64)]).into();
+            tracing::warn!(
+                channel = %self.pool.marks,
+                payload = %shown,
+                last_mark = last,
+                more = held_back,
+                "ignored a message on the marks channel that is not a mark of this pool (not sealed by this server's scripts, or not after the last mark): only the pool's scripts may publish there (see the README's ACL rule)"
+            );
+        }
     }
 
     /// Stops reading without losing what the server already sent: once the
@@ -600,6 +633,52 @@ fn attach(mut items: Vec<Item>, charge: Option<Arc<Charge>>) -> Vec<Item> {
 }
 
 /// Part `i` of a push, sliced out of its frame.
+/// The handshake's reply was not what `start.lua` returns.
+const NOT_A_START: resp::ProtocolError = resp::ProtocolError {
+    at: 0,
+    what: "expected the start mark",
+};
+
+/// What a reader's connection starts with (`start.lua`'s reply,
+/// `"<mark>:<seal>"`): its first mark, and the seal (the server's run_id)
+/// every mark on it must carry.
+#[derive(Debug)]
+struct Start {
+    mark: u64,
+    seal: Box<str>,
+}
+
+impl Start {
+    fn parse(text: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (mark, seal) = text.split_once(':')?;
+        Some(Self {
+            mark: mark.parse().ok()?,
+            seal: seal.into(),
+        })
+    }
+}
+
+/// The tag a mark of `value` carries on a server whose seal is `seal` (see
+/// `lib.lua`'s `sealed`): the first 16 hex digits of SHA1("<seal>:<value>").
+pub fn mark_tag(seal: &str, value: u64) -> String {
+    let digest = sha1_smol::Sha1::from(format!("{seal}:{value}"))
+        .digest()
+        .to_string();
+    digest[..16].to_string()
+}
+
+/// The value of a mark published as `"<value>:<tag>"`, if its tag is the
+/// one `seal` gives: else it did not come from this server's clock.
+pub fn unseal(payload: &[u8], seal: &str) -> Option<u64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (value, tag) = text.split_once(':')?;
+    let value: u64 = value.parse().ok()?;
+    // Its own text, digits only: "007" is not a mark of 7.
+    (value.to_string() == text[..text.len() - tag.len() - 1] && mark_tag(seal, value) == tag)
+        .then_some(value)
+}
+
 fn part(raw: &Bytes, parts: &Parts, i: usize) -> Option<Bytes> {
     parts.get(i).map(|range| raw.slice(range))
 }

@@ -12,12 +12,15 @@ macro_rules! lua {
     };
 }
 
-/// A mark alone (a reader's first, inside the MULTI that subscribes).
-pub static MARK: &str = lua!("mark.lua");
+/// A reader's first mark, inside the MULTI that subscribes, with the seal
+/// its marks are checked with.
+pub static START: &str = lua!("start.lua");
 /// A process's cycle: its beat, a mark, the records it asks about.
 pub static CYCLE: &str = lua!("cycle.lua");
 /// Becoming a stream's writer, fencing the one before.
 pub static TAKEOVER: &str = lua!("takeover.lua");
+/// Putting right a writer record whose position is impossible.
+pub static REPAIR: &str = lua!("repair.lua");
 /// A writer stepping down.
 pub static RELEASE: &str = lua!("release.lua");
 /// The fenced write of a batch.
@@ -32,8 +35,9 @@ pub static WRITE_ACKED: &str = lua!("acked.lua", "write_acked.lua");
 pub static PUBLISH: &str = lua!("publish.lua");
 
 /// Every script, loaded together when the server lacks one.
-static ALL: [&str; 9] = [
-    MARK,
+static ALL: [&str; 10] = [
+    START,
+    REPAIR,
     CYCLE,
     TAKEOVER,
     RELEASE,

@@ -5,31 +5,70 @@
 -- saw (0: none yet)>:<the mark its sequence has been whole since>:<its
 -- routes' fingerprint>";
 -- ARGV[3]: the marks channel; ARGV[4]: 1 to stay a member, 0 to leave;
--- ARGV[5]: ms after which a silent member is removed.
--- A member's value is "<beat ms>:<last mark seen>:<whole since>:<routes>".
+-- ARGV[5]: ms after which a silent member is removed; ARGV[6]: its
+-- strategy (fenced, race); ARGV[7]: ms within which a member that beat
+-- counts as live for the strategies' check.
+-- A member's value is "<beat ms>:<last mark seen>:<whole since>:<routes>:
+-- <strategy>:<joined ms>" (an older optimus's ends after <routes>: it is a
+-- fenced one).
+-- One pool, one strategy: a process whose strategy is not that of the live
+-- members is not let in (or, a member already, is put out when it joined
+-- after one of them), and nothing else is done.
 -- Returns {mark, server ms, members (name, value, …), records ({epoch,
--- owner, pos} each), 1 when this process's entry is new (0 if not)}.
+-- owner, pos} each), 1 when this process's entry is new (0 if not),
+-- the live members of another strategy that keep it out ("" when none:
+-- "<name>=<strategy>", comma-separated)}.
 local now = now_ms()
+local live = tonumber(ARGV[7])
+local members = redis.call('HGETALL', KEYS[2])
+local function parse(value)
+  local beat = tonumber(string.match(value, '^(%d+)')) or 0
+  local strategy, joined = string.match(value, '^%d+:%d+:%d+:%d+:(%a+):(%d+)$')
+  return beat, strategy or 'fenced', tonumber(joined or 0)
+end
+local joined
+for i = 1, #members, 2 do
+  if members[i] == ARGV[1] then
+    local _, _, at = parse(members[i + 1])
+    joined = at
+  end
+end
+local kept, others, refused = {}, {}, false
+for i = 1, #members, 2 do
+  local name, value = members[i], members[i + 1]
+  local beat, strategy, at = parse(value)
+  if name == ARGV[1] then
+    -- (put back below)
+  elseif now - beat > tonumber(ARGV[5]) then
+    redis.call('HDEL', KEYS[2], name)
+  else
+    kept[#kept + 1] = name
+    kept[#kept + 1] = value
+    if strategy ~= ARGV[6] and now - beat <= live then
+      others[#others + 1] = name .. '=' .. strategy
+      -- The one that joined later gives way (a newcomer always does).
+      if not joined or at <= joined then
+        refused = true
+      end
+    end
+  end
+end
+if ARGV[4] == '1' and refused then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return {0, now, {}, {}, 0, table.concat(others, ',')}
+end
 local new = 0
 if ARGV[4] == '1' then
-  new = redis.call('HSET', KEYS[2], ARGV[1], int(now) .. ':' .. ARGV[2])
+  new = redis.call('HSET', KEYS[2], ARGV[1],
+    int(now) .. ':' .. ARGV[2] .. ':' .. ARGV[6] .. ':' .. int(joined or now))
+  kept[#kept + 1] = ARGV[1]
+  kept[#kept + 1] = redis.call('HGET', KEYS[2], ARGV[1])
 else
   redis.call('HDEL', KEYS[2], ARGV[1])
-end
-local members = redis.call('HGETALL', KEYS[2])
-local kept = {}
-for i = 1, #members, 2 do
-  local beat = tonumber(string.match(members[i + 1], '^(%d+)')) or 0
-  if now - beat > tonumber(ARGV[5]) then
-    redis.call('HDEL', KEYS[2], members[i])
-  else
-    kept[#kept + 1] = members[i]
-    kept[#kept + 1] = members[i + 1]
-  end
 end
 local mark = next_mark(1, ARGV[3])
 local records = {}
 for i = 3, #KEYS do
   records[#records + 1] = redis.call('HMGET', KEYS[i], 'epoch', 'owner', 'pos')
 end
-return {mark, now, kept, records, new}
+return {mark, now, kept, records, new, ''}

@@ -13,6 +13,24 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- The seal of this server's marks: its run_id, which changes with every
+-- start of redis-server (and so is the same for every connection a reader
+-- can have had since its handshake) and which a client that may only
+-- PUBLISH or SUBSCRIBE cannot learn.
+local function seal()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+end
+
+-- A mark as it is published: "<value>:<tag>", the tag being the first 16
+-- hex digits of SHA1("<seal>:<value>"). A reader knows the seal from its
+-- handshake and takes only marks whose tag is right: a number published on
+-- the marks channel by anything but this server's scripts (a careless
+-- client, a tool forwarding another server's channels) is not a mark.
+local function sealed(value)
+  local text = int(value)
+  return text .. ':' .. string.sub(redis.sha1hex(seal() .. ':' .. text), 1, 16)
+end
+
 -- Takes the next value of the clock in KEYS[clock] and publishes it on
 -- `channel` (a mark). The clock never goes back, even when its key is gone
 -- (a server restarted without persistence, or an older snapshot restored):
@@ -20,7 +38,7 @@ end
 local function next_mark(clock, channel)
   local value = math.max((tonumber(redis.call('GET', KEYS[clock])) or 0) + 1, now_ms() * 1024)
   redis.call('SET', KEYS[clock], int(value))
-  redis.call('PUBLISH', channel, int(value))
+  redis.call('PUBLISH', channel, sealed(value))
   return value
 end
 

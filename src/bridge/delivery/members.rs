@@ -1,0 +1,114 @@
+//! The pool's members: every process of a pool on one server, whatever its
+//! strategy, runs `cycle.lua` every [`super::fenced::CYCLE_EVERY`]: it
+//! beats in the members hash (`{<stream>}:members`), publishes a mark and
+//! reads the writer records it asks about.
+//!
+//! **One pool, one strategy.** The two strategies keep different books (a
+//! writer record; ACK keys), so a fenced and a race process on one stream
+//! would each write every message. The cycle lets no process in whose
+//! strategy is not that of the live members, and puts out a member that
+//! finds one of another strategy that joined before it: such a process
+//! writes nothing, and the bridge stops with one line ([`mixed`]).
+
+use std::time::Duration;
+
+use redis::{ErrorKind, RedisError};
+
+use super::{Pool, scripts};
+use crate::config::Strategy;
+use crate::connect::Conn;
+
+/// A member silent for this long is removed from the members hash.
+pub const MEMBER_STALE: Duration = Duration::from_secs(60);
+/// A member that beat within this long keeps a process of another strategy
+/// out (one killed without leaving stops doing so after this).
+pub const LIVE_FOR_STRATEGY: Duration = Duration::from_secs(10);
+
+/// What the error of a mixed pool says first (see [`mixed`]).
+const MIXED: &str = "another strategy writes this stream";
+
+/// A writer record as `cycle.lua` reads it: epoch, owner, position.
+pub type RawRecord = (Option<String>, Option<String>, Option<String>);
+
+/// What a cycle found.
+#[derive(Debug)]
+pub struct Cycle {
+    /// The mark it published: above every mark published before.
+    pub mark: u64,
+    /// The server's time, ms.
+    pub now_ms: u64,
+    /// The members (name, value, …), this process's entry among them.
+    pub members: Vec<String>,
+    /// The records asked about, in the order asked.
+    pub records: Vec<RawRecord>,
+    /// This process's entry is new (first cycle, or Redis lost the hash).
+    pub new: bool,
+}
+
+/// This process's beat.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat<'a> {
+    pub pool: &'a Pool,
+    /// Its member name.
+    pub member: &'a str,
+    pub strategy: Strategy,
+    /// The last mark its readers delivered, the mark its sequence is whole
+    /// since, its routes' fingerprint.
+    pub seen: u64,
+    pub since: u64,
+    pub routes: u64,
+}
+
+impl Beat<'_> {
+    /// Runs one cycle, asking for the records `records` (keys); `leaving`
+    /// takes this process out of the members. A process kept out by another
+    /// strategy's is told so with the error [`mixed`] makes.
+    pub async fn cycle(
+        &self,
+        conn: &mut Conn,
+        records: &[&str],
+        leaving: bool,
+    ) -> Result<Cycle, RedisError> {
+        let mut keys: Vec<&str> = vec![&self.pool.clock, &self.pool.members];
+        keys.extend_from_slice(records);
+        let mut cmd = scripts::evalsha(scripts::CYCLE, &keys);
+        cmd.arg(self.member)
+            .arg(format!("{}:{}:{}", self.seen, self.since, self.routes))
+            .arg(&self.pool.marks)
+            .arg(if leaving { 0 } else { 1 })
+            .arg(MEMBER_STALE.as_millis() as u64)
+            .arg(self.strategy.name())
+            .arg(LIVE_FOR_STRATEGY.as_millis() as u64);
+        type Reply = (u64, u64, Vec<String>, Vec<RawRecord>, u8, String);
+        let (mark, now_ms, members, records, new, others): Reply = scripts::run(conn, cmd).await?;
+        if !others.is_empty() {
+            return Err(mixed(self.strategy, &others));
+        }
+        Ok(Cycle {
+            mark,
+            now_ms,
+            members,
+            records,
+            new: new == 1,
+        })
+    }
+}
+
+/// The error of a process kept out of a pool of another strategy: one line
+/// naming both strategies and the other processes (`others`:
+/// "<name>=<strategy>,…").
+pub fn mixed(mine: Strategy, others: &str) -> RedisError {
+    RedisError::from((
+        ErrorKind::Client,
+        MIXED,
+        format!(
+            "this process runs STRATEGY={} and the live processes {others} run another on the same stream (each would write every message); run one strategy per pool: see the README's \"Changing the strategy\"",
+            mine.name()
+        ),
+    ))
+}
+
+/// The line of a [`mixed`] error, if `err` is one.
+pub fn is_mixed(err: &RedisError) -> Option<String> {
+    (err.kind() == ErrorKind::Client && err.to_string().starts_with(MIXED)).then(|| err.to_string())
+}

@@ -1,0 +1,6 @@
+-- A reader's first mark, run inside the MULTI that subscribes: the mark,
+-- and the seal its marks are checked with (see `sealed`).
+-- KEYS[1]: the clock. ARGV[1]: the marks channel.
+-- Returns "<mark>:<seal>".
+local mark = next_mark(1, ARGV[1])
+return int(mark) .. ':' .. seal()
