@@ -1188,3 +1188,86 @@ fn a_process_of_another_strategy_is_refused() {
         pool.check(&summary);
     }
 }
+
+/// The writer's command connection stalls (no reply comes back on it) while
+/// its subscription flows, under 20,000 msg/s of ~200 B: nothing the
+/// process waits on (its cycle, its writes) stops its readers while
+/// MEMORY_LIMIT has room, so Redis never drops the subscription for its
+/// output buffer: no gap, and once the connection is replaced everything is
+/// written once, in order.
+#[test]
+fn a_stalled_command_connection_does_not_stop_the_readers() {
+    const COUNT: u64 = 200_000;
+    let server = RedisServer::start();
+    let witness = Witness::start(&server, "messages:published");
+    let proxy = support::proxy::StallingProxy::start(server.port);
+    let url = proxy.url();
+    let consume = OptimusProcess::consume(&server, &[("REDIS_URL", url.as_str())]);
+    consume.wait_consumers(2);
+    // The process's command connections (the only ones yet besides ours).
+    let mut admin = server.conn();
+    let own: i64 = redis::cmd("CLIENT").arg("ID").query(&mut admin).unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut admin)
+        .unwrap();
+    let commands: Vec<i64> = list
+        .lines()
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .filter_map(|id| id.parse().ok())
+        .filter(|id| *id != own)
+        .collect();
+    let mut publisher = OptimusProcess::spawn(
+        &[
+            "publish",
+            "--rate",
+            "20000",
+            "--count",
+            &COUNT.to_string(),
+            "--batch-size",
+            "200",
+            "--payload-size",
+            "200",
+            "--no-fast-path",
+        ],
+        &[("REDIS_URL", server.url().as_str())],
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    // The cycle's script names the members hash: its connection hangs.
+    proxy.hang_the_reply_to(b"{messages:processed}:members");
+    // Stalled for longer than a reply may take; then the connection drops.
+    std::thread::sleep(Duration::from_secs(12));
+    for id in commands {
+        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query(&mut admin);
+    }
+    let status = publisher.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "{}", publisher.describe());
+    assert!(proxy.reply_lost(), "the command connection was stalled");
+    support::wait_for(
+        &format!("{COUNT} entries"),
+        Duration::from_secs(120),
+        || (server.xlen(STREAM) as u64 >= COUNT).then_some(()),
+        || format!("stream has {}\n{}", server.xlen(STREAM), consume.describe()),
+    );
+    let line = consume.wait_settled(Duration::from_secs(30));
+    assert_eq!(
+        line.num("gaps"),
+        0,
+        "no subscription was dropped: {}",
+        line.line
+    );
+    let entries = server.stream_entries(STREAM);
+    let tally = Tally::of(&entries, 0..COUNT);
+    assert!(tally.is_exact(), "{tally}");
+    assert_eq!(
+        support::out_of_order(&entries, &witness.order()),
+        0,
+        "entries in publish order"
+    );
+}

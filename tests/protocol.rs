@@ -505,12 +505,13 @@ async fn the_library_runs_a_bridge_until_cancelled() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let summary = optimus::publish::run(
-        &PublishConfig::new(server.url(), "lib:in", 2000),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    // The publisher's stream is the bridge's: its fast path asks for a
+    // bridge of that stream.
+    let mut publishing = PublishConfig::new(server.url(), "lib:in", 2000);
+    publishing.stream = "lib:out".into();
+    let summary = optimus::publish::run(&publishing, CancellationToken::new())
+        .await
+        .unwrap();
     assert_eq!(summary.published, 2000);
     assert_eq!(summary.no_subscriber, 0);
 

@@ -450,7 +450,7 @@ struct Spawner {
     budget: Arc<Budget>,
     pool: Pool,
     /// Where readers hand their batches (one server; `None` once stopping).
-    batches: Option<mpsc::Sender<ReaderBatch>>,
+    batches: Option<mpsc::UnboundedSender<ReaderBatch>>,
     /// The readers running, by slot.
     readers: Vec<Option<CancellationToken>>,
     /// Race strategy on one server: each racing worker's queue.
@@ -466,25 +466,46 @@ impl Spawner {
         shutdown: &CancellationToken,
     ) -> Result<(), RedisError> {
         let config = &self.config;
-        let (tx, rx) = mpsc::channel(64);
+        // Bounded by the memory budget (see `Reader::out`).
+        let (tx, rx) = mpsc::unbounded_channel();
         self.batches = Some(tx);
         let routes = xxhash_rust::xxh3::xxh3_64(self.routes_shown.as_bytes());
         let member = process.name();
         // Joins the pool before anything is read: a process whose strategy
         // is not the live members' stops here, having written nothing.
-        let Some(mut conn) = connection(&config.endpoint, shutdown).await? else {
+        // (A server loading, read-only for now, or away is waited out.)
+        let Some(conn) = connection(&config.endpoint, shutdown).await? else {
             return Ok(());
         };
-        Beat {
+        let beat = Beat {
             pool: &self.pool,
             member: &member,
             strategy: config.strategy,
             seen: 0,
             since: u64::MAX,
             routes,
-        }
-        .cycle(&mut conn, &[], false)
+        };
+        let joined = crate::connect::retry_until(
+            shutdown,
+            || {
+                let mut conn = conn.clone();
+                async move {
+                    match beat.cycle(&mut conn, &[], false).await {
+                        Err(err) if is_mixed(&err).is_some() => Ok(Err(err)),
+                        other => other.map(|_| Ok(())),
+                    }
+                }
+            },
+            |err, wait| {
+                tracing::warn!(cause = %crate::connect::brief(err), retry_in_ms = wait.as_millis() as u64, "cannot join the pool yet; retrying")
+            },
+        )
         .await?;
+        match joined {
+            None => return Ok(()),
+            Some(Err(mixed)) => return Err(mixed),
+            Some(Ok(())) => {}
+        }
         let intake = Intake::new(Identify::by_position(
             config.message_id_field.clone(),
             config.max_payload_bytes,
@@ -678,7 +699,7 @@ impl Marks {
 async fn dispatch(
     mut intake: Intake,
     counters: Arc<Counters>,
-    mut batches: mpsc::Receiver<ReaderBatch>,
+    mut batches: mpsc::UnboundedReceiver<ReaderBatch>,
     racers: Racers,
     mut marks: Marks,
 ) -> Result<(), RedisError> {

@@ -88,6 +88,17 @@ impl Budget {
         self.limit
     }
 
+    /// Counts `bytes` the process keeps besides the messages (the dedup
+    /// windows' ids) without waiting: readers wait for that room too.
+    pub fn hold(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Gives back what [`Budget::hold`] counted.
+    pub fn release(&self, bytes: usize) {
+        self.give_back(bytes);
+    }
+
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
         self.freed.notify_waiters();

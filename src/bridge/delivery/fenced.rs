@@ -174,7 +174,7 @@ struct LaneState {
 }
 
 impl LaneState {
-    fn new(lane: Arc<Lane>, window: Duration, cycle: u64) -> Self {
+    fn new(lane: Arc<Lane>, window: Window, cycle: u64) -> Self {
         Self {
             lane,
             queue: VecDeque::new(),
@@ -194,7 +194,7 @@ impl LaneState {
             writer_since: 0,
             taken_since: 0,
             shed_through: 0,
-            window: Window::new(window),
+            window,
             reused: Throttle::default(),
             last_active: Instant::now(),
             // A new lane takes its turn after those waiting longer.
@@ -252,15 +252,49 @@ struct Window {
     ids: FxHashMap<u128, (Position, u64)>,
     /// The ids in the order they were seen, with that position.
     order: VecDeque<(Position, u128)>,
+    /// Where the memory of the two is counted (MEMORY_LIMIT), and how much.
+    budget: Option<Arc<Budget>>,
+    charged: usize,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.release(self.charged);
+        }
+    }
 }
 
 impl Window {
-    fn new(length: Duration) -> Self {
+    fn new(length: Duration, budget: Option<Arc<Budget>>) -> Self {
         Self {
             length_ms: length.as_millis() as u64,
             ids: FxHashMap::default(),
             order: VecDeque::new(),
+            budget,
+            charged: 0,
         }
+    }
+
+    /// The memory the window takes: its tables' room (a hash table's slot
+    /// and control byte; a deque's slot).
+    fn bytes(&self) -> usize {
+        self.ids.capacity() * (std::mem::size_of::<(u128, (Position, u64))>() + 1)
+            + self.order.capacity() * std::mem::size_of::<(Position, u128)>()
+    }
+
+    /// Counts what the window takes now in the budget.
+    fn charge(&mut self) {
+        let Some(budget) = &self.budget else {
+            return;
+        };
+        let now = self.bytes();
+        if now > self.charged {
+            budget.hold(now - self.charged);
+        } else if now < self.charged {
+            budget.release(self.charged - now);
+        }
+        self.charged = now;
     }
 
     fn key(m: &Message) -> Option<(u128, Position)> {
@@ -287,6 +321,7 @@ impl Window {
         }
         self.ids.insert(key, (position, m.hash));
         self.order.push_back((position, key));
+        self.charge();
         None
     }
 
@@ -304,6 +339,7 @@ impl Window {
             self.ids.shrink_to(self.ids.len() * 2);
             self.order.shrink_to(self.order.len() * 2);
         }
+        self.charge();
     }
 
     /// Forgets the ids first seen after `pos` (all of them for `None`): the
@@ -314,6 +350,7 @@ impl Window {
         let kept = |p: &Position| pos.is_some_and(|pos| *p <= pos);
         self.ids.retain(|_, (p, _)| kept(p));
         self.order.retain(|(p, _)| kept(p));
+        self.charge();
     }
 }
 
@@ -395,7 +432,10 @@ impl Fenced {
     /// process holds is written or covered (or, for copies, until
     /// TAKEOVER_AFTER + 2 s after that), then leaves the members. Returns an
     /// error only when Redis refuses us in a way retrying cannot mend.
-    pub async fn run(mut self, mut batches: mpsc::Receiver<ReaderBatch>) -> Result<(), RedisError> {
+    pub async fn run(
+        mut self,
+        mut batches: mpsc::UnboundedReceiver<ReaderBatch>,
+    ) -> Result<(), RedisError> {
         let mut tick = tokio::time::interval(CYCLE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut readers_done: Option<Instant> = None;
@@ -445,10 +485,10 @@ impl Fenced {
             let stream = m.lane.stream();
             let lane = match self.lanes.get_mut(stream) {
                 Some(lane) => lane,
-                None => self
-                    .lanes
-                    .entry(stream.into())
-                    .or_insert_with(|| LaneState::new(m.lane.clone(), window, self.cycles)),
+                None => self.lanes.entry(stream.into()).or_insert_with(|| {
+                    let window = Window::new(window, Some(self.budget.clone()));
+                    LaneState::new(m.lane.clone(), window, self.cycles)
+                }),
             };
             lane.last_active = now;
             if lane.is_writer() && !last_woken.as_ref().is_some_and(|l| Arc::ptr_eq(l, &m.lane)) {
@@ -838,25 +878,27 @@ impl Fenced {
         {
             return Ok(());
         }
+        // A standby that never saw the record possible knows least: it
+        // leaves the repair to those that did, for a while.
         let put = match (lane.pos, lane.queue.front().and_then(|q| q.m.position)) {
             (Some(pos), _) => pos,
-            (None, Some(first)) if first.seq > 0 => Position {
-                seq: first.seq - 1,
-                ..first
-            },
-            (None, Some(first)) => Position {
-                mark: first.mark.saturating_sub(1),
-                seq: u32::MAX,
-            },
-            (None, None) => Position {
-                mark: self.intake.seen(),
-                seq: 0,
-            },
+            (None, Some(first))
+                if since.elapsed() >= 2 * presumed_dead_after(self.config.takeover_after) =>
+            {
+                match first.seq {
+                    0 => Position {
+                        mark: first.mark.saturating_sub(1),
+                        seq: u32::MAX,
+                    },
+                    seq => Position {
+                        seq: seq - 1,
+                        ..first
+                    },
+                }
+            }
+            _ => return Ok(()),
         };
-        let mut cmd = scripts::evalsha(
-            scripts::REPAIR,
-            &[&lane.lane.keys.writer, &self.config.pool.clock],
-        );
+        let mut cmd = scripts::evalsha(scripts::REPAIR, &[&lane.lane.keys.writer]);
         cmd.arg(found).arg(put.encode());
         match scripts::run::<u8, _>(&mut self.conn, cmd).await {
             Ok(1) => {
@@ -1534,7 +1576,7 @@ mod tests {
             });
             m
         };
-        let mut window = Window::new(Duration::from_secs(5));
+        let mut window = Window::new(Duration::from_secs(5), None);
         assert_eq!(window.seen(&message("a", "x", 1000)), None);
         assert_eq!(
             window.seen(&message("a", "x", 2000)),
@@ -1567,7 +1609,7 @@ mod tests {
             });
             m
         };
-        let mut window = Window::new(Duration::from_secs(5));
+        let mut window = Window::new(Duration::from_secs(5), None);
         for (id, ms) in [("a", 1000), ("b", 2000), ("c", 3000)] {
             assert_eq!(window.seen(&message(id, ms)), None);
         }

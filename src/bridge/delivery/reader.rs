@@ -85,7 +85,11 @@ pub struct Reader {
     pub budget: Arc<Budget>,
     pub counters: Arc<Counters>,
     pub coverage: Arc<Coverage>,
-    pub out: mpsc::Sender<ReaderBatch>,
+    /// Where its batches go: bounded by the memory budget (what a batch
+    /// holds is charged before it is sent), not by a count, so that a loop
+    /// busy with a slow reply never stops the readers while the budget has
+    /// room.
+    pub out: mpsc::UnboundedSender<ReaderBatch>,
     pub cancel: CancellationToken,
 }
 
@@ -101,6 +105,11 @@ struct Session {
     seal: Box<str>,
     /// The line about a bad mark, at most once a second.
     bad_marks_said: Throttle,
+    /// When the last good mark came.
+    last_good_mark: Instant,
+    /// Only marks sealed otherwise came for [`RESEAL_AFTER`]: the
+    /// connection is given up and made again (with the new seal).
+    sealed_otherwise: bool,
     seqs: FxHashMap<Box<str>, u32>,
     publication: Publication,
     last_heard: Instant,
@@ -108,6 +117,9 @@ struct Session {
     pinged: Option<Instant>,
     /// Reading waited for memory (MEMORY_LIMIT) on this connection.
     waited_for_memory: bool,
+    /// The server's count of clients dropped for their output buffers
+    /// when this connection began (`None`: it does not say).
+    buffer_limit_drops: Option<u64>,
     /// Items cut when the reader was asked to stop, not yet handed over
     /// (with the bytes they came in).
     unsent: Option<(Vec<Item>, usize)>,
@@ -140,6 +152,7 @@ impl Reader {
                 let _ = self.send(Vec::new(), Some(Event::Stopped)).await;
                 return Ok(());
             };
+            session.buffer_limit_drops = self.buffer_limit_drops().await;
             self.coverage.up(&self.counters);
             match lost_at.take() {
                 Some(t) => {
@@ -172,7 +185,12 @@ impl Reader {
                     return Ok(());
                 }
                 Ended::Lost(why) => {
-                    if session.waited_for_memory {
+                    let dropped = self.buffer_limit_drops().await;
+                    if let (Some(before), Some(now)) = (session.buffer_limit_drops, dropped)
+                        && now > before
+                    {
+                        tracing::warn!(reader = self.index, cause = %why, client_output_buffer_limit_disconnections = now, waited_for_memory = session.waited_for_memory, "the server dropped the subscription for its client-output-buffer-limit (pubsub): what was in its buffer is lost (a gap, counted once a subscription is back); reconnecting");
+                    } else if session.waited_for_memory {
                         tracing::warn!(reader = self.index, cause = %why, "subscription lost while reading waited for memory (MEMORY_LIMIT): the server's client-output-buffer-limit for pubsub was probably passed; reconnecting");
                     } else {
                         tracing::warn!(reader = self.index, cause = %why, "subscription lost, reconnecting");
@@ -194,7 +212,7 @@ impl Reader {
             items,
             event,
         };
-        self.out.send(batch).await.is_ok()
+        self.out.send(batch).is_ok()
     }
 
     /// The channels subscribed to: the routes' channels, the marks channel
@@ -331,11 +349,14 @@ impl Reader {
             mark: start.mark,
             seal: start.seal,
             bad_marks_said: Throttle::default(),
+            last_good_mark: Instant::now(),
+            sealed_otherwise: false,
             seqs: FxHashMap::default(),
             publication: Publication::default(),
             last_heard: Instant::now(),
             pinged: None,
             waited_for_memory: false,
+            buffer_limit_drops: None,
             unsent: None,
         })
     }
@@ -466,6 +487,9 @@ impl Reader {
                     if let Some(item) = self.on_push(s, lanes, &raw, &parts, now) {
                         items.push(item);
                     }
+                    if s.sealed_otherwise {
+                        return Err("only marks sealed otherwise come: the server changed (its run_id); subscribing again".into());
+                    }
                 }
                 Frame::Error(text) => {
                     return Err(String::from_utf8_lossy(&raw[text]).into_owned());
@@ -491,10 +515,22 @@ impl Reader {
                 let channel = part(raw, parts, 1)?;
                 let payload = part(raw, parts, 2)?;
                 if channel.as_ref() == self.pool.marks.as_bytes() {
-                    let Some(mark) = unseal(&payload, &s.seal).filter(|m| *m > s.mark) else {
+                    let Some(mark) = unseal(&payload, &s.seal).filter(|m| *m >= s.mark) else {
                         self.bad_mark(&mut s.bad_marks_said, &payload, s.mark);
+                        // Only marks sealed otherwise for a while: the
+                        // server is another now (a failover behind a proxy
+                        // that kept the connection), and so is its seal.
+                        if looks_sealed(&payload) && s.last_good_mark.elapsed() >= RESEAL_AFTER {
+                            s.sealed_otherwise = true;
+                        }
                         return None;
                     };
+                    s.last_good_mark = now;
+                    // The start mark's own push (after EXEC's reply on
+                    // Redis 7.2 and later): nothing new.
+                    if mark == s.mark {
+                        return None;
+                    }
                     s.mark = mark;
                     let counted = s.seqs.len();
                     s.seqs.clear();
@@ -545,6 +581,28 @@ impl Reader {
             seq: *seq,
         });
         Some(Item::Message(m))
+    }
+
+    /// How many clients the server has dropped for passing their
+    /// client-output-buffer-limit (INFO stats), asked on a connection of
+    /// its own; `None` when it does not say (a user without INFO, a server
+    /// away) within 2 s.
+    async fn buffer_limit_drops(&self) -> Option<u64> {
+        let asked = async {
+            let mut conn = crate::connect::open(&self.endpoint).await.ok()?;
+            let info: String = redis::cmd("INFO")
+                .arg("stats")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            info.lines()
+                .find_map(|l| l.strip_prefix("client_output_buffer_limit_disconnections:"))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        tokio::time::timeout(Duration::from_secs(2), asked)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// A message on the marks channel that is no mark of this pool: not
@@ -657,6 +715,22 @@ impl Start {
             seal: seal.into(),
         })
     }
+}
+
+/// How long only marks sealed otherwise may come before the connection is
+/// made again (marks come every 50 ms).
+const RESEAL_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether a payload has a sealed mark's form, `<digits>:<16 hex digits>`.
+fn looks_sealed(payload: &[u8]) -> bool {
+    let Some(at) = payload.iter().position(|b| *b == b':') else {
+        return false;
+    };
+    let (value, tag) = (&payload[..at], &payload[at + 1..]);
+    !value.is_empty()
+        && value.iter().all(u8::is_ascii_digit)
+        && tag.len() == 16
+        && tag.iter().all(u8::is_ascii_hexdigit)
 }
 
 /// The tag a mark of `value` carries on a server whose seal is `seal` (see
