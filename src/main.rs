@@ -249,6 +249,30 @@ enum GroupsAction {
     },
 }
 
+/// A line on stderr that nobody may read any more (a log collector that
+/// died): dropped, never a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Standard error for the logs: a write nobody reads (the pipe closed) is
+/// dropped, so that logs can never stop the bridge.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(std::io::stderr().write(buf).unwrap_or(buf.len()))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -262,7 +286,7 @@ fn main() -> ExitCode {
             err.exit()
         }
         Err(err) => {
-            eprintln!("optimus: {}", usage_error(&err));
+            say!("optimus: {}", usage_error(&err));
             return ExitCode::from(2);
         }
     };
@@ -394,11 +418,11 @@ async fn consume(connect: &ConnectArgs, args: &ConsumeArgs) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(BridgeError::Config(err)) => bad_setting(&err),
         Err(err @ BridgeError::MixedStrategies(_)) => {
-            eprintln!("optimus: {err}");
+            say!("optimus: {err}");
             ExitCode::from(2)
         }
         Err(err) => {
-            eprintln!("optimus: {err}");
+            say!("optimus: {err}");
             ExitCode::from(1)
         }
     }
@@ -413,7 +437,7 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
         Ok(summary) => {
             optimus::monitor::print_line(format_args!("publish done {summary}"));
             if summary.failed > 0 {
-                eprintln!(
+                say!(
                     "optimus: {} messages were never confirmed by Redis and may be lost",
                     summary.failed
                 );
@@ -423,7 +447,7 @@ async fn publish(connect: &ConnectArgs, args: &PublishArgs) -> ExitCode {
         }
         Err(err) => {
             optimus::monitor::print_line(format_args!("publish failed {}", err.summary));
-            eprintln!("optimus: {err}");
+            say!("optimus: {err}");
             ExitCode::from(1)
         }
     }
@@ -450,7 +474,7 @@ async fn audit(
             }
         }
         Err(err) => {
-            eprintln!("optimus: cannot audit {stream}: {err}");
+            say!("optimus: cannot audit {stream}: {err}");
             ExitCode::from(1)
         }
     }
@@ -492,11 +516,11 @@ async fn work(connect: &ConnectArgs, args: &optimus::work::WorkArgs) -> ExitCode
     match optimus::work::run(config, counters, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err @ optimus::work::WorkError::Refused(_)) => {
-            eprintln!("optimus: Redis at {server} refused the workers: {err}");
+            say!("optimus: Redis at {server} refused the workers: {err}");
             ExitCode::from(1)
         }
         Err(err) => {
-            eprintln!("optimus: {err}");
+            say!("optimus: {err}");
             ExitCode::from(1)
         }
     }
@@ -566,7 +590,7 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!(
+            say!(
                 "optimus: Redis at {server}: {}",
                 optimus::connect::explain(&err)
             );
@@ -618,7 +642,7 @@ impl Controls {
                 Ok(())
             }
             Err(err) => {
-                eprintln!("optimus: invalid METRICS_ADDR=\"{addr}\": cannot listen there: {err}");
+                say!("optimus: invalid METRICS_ADDR=\"{addr}\": cannot listen there: {err}");
                 Err(ExitCode::from(2))
             }
         }
@@ -683,7 +707,7 @@ async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
     let mut conn = match optimus::connect::open(&endpoint).await {
         Ok(conn) => conn,
         Err(err) => {
-            eprintln!(
+            say!(
                 "optimus: cannot connect to Redis at {server}: {}",
                 optimus::connect::explain(&err)
             );
@@ -756,18 +780,18 @@ async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err @ ManageError::NotConfirmed(_)) => {
-            eprintln!("optimus: {err}");
+            say!("optimus: {err}");
             ExitCode::from(2)
         }
         Err(ManageError::Redis(err)) => {
-            eprintln!(
+            say!(
                 "optimus: Redis at {server}: {}",
                 optimus::connect::explain(&err)
             );
             ExitCode::from(1)
         }
         Err(err) => {
-            eprintln!("optimus: {err}");
+            say!("optimus: {err}");
             ExitCode::from(1)
         }
     }
@@ -776,7 +800,7 @@ async fn manage(connect: &ConnectArgs, what: Managed) -> ExitCode {
 async fn bench(config: &optimus::bench::BenchConfig) -> ExitCode {
     for path in [&config.json_out, &config.svg_out] {
         if let Err(err) = optimus::bench::check_out_path(path) {
-            eprintln!("optimus: {err:#}");
+            say!("optimus: {err:#}");
             return ExitCode::from(2);
         }
     }
@@ -784,7 +808,7 @@ async fn bench(config: &optimus::bench::BenchConfig) -> ExitCode {
         Ok(report) => {
             println!("{}", optimus::bench::table(&report));
             if report.failures() > 0 {
-                eprintln!(
+                say!(
                     "optimus: {} rows lost or duplicated messages",
                     report.failures()
                 );
@@ -793,7 +817,7 @@ async fn bench(config: &optimus::bench::BenchConfig) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("optimus: bench failed: {err:#}");
+            say!("optimus: bench failed: {err:#}");
             ExitCode::from(1)
         }
     }
@@ -822,7 +846,7 @@ fn usage_error(err: &clap::Error) -> String {
 
 /// One line naming the variable, exit code 2.
 fn bad_setting(err: &ConfigError) -> ExitCode {
-    eprintln!("optimus: {err}");
+    say!("optimus: {err}");
     ExitCode::from(2)
 }
 
@@ -843,10 +867,10 @@ fn shutdown_on_signal() -> CancellationToken {
                 _ = hup.recv() => {}
             }
             if n == 0 {
+                cancel.cancel();
                 tracing::info!(
                     "signal received: finishing the work in hand (again to exit at once)"
                 );
-                cancel.cancel();
             } else {
                 tracing::warn!("second signal: exiting now");
                 // `optimus work`'s handlers go with it.
@@ -867,7 +891,7 @@ fn init_logging(level: tracing::Level) {
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,redis=error,optimus={level}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();

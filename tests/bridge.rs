@@ -881,11 +881,21 @@ fn a_server_refusing_writes_at_start_is_waited_out() {
     }
 }
 
-/// A closed stdout (the reader of a pipe went away) does not stop the
-/// bridge: its monitoring lines are dropped, the messages are still
-/// bridged, and SIGTERM still ends it cleanly.
+/// A closed stdout or stderr (the reader of a pipe went away: a log
+/// collector that died) does not stop the bridge: its monitoring lines and
+/// logs are dropped, the messages are still bridged, and SIGTERM still ends
+/// it cleanly.
 #[test]
 fn a_closed_stdout_does_not_stop_the_bridge() {
+    closed_output(true);
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_the_bridge() {
+    closed_output(false);
+}
+
+fn closed_output(stdout: bool) {
     let server = RedisServer::start();
     let url = server.url();
     let mut child = support::optimus(
@@ -893,16 +903,29 @@ fn a_closed_stdout_does_not_stop_the_bridge() {
         &[("REDIS_URL", url.as_str()), ("MONITORING_INTERVAL", "0.05")],
     )
     .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    drop(child.stdout.take());
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let _kept: Box<dyn std::any::Any> = if stdout {
+        drop(out);
+        Box::new(err)
+    } else {
+        drop(err);
+        Box::new(out)
+    };
+    // (The other pipe is never read: the process must not fill it. The
+    // monitoring lines on stdout are short and few; a kept stderr pipe
+    // holds the few log lines.)
     support::wait_for(
         "the bridge's subscriptions",
         Duration::from_secs(20),
         || {
-            let subs: Vec<(String, i64)> =
-                server.command(&["PUBSUB", "NUMSUB", "optimus:bridge:messages:published"]);
+            let subs: Vec<(String, i64)> = server.command(&[
+                "PUBSUB",
+                "NUMSUB",
+                "optimus:bridge:0:messages:published->messages:processed",
+            ]);
             (subs[0].1 == 2).then_some(())
         },
         String::new,
