@@ -4,7 +4,7 @@
 //! monitor prints one line on stdout:
 //!
 //! ```text
-//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 bad_marks=0 redis=connected
+//! monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 redis=connected
 //! ```
 //!
 //! The line is printed every interval whatever Redis does: while it cannot
@@ -334,7 +334,7 @@ impl fmt::Display for MonitorLine {
         }
         write!(
             f,
-            " received={} written={} duplicates_skipped={} taken_over={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={} reused_ids={} refused={} bad_marks={} {}",
+            " received={} written={} duplicates_skipped={} taken_over={} pending={} expired={} dead={} overflow={} rate={:.0}/s reconnects={} gaps={} gap_ms={} errors={} reused_ids={} refused={} {}",
             c.received,
             c.written,
             c.duplicates_skipped,
@@ -350,7 +350,6 @@ impl fmt::Display for MonitorLine {
             c.redis_errors,
             c.reused_ids,
             c.refused,
-            c.bad_marks,
             self.link
         )
     }
@@ -375,7 +374,7 @@ mod tests {
         };
         assert_eq!(
             line.to_string(),
-            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 bad_marks=0 redis=connected"
+            "monitor consumers=3 received=30000 written=10000 duplicates_skipped=20000 taken_over=0 pending=0 expired=0 dead=0 overflow=0 rate=3333/s reconnects=0 gaps=0 gap_ms=0 errors=0 reused_ids=0 refused=0 redis=connected"
         );
         let down = MonitorLine {
             consumers: None,

@@ -932,7 +932,14 @@ impl Fenced {
         let lane = self.lanes.get_mut(stream).expect("a lane");
         if let Role::Writer { epoch } = &lane.role {
             if record.epoch.as_deref() != Some(epoch.as_str()) {
-                tracing::info!(stream = %stream, "another process writes this stream now (fenced): keeping the copies as a standby");
+                match &record.epoch {
+                    None => {
+                        tracing::warn!(stream = %stream, record = %lane.lane.keys.writer, "the stream's writer record is gone (deleted, or lost with Redis's data): keeping the copies as a standby until a writer takes the stream again")
+                    }
+                    Some(_) => {
+                        tracing::info!(stream = %stream, "another process writes this stream now (fenced): keeping the copies as a standby")
+                    }
+                }
                 lane.role = Role::Standby;
                 lane.resync = false;
                 lane.in_flight.clear();

@@ -79,10 +79,15 @@ impl Beat<'_> {
             .arg(MEMBER_STALE.as_millis() as u64)
             .arg(self.strategy.name())
             .arg(LIVE_FOR_STRATEGY.as_millis() as u64);
-        type Reply = (u64, u64, Vec<String>, Vec<RawRecord>, u8, String);
-        let (mark, now_ms, members, records, new, others): Reply = scripts::run(conn, cmd).await?;
+        type Reply = (u64, u64, Vec<String>, Vec<RawRecord>, u8, String, u8);
+        let (mark, now_ms, members, records, new, others, clock_missing): Reply =
+            scripts::run(conn, cmd).await?;
         if !others.is_empty() {
             return Err(mixed(self.strategy, &others));
+        }
+        // (Missing before this process ever saw a mark: a new pool.)
+        if clock_missing == 1 && self.seen > 0 {
+            tracing::warn!(clock = %self.pool.clock, "the pool's clock was missing (deleted, or lost with Redis's data): it goes on from the server's time, never back");
         }
         Ok(Cycle {
             mark,
@@ -102,7 +107,7 @@ pub fn mixed(mine: Strategy, others: &str) -> RedisError {
         ErrorKind::Client,
         MIXED,
         format!(
-            "this process runs STRATEGY={} and the live processes {others} run another on the same stream (each would write every message); run one strategy per pool: see the README's \"Changing the strategy\"",
+            "this process runs STRATEGY={} and the live processes {others} run another on the same stream (each would write every message); run one strategy per pool (see the README's \"One strategy per pool\")",
             mine.name()
         ),
     ))

@@ -17,7 +17,8 @@
 -- Returns {mark, server ms, members (name, value, …), records ({epoch,
 -- owner, pos} each), 1 when this process's entry is new (0 if not),
 -- the live members of another strategy that keep it out ("" when none:
--- "<name>=<strategy>", comma-separated)}.
+-- "<name>=<strategy>", comma-separated), 1 when the clock was missing (a
+-- new pool, or the key deleted or lost with Redis's data)}.
 local now = now_ms()
 local live = tonumber(ARGV[7])
 local members = redis.call('HGETALL', KEYS[2])
@@ -55,7 +56,7 @@ for i = 1, #members, 2 do
 end
 if ARGV[4] == '1' and refused then
   redis.call('HDEL', KEYS[2], ARGV[1])
-  return {0, now, {}, {}, 0, table.concat(others, ',')}
+  return {0, now, {}, {}, 0, table.concat(others, ','), 0}
 end
 local new = 0
 if ARGV[4] == '1' then
@@ -66,9 +67,10 @@ if ARGV[4] == '1' then
 else
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
+local clock_missing = redis.call('EXISTS', KEYS[1]) == 0 and 1 or 0
 local mark = next_mark(1, ARGV[3])
 local records = {}
 for i = 3, #KEYS do
   records[#records + 1] = redis.call('HMGET', KEYS[i], 'epoch', 'owner', 'pos')
 end
-return {mark, now, kept, records, new, ''}
+return {mark, now, kept, records, new, '', clock_missing}
