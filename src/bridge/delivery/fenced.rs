@@ -858,7 +858,8 @@ impl Fenced {
         let Some(found) = record.impossible.as_deref() else {
             return Ok(());
         };
-        let dead_ms = presumed_dead_after(self.config.takeover_after).as_millis() as u64;
+        let dead_after = presumed_dead_after(self.config.takeover_after);
+        let dead_ms = dead_after.as_millis() as u64;
         let member = self.config.member.as_str();
         let lane = self.lanes.get_mut(stream).expect("a lane");
         let since = *lane.impossible_since.get_or_insert_with(Instant::now);
@@ -872,30 +873,19 @@ impl Fenced {
             .filter(|o| *o != member)
             .and_then(|o| members.get(o))
             .is_some_and(|m| now_ms.saturating_sub(m.beat) <= dead_ms);
-        if !writer
-            && owner_lives
-            && since.elapsed() < presumed_dead_after(self.config.takeover_after)
-        {
+        if !writer && owner_lives && since.elapsed() < dead_after {
             return Ok(());
         }
         // A standby that never saw the record possible knows least: it
-        // leaves the repair to those that did, for a while.
+        // leaves the repair to those that did, for a while, then puts the
+        // position just before its first copy (a message's number is at
+        // least 1).
         let put = match (lane.pos, lane.queue.front().and_then(|q| q.m.position)) {
             (Some(pos), _) => pos,
-            (None, Some(first))
-                if since.elapsed() >= 2 * presumed_dead_after(self.config.takeover_after) =>
-            {
-                match first.seq {
-                    0 => Position {
-                        mark: first.mark.saturating_sub(1),
-                        seq: u32::MAX,
-                    },
-                    seq => Position {
-                        seq: seq - 1,
-                        ..first
-                    },
-                }
-            }
+            (None, Some(first)) if since.elapsed() >= 2 * dead_after => Position {
+                seq: first.seq.saturating_sub(1),
+                ..first
+            },
             _ => return Ok(()),
         };
         let mut cmd = scripts::evalsha(scripts::REPAIR, &[&lane.lane.keys.writer]);

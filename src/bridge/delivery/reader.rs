@@ -690,7 +690,6 @@ fn attach(mut items: Vec<Item>, charge: Option<Arc<Charge>>) -> Vec<Item> {
     items
 }
 
-/// Part `i` of a push, sliced out of its frame.
 /// The handshake's reply was not what `start.lua` returns.
 const NOT_A_START: resp::ProtocolError = resp::ProtocolError {
     at: 0,
@@ -753,6 +752,7 @@ pub fn unseal(payload: &[u8], seal: &str) -> Option<u64> {
         .then_some(value)
 }
 
+/// Part `i` of a push, sliced out of its frame.
 fn part(raw: &Bytes, parts: &Parts, i: usize) -> Option<Bytes> {
     parts.get(i).map(|range| raw.slice(range))
 }
