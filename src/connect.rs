@@ -537,24 +537,29 @@ impl fmt::Debug for Endpoint {
 /// connections, a loading or paused server, timeouts, out-of-memory) is
 /// retried with backoff.
 pub fn is_fatal(err: &RedisError) -> bool {
-    let refused = |code: &str| matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM");
     matches!(
         err.kind(),
         ErrorKind::AuthenticationFailed
             | ErrorKind::Parse
             | ErrorKind::InvalidClientConfig
             | ErrorKind::RESP3NotSupported
-    ) || err.code().is_some_and(refused)
+    ) || has_code(err, |code| {
+        matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM")
+    }) || err.detail().is_some_and(|d| {
+        // A server that wants a password refuses long commands from a
+        // client that gave none, with this protocol error.
+        d.contains("DB index is out of range") || d.contains("Protocol error: unauthenticated")
+    }) || tls_failure(err).is_some()
+}
+
+/// Whether the server's error (or one of a pipeline's) has a code `is`
+/// takes.
+pub fn has_code(err: &RedisError, is: impl Fn(&str) -> bool) -> bool {
+    err.code().is_some_and(&is)
         || err
             .clone()
             .into_server_errors()
-            .is_some_and(|errors| errors.iter().any(|(_, e)| refused(e.code())))
-        || err.detail().is_some_and(|d| {
-            // A server that wants a password refuses long commands from a
-            // client that gave none, with this protocol error.
-            d.contains("DB index is out of range") || d.contains("Protocol error: unauthenticated")
-        })
-        || tls_failure(err).is_some()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| is(e.code())))
 }
 
 /// Longest error text a log line or an error line carries.

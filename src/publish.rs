@@ -45,7 +45,7 @@ use crate::bridge::delivery::race::{Racer, Write};
 use crate::bridge::delivery::{Destination, Lane, Message, Trim, probe_channel, scripts};
 use crate::bridge::host_name;
 use crate::config::{Pace, PublishConfig, PublishLimit};
-use crate::connect::{Conn, is_fatal, reconnect_backoff};
+use crate::connect::{Conn, has_code, is_fatal, reconnect_backoff};
 
 /// What a publisher run did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -304,6 +304,16 @@ impl Publisher {
                             "its --retry-for passed: given up".to_string(),
                         )));
                     }
+                    Ok(PartSent::Unconfirmed) => {
+                        return Err(RedisError::from((
+                            ErrorKind::Client,
+                            "batch not confirmed",
+                            "it ran once, and no bridge worker has subscribed since to take it again (within DEDUP_WINDOW less a second): perhaps lost".to_string(),
+                        )));
+                    }
+                    Err(err) if has_code(&err, |code| code == "NOBRIDGE") => {
+                        retry.until_bridge(err).await?
+                    }
                     Err(err) => {
                         retry
                             .after(err, "batch not confirmed; sending it again")
@@ -406,6 +416,7 @@ impl Publisher {
                 dead: *dead as u64,
                 refused: *refused as u64,
             },
+            [-2] => PartSent::Unconfirmed,
             _ => PartSent::TooLate,
         })
     }
@@ -516,6 +527,9 @@ enum PartSent {
     Missed(Vec<usize>),
     /// Refused: it came after its deadline.
     TooLate,
+    /// It ran once, and no bridge worker has been subscribed since to take
+    /// it again: perhaps lost.
+    Unconfirmed,
 }
 
 /// A batch cut in parts of at most [`MAX_SCRIPT_BYTES`] (at least one
@@ -549,7 +563,12 @@ struct Retry<'a> {
     size: usize,
     /// Messages published again so far.
     resent: u64,
+    /// Whether it has said that it waits for a bridge worker.
+    waited_for_bridge: bool,
 }
+
+/// How often a batch waiting for a bridge worker to subscribe again asks.
+const BRIDGE_POLL: Duration = Duration::from_millis(100);
 
 impl<'a> Retry<'a> {
     fn new(retry_for: Duration, shutdown: &'a CancellationToken, size: usize) -> Self {
@@ -559,7 +578,27 @@ impl<'a> Retry<'a> {
             shutdown,
             size,
             resent: 0,
+            waited_for_bridge: false,
         }
+    }
+
+    /// The batch ran once and is to be published again, but no bridge
+    /// worker is subscribed (they are reconnecting, as the publisher was):
+    /// tries again in [`BRIDGE_POLL`], without backing off further, while
+    /// there is time; said once.
+    async fn until_bridge(&mut self, err: RedisError) -> Result<(), RedisError> {
+        if Instant::now() + BRIDGE_POLL > self.give_up || self.shutdown.is_cancelled() {
+            return Err(err);
+        }
+        if !self.waited_for_bridge {
+            self.waited_for_bridge = true;
+            tracing::warn!(
+                messages = self.size,
+                "batch not confirmed and no bridge worker subscribed to take it again: waiting for one"
+            );
+        }
+        tokio::time::sleep(BRIDGE_POLL).await;
+        Ok(())
     }
 
     /// After a failed attempt: `Err` when it is not to be retried (fatal,

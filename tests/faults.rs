@@ -101,11 +101,11 @@ impl Pool {
             Duration::from_secs(90),
             || (self.server.xlen(STREAM) as u64 >= published).then_some(()),
             || {
-                format!(
-                    "stream has {}\n{}",
-                    self.server.xlen(STREAM),
-                    self.describe()
-                )
+                let tally = Tally::of(
+                    &self.server.stream_entries(STREAM),
+                    0..summary.num("published"),
+                );
+                format!("{tally}\npublisher: {}\n{}", summary.line, self.describe())
             },
         );
         let tally = self.settled_tally(summary);

@@ -114,6 +114,113 @@ fn a_batch_published_again_after_a_lost_reply_is_written_once() {
     }
 }
 
+/// A batch that ran once, but whose only bridge subscription went away
+/// with it (a worker that died with the batch in its output buffer, or a
+/// server that stopped before sending it out) while the publisher lost the
+/// reply: published again at once, it would reach nobody. The publisher
+/// waits until a bridge worker is subscribed again, then publishes it, and
+/// the bridge writes every message once.
+#[test]
+fn a_batch_sent_again_while_no_bridge_listens_waits_for_one() {
+    let server = RedisServer::start();
+    // A bridge that ran once has loaded the scripts (the batch's first
+    // attempt runs, rather than asking for them).
+    let mut earlier = OptimusProcess::consume(&server, &[]);
+    earlier.wait_consumers(2);
+    earlier.signal("TERM");
+    assert!(earlier.wait_exit(Duration::from_secs(20)).success());
+    let mut doomed = server.conn();
+    redis::cmd("SUBSCRIBE")
+        .arg("optimus:bridge:0:messages:published->messages:processed")
+        .exec(&mut doomed)
+        .unwrap();
+    let proxy = support::proxy::StallingProxy::start(server.port);
+    proxy.hang_the_reply_to(b"EVALSHA");
+    let url = proxy.url();
+    let window = [("DEDUP_WINDOW", "60")];
+    let mut env = vec![("REDIS_URL", url.as_str())];
+    env.extend_from_slice(&window);
+    let mut publisher = OptimusProcess::spawn(
+        &[
+            "publish",
+            "--pause-min",
+            "0",
+            "--pause-max",
+            "0",
+            "--count",
+            "100",
+            "--batch-size",
+            "100",
+        ],
+        &env,
+    );
+    let mut admin = server.conn();
+    // The script ran (the doomed subscription got the batch); its reply hangs.
+    let script = support::wait_for(
+        "the batch's script to run",
+        Duration::from_secs(20),
+        || {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("normal")
+                .query(&mut admin)
+                .unwrap();
+            list.lines()
+                .find(|l| l.contains(" cmd=evalsha"))
+                .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+                .map(|id| id.to_string())
+        },
+        || publisher.describe(),
+    );
+    drop(doomed);
+    support::wait_for(
+        "the doomed subscription to go",
+        Duration::from_secs(10),
+        || {
+            let subs: Vec<(String, i64)> = server.command(&[
+                "PUBSUB",
+                "NUMSUB",
+                "optimus:bridge:0:messages:published->messages:processed",
+            ]);
+            (subs[0].1 == 0).then_some(())
+        },
+        String::new,
+    );
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&script)
+        .query(&mut admin)
+        .unwrap();
+    support::wait_for(
+        "the publisher to wait for a bridge",
+        Duration::from_secs(20),
+        || {
+            publisher
+                .stderr()
+                .contains("no bridge worker subscribed to take it again")
+                .then_some(())
+        },
+        || publisher.describe(),
+    );
+    assert_eq!(server.xlen(STREAM), 0, "nothing was written yet");
+    let consume = OptimusProcess::consume(&server, &window);
+    let status = publisher.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{}", publisher.describe());
+    let summary = publisher.wait_for_line("publish done", Duration::from_secs(1), |_| true);
+    assert_eq!(summary.num("published"), 100, "{}", summary.line);
+    assert_eq!(summary.num("failed"), 0, "{}", summary.line);
+    support::wait_for(
+        "100 entries",
+        Duration::from_secs(20),
+        || (server.xlen(STREAM) >= 100).then_some(()),
+        || consume.describe(),
+    );
+    consume.wait_settled(Duration::from_secs(10));
+    assert_exactly_once(&server.stream_entries(STREAM), 0..100);
+}
+
 /// DEDUP_WINDOW: a foreign publisher that sends an id again within the
 /// window gets one entry; once the window has passed, the same id is a new
 /// message. Ids the bridge makes itself (payloads without one) are never

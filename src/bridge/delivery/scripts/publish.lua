@@ -18,12 +18,17 @@
 -- nothing twice. A batch that was published is published again while that
 -- is within ARGV[11]: a server that stops right after running a script
 -- never sends its output to the subscribers, and the bridge writes a
--- message id it has seen within DEDUP_WINDOW once. Later, it is not.
+-- message id it has seen within DEDUP_WINDOW once; while no bridge worker
+-- is subscribed (they are reconnecting), the script refuses (NOBRIDGE)
+-- and the publisher sends it again later. Past ARGV[11], it is not
+-- published again (and, with no bridge worker subscribed, given up).
 -- The marker holds "<bridge subscriptions>:<number of the next message to
 -- write, 0 when none>:<written>:<dead-lettered>:<refused>:<first attempt
 -- ms>".
 -- Returns {bridge subscriptions, written, dead-lettered, refused}, or
--- {-1} when the batch came too late to be sent safely.
+-- {-1} when the batch came too late to be sent safely, or {-2} when it
+-- ran once and no bridge worker has been subscribed since to take it
+-- again (perhaps lost).
 local now = now_ms()
 if now > tonumber(ARGV[5]) then
   return {-1}
@@ -54,6 +59,16 @@ if state then
   bridge, next, stored, dead, refused, first = string.match(state, '^(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)$')
   bridge, next, stored, dead, refused, first = tonumber(bridge), tonumber(next), tonumber(stored),
     tonumber(dead), tonumber(refused), tonumber(first)
+  -- Published again only to a bridge: a server that stopped right after
+  -- the first attempt restarts before the workers subscribe again, and
+  -- what it published then would reach nobody. The publisher tries again
+  -- in a moment (NOBRIDGE); past ARGV[11] it gives the batch up ({-2}).
+  if bridge > 0 and redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2] == 0 then
+    if now - first > tonumber(ARGV[11]) then
+      return {-2}
+    end
+    return redis.error_reply('NOBRIDGE the batch ran once but may not have reached the bridge, and no bridge worker is subscribed to take it again')
+  end
   if bridge > 0 and now - first <= tonumber(ARGV[11]) then
     publish()
   end
