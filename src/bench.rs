@@ -54,6 +54,9 @@ pub struct BenchConfig {
     /// Messages per throughput row.
     pub messages: u64,
     pub workers: Vec<usize>,
+    /// Process counts of the scaling rows (fenced, each process at the
+    /// default CONSUMERS_COUNT); empty: none.
+    pub processes: Vec<usize>,
     pub strategies: Vec<Strategy>,
     /// Steady rate (messages/s) and duration of the latency run.
     pub latency_rate: u64,
@@ -92,6 +95,32 @@ impl BridgeRow {
     /// entries out of order.
     pub fn failed(&self) -> bool {
         self.lost + self.duplicates > 0 || (self.strategy != "race" && self.out_of_order > 0)
+    }
+}
+
+/// A burst bridged by a pool of processes (fenced, default settings):
+/// every process reads every message, so Redis's work grows with each.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessesRow {
+    pub processes: usize,
+    pub messages: u64,
+    pub seconds: f64,
+    pub rate: f64,
+    pub of_ceiling: f64,
+    /// Redis's CPU (INFO used_cpu_sys + used_cpu_user) over the row, per
+    /// message.
+    pub redis_cpu_us_per_message: f64,
+    /// The processes' CPU together, per message.
+    pub bridge_cpu_us_per_message: f64,
+    pub out_of_order: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+}
+
+impl ProcessesRow {
+    /// Lost, duplicated or out-of-order messages.
+    pub fn failed(&self) -> bool {
+        self.lost + self.duplicates + self.out_of_order > 0
     }
 }
 
@@ -135,6 +164,7 @@ pub struct Report {
     /// The fenced 2-worker burst with DEDUP_WINDOW=0: the default window's
     /// cost is the difference.
     pub dedup_off: Option<BridgeRow>,
+    pub processes: Vec<ProcessesRow>,
     pub latency: Vec<LatencyRow>,
     pub steady: Vec<SteadyRow>,
     /// The delivery core's targets, against this run (fenced rows).
@@ -244,6 +274,7 @@ impl Report {
                 .iter()
                 .filter(|r| r.lost + r.duplicates > 0)
                 .count()
+            + self.processes.iter().filter(|r| r.failed()).count()
     }
 }
 
@@ -410,6 +441,24 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         );
         dedup_off = Some(row.await?);
     }
+    let mut processes = Vec::new();
+    for &n in &config.processes {
+        eprintln!(
+            "bench: fenced pool of {n} processes, a burst of {}",
+            config.messages
+        );
+        let row = processes_row(
+            config,
+            &url,
+            &mut conn,
+            n,
+            Burst {
+                file: &burst,
+                ceiling_rate,
+            },
+        );
+        processes.push(row.await?);
+    }
     let mut steady = Vec::new();
     if let (Some(&strategy), Some(&workers)) =
         (config.strategies.first(), config.workers.iter().max())
@@ -433,6 +482,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         redis_cli_pipe_rate,
         bridge,
         dedup_off,
+        processes,
         latency,
         steady,
         targets: Vec::new(),
@@ -576,23 +626,53 @@ async fn spawn_bridge(
     workers: usize,
     settings: &[(&str, &str)],
 ) -> Result<Child> {
-    // A clean environment: the defaults, whatever the caller exported.
-    let child = Command::new(&config.exe)
+    let mut command = consume_command(config, url, strategy, settings);
+    let child = command
+        .env("CONSUMERS_COUNT", workers.to_string())
+        .spawn()
+        .context("cannot start optimus consume")?;
+    // At most two subscriptions a process (one server), and, fenced, the
+    // process a member of the pool.
+    wait_subscribed(conn, strategy, workers.min(2), 1).await?;
+    Ok(child)
+}
+
+/// `optimus consume` of `strategy` on the benchmark's channel and stream,
+/// in a clean environment: the defaults, whatever the caller exported, and
+/// `settings`.
+fn consume_command(
+    config: &BenchConfig,
+    url: &str,
+    strategy: Strategy,
+    settings: &[(&str, &str)],
+) -> Command {
+    let mut command = Command::new(&config.exe);
+    command
         .arg("consume")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("REDIS_URL", url)
         .env("STRATEGY", strategy.name())
-        .env("CONSUMERS_COUNT", workers.to_string())
         .env("INPUT_CHANNEL", CHANNEL)
         .env("OUTPUT_STREAM", STREAM)
         .env("MONITORING_INTERVAL", "3600")
         .env("LOGLEVEL", "ERROR")
         .envs(settings.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("cannot start optimus consume")?;
+        .stderr(Stdio::inherit());
+    command
+}
+
+/// Waits until the channel has `subscribed` subscriptions and (fenced) the
+/// pool `members` members, and a few cycles more, so that every worker has
+/// the same view of the members: the rows measure the bridge running, not
+/// starting.
+async fn wait_subscribed(
+    conn: &mut MultiplexedConnection,
+    strategy: Strategy,
+    subscribed: usize,
+    members: usize,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let subs: Vec<(String, usize)> = redis::cmd("PUBSUB")
@@ -600,23 +680,18 @@ async fn spawn_bridge(
             .arg(CHANNEL)
             .query_async(conn)
             .await?;
-        let members: usize = redis::cmd("HLEN")
+        let joined: usize = redis::cmd("HLEN")
             .arg(format!("{{{STREAM}}}:members"))
             .query_async(conn)
             .await?;
-        // At most two subscriptions a process (one server), and, fenced,
-        // the process a member of the pool.
-        let subscribed = workers.min(2);
         let seen = subs.first().map_or(0, |s| s.1);
-        if seen == subscribed && (strategy == Strategy::Race || members == 1) {
-            // A few cycles more, so that every worker has the same view of
-            // the members: the rows measure the bridge running, not starting.
+        if seen == subscribed && (strategy == Strategy::Race || joined == members) {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            return Ok(child);
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "optimus consume did not subscribe within 30 s ({seen} of {subscribed} subscriptions, {members} members)"
+                "optimus consume did not subscribe within 30 s ({seen} of {subscribed} subscriptions, {joined} of {members} members)"
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -938,6 +1013,80 @@ async fn publish_steady(url: &str, total: u64, rate: u64) -> Result<()> {
     Ok(())
 }
 
+/// One scaling row: a fenced pool of `processes` processes, each at the
+/// default settings, against the burst; Redis's CPU measured from INFO.
+async fn processes_row(
+    config: &BenchConfig,
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    processes: usize,
+    burst: Burst<'_>,
+) -> Result<ProcessesRow> {
+    reset(conn).await?;
+    let mut children = Vec::new();
+    for _ in 0..processes {
+        let child = consume_command(config, url, Strategy::Fenced, &[])
+            .spawn()
+            .context("cannot start optimus consume");
+        match child {
+            Ok(child) => children.push(child),
+            Err(err) => {
+                children.into_iter().for_each(stop);
+                return Err(err);
+            }
+        }
+    }
+    let workers: usize = crate::config::DEFAULT_CONSUMERS.parse().unwrap_or(1);
+    let workers = workers.min(2);
+    if let Err(err) = wait_subscribed(conn, Strategy::Fenced, processes * workers, processes).await
+    {
+        children.into_iter().for_each(stop);
+        return Err(err);
+    }
+    let cpu = |children: &[Child]| -> Duration { children.iter().map(|c| cpu_time(c.id())).sum() };
+    let bridge_before = cpu(&children);
+    let redis_before = redis_cpu(conn).await?;
+    let start = Instant::now();
+    let done = match pipe_burst(url, burst.file) {
+        Ok(()) => wait_for_len(conn, config.messages, Duration::from_secs(10)).await,
+        Err(err) => Err(err),
+    };
+    let redis_after = redis_cpu(conn).await;
+    let bridge_used = cpu(&children).saturating_sub(bridge_before);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    children.into_iter().for_each(stop);
+    let done = done?;
+    let redis_used = (redis_after? - redis_before).max(0.0);
+    let audit = audit_of(url, config.messages).await?;
+    let seconds = done.duration_since(start).as_secs_f64();
+    let rate = config.messages as f64 / seconds;
+    Ok(ProcessesRow {
+        processes,
+        messages: config.messages,
+        seconds,
+        rate,
+        of_ceiling: rate / burst.ceiling_rate,
+        redis_cpu_us_per_message: redis_used * 1e6 / config.messages as f64,
+        bridge_cpu_us_per_message: bridge_used.as_micros() as f64 / config.messages as f64,
+        out_of_order: out_of_order(conn).await?,
+        lost: audit.lost,
+        duplicates: audit.duplicates,
+    })
+}
+
+/// Redis's CPU so far, seconds (INFO's used_cpu_sys + used_cpu_user).
+async fn redis_cpu(conn: &mut MultiplexedConnection) -> Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("used_cpu_sys:")
+                .or_else(|| l.strip_prefix("used_cpu_user:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum())
+}
+
 async fn steady_row(
     config: &BenchConfig,
     url: &str,
@@ -1073,6 +1222,23 @@ pub fn table(report: &Report) -> String {
                 r.rate,
                 r.cpu_us_per_message,
                 r.peak_rss_mib,
+                r.lost,
+                r.duplicates,
+                if r.failed() { " FAILED" } else { "" }
+            );
+        }
+    }
+    if !report.processes.is_empty() {
+        out += "\n| fenced pool | messages/s | of ceiling | Redis CPU µs/msg | bridges' CPU µs/msg | out of order | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
+        for r in &report.processes {
+            out += &format!(
+                "| {} processes | {:.0} | {:.2} | {:.1} | {:.1} | {} | {} | {} |{}\n",
+                r.processes,
+                r.rate,
+                r.of_ceiling,
+                r.redis_cpu_us_per_message,
+                r.bridge_cpu_us_per_message,
+                r.out_of_order,
                 r.lost,
                 r.duplicates,
                 if r.failed() { " FAILED" } else { "" }

@@ -9,6 +9,9 @@
 use std::fmt;
 use std::time::Duration;
 
+/// CONSUMERS_COUNT's default: workers in one bridge process.
+pub const DEFAULT_CONSUMERS: &str = "2";
+
 use clap::{Args, ValueEnum};
 
 pub use crate::bridge::delivery::{Cap, Trim};
@@ -410,7 +413,7 @@ pub struct ConsumeArgs {
     /// Workers this process counts as (presence, `ctl scale`). On one server
     /// a process reads through at most two subscriptions whatever the count;
     /// on a cluster each worker has its own.
-    #[arg(long = "consumers", env = "CONSUMERS_COUNT", default_value = "2")]
+    #[arg(long = "consumers", env = "CONSUMERS_COUNT", default_value = DEFAULT_CONSUMERS)]
     pub consumers_count: String,
     /// Most messages a worker handles per batch; a batch never waits to fill.
     #[arg(

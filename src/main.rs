@@ -58,6 +58,11 @@ enum Command {
         /// Worker counts to measure, comma-separated.
         #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
         workers: Vec<usize>,
+        /// Process counts of the scaling rows (a fenced pool, each process
+        /// at the default settings, Redis's CPU measured), comma-separated;
+        /// 0 skips them.
+        #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
+        processes: Vec<usize>,
         /// Strategies to measure, comma-separated.
         #[arg(long, default_value = "fenced,race", value_delimiter = ',', value_enum)]
         strategies: Vec<optimus::Strategy>,
@@ -352,6 +357,7 @@ fn main() -> ExitCode {
             Command::Bench {
                 messages,
                 workers,
+                processes,
                 strategies,
                 latency_rate,
                 latency_seconds,
@@ -364,6 +370,7 @@ fn main() -> ExitCode {
                     redis_url: cli.connect.redis_url.clone(),
                     messages,
                     workers,
+                    processes: processes.into_iter().filter(|&n| n > 0).collect(),
                     strategies,
                     latency_rate,
                     latency_duration: std::time::Duration::from_secs(latency_seconds),

@@ -22,6 +22,8 @@ fn a_small_benchmark_measures_every_row() {
             "3000",
             "--workers",
             "1,2",
+            "--processes",
+            "1,2",
             "--latency-rate",
             "1000",
             "--latency-seconds",
@@ -85,6 +87,20 @@ fn a_small_benchmark_measures_every_row() {
         "{targets:?}"
     );
     assert!(stdout.contains("| target (fenced) |"), "{stdout}");
+    // The scaling rows: a pool of processes, Redis's CPU per message.
+    let pools = report["processes"].as_array().unwrap();
+    assert_eq!(pools.len(), 2, "{pools:?}");
+    for (row, n) in pools.iter().zip([1, 2]) {
+        assert_eq!(row["processes"], n, "{row}");
+        assert_eq!(row["lost"], 0, "{row}");
+        assert_eq!(row["duplicates"], 0, "{row}");
+        assert_eq!(row["out_of_order"], 0, "{row}");
+        assert!(
+            row["redis_cpu_us_per_message"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+    }
+    assert!(stdout.contains("| 2 processes |"), "{stdout}");
     for latency in report["latency"].as_array().unwrap() {
         assert_eq!(latency["samples"], 1000, "{latency}");
         assert_eq!(latency["lost"], 0, "{latency}");

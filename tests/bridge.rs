@@ -584,6 +584,15 @@ fn messages_the_stream_refuses_are_dead_lettered_with_the_reason() {
         publish_raw(&server, &[r#"{"message_id":"after"}"#], 2);
         let entries = settled_entries(&server, &[&consume], 1);
         assert_eq!(entries[0]["message_id"], b"after", "{strategy}");
+        if strategy == "fenced" {
+            // Deleted under a writer: said, once.
+            assert_eq!(
+                consume.stderr().matches("the stream was missing").count(),
+                1,
+                "{}",
+                consume.describe()
+            );
+        }
     }
 }
 

@@ -215,6 +215,30 @@ async fn the_clock_and_the_epochs_never_go_back_when_redis_loses_its_data() {
     assert_eq!(mark(), third + 1_000_001);
 }
 
+/// A stream deleted after its writer wrote to it: the next write makes it
+/// anew and says so.
+#[tokio::test]
+async fn a_write_into_a_deleted_stream_says_it_was_missing() {
+    let server = RedisServer::start();
+    let mut a = conn(&server).await;
+    let (epoch, _) = take(&mut a, None, "a").await;
+    let (m1, m2, m3) = (at("1", 100, 1), at("2", 100, 2), at("3", 100, 3));
+    let mut write = async |prev: Option<&Message>, m: &Message| {
+        fenced::write(&mut a, "a", &epoch, prev.and_then(|p| p.position), &[m])
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        write(None, &m1).await,
+        WriteReply::Done,
+        "a new stream is no missing one"
+    );
+    let _: () = server.command(&["DEL", STREAM]);
+    assert_eq!(write(Some(&m1), &m2).await, WriteReply::DoneAnew);
+    assert_eq!(write(Some(&m2), &m3).await, WriteReply::Done);
+    assert_eq!(server.xlen(STREAM), 2);
+}
+
 #[tokio::test]
 async fn a_refusal_stops_the_write_and_the_record_keeps_what_was_written() {
     let server = RedisServer::start();

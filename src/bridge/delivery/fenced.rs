@@ -363,6 +363,9 @@ pub enum WriteReply {
     Elsewhere,
     /// All written.
     Done,
+    /// All written, into a stream made anew: it was missing though the
+    /// record held a position (deleted, or lost with Redis's data).
+    DoneAnew,
     /// Part written, then a refusal that passes.
     Stopped { reason: String },
     /// The first `n` written, then the stream refused the next for good.
@@ -640,7 +643,10 @@ impl Fenced {
             return Ok(());
         }
         match reply {
-            Ok(WriteReply::Done) => {
+            Ok(done @ (WriteReply::Done | WriteReply::DoneAnew)) => {
+                if done == WriteReply::DoneAnew {
+                    tracing::warn!(stream = %stream, "the stream was missing (deleted, or lost with Redis's data) though this pool had written to it: what it held is gone; writing on into a new one");
+                }
                 let last = lane.queue.get(write.span - 1).and_then(|q| q.m.position);
                 pop(lane, write.span, &self.counters);
                 lane.pos = last.or(lane.pos);
@@ -1410,6 +1416,7 @@ fn decode_write(value: redis::Value) -> Result<WriteReply, RedisError> {
         },
         1 => WriteReply::Elsewhere,
         2 => WriteReply::Done,
+        5 => WriteReply::DoneAnew,
         3 => WriteReply::Stopped {
             reason: text(2).unwrap_or_default(),
         },

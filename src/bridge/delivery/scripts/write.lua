@@ -14,7 +14,8 @@
 --   kind 3: a field count n and n values (an entry in the dead-letter stream).
 -- Returns {0, epoch, position}: fenced, nothing written; {1, position}: the
 -- record is elsewhere, nothing written; {2, n}: all n written, the record
--- at ARGV[3]; {3, n, reason}: the first n written, then a refusal that
+-- at ARGV[3] ({5, n}: the same, and the stream had been missing though
+-- the record held a position: deleted, or lost); {3, n, reason}: the first n written, then a refusal that
 -- passes; {4, n, reason}: the first n written, then the stream refused the
 -- next one for good. The record's position is that of the last message
 -- written: nothing is recorded that was not written.
@@ -38,6 +39,9 @@ elseif trim == 2 then
 else
   add = function(...) redis.call('XADD', stream, '*', ...) end
 end
+-- The stream gone though the record says something was written: deleted
+-- (or lost with Redis's data); the first XADD makes it anew.
+local missing = (rec[3] or '') ~= '' and redis.call('EXISTS', stream) == 0
 -- One pcall for the batch: `done` and `last` say how far it went.
 local a, done, last = 8, 0, ARGV[2]
 local ok, err = pcall(function()
@@ -73,4 +77,7 @@ if not ok then
   return {passes and 3 or 4, done, reason}
 end
 redis.call('HSET', KEYS[1], 'pos', ARGV[3])
+if missing then
+  return {5, done}
+end
 return {2, done}
