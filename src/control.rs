@@ -452,6 +452,104 @@ pub async fn watch(
     }
 }
 
+/// `optimus ctl strategy`: hands the pool whose keys `pool` names to the
+/// strategy `target` (see [`crate::bridge::delivery::members`]). Returns
+/// what was done, in a line for the operator.
+///
+/// - Live members of another strategy: the handoff key is set to `target`
+///   (unless a handoff to it is under way already).
+/// - No live member: nothing to hand over; a handoff key left from an
+///   earlier change is cleared, so that processes of `target` may start.
+/// - Every live member runs `target` already: a handoff still waiting for
+///   its mark (to the other strategy) is called off; else nothing is done.
+pub async fn hand_over<C: ConnectionLike>(
+    conn: &mut C,
+    pool: &crate::bridge::delivery::Pool,
+    target: crate::Strategy,
+) -> redis::RedisResult<String> {
+    use crate::bridge::delivery::members::{Handoff, LIVE_FOR_STRATEGY};
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    let now = secs * 1000 + micros / 1000;
+    let members: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(&pool.members)
+        .query_async(conn)
+        .await?;
+    // A member's value: "<beat ms>:<seen>:<since>:<routes>:<strategy>:<joined>".
+    let live: Vec<(String, String)> = members
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let mut parts = value.split(':');
+            let beat: u64 = parts.next()?.parse().ok()?;
+            let strategy = parts.nth(3).unwrap_or("fenced").to_string();
+            (now.saturating_sub(beat) <= LIVE_FOR_STRATEGY.as_millis() as u64)
+                .then_some((name, strategy))
+        })
+        .collect();
+    let current: Option<String> = redis::cmd("GET")
+        .arg(&pool.handoff)
+        .query_async(conn)
+        .await?;
+    let current_handoff = current.as_deref().and_then(Handoff::parse);
+    let name = target.name();
+    let others: Vec<String> = live
+        .iter()
+        .filter(|(_, s)| s != name)
+        .map(|(n, s)| format!("{n}={s}"))
+        .collect();
+    let mut del = redis::cmd("DEL");
+    del.arg(&pool.handoff);
+    if live.is_empty() {
+        if current.is_some() {
+            del.query_async::<u64>(conn).await?;
+            return Ok(format!(
+                "no live process in the pool: the handoff key {} was cleared; start STRATEGY={name} processes",
+                pool.handoff
+            ));
+        }
+        return Ok(format!(
+            "no live process in the pool: start STRATEGY={name} processes"
+        ));
+    }
+    if others.is_empty() {
+        if let Some(Handoff {
+            target: t,
+            at: None,
+        }) = current_handoff
+            && t != target
+        {
+            del.query_async::<u64>(conn).await?;
+            return Ok(format!(
+                "the handoff to STRATEGY={} was called off (no process of it took the mark): the pool runs STRATEGY={name}",
+                t.name()
+            ));
+        }
+        return Ok(format!("the pool runs STRATEGY={name} already"));
+    }
+    if let Some(h) = current_handoff
+        && h.target == target
+    {
+        return Ok(match h.at {
+            Some(at) => format!(
+                "the pool is handed to STRATEGY={name} from mark {at} on: stop the processes {} once they hold nothing",
+                others.join(",")
+            ),
+            None => format!(
+                "a handoff to STRATEGY={name} is asked for already: start STRATEGY={name} processes"
+            ),
+        });
+    }
+    redis::cmd("SET")
+        .arg(&pool.handoff)
+        .arg(name)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(format!(
+        "handoff to STRATEGY={name} asked for ({}): start STRATEGY={name} processes; the first to subscribe takes the handoff mark, from which on they write; then stop {} (they write what came before it)",
+        pool.handoff,
+        others.join(",")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::share;

@@ -105,7 +105,8 @@ enum Command {
     /// The control plane: `ctl stop` sets the kill switch (every consume and
     /// work process stops gracefully within a second or two), `ctl resume`
     /// clears it, `ctl scale N` sets the total number of bridge workers, `ctl
-    /// status` shows all that and the live processes.
+    /// strategy S` hands a running pool to another strategy, `ctl status`
+    /// shows all that and the live processes.
     Ctl {
         #[command(subcommand)]
         action: CtlAction,
@@ -157,6 +158,18 @@ enum CtlAction {
         /// Confirms a total of 0.
         #[arg(long)]
         yes: bool,
+    },
+    /// Change the strategy of a running pool without losing or duplicating
+    /// a message: start processes of the new strategy after this, and stop
+    /// the old ones once the new ones have taken the handoff mark (see the
+    /// README's "Changing the strategy").
+    Strategy {
+        /// The strategy to hand the pool to.
+        #[arg(value_enum)]
+        strategy: optimus::Strategy,
+        /// The pool's stream (its bookkeeping keys are named after it).
+        #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
+        stream: String,
     },
     /// The kill switch, the total set with `ctl scale`, and the live consume
     /// and work processes: host, pid, workers, and the rate of each (messages
@@ -581,6 +594,13 @@ async fn ctl(connect: &ConnectArgs, action: CtlAction) -> ExitCode {
                         "total cleared: each consume process runs its CONSUMERS_COUNT".to_string()
                     }
                 })
+            }
+            CtlAction::Strategy { strategy, stream } => {
+                let db = endpoint
+                    .info()
+                    .map_or(0, |info| info.redis_settings().db());
+                let pool = optimus::bridge::delivery::Pool::in_db(&stream, db);
+                optimus::control::hand_over(&mut conn, &pool, strategy).await
             }
             CtlAction::Resume => Ok(if optimus::control::resume(&mut conn).await? {
                 "kill switch cleared: processes may run again".to_string()

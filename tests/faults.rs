@@ -1181,6 +1181,105 @@ fn a_process_of_another_strategy_is_refused() {
     }
 }
 
+/// Changing the strategy of a running pool, both ways, under 5,000 msg/s:
+/// `ctl strategy <new>`, two processes of the new strategy started beside
+/// the two old ones, the old ones stopped once the new ones took the
+/// handoff mark. Every message is in the stream once; afterwards a process
+/// of the old strategy is kept out (exit 2, one line), and `ctl strategy`
+/// says the pool runs the new one.
+#[test]
+fn the_strategy_of_a_running_pool_is_changed_without_loss_or_duplicate() {
+    for (from, to) in [("fenced", "race"), ("race", "fenced")] {
+        let mut pool = Pool::start(RedisServer::start(), 2, &[("STRATEGY", from)]);
+        let url = pool.server.url();
+        let ctl = |to: &str| {
+            let out = support::run_optimus(
+                &["ctl", "strategy", to],
+                &[("REDIS_URL", url.as_str())],
+                Duration::from_secs(20),
+            );
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let mut publisher = pool.publisher(5000, 8);
+        std::thread::sleep(Duration::from_millis(1500));
+        let asked = ctl(to);
+        assert!(
+            asked.contains(&format!("handoff to STRATEGY={to} asked for")),
+            "{asked}"
+        );
+        pool.env = vec![("STRATEGY", to.to_string())];
+        let newcomers: Vec<OptimusProcess> = (0..2).map(|_| pool.spawn()).collect();
+        // Two old processes and two new ones: 8 workers.
+        for p in &newcomers {
+            p.wait_consumers(8);
+        }
+        let key = "{messages:processed}:handoff";
+        let handoff = support::wait_for(
+            "the handoff mark",
+            Duration::from_secs(20),
+            || {
+                let value: Option<String> = pool.server.command(&["GET", key]);
+                value.filter(|v| v.starts_with(&format!("{to}:")))
+            },
+            || pool.describe(),
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+        for p in pool.processes.iter_mut() {
+            p.signal("TERM");
+            let status = p.wait_exit(Duration::from_secs(30));
+            assert!(status.success(), "{from} → {to}\n{}", p.describe());
+            assert!(p.error_lines().is_empty(), "{}", p.describe());
+        }
+        let old = std::mem::replace(&mut pool.processes, newcomers);
+        let summary = pool.finish(&mut publisher);
+        let published = summary.num("published");
+        support::wait_for(
+            &format!("{published} entries"),
+            Duration::from_secs(60),
+            || (pool.server.xlen(STREAM) as u64 >= published).then_some(()),
+            || {
+                let tally = Tally::of(&pool.server.stream_entries(STREAM), 0..published);
+                format!("{from} → {to} ({handoff}): {tally}\n{}", pool.describe())
+            },
+        );
+        let tally = pool.settled_tally(&summary);
+        assert!(
+            tally.is_exact(),
+            "{from} → {to} ({handoff}): {tally}\nold:\n{}\nnew:\n{}",
+            old.iter()
+                .map(|p| p.describe())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            pool.describe()
+        );
+        // Each strategy wrote its part: the old one up to the mark, the new
+        // one from it on.
+        let written = |ps: &[OptimusProcess]| -> u64 {
+            ps.iter()
+                .map(|p| p.latest_line("monitor ").map_or(0, |l| l.num("written")))
+                .sum()
+        };
+        assert!(
+            written(&old) > 0 && written(&pool.processes) > 0,
+            "{from} → {to}: old wrote {}, new wrote {}",
+            written(&old),
+            written(&pool.processes)
+        );
+        // The old strategy is kept out now; the pool runs the new one.
+        let mut late = OptimusProcess::consume(&pool.server, &[("STRATEGY", from)]);
+        let status = late.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{}", late.describe());
+        let last = late.stderr().lines().last().unwrap_or_default().to_string();
+        assert!(last.contains(&format!("handed to STRATEGY={to}")), "{last}");
+        let again = ctl(to);
+        assert!(
+            again.contains(&format!("runs STRATEGY={to} already")),
+            "{again}"
+        );
+    }
+}
+
 /// The writer's command connection stalls (no reply comes back on it) while
 /// its subscription flows, under 20,000 msg/s of ~200 B: nothing the
 /// process waits on (its cycle, its writes) stops its readers while

@@ -317,6 +317,87 @@ fn expire_lock(server: &RedisServer, id: &str) {
     let _: () = server.command(&["DEL", &Keys::new(STREAM).lock(id)]);
 }
 
+/// A mark of the server's time now (as the pool's clock makes them).
+fn mark_now(server: &RedisServer) -> u64 {
+    let (secs, micros): (u64, u64) = server.command(&["TIME"]);
+    (secs * 1000 + micros / 1000) * 1024
+}
+
+/// The write scripts hold to a strategy handoff whatever the process
+/// believes (one that has not heard of it yet): handed to race at H, a
+/// fenced writer writes what came before H and nothing from it on.
+#[tokio::test]
+async fn a_fenced_writer_writes_nothing_past_the_handoff_mark() {
+    let server = RedisServer::start();
+    let h = mark_now(&server);
+    let _: () = server.command(&["SET", &Keys::new(STREAM).handoff, &format!("race:{h}")]);
+    let mut a = conn(&server).await;
+    let (epoch, _) = take(&mut a, None, "a").await;
+    let (m1, m2) = (at("1", h - 1, 1), at("2", h, 1));
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, None, &[&m1])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, m1.position, &[&m2])
+            .await
+            .unwrap(),
+        WriteReply::Elsewhere,
+        "race's from H on"
+    );
+    // Handed to fenced from H on: what came before is race's.
+    let _: () = server.command(&["SET", &Keys::new(STREAM).handoff, &format!("fenced:{h}")]);
+    let m0 = at("0", h - 1, 2);
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, m1.position, &[&m0])
+            .await
+            .unwrap(),
+        WriteReply::Elsewhere,
+        "race's before H"
+    );
+    assert_eq!(
+        fenced::write(&mut a, "a", &epoch, m1.position, &[&m2])
+            .await
+            .unwrap(),
+        WriteReply::Done
+    );
+    assert_eq!(ids(&server), ["1", "2"]);
+}
+
+/// The same for race: handed to race, its workers hold their copies until
+/// H is taken, then drop what came before it (the fenced strategy's) and
+/// write what came after; handed back to fenced, they drop what is past
+/// the new mark.
+#[tokio::test]
+async fn race_workers_hold_to_the_handoff_mark() {
+    let (server, mut a, _b) = two_racers().await;
+    let handoff = Keys::new(STREAM).handoff;
+    let h = mark_now(&server);
+    let (before, after) = (at("before", h - 1, 1), at("after", h, 1));
+    let _: () = server.command(&["SET", &handoff, "race"]);
+    assert_eq!(
+        a.claim(&[&before, &after]).await.unwrap(),
+        [Claim::Held, Claim::Held],
+        "no mark yet: held"
+    );
+    let _: () = server.command(&["SET", &handoff, &format!("race:{h}")]);
+    assert_eq!(
+        a.claim(&[&before, &after]).await.unwrap(),
+        [Claim::Acked, Claim::Won]
+    );
+    assert_eq!(a.write(&[&after]).await.unwrap(), [Write::Written]);
+    let h2 = mark_now(&server) + 1024;
+    let _: () = server.command(&["SET", &handoff, &format!("fenced:{h2}")]);
+    let (last, late) = (at("last", h2 - 1, 1), at("late", h2, 1));
+    assert_eq!(
+        a.settle(&[&last, &late]).await.unwrap(),
+        [Settled::Written, Settled::Acked]
+    );
+    assert_eq!(ids(&server), ["after", "last"]);
+}
+
 #[tokio::test]
 async fn only_one_worker_wins_a_message() {
     let (server, mut a, mut b) = two_racers().await;

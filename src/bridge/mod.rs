@@ -226,6 +226,7 @@ impl Bridge {
             .endpoint
             .info()
             .map_or(0, |info| info.redis_settings().db());
+        let pool = Pool::in_db(&config.output_stream, db);
         let router = Arc::new(route::Router::new(
             routes,
             route::LanePlan {
@@ -234,6 +235,7 @@ impl Bridge {
                 format: config.output_format,
                 id_field: config.message_id_field.clone(),
                 db,
+                handoff: (!config.endpoint.is_cluster()).then(|| pool.handoff.clone()),
             },
         ));
         let budget = Budget::new(config.memory_limit);
@@ -247,7 +249,7 @@ impl Bridge {
                 false => Coverage::counted_by_intake(),
             }),
             budget: budget.clone(),
-            pool: Pool::in_db(&config.output_stream, db),
+            pool,
             batches: None,
             readers: Vec::new(),
             racers: Arc::default(),

@@ -251,6 +251,9 @@ pub struct LanePlan {
     pub id_field: String,
     /// The database the streams are in (the probe channels name it).
     pub db: i64,
+    /// The pool's handoff key, which every stream's write scripts hold to
+    /// (one server; `None` on a cluster).
+    pub handoff: Option<String>,
 }
 
 /// A process's routes, resolved to lanes. Shared by its workers.
@@ -362,7 +365,7 @@ impl Router {
             .dead_letter_stream
             .clone()
             .unwrap_or_else(|| default_dead_stream(stream, self.plan.cluster));
-        Arc::new(Lane::new(
+        let mut lane = Lane::new(
             Destination {
                 stream: stream.to_string(),
                 dead_stream,
@@ -371,7 +374,11 @@ impl Router {
                 id_field: self.plan.id_field.clone(),
             },
             route.trim,
-        ))
+        );
+        if let Some(handoff) = &self.plan.handoff {
+            lane.keys.handoff = handoff.clone();
+        }
+        Arc::new(lane)
     }
 }
 

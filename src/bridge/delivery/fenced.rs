@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use super::budget::Budget;
 use super::intake::Intake;
-use super::members::{Beat, Cycle, is_mixed};
+use super::members::{Beat, Cycle, Handoff, Rule, is_mixed};
 use super::reader::ReaderBatch;
 use super::{Lane, Message, Pool, Position, Trim, push_entry, scripts, target};
 use crate::config::{OutputFormat, Strategy};
@@ -171,6 +171,9 @@ struct LaneState {
     asked_in: u64,
     /// Since when the record has held an impossible position.
     impossible_since: Option<Instant>,
+    /// The handoff mark, when the pool was handed to this strategy: what
+    /// came before it is the other strategy's, covered as if written.
+    floor: u64,
 }
 
 impl LaneState {
@@ -200,6 +203,7 @@ impl LaneState {
             // A new lane takes its turn after those waiting longer.
             asked_in: cycle,
             impossible_since: None,
+            floor: 0,
         }
     }
 
@@ -212,7 +216,11 @@ impl LaneState {
     /// last position written and the sequence it took the stream over with.
     /// It writes nothing from there on.
     fn hole(&self, since: u64) -> Option<u64> {
-        let covered = self.pos.map_or(0, |p| p.mark).max(self.taken_since);
+        let covered = self
+            .pos
+            .map_or(0, |p| p.mark)
+            .max(self.taken_since)
+            .max(self.floor);
         (since != u64::MAX && since > covered).then_some(since)
     }
 
@@ -402,6 +410,8 @@ pub struct Fenced {
     member_since: Option<Instant>,
     /// Since when the budget has been spent with nothing to shed.
     shed_nothing_since: Option<Instant>,
+    /// The pool's strategy handoff, as the last cycle read it.
+    handoff: Option<Handoff>,
 }
 
 impl Fenced {
@@ -428,7 +438,73 @@ impl Fenced {
             routes_said: None,
             member_since: None,
             shed_nothing_since: None,
+            handoff: None,
         }
+    }
+
+    /// What this process does with a message under the handoff.
+    fn rule(&self, m: &Message) -> Rule {
+        Handoff::rule(self.handoff, Strategy::Fenced, m.position.map(|p| p.mark))
+    }
+
+    /// The pool is being handed to this strategy and the handoff mark is
+    /// not taken yet: it holds what it receives and writes nothing.
+    fn holding(&self) -> bool {
+        self.handoff
+            .is_some_and(|h| h.target == Strategy::Fenced && h.at.is_none())
+    }
+
+    /// The first mark that is not this strategy's (handed from, H taken).
+    fn handed_from(&self) -> Option<u64> {
+        self.handoff
+            .filter(|h| h.target != Strategy::Fenced)
+            .and_then(|h| h.at)
+    }
+
+    /// Takes in the handoff a cycle read: the copies that are the other
+    /// strategy's are dropped (those of lanes with writes on their way once
+    /// answered), and a lane handed to this strategy counts everything
+    /// before H as covered.
+    fn take_handoff(&mut self, handoff: Option<Handoff>) {
+        if handoff != self.handoff {
+            match handoff {
+                Some(Handoff {
+                    target,
+                    at: Some(at),
+                }) => {
+                    tracing::info!(
+                        target = target.name(),
+                        mark = at,
+                        "strategy handoff: messages from the handoff mark on are the target strategy's"
+                    )
+                }
+                Some(Handoff { target, at: None }) => {
+                    tracing::info!(
+                        target = target.name(),
+                        "strategy handoff asked for: waiting for a process of the target strategy to take the handoff mark"
+                    )
+                }
+                None => {}
+            }
+            self.handoff = handoff;
+        }
+        let floor = handoff
+            .filter(|h| h.target == Strategy::Fenced)
+            .and_then(|h| h.at)
+            .unwrap_or(0);
+        let mut dropped = 0;
+        for lane in self.lanes.values_mut() {
+            lane.floor = floor;
+            if handoff.is_none() || !lane.in_flight.is_empty() {
+                continue;
+            }
+            let before = lane.queue.len();
+            lane.queue.retain(|q| {
+                Handoff::rule(handoff, Strategy::Fenced, q.m.position.map(|p| p.mark)) != Rule::No
+            });
+            dropped += (before - lane.queue.len()) as u64;
+        }
+        Counters::add(&self.counters.duplicates_skipped, dropped);
     }
 
     /// Runs until `batches` is closed (every reader stopped) and what this
@@ -485,6 +561,10 @@ impl Fenced {
         let now = Instant::now();
         let mut last_woken: Option<Arc<Lane>> = None;
         for m in messages {
+            if self.rule(&m) == Rule::No {
+                Counters::add(&self.counters.duplicates_skipped, 1);
+                continue;
+            }
             let stream = m.lane.stream();
             let lane = match self.lanes.get_mut(stream) {
                 Some(lane) => lane,
@@ -519,6 +599,10 @@ impl Fenced {
     /// with fewer than [`TRIPS`] on their way, its next writes, as one
     /// pipeline, handed to the connection before the next one is made.
     async fn start_writes(&mut self) {
+        if self.holding() {
+            return;
+        }
+        let handed_from = self.handed_from();
         let now = Instant::now();
         let mut keys: Vec<Box<str>> = Vec::new();
         let lanes = &self.lanes;
@@ -539,7 +623,10 @@ impl Fenced {
             let lane = self.lanes.get_mut(&key).expect("a lane");
             let mut pipe = redis::pipe();
             let mut ids = Vec::new();
-            let stop_at = lane.hole(self.intake.continuous_since());
+            let stop_at = match (lane.hole(self.intake.continuous_since()), handed_from) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             while ids.len() < WRITES_PER_TRIP
                 && let Some((cmd, span)) =
                     write_command(lane, self.config.batch_size, &self.config.member, stop_at)
@@ -755,7 +842,9 @@ impl Fenced {
             members,
             records,
             new,
+            handoff,
         } = reply;
+        self.take_handoff(handoff);
         // A new entry (first cycle, or the members were lost with Redis's
         // data): the others' entries may not be back yet.
         if new || self.member_since.is_none() {
@@ -804,6 +893,9 @@ impl Fenced {
             };
             if record.impossible.is_some() {
                 self.repair(stream, &record, now, &members).await?;
+                continue;
+            }
+            if self.holding() {
                 continue;
             }
             self.decide(stream, record, now, &members).await?;
@@ -1079,9 +1171,12 @@ impl Fenced {
         // Without a hole from the record's position on, take it at once.
         // Else the most complete live process (whole since the earliest
         // mark) takes it; the others give it time to.
-        let clean = record
+        // (Handed to this strategy, everything before H is the other's.)
+        let covered = record
             .pos
-            .is_some_and(|p| since.max(lane.shed_through) <= p.mark);
+            .map(|p| p.mark)
+            .max((lane.floor > 0).then_some(lane.floor));
+        let clean = covered.is_some_and(|c| since.max(lane.shed_through) <= c);
         let me = (since.max(lane.shed_through), self.config.member.as_str());
         let settled = self
             .member_since
@@ -1505,7 +1600,12 @@ pub fn write_cmd<'a>(
     let encode = |p: Option<Position>| p.map(|p| p.encode()).unwrap_or_default();
     let mut cmd = scripts::evalsha(
         scripts::WRITE,
-        &[&lane.keys.writer, lane.stream(), &lane.to.dead_stream],
+        &[
+            &lane.keys.writer,
+            lane.stream(),
+            &lane.to.dead_stream,
+            &lane.keys.handoff,
+        ],
     );
     let (kind, op, limit) = Trim::args(lane.trim);
     cmd.arg(epoch)

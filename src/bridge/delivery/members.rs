@@ -9,6 +9,17 @@
 //! strategy is not that of the live members, and puts out a member that
 //! finds one of another strategy that joined before it: such a process
 //! writes nothing, and the bridge stops with one line ([`mixed`]).
+//!
+//! **Changing the strategy: the handoff.** `optimus ctl strategy <s>` sets
+//! the pool's handoff key (`{<stream>}:handoff`) to the target strategy.
+//! While it is set both strategies are let in. The first process of the
+//! target strategy whose sequence is whole takes the handoff mark H (its
+//! cycle's mark): every message from H on is the target strategy's, every
+//! one before it the other's ([`Handoff::rule`]). The write scripts hold to
+//! it too (lib.lua's `handoff_rule`), so a process that has not heard of H
+//! yet cannot write across it. Processes of the strategy handed from drop
+//! what is past H and are stopped by the operator once they hold nothing;
+//! once H is taken no process of that strategy is let in ([`handed_over`]).
 
 use std::time::Duration;
 
@@ -30,6 +41,58 @@ const MIXED: &str = "another strategy writes this stream";
 /// A writer record as `cycle.lua` reads it: epoch, owner, position.
 pub type RawRecord = (Option<String>, Option<String>, Option<String>);
 
+/// The pool's handoff key, as a cycle read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handoff {
+    /// The strategy the pool is handed to.
+    pub target: Strategy,
+    /// The handoff mark H, once taken.
+    pub at: Option<u64>,
+}
+
+/// What a process may do with a message under a handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Write it (as its strategy does).
+    Yes,
+    /// It is the other strategy's: drop the copy.
+    No,
+    /// Hold it: it may be this strategy's once H is taken.
+    Wait,
+}
+
+impl Handoff {
+    /// The key's value ("<target>" or "<target>:<H>"); `None` for none, or
+    /// one no optimus wrote.
+    pub fn parse(value: &str) -> Option<Self> {
+        let (target, at) = match value.split_once(':') {
+            Some((target, at)) => (target, Some(at.parse().ok()?)),
+            None => (value, None),
+        };
+        let target = match target {
+            "fenced" => Strategy::Fenced,
+            "race" => Strategy::Race,
+            _ => return None,
+        };
+        Some(Self { target, at })
+    }
+
+    /// What a process of strategy `mine` does with a message whose position
+    /// has mark `mark` (`None`: no position, a cluster's): as lib.lua's
+    /// `handoff_rule`.
+    pub fn rule(handoff: Option<Self>, mine: Strategy, mark: Option<u64>) -> Rule {
+        let (Some(h), Some(mark)) = (handoff, mark) else {
+            return Rule::Yes;
+        };
+        match (h.target == mine, h.at) {
+            (true, None) => Rule::Wait,
+            (true, Some(at)) if mark < at => Rule::No,
+            (false, Some(at)) if mark >= at => Rule::No,
+            _ => Rule::Yes,
+        }
+    }
+}
+
 /// What a cycle found.
 #[derive(Debug)]
 pub struct Cycle {
@@ -43,6 +106,8 @@ pub struct Cycle {
     pub records: Vec<RawRecord>,
     /// This process's entry is new (first cycle, or Redis lost the hash).
     pub new: bool,
+    /// The pool's handoff, if one was asked for.
+    pub handoff: Option<Handoff>,
 }
 
 /// This process's beat.
@@ -69,7 +134,7 @@ impl Beat<'_> {
         records: &[&str],
         leaving: bool,
     ) -> Result<Cycle, RedisError> {
-        let mut keys: Vec<&str> = vec![&self.pool.clock, &self.pool.members];
+        let mut keys: Vec<&str> = vec![&self.pool.clock, &self.pool.members, &self.pool.handoff];
         keys.extend_from_slice(records);
         let mut cmd = scripts::evalsha(scripts::CYCLE, &keys);
         cmd.arg(self.member)
@@ -79,9 +144,22 @@ impl Beat<'_> {
             .arg(MEMBER_STALE.as_millis() as u64)
             .arg(self.strategy.name())
             .arg(LIVE_FOR_STRATEGY.as_millis() as u64);
-        type Reply = (u64, u64, Vec<String>, Vec<RawRecord>, u8, String, u8);
-        let (mark, now_ms, members, records, new, others, clock_missing): Reply =
+        type Reply = (
+            u64,
+            u64,
+            Vec<String>,
+            Vec<RawRecord>,
+            u8,
+            String,
+            u8,
+            String,
+        );
+        let (mark, now_ms, members, records, new, others, clock_missing, handoff): Reply =
             scripts::run(conn, cmd).await?;
+        let handoff = Handoff::parse(&handoff);
+        if others == "handoff" {
+            return Err(handed_over(self.strategy, handoff));
+        }
         if !others.is_empty() {
             return Err(mixed(self.strategy, &others));
         }
@@ -95,6 +173,7 @@ impl Beat<'_> {
             members,
             records,
             new: new == 1,
+            handoff,
         })
     }
 }
@@ -108,6 +187,21 @@ pub fn mixed(mine: Strategy, others: &str) -> RedisError {
         MIXED,
         format!(
             "this process runs STRATEGY={} and the live processes {others} run another on the same stream (each would write every message); run one strategy per pool (see the README's \"One strategy per pool\")",
+            mine.name()
+        ),
+    ))
+}
+
+/// The error of a process of the strategy a pool was handed from, once the
+/// handoff mark is taken: it could write nothing.
+pub fn handed_over(mine: Strategy, handoff: Option<Handoff>) -> RedisError {
+    let (target, at) = handoff.map_or(("?", 0), |h| (h.target.name(), h.at.unwrap_or(0)));
+    RedisError::from((
+        ErrorKind::Client,
+        MIXED,
+        format!(
+            "this process runs STRATEGY={} and the pool was handed to STRATEGY={target} (from mark {at} on): run {target}, or hand the pool back with `optimus ctl strategy {}`",
+            mine.name(),
             mine.name()
         ),
     ))

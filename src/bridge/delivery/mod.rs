@@ -262,6 +262,10 @@ impl Lane {
 pub struct Keys {
     /// The stream's writer record: a hash of `epoch`, `owner`, `pos`.
     pub writer: String,
+    /// The handoff key the write scripts hold to: the pool's on one server
+    /// (see [`members`]); on a cluster (no handoff) one of the stream's own,
+    /// never set, for the scripts' keys to share a slot.
+    pub handoff: String,
     lock_prefix: String,
     ack_prefix: String,
 }
@@ -270,6 +274,7 @@ impl Keys {
     pub fn new(stream: &str) -> Self {
         Self {
             writer: format!("{{{stream}}}:writer"),
+            handoff: format!("{{{stream}}}:handoff"),
             lock_prefix: format!("{{{stream}}}:lock:"),
             ack_prefix: format!("{{{stream}}}:ack:"),
         }
@@ -296,6 +301,8 @@ pub struct Pool {
     pub marks: String,
     /// The live processes: a hash of member name to `<beat ms>:<last mark seen>`.
     pub members: String,
+    /// The strategy handoff (see [`members`]).
+    pub handoff: String,
 }
 
 impl Pool {
@@ -315,6 +322,7 @@ impl Pool {
             clock: format!("{{{stream}}}:clock"),
             marks,
             members: format!("{{{stream}}}:members"),
+            handoff: format!("{{{stream}}}:handoff"),
         }
     }
 }

@@ -390,7 +390,8 @@ impl Racer {
     }
 
     fn claim_cmd(&self, lane: &Lane, messages: &[&Message]) -> redis::Cmd {
-        let mut keys = Vec::with_capacity(messages.len() * 2);
+        let mut keys = Vec::with_capacity(1 + messages.len() * 2);
+        keys.push(lane.keys.handoff.clone());
         for m in messages {
             keys.push(lane.keys.lock(&m.id));
             keys.push(lane.keys.ack(&m.id));
@@ -402,13 +403,19 @@ impl Racer {
             .arg(self.ack_ttl_ms)
             .arg(self.max_age_ms());
         for m in messages {
-            cmd.arg(m.payload_hash()).arg(self.published(m));
+            cmd.arg(m.payload_hash())
+                .arg(self.published(m))
+                .arg(mark(m));
         }
         cmd
     }
 
     fn write_cmd(&self, lane: &Lane, messages: &[&Message]) -> redis::Cmd {
-        let mut keys = vec![lane.to.stream.clone(), lane.to.dead_stream.clone()];
+        let mut keys = vec![
+            lane.to.stream.clone(),
+            lane.to.dead_stream.clone(),
+            lane.keys.handoff.clone(),
+        ];
         for m in messages {
             keys.push(lane.keys.lock(&m.id));
             keys.push(lane.keys.ack(&m.id));
@@ -425,11 +432,18 @@ impl Racer {
         for m in messages {
             cmd.arg(target(m))
                 .arg(m.payload_hash())
-                .arg(self.published(m));
+                .arg(self.published(m))
+                .arg(mark(m));
             push_entry(&mut cmd, m, &self.worker_id);
         }
         cmd
     }
+}
+
+/// The mark of a message's position, for the scripts' handoff rule (0:
+/// none, a cluster's).
+fn mark(m: &Message) -> u64 {
+    m.position.map_or(0, |p| p.mark)
 }
 
 /// One message's outcome in a script's reply: a code and its detail.

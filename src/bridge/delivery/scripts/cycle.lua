@@ -1,6 +1,7 @@
 -- One process's cycle (every 50 ms): its beat among the members, a mark,
 -- and the writer records it asks about.
--- KEYS[1]: the clock, KEYS[2]: the members hash, KEYS[3..]: writer records.
+-- KEYS[1]: the clock, KEYS[2]: the members hash, KEYS[3]: the pool's
+-- handoff key (see lib.lua's handoff_rule), KEYS[4..]: writer records.
 -- ARGV[1]: this process's member name; ARGV[2]: "<the last mark its readers
 -- saw (0: none yet)>:<the mark its sequence has been whole since>:<its
 -- routes' fingerprint>";
@@ -13,12 +14,17 @@
 -- fenced one).
 -- One pool, one strategy: a process whose strategy is not that of the live
 -- members is not let in (or, a member already, is put out when it joined
--- after one of them), and nothing else is done.
+-- after one of them), and nothing else is done. While a handoff is asked
+-- for, both strategies are let in, but a newcomer of the strategy handed
+-- from once H is taken is not (it could write nothing). The first process
+-- of the target strategy whose sequence is whole takes H: this cycle's
+-- mark.
 -- Returns {mark, server ms, members (name, value, …), records ({epoch,
 -- owner, pos} each), 1 when this process's entry is new (0 if not),
 -- the live members of another strategy that keep it out ("" when none:
--- "<name>=<strategy>", comma-separated), 1 when the clock was missing (a
--- new pool, or the key deleted or lost with Redis's data)}.
+-- "<name>=<strategy>", comma-separated; "handoff" when the handoff keeps
+-- it out), 1 when the clock was missing (a new pool, or the key deleted or
+-- lost with Redis's data), the handoff key's value ("" when none)}.
 local now = now_ms()
 local live = tonumber(ARGV[7])
 local members = redis.call('HGETALL', KEYS[2])
@@ -34,6 +40,12 @@ for i = 1, #members, 2 do
     joined = at
   end
 end
+local handoff = redis.call('GET', KEYS[3])
+local target, at
+if handoff then
+  target, at = string.match(handoff, '^(%a+):?(%d*)$')
+  at = tonumber(at)
+end
 local kept, others, refused = {}, {}, false
 for i = 1, #members, 2 do
   local name, value = members[i], members[i + 1]
@@ -45,7 +57,7 @@ for i = 1, #members, 2 do
   else
     kept[#kept + 1] = name
     kept[#kept + 1] = value
-    if strategy ~= ARGV[6] and now - beat <= live then
+    if strategy ~= ARGV[6] and now - beat <= live and not target then
       others[#others + 1] = name .. '=' .. strategy
       -- The one that joined later gives way (a newcomer always does).
       if not joined or at <= joined then
@@ -56,7 +68,10 @@ for i = 1, #members, 2 do
 end
 if ARGV[4] == '1' and refused then
   redis.call('HDEL', KEYS[2], ARGV[1])
-  return {0, now, {}, {}, 0, table.concat(others, ','), 0}
+  return {0, now, {}, {}, 0, table.concat(others, ','), 0, handoff or ''}
+end
+if ARGV[4] == '1' and target and target ~= ARGV[6] and at and not joined then
+  return {0, now, {}, {}, 0, 'handoff', 0, handoff}
 end
 local new = 0
 if ARGV[4] == '1' then
@@ -69,8 +84,16 @@ else
 end
 local clock_missing = redis.call('EXISTS', KEYS[1]) == 0 and 1 or 0
 local mark = next_mark(1, ARGV[3])
+-- H: every message after this mark reaches this process, subscribed (and
+-- whole) since an earlier one.
+local since = string.match(ARGV[2], '^%d+:(%d+):')
+if ARGV[4] == '1' and target == ARGV[6] and not at and since ~= '18446744073709551615'
+    and since ~= '0' then
+  handoff = target .. ':' .. int(mark)
+  redis.call('SET', KEYS[3], handoff)
+end
 local records = {}
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   records[#records + 1] = redis.call('HMGET', KEYS[i], 'epoch', 'owner', 'pos')
 end
-return {mark, now, kept, records, new, '', clock_missing}
+return {mark, now, kept, records, new, '', clock_missing, handoff or ''}

@@ -102,3 +102,37 @@ end
 local function try_xadd(xadd, target, from, to)
   return try(function() xadd(target, unpack(ARGV, from, to)) end)
 end
+
+-- The strategy handoff (`optimus ctl strategy`, see members.rs): the key
+-- holds "<target strategy>" until a process of that strategy takes the
+-- handoff mark H, then "<target>:<H>". From H on, messages are the target
+-- strategy's; before it, the other's. Returns a function telling `mine`
+-- (this script's strategy) about a message by the mark of its position:
+-- 'yes' it may write it, 'no' it is the other strategy's (drop the copy),
+-- 'wait' it may be ours once H is taken. A message without a position (mark
+-- 0: a cluster's) is always 'yes'.
+local function handoff_rule(key, mine)
+  local value = redis.call('GET', key)
+  local target, at
+  if value then
+    target, at = string.match(value, '^(%a+):?(%d*)$')
+    at = tonumber(at)
+  end
+  return function(mark)
+    mark = tonumber(mark) or 0
+    if not target or mark == 0 then
+      return 'yes'
+    elseif target == mine then
+      if not at then return 'wait' end
+      return mark >= at and 'yes' or 'no'
+    elseif at and mark >= at then
+      return 'no'
+    end
+    return 'yes'
+  end
+end
+
+-- The mark of a position ("<mark>:<seq>"), 0 for none.
+local function mark_of(position)
+  return tonumber(string.match(position or '', '^(%d+)')) or 0
+end

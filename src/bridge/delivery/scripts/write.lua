@@ -2,7 +2,9 @@
 -- writer; nothing when the writer was fenced or when the record is not
 -- where the batch starts.
 -- KEYS[1]: the writer record, KEYS[2]: the stream, KEYS[3]: its dead-letter
--- stream. ARGV[1]: the writer's epoch; ARGV[2]: the position the record must
+-- stream, KEYS[4]: the pool's handoff key (a batch reaching past the
+-- handoff mark of a pool handed to race, or before the mark of one handed
+-- to fenced, is not written: the record is "elsewhere"). ARGV[1]: the writer's epoch; ARGV[2]: the position the record must
 -- hold ('' for none); ARGV[3]: the position after the whole batch; ARGV[4]:
 -- the writer's member name, its entries' consumer_id (an epoch taken in the
 -- same millisecond as one a lost record held can be equal to it; the owner
@@ -25,6 +27,13 @@ if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[4] then
 end
 if (rec[3] or '') ~= ARGV[2] then
   return {1, rec[3] or false}
+end
+-- Positions grow through the batch: its first and its last tell.
+if #ARGV >= 8 then
+  local rule = handoff_rule(KEYS[4], 'fenced')
+  if rule(mark_of(ARGV[8])) ~= 'yes' or rule(mark_of(ARGV[3])) ~= 'yes' then
+    return {1, rec[3] or false}
+  end
 end
 local stream, dead, me = KEYS[2], KEYS[3], ARGV[4]
 local trim, op, limit = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
