@@ -454,14 +454,17 @@ pub async fn watch(
 
 /// `optimus ctl strategy`: hands the pool whose keys `pool` names to the
 /// strategy `target` (see [`crate::bridge::delivery::members`]). Returns
-/// what was done, in a line for the operator.
+/// what was done, in a line for the operator, or an error when a handoff
+/// under way forbids it.
 ///
-/// - Live members of another strategy: the handoff key is set to `target`
-///   (unless a handoff to it is under way already).
 /// - No live member: nothing to hand over; a handoff key left from an
 ///   earlier change is cleared, so that processes of `target` may start.
-/// - Every live member runs `target` already: a handoff still waiting for
-///   its mark (to the other strategy) is called off; else nothing is done.
+/// - Every live member runs `target` already: a handoff to the other
+///   strategy that no process took is called off; else nothing is done.
+/// - Live members of the other strategy: the handoff key is set to
+///   `target` (carrying the mark of a finished handoff before it), unless a
+///   handoff is under way: to `target` (said), or from `target` with
+///   processes of both strategies still live (refused).
 pub async fn hand_over<C: ConnectionLike>(
     conn: &mut C,
     pool: &crate::bridge::delivery::Pool,
@@ -489,18 +492,23 @@ pub async fn hand_over<C: ConnectionLike>(
         .arg(&pool.handoff)
         .query_async(conn)
         .await?;
-    let current_handoff = current.as_deref().and_then(Handoff::parse);
+    let current = current.as_deref().and_then(Handoff::parse);
     let name = target.name();
     let others: Vec<String> = live
         .iter()
         .filter(|(_, s)| s != name)
         .map(|(n, s)| format!("{n}={s}"))
         .collect();
-    let mut del = redis::cmd("DEL");
-    del.arg(&pool.handoff);
+    let set = |value: Option<Handoff>| match value {
+        Some(h) => redis::cmd("SET").arg(&pool.handoff).arg(h.value()).clone(),
+        None => redis::cmd("DEL").arg(&pool.handoff).clone(),
+    };
+    let refused = |text: String| {
+        redis::RedisError::from((redis::ErrorKind::Client, "handoff under way", text))
+    };
     if live.is_empty() {
         if current.is_some() {
-            del.query_async::<u64>(conn).await?;
+            set(None).query_async::<()>(conn).await?;
             return Ok(format!(
                 "no live process in the pool: the handoff key {} was cleared; start STRATEGY={name} processes",
                 pool.handoff
@@ -511,38 +519,61 @@ pub async fn hand_over<C: ConnectionLike>(
         ));
     }
     if others.is_empty() {
-        if let Some(Handoff {
-            target: t,
-            at: None,
-        }) = current_handoff
-            && t != target
+        if let Some(h) = current
+            && h.target != target
+            && h.at.is_none()
         {
-            del.query_async::<u64>(conn).await?;
+            // Back to what it was: handed to `target` at the floor, if ever.
+            let back = (h.floor > 0).then_some(Handoff {
+                target,
+                at: Some(h.floor),
+                floor: 0,
+            });
+            set(back).query_async::<()>(conn).await?;
             return Ok(format!(
                 "the handoff to STRATEGY={} was called off (no process of it took the mark): the pool runs STRATEGY={name}",
-                t.name()
+                h.target.name()
             ));
         }
         return Ok(format!("the pool runs STRATEGY={name} already"));
     }
-    if let Some(h) = current_handoff
-        && h.target == target
-    {
-        return Ok(match h.at {
-            Some(at) => format!(
-                "the pool is handed to STRATEGY={name} from mark {at} on: stop the processes {} once they hold nothing",
-                others.join(",")
-            ),
-            None => format!(
-                "a handoff to STRATEGY={name} is asked for already: start STRATEGY={name} processes"
-            ),
-        });
-    }
-    redis::cmd("SET")
-        .arg(&pool.handoff)
-        .arg(name)
-        .query_async::<()>(conn)
-        .await?;
+    let floor = match current {
+        Some(h) if h.target == target => {
+            return Ok(match h.at {
+                Some(at) => format!(
+                    "the pool is handed to STRATEGY={name} from mark {at} on: stop the processes {} once they hold nothing",
+                    others.join(",")
+                ),
+                None => format!(
+                    "a handoff to STRATEGY={name} is asked for already: start STRATEGY={name} processes"
+                ),
+            });
+        }
+        Some(h) => match h.at {
+            None => {
+                return Err(refused(format!(
+                    "a handoff to STRATEGY={} is asked for and its processes {} run: stop them first (ctl strategy {name} then calls it off)",
+                    h.target.name(),
+                    others.join(",")
+                )));
+            }
+            Some(_) if others.len() < live.len() => {
+                return Err(refused(format!(
+                    "the handoff to STRATEGY={} is still under way (processes of both strategies run): stop the STRATEGY={name} processes first, then hand the pool back",
+                    h.target.name()
+                )));
+            }
+            Some(at) => at,
+        },
+        None => 0,
+    };
+    set(Some(Handoff {
+        target,
+        at: None,
+        floor,
+    }))
+    .query_async::<()>(conn)
+    .await?;
     Ok(format!(
         "handoff to STRATEGY={name} asked for ({}): start STRATEGY={name} processes; the first to subscribe takes the handoff mark, from which on they write; then stop {} (they write what came before it)",
         pool.handoff,

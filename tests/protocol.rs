@@ -395,7 +395,15 @@ async fn race_workers_hold_to_the_handoff_mark() {
         a.settle(&[&last, &late]).await.unwrap(),
         [Settled::Written, Settled::Acked]
     );
-    assert_eq!(ids(&server), ["after", "last"]);
+    // Handed back before fenced took its mark: fenced's before H (the
+    // first handoff), race's from H on.
+    let _: () = server.command(&["SET", &handoff, &format!("fenced::{h}")]);
+    let (older, newer) = (at("older", h - 2, 1), at("newer", h2 + 1, 1));
+    assert_eq!(
+        a.settle(&[&older, &newer]).await.unwrap(),
+        [Settled::Acked, Settled::Written]
+    );
+    assert_eq!(ids(&server), ["after", "last", "newer"]);
 }
 
 #[tokio::test]

@@ -471,6 +471,7 @@ impl Fenced {
                 Some(Handoff {
                     target,
                     at: Some(at),
+                    ..
                 }) => {
                     tracing::info!(
                         target = target.name(),
@@ -478,7 +479,9 @@ impl Fenced {
                         "strategy handoff: messages from the handoff mark on are the target strategy's"
                     )
                 }
-                Some(Handoff { target, at: None }) => {
+                Some(Handoff {
+                    target, at: None, ..
+                }) => {
                     tracing::info!(
                         target = target.name(),
                         "strategy handoff asked for: waiting for a process of the target strategy to take the handoff mark"

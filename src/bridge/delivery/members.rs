@@ -48,6 +48,9 @@ pub struct Handoff {
     pub target: Strategy,
     /// The handoff mark H, once taken.
     pub at: Option<u64>,
+    /// The mark of the handoff before this one (0: none): what came before
+    /// it is the target strategy's too.
+    pub floor: u64,
 }
 
 /// What a process may do with a message under a handoff.
@@ -62,19 +65,37 @@ pub enum Rule {
 }
 
 impl Handoff {
-    /// The key's value ("<target>" or "<target>:<H>"); `None` for none, or
-    /// one no optimus wrote.
+    /// The key's value ("<target>", "<target>:<H>", "<target>::<floor>",
+    /// "<target>:<H>:<floor>"); `None` for none, or one no optimus wrote.
     pub fn parse(value: &str) -> Option<Self> {
-        let (target, at) = match value.split_once(':') {
-            Some((target, at)) => (target, Some(at.parse().ok()?)),
-            None => (value, None),
-        };
-        let target = match target {
+        let mut parts = value.split(':');
+        let target = match parts.next()? {
             "fenced" => Strategy::Fenced,
             "race" => Strategy::Race,
             _ => return None,
         };
-        Some(Self { target, at })
+        let number = |part: Option<&str>| -> Option<Option<u64>> {
+            match part {
+                None | Some("") => Some(None),
+                Some(n) => n.parse().ok().map(Some),
+            }
+        };
+        let at = number(parts.next())?;
+        let floor = number(parts.next())?.unwrap_or(0);
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Self { target, at, floor })
+    }
+
+    /// The key's value for this handoff.
+    pub fn value(&self) -> String {
+        let at = self.at.map(|at| at.to_string()).unwrap_or_default();
+        match self.floor {
+            0 if at.is_empty() => self.target.name().to_string(),
+            0 => format!("{}:{at}", self.target.name()),
+            floor => format!("{}:{at}:{floor}", self.target.name()),
+        }
     }
 
     /// What a process of strategy `mine` does with a message whose position
@@ -84,11 +105,19 @@ impl Handoff {
         let (Some(h), Some(mark)) = (handoff, mark) else {
             return Rule::Yes;
         };
-        match (h.target == mine, h.at) {
-            (true, None) => Rule::Wait,
-            (true, Some(at)) if mark < at => Rule::No,
-            (false, Some(at)) if mark >= at => Rule::No,
-            _ => Rule::Yes,
+        let ours = h.target == mine;
+        let (theirs, wait) = match ours {
+            true => (Rule::No, Rule::Wait),
+            false => (Rule::Yes, Rule::Yes),
+        };
+        let mine_rule = if ours { Rule::Yes } else { Rule::No };
+        if mark < h.floor {
+            return mine_rule;
+        }
+        match h.at {
+            None => wait,
+            Some(at) if mark >= at => mine_rule,
+            Some(_) => theirs,
         }
     }
 }
@@ -210,4 +239,48 @@ pub fn handed_over(mine: Strategy, handoff: Option<Handoff>) -> RedisError {
 /// The line of a [`mixed`] error, if `err` is one.
 pub fn is_mixed(err: &RedisError) -> Option<String> {
     (err.kind() == ErrorKind::Client && err.to_string().starts_with(MIXED)).then(|| err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handoff_key_reads_back_as_written() {
+        for value in ["race", "race:7", "fenced::5", "fenced:9:5"] {
+            assert_eq!(Handoff::parse(value).unwrap().value(), value);
+        }
+        for bad in ["", "other", "race:x", "race:1:2:3", "race:-1"] {
+            assert_eq!(Handoff::parse(bad), None, "{bad}");
+        }
+    }
+
+    /// Handed from fenced to race at 5, then back to fenced at 9: fenced
+    /// owns what came before 5 and from 9 on, race what lies between.
+    #[test]
+    fn each_mark_belongs_to_one_strategy() {
+        use Rule::*;
+        use Strategy::{Fenced, Race};
+        let rule = |value: &str, mine, mark| Handoff::rule(Handoff::parse(value), mine, Some(mark));
+        for (value, mark, fenced, race) in [
+            ("race", 3, Yes, Wait),
+            ("race:5", 4, Yes, No),
+            ("race:5", 5, No, Yes),
+            ("fenced::5", 4, Yes, No),
+            ("fenced::5", 6, Wait, Yes),
+            ("fenced:9:5", 4, Yes, No),
+            ("fenced:9:5", 6, No, Yes),
+            ("fenced:9:5", 9, Yes, No),
+        ] {
+            assert_eq!(
+                rule(value, Fenced, mark),
+                fenced,
+                "{value} at {mark}, fenced"
+            );
+            assert_eq!(rule(value, Race, mark), race, "{value} at {mark}, race");
+        }
+        // No key, or no position (a cluster's): always written.
+        assert_eq!(Handoff::rule(None, Fenced, Some(3)), Yes);
+        assert_eq!(Handoff::rule(Handoff::parse("race:5"), Fenced, None), Yes);
+    }
 }

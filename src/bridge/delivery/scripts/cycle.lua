@@ -41,9 +41,9 @@ for i = 1, #members, 2 do
   end
 end
 local handoff = redis.call('GET', KEYS[3])
-local target, at
+local target, at, floor
 if handoff then
-  target, at = string.match(handoff, '^(%a+):?(%d*)$')
+  target, at, floor = string.match(handoff, '^(%a+):?(%d*):?(%d*)$')
   at = tonumber(at)
 end
 local kept, others, refused = {}, {}, false
@@ -90,6 +90,9 @@ local since = string.match(ARGV[2], '^%d+:(%d+):')
 if ARGV[4] == '1' and target == ARGV[6] and not at and since ~= '18446744073709551615'
     and since ~= '0' then
   handoff = target .. ':' .. int(mark)
+  if floor and floor ~= '' then
+    handoff = handoff .. ':' .. floor
+  end
   redis.call('SET', KEYS[3], handoff)
 end
 local records = {}

@@ -105,30 +105,35 @@ end
 
 -- The strategy handoff (`optimus ctl strategy`, see members.rs): the key
 -- holds "<target strategy>" until a process of that strategy takes the
--- handoff mark H, then "<target>:<H>". From H on, messages are the target
--- strategy's; before it, the other's. Returns a function telling `mine`
--- (this script's strategy) about a message by the mark of its position:
--- 'yes' it may write it, 'no' it is the other strategy's (drop the copy),
--- 'wait' it may be ours once H is taken. A message without a position (mark
--- 0: a cluster's) is always 'yes'.
+-- handoff mark H, then "<target>:<H>"; a pool handed back after an earlier
+-- handoff at F carries F too ("<target>::<F>", "<target>:<H>:<F>"). Before
+-- F, messages are the target strategy's (written before the earlier
+-- handoff); from F to H the other's; from H on the target's. Returns a
+-- function telling `mine` (this script's strategy) about a message by the
+-- mark of its position: 'yes' it may write it, 'no' it is the other
+-- strategy's (drop the copy), 'wait' it may be ours once H is taken. A
+-- message without a position (mark 0: a cluster's) is always 'yes'.
 local function handoff_rule(key, mine)
   local value = redis.call('GET', key)
-  local target, at
+  local target, at, floor
   if value then
-    target, at = string.match(value, '^(%a+):?(%d*)$')
-    at = tonumber(at)
+    target, at, floor = string.match(value, '^(%a+):?(%d*):?(%d*)$')
+    at, floor = tonumber(at), tonumber(floor) or 0
   end
   return function(mark)
     mark = tonumber(mark) or 0
     if not target or mark == 0 then
       return 'yes'
-    elseif target == mine then
-      if not at then return 'wait' end
-      return mark >= at and 'yes' or 'no'
-    elseif at and mark >= at then
-      return 'no'
     end
-    return 'yes'
+    local ours = target == mine
+    if mark < floor then
+      return ours and 'yes' or 'no'
+    elseif not at then
+      return ours and 'wait' or 'yes'
+    elseif mark >= at then
+      return ours and 'yes' or 'no'
+    end
+    return ours and 'no' or 'yes'
   end
 end
 
