@@ -728,11 +728,7 @@ pub async fn connection_manager(
     endpoint: &Endpoint,
     cancel: &CancellationToken,
 ) -> Result<Option<ConnectionManager>, RedisError> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_max_delay(MAX_BACKOFF)
-        .set_number_of_retries(0);
+    let config = manager_config();
     let client = endpoint.client()?;
     let shown = endpoint.to_string();
     retry_until_connected(&shown, cancel, || async {
@@ -742,6 +738,23 @@ pub async fn connection_manager(
         }
     })
     .await
+}
+
+/// One attempt at a command connection to one server that reconnects by
+/// itself once made (as [`connection_manager`]'s).
+pub async fn managed(endpoint: &Endpoint) -> RedisResult<Conn> {
+    let client = endpoint.client()?;
+    ConnectionManager::new_with_config(client, manager_config())
+        .await
+        .map(Conn::Single)
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_max_delay(MAX_BACKOFF)
+        .set_number_of_retries(0)
 }
 
 /// Calls `connect` until it succeeds, backing off and saying so on stderr

@@ -522,6 +522,7 @@ impl Spawner {
                         batch_size: config.batch_size,
                         takeover_after: config.takeover_after,
                         dedup_window: config.dedup_window,
+                        endpoint: config.endpoint.clone(),
                     },
                     conn,
                     self.counters.clone(),

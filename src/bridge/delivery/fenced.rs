@@ -63,7 +63,15 @@ pub struct FencedConfig {
     /// A message id seen again within this long (by publish time) is a
     /// re-sent message, written once (DEDUP_WINDOW).
     pub dedup_window: Duration,
+    /// Where Redis is: a command connection that stops answering (its
+    /// replies black-holed, the socket open) is replaced from it.
+    pub endpoint: crate::connect::Endpoint,
 }
+
+/// Cycles in a row that time out before the command connection is taken
+/// for dead and replaced (the connection manager reconnects when the
+/// connection drops, not when its replies stop coming).
+const TIMEOUTS_BEFORE_REPLACING: u32 = 2;
 
 /// What becomes of a message in a lane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,6 +420,8 @@ pub struct Fenced {
     shed_nothing_since: Option<Instant>,
     /// The pool's strategy handoff, as the last cycle read it.
     handoff: Option<Handoff>,
+    /// Cycles in a row that timed out.
+    timeouts: u32,
 }
 
 impl Fenced {
@@ -439,6 +449,33 @@ impl Fenced {
             member_since: None,
             shed_nothing_since: None,
             handoff: None,
+            timeouts: 0,
+        }
+    }
+
+    /// After a cycle's error: a command connection whose cycles keep timing
+    /// out is replaced by a new one (writes on their way on the old one
+    /// time out and are read again from the record).
+    async fn after_cycle_error(&mut self, err: &RedisError) {
+        if !err.is_timeout() {
+            return;
+        }
+        self.timeouts += 1;
+        if self.timeouts < TIMEOUTS_BEFORE_REPLACING {
+            return;
+        }
+        match crate::connect::managed(&self.config.endpoint).await {
+            Ok(conn) => {
+                tracing::warn!(
+                    timeouts = self.timeouts,
+                    "the command connection stopped answering: replaced it with a new one"
+                );
+                self.conn = conn;
+                self.timeouts = 0;
+            }
+            Err(err) => {
+                tracing::debug!(cause = %brief(&err), "could not open a new command connection; trying again next cycle");
+            }
         }
     }
 
@@ -832,9 +869,11 @@ impl Fenced {
             Err(err) => {
                 Counters::add(&self.counters.redis_errors, 1);
                 tracing::debug!(cause = %brief(&err), "cycle failed; trying again next time");
+                self.after_cycle_error(&err).await;
                 return Ok(());
             }
         };
+        self.timeouts = 0;
         self.report_pending();
         if leaving {
             return Ok(());
