@@ -420,6 +420,9 @@ pub struct Fenced {
     shed_nothing_since: Option<Instant>,
     /// The pool's strategy handoff, as the last cycle read it.
     handoff: Option<Handoff>,
+    /// The handoff changed and some lanes (with writes on their way) still
+    /// hold copies that are the other strategy's.
+    unpurged: bool,
     /// Cycles in a row that timed out.
     timeouts: u32,
 }
@@ -449,6 +452,7 @@ impl Fenced {
             member_since: None,
             shed_nothing_since: None,
             handoff: None,
+            unpurged: false,
             timeouts: 0,
         }
     }
@@ -527,15 +531,22 @@ impl Fenced {
                 None => {}
             }
             self.handoff = handoff;
+            self.unpurged = handoff.is_some();
         }
         let floor = handoff
             .filter(|h| h.target == Strategy::Fenced)
             .and_then(|h| h.at)
             .unwrap_or(0);
+        // (Copies that came since the change were sorted as they came.)
+        let purge = std::mem::take(&mut self.unpurged);
         let mut dropped = 0;
         for lane in self.lanes.values_mut() {
             lane.floor = floor;
-            if handoff.is_none() || !lane.in_flight.is_empty() {
+            if !purge {
+                continue;
+            }
+            if !lane.in_flight.is_empty() {
+                self.unpurged = true;
                 continue;
             }
             let before = lane.queue.len();
