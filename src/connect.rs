@@ -766,7 +766,7 @@ pub async fn retry_until_connected<T, F, Fut>(
 ) -> Result<Option<T>, RedisError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RedisError>>,
+    Fut: Future<Output = Result<T, RedisError>>,
 {
     let counted = || {
         let attempt = connect();
@@ -800,7 +800,7 @@ pub async fn retry_until<T, F, Fut>(
 ) -> Result<Option<T>, RedisError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RedisError>>,
+    Fut: Future<Output = Result<T, RedisError>>,
 {
     let mut backoff = reconnect_backoff();
     loop {

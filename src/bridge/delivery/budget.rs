@@ -133,7 +133,7 @@ mod tests {
             async move { budget.charge(60).await }
         });
         tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished(), "no room yet");
         assert!(budget.pressed());
         drop(a);

@@ -295,8 +295,8 @@ impl Window {
     /// The memory the window takes: its tables' room (a hash table's slot
     /// and control byte; a deque's slot).
     fn bytes(&self) -> usize {
-        self.ids.capacity() * (std::mem::size_of::<(u128, (Position, u64))>() + 1)
-            + self.order.capacity() * std::mem::size_of::<(Position, u128)>()
+        self.ids.capacity() * (size_of::<(u128, (Position, u64))>() + 1)
+            + self.order.capacity() * size_of::<(Position, u128)>()
     }
 
     /// Counts what the window takes now in the budget.

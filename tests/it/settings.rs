@@ -1,6 +1,6 @@
 //! Bad settings, wrong credentials, an unreachable server: what the user sees.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

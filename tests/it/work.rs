@@ -2,7 +2,7 @@
 //! acknowledged, failed ones retried and finally dead-lettered, and a killed
 //! worker's entries are claimed and handled by another.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

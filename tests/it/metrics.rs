@@ -1,7 +1,7 @@
 //! METRICS_ADDR: `consume` and `work` serve Prometheus metrics that move
 //! with the work done.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The control plane: the kill switch (`optimus ctl stop|resume`) and the
 //! idle stop (IDLE_TIMEOUT).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! fenced strategy keeps nothing per message in Redis, and the JSON and the
 //! chart are written.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! worker could receive exactly once, never publishes a payload the
 //! subscribers could not take, and knows messages by MESSAGE_ID_FIELD.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

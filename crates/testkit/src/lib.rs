@@ -5,9 +5,9 @@
 //! A failing wait or command panics with what it was waiting for, the
 //! process's command line, its stdout and stderr, and the server log.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
+#[cfg(feature = "tls")]
 pub mod certs;
+#[cfg(feature = "tls")]
 pub mod cluster;
 pub mod proxy;
 
@@ -265,7 +265,7 @@ pub fn free_port() -> u16 {
 /// The `optimus` binary under test, with a clean environment: only what the
 /// test gives, so the machine's own REDIS_URL and friends cannot leak in.
 pub fn optimus(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_optimus"));
+    let mut cmd = Command::new(optimus_binary());
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .args(args)
@@ -693,9 +693,27 @@ pub fn metric(addr: &str, name: &str) -> Option<f64> {
     sample(&scrape(addr), name)
 }
 
-/// Path of a file in the crate, for tests that read the README or scripts.
+/// Path of a file of the optimus repository, for tests that read the README
+/// or scripts.
 pub fn crate_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// The `optimus` binary: `OPTIMUS_BIN` when set, else the one cargo built
+/// beside the running program (a test binary sits in `target/<profile>/deps`,
+/// the benchmark in `target/<profile>`).
+pub fn optimus_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("OPTIMUS_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the running program's path");
+    let mut dir = exe.parent().expect("the program's directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("optimus")
 }
 
 /// Every entry of a stream, as field maps, through any connection (a
@@ -838,4 +856,45 @@ impl Drop for Witness {
             let _ = thread.join();
         }
     }
+}
+
+/// Peak resident set size of a process, in bytes (Linux: VmHWM in /proc).
+pub fn peak_rss(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmHWM:")
+}
+
+/// A process's resident memory now, in bytes (0 when unknown).
+pub fn rss(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// User plus system CPU time of a process so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ")".
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after ")".
+    Duration::from_millis((ticks(11) + ticks(12)) * 10) // 100 ticks per second on Linux
 }

@@ -7,7 +7,7 @@
 //! .config/nextest.toml): each loads both cores on its own, and some
 //! measure time.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -465,7 +465,7 @@ fn a_flood_with_writes_refused_stays_within_the_memory_bound() {
         },
         || consume.describe(),
     );
-    let peak = optimus::bench::peak_rss(consume.pid());
+    let peak = support::peak_rss(consume.pid());
     let bound: u64 = (256 + 64) << 20;
     assert!(
         peak < bound,

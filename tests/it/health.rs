@@ -1,7 +1,7 @@
 //! `optimus health` against a real redis-server: one line per check, exit
 //! code 0 / 1 / 2 for the worst of ok / warn / alert.
 
-mod support;
+use crate::support;
 
 use std::process::Output;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! `optimus streams` and `optimus groups` against a real redis-server.
 
-mod support;
+use crate::support;
 
 use std::process::Output;
 use std::time::Duration;

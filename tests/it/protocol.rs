@@ -3,7 +3,7 @@
 //! locks and ACKs. Each step is driven by hand, so the races the protocol must
 //! win are played out deterministically, without timing.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

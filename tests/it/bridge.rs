@@ -1,6 +1,6 @@
 //! End to end: the `optimus` binary against a real redis-server of the test's own.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

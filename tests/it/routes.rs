@@ -1,7 +1,7 @@
 //! Several channels and patterns, each routed to its stream, and capped
 //! streams: ROUTES, STREAM_MAXLEN, STREAM_MAX_AGE, STREAM_TRIM.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -293,7 +293,7 @@ fn many_short_lived_channels_leave_no_memory_behind() {
     let server = RedisServer::start();
     let consume = OptimusProcess::consume(&server, &[("ROUTES", "ev:*=ev:out")]);
     consume.wait_consumers(2);
-    let idle = optimus::bench::rss(consume.pid());
+    let idle = support::rss(consume.pid());
     let pairs: Vec<(String, String)> = (0..100_000)
         .map(|i| (format!("ev:{i}"), format!(r#"{{"message_id":"m{i}"}}"#)))
         .collect();
@@ -309,8 +309,8 @@ fn many_short_lived_channels_leave_no_memory_behind() {
         || (lines() >= now + 2).then_some(()),
         || consume.describe(),
     );
-    let peak = optimus::bench::peak_rss(consume.pid());
-    let after = optimus::bench::rss(consume.pid());
+    let peak = support::peak_rss(consume.pid());
+    let after = support::rss(consume.pid());
     assert!(
         after < idle + 24 * 1024 * 1024,
         "resident after the channels went quiet: {} MiB (idle {} MiB, peak {} MiB)",
@@ -328,7 +328,7 @@ fn many_short_lived_streams_are_written_and_leave_no_memory_behind() {
     let server = RedisServer::start();
     let consume = OptimusProcess::consume(&server, &[("ROUTES", "ev:*={channel}:out")]);
     consume.wait_consumers(2);
-    let idle = optimus::bench::rss(consume.pid());
+    let idle = support::rss(consume.pid());
     let pairs: Vec<(String, String)> = (0..20_000)
         .map(|i| (format!("ev:{i}"), format!(r#"{{"message_id":"m{i}"}}"#)))
         .collect();
@@ -350,15 +350,15 @@ fn many_short_lived_streams_are_written_and_leave_no_memory_behind() {
     for i in [0, 9_999, 19_999] {
         assert_eq!(server.xlen(&format!("ev:{i}:out")), 1, "ev:{i}:out");
     }
-    let peak = optimus::bench::peak_rss(consume.pid());
+    let peak = support::peak_rss(consume.pid());
     support::wait_for(
         "the memory of the quiet streams to be given back",
         Duration::from_secs(90),
-        || (optimus::bench::rss(consume.pid()) < idle + 24 * 1024 * 1024).then_some(()),
+        || (support::rss(consume.pid()) < idle + 24 * 1024 * 1024).then_some(()),
         || {
             format!(
                 "resident {} MiB (idle {} MiB, peak {} MiB)\n{}",
-                optimus::bench::rss(consume.pid()) >> 20,
+                support::rss(consume.pid()) >> 20,
                 idle >> 20,
                 peak >> 20,
                 consume.describe()

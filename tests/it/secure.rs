@@ -2,7 +2,7 @@
 //! `rediss://` with mutual TLS and as an ACL user that may touch only its own
 //! keys and channels; a wrong password or certificate is one clear error.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! publisher through the cluster client, classic and sharded Pub/Sub, and a
 //! master killed mid-run with its replica promoted.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,0 +1,20 @@
+//! optimus's integration tests: one binary, one module per area, each test
+//! against its own real `redis-server` (or cluster) from `optimus_testkit`.
+//! The fault, benchmark and cluster tests run alone (`.config/nextest.toml`).
+
+use optimus_testkit as support;
+
+mod bench;
+mod bridge;
+mod cluster;
+mod control;
+mod faults;
+mod health;
+mod manage;
+mod metrics;
+mod protocol;
+mod publish;
+mod routes;
+mod secure;
+mod settings;
+mod work;
