@@ -7,6 +7,8 @@
 # and prints the rate of each and their ratio. On a machine where the nodes
 # and the bridge share few cores, expect a ratio near 1: the shards then
 # compete for the same CPUs.
+# Builds optimus first (cargo's progress shown); the nodes' and the bridge's
+# logs stay in target/demo/cluster-scaling/.
 #   COUNT=300000 WORKERS=3 demo/cluster-scaling.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,15 +19,19 @@ source tests/ensure-redis.sh
 ensure_redis_server
 
 WORK=$(mktemp -d)
+LOGS="$PWD/target/demo/cluster-scaling"
+rm -rf "$LOGS"
+mkdir -p "$LOGS"
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     rm -rf "$WORK"
+    echo "== logs kept in $LOGS/"
 }
 trap cleanup EXIT
 
-echo "== building optimus (release)"
-cargo build --release --locked --quiet
+echo "== building optimus (release; the first build takes a few minutes)"
+cargo build --release --locked
 BIN=target/release/optimus
 
 # Nodes on free ports in 20000-29999, whose cluster-bus ports (+10000) are
@@ -39,7 +45,7 @@ while [ ${#PORTS[@]} -lt 3 ]; do
         mkdir "$WORK/$port"
         redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file nodes.conf --save "" --appendonly no \
-            --dir "$WORK/$port" --logfile "$WORK/$port/redis.log" &
+            --dir "$WORK/$port" --logfile "$LOGS/redis-$port.log" &
         PIDS+=($!)
         PORTS+=("$port")
     fi
@@ -48,7 +54,7 @@ for i in 0 1 2; do
     until [ "$(redis-cli -p "${PORTS[$i]}" PING 2>/dev/null)" = PONG ]; do
         if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
             echo "redis-server on port ${PORTS[$i]} did not start:" >&2
-            tail -5 "$WORK/${PORTS[$i]}/redis.log" >&2
+            tail -5 "$LOGS/redis-${PORTS[$i]}.log" >&2
             exit 1
         fi
         sleep 0.05
@@ -87,19 +93,20 @@ spread() {
 mapfile -t CHANNELS < <(spread scale:in:)
 mapfile -t STREAMS < <(spread scale:out:)
 
-# Bridges COUNT messages (a third on each channel) with ROUTES=$1; sets
-# RATE, from the first publish to the last entry written.
+# Bridges COUNT messages (a third on each channel) with ROUTES=$1, logging
+# to $LOGS/consume-$2.log and monitor-$2; sets RATE, from the first publish
+# to the last entry written.
 run() {
-    local routes=$1 total start end publishers=() last=-1 still=0
+    local routes=$1 name=$2 total start end publishers=() last=-1 still=0
     for port in "${PORTS[@]}"; do redis-cli -p "$port" FLUSHALL >/dev/null; done
     # Room for every message in every worker (twice over: half the queue is
     # the socket side), so the burst is drained, never dropped (a full queue
     # drops and counts `overflow`).
     REDIS_URL=$SEEDS PUBSUB_MODE=sharded ROUTES=$routes CONSUMERS_COUNT=$WORKERS \
-        QUEUE_CAPACITY=$((COUNT * 3)) MONITORING_INTERVAL=0.5 "$BIN" consume >"$WORK/monitor" 2>"$WORK/consume.log" &
+        QUEUE_CAPACITY=$((COUNT * 3)) MONITORING_INTERVAL=0.5 "$BIN" consume >"$LOGS/monitor-$name" 2>"$LOGS/consume-$name.log" &
     local consume=$!
     PIDS+=("$consume")
-    until grep -q "consumers=$WORKERS " "$WORK/monitor" 2>/dev/null; do sleep 0.1; done
+    until grep -q "consumers=$WORKERS " "$LOGS/monitor-$name" 2>/dev/null; do sleep 0.1; done
     start=$(date +%s.%N)
     for channel in "${CHANNELS[@]}"; do
         REDIS_URL=$SEEDS PUBSUB_MODE=sharded "$BIN" publish --channel "$channel" \
@@ -116,8 +123,8 @@ run() {
         if [ "$total" = "$last" ]; then still=$((still + 1)); else still=0; last=$total; fi
         if ! kill -0 "$consume" 2>/dev/null || [ "$still" -gt 600 ]; then
             echo "stuck at $total of $((COUNT / 3 * 3)) entries; last monitoring line and log:" >&2
-            tail -1 "$WORK/monitor" >&2
-            tail "$WORK/consume.log" >&2
+            tail -1 "$LOGS/monitor-$name" >&2
+            tail "$LOGS/consume-$name.log" >&2
             exit 1
         fi
         sleep 0.05
@@ -131,9 +138,9 @@ run() {
 one="${CHANNELS[0]}=${STREAMS[0]},${CHANNELS[1]}=${STREAMS[0]},${CHANNELS[2]}=${STREAMS[0]}"
 three="${CHANNELS[0]}=${STREAMS[0]},${CHANNELS[1]}=${STREAMS[1]},${CHANNELS[2]}=${STREAMS[2]}"
 echo "== $COUNT messages, $WORKERS workers, channels ${CHANNELS[*]} on three shards"
-run "$one"
+run "$one" one
 one_rate=$RATE
 echo "one stream (one shard writes):  $one_rate messages/s"
-run "$three"
+run "$three" three
 echo "three streams on three shards:  $RATE messages/s"
 echo "ratio three/one: $(awk -v a="$RATE" -v b="$one_rate" 'BEGIN { printf "%.2f", a / b }') ($(nproc) cores here)"

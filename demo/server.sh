@@ -1,29 +1,46 @@
-# Sourced by the demo scripts: use REDIS_URL when it is set and answers,
-# otherwise start a throwaway redis-server on a free port (installing Debian's
-# package when it is missing). Sets REDIS_URL, WORK (a temp dir), SERVER_PID,
-# and a cleanup trap that kills what the demo started.
+# Sourced by the demo scripts: builds optimus first (before any redis-server
+# starts), then uses REDIS_URL when it is set and answers, otherwise starts a
+# throwaway redis-server on a free port (installing Debian's package when it
+# is missing). Sets REDIS_URL, BIN, WORK (a temp dir, removed at exit), LOGS
+# (target/demo/<script>/, kept after exit and emptied at the next run),
+# SERVER_PID, and a cleanup trap that kills what the demo started and says
+# where the logs are.
 
 # shellcheck source=tests/ensure-redis.sh
 source tests/ensure-redis.sh
 
 SERVER_PID=""
 WORK=$(mktemp -d)
+LOGS="$PWD/target/demo/$(basename "$0" .sh)"
+rm -rf "$LOGS"
+mkdir -p "$LOGS"
 DEMO_PIDS=()
 cleanup() {
     for pid in "${DEMO_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
     rm -rf "$WORK"
+    echo "== logs kept in $LOGS/"
 }
 trap cleanup EXIT
 
+USE_REDIS_URL=""
 if [ -n "${REDIS_URL:-}" ] && command -v redis-cli >/dev/null 2>&1 \
     && [ "$(redis-cli -u "$REDIS_URL" PING 2>/dev/null)" = "PONG" ]; then
-    echo "== using REDIS_URL"
+    USE_REDIS_URL=1
 else
     ensure_redis_server
+fi
+
+echo "== building optimus (release; the first build takes a few minutes)"
+cargo build --release --locked
+BIN=target/release/optimus
+
+if [ -n "$USE_REDIS_URL" ]; then
+    echo "== using REDIS_URL"
+else
     PORT=$(free_port)
     redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no \
-        --dir "$WORK" --logfile "$WORK/redis.log" &
+        --dir "$WORK" --logfile "$LOGS/redis.log" &
     SERVER_PID=$!
     export REDIS_URL="redis://127.0.0.1:$PORT"
     for _ in $(seq 100); do
@@ -32,7 +49,3 @@ else
     done
     echo "== started a throwaway redis-server on 127.0.0.1:$PORT"
 fi
-
-echo "== building optimus (release)"
-cargo build --release --locked --quiet
-BIN=target/release/optimus

@@ -229,7 +229,7 @@ pub async fn audit(
     .await?;
     let dead_stream = dead_stream
         .map(str::to_string)
-        .unwrap_or_else(|| crate::config::default_dead_stream(stream, endpoint.is_cluster()));
+        .unwrap_or_else(|| crate::keys::default_dead_stream(stream, endpoint.is_cluster()));
     scan(&mut conn, &dead_stream, false, |entry| {
         let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
         if let Some((r, Some(s))) = run_and_seq(&payload)

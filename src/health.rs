@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
-use crate::bridge::presence::Presence;
-use crate::config::ConfigError;
 use crate::manage::{self, render};
+use crate::presence::Presence;
+use crate::settings::ConfigError;
 
 /// The result of one check (ordered: the worst wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -326,18 +326,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_the_documented_thresholds() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: HealthArgs,
-        }
-        let config = Cli::parse_from(["health"]).args.to_config().unwrap();
-        assert_eq!(config.thresholds, Thresholds::default());
-    }
-
-    #[test]
     fn limits_trip_below_or_above() {
         let workers = Limit {
             warn: 2,
@@ -363,105 +351,5 @@ mod tests {
             below: false,
         };
         assert!(backwards.validate("HEALTH_LAG_WARN").is_err());
-    }
-}
-
-/// `optimus health` settings, as text; [`HealthArgs::to_config`] checks them.
-/// Thresholds named `…_WARN` / `…_ALERT`: consumers trip *below* them, the
-/// others *above*.
-#[derive(Debug, Clone, clap::Args)]
-// A negative number is a value (rejected with the setting's own reason),
-// not an unknown flag.
-#[command(allow_negative_numbers = true)]
-pub struct HealthArgs {
-    /// Stream to check.
-    #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
-    pub stream: String,
-    /// Check only this consumer group (default: every group of the stream).
-    #[arg(long, env = "HEALTH_GROUP")]
-    pub group: Option<String>,
-    /// The bridge's CONSUMERS_LIST, whose presence keys count its live workers.
-    #[arg(long, env = "CONSUMERS_LIST", default_value = "consumer:ids")]
-    pub consumers_list: String,
-    /// Warn when fewer live bridge workers than this.
-    #[arg(long, env = "HEALTH_BRIDGE_CONSUMERS_WARN", default_value = "2")]
-    pub bridge_consumers_warn: String,
-    /// Alert when fewer live bridge workers than this.
-    #[arg(long, env = "HEALTH_BRIDGE_CONSUMERS_ALERT", default_value = "1")]
-    pub bridge_consumers_alert: String,
-    /// Warn when a group has fewer consumers than this.
-    #[arg(long, env = "HEALTH_GROUP_CONSUMERS_WARN", default_value = "1")]
-    pub group_consumers_warn: String,
-    /// Alert when a group has fewer consumers than this.
-    #[arg(long, env = "HEALTH_GROUP_CONSUMERS_ALERT", default_value = "1")]
-    pub group_consumers_alert: String,
-    /// Warn when more entries than this are not yet delivered to a group.
-    #[arg(long, env = "HEALTH_LAG_WARN", default_value = "1000")]
-    pub lag_warn: String,
-    /// Alert when more entries than this are not yet delivered to a group.
-    #[arg(long, env = "HEALTH_LAG_ALERT", default_value = "10000")]
-    pub lag_alert: String,
-    /// Warn when more entries than this are delivered and not acknowledged.
-    #[arg(long, env = "HEALTH_PENDING_WARN", default_value = "1000")]
-    pub pending_warn: String,
-    /// Alert when more entries than this are delivered and not acknowledged.
-    #[arg(long, env = "HEALTH_PENDING_ALERT", default_value = "10000")]
-    pub pending_alert: String,
-    /// Warn when a group's oldest pending entry is older than this (seconds).
-    #[arg(long, env = "HEALTH_PENDING_AGE_WARN", default_value = "60")]
-    pub pending_age_warn: String,
-    /// Alert when a group's oldest pending entry is older than this (seconds).
-    #[arg(long, env = "HEALTH_PENDING_AGE_ALERT", default_value = "300")]
-    pub pending_age_alert: String,
-}
-
-impl HealthArgs {
-    pub fn to_config(&self) -> Result<HealthConfig, ConfigError> {
-        use crate::config::parse_whole;
-        const THRESHOLD: std::ops::RangeInclusive<u64> = 0..=1_000_000_000_000;
-        let limit = |warn: (&'static str, &str), alert: (&'static str, &str), below| {
-            let limit = Limit {
-                warn: parse_whole(warn.0, warn.1, THRESHOLD)?,
-                alert: parse_whole(alert.0, alert.1, THRESHOLD)?,
-                below,
-            };
-            limit.validate(warn.0)?;
-            Ok::<_, ConfigError>(limit)
-        };
-        Ok(HealthConfig {
-            stream: self.stream.clone(),
-            consumers_list: self.consumers_list.clone(),
-            group: self.group.clone(),
-            thresholds: Thresholds {
-                bridge_consumers: limit(
-                    ("HEALTH_BRIDGE_CONSUMERS_WARN", &self.bridge_consumers_warn),
-                    (
-                        "HEALTH_BRIDGE_CONSUMERS_ALERT",
-                        &self.bridge_consumers_alert,
-                    ),
-                    true,
-                )?,
-                group_consumers: limit(
-                    ("HEALTH_GROUP_CONSUMERS_WARN", &self.group_consumers_warn),
-                    ("HEALTH_GROUP_CONSUMERS_ALERT", &self.group_consumers_alert),
-                    true,
-                )?,
-                lag: limit(
-                    ("HEALTH_LAG_WARN", &self.lag_warn),
-                    ("HEALTH_LAG_ALERT", &self.lag_alert),
-                    false,
-                )?,
-                pending: limit(
-                    ("HEALTH_PENDING_WARN", &self.pending_warn),
-                    ("HEALTH_PENDING_ALERT", &self.pending_alert),
-                    false,
-                )?,
-                pending_age_secs: limit(
-                    ("HEALTH_PENDING_AGE_WARN", &self.pending_age_warn),
-                    ("HEALTH_PENDING_AGE_ALERT", &self.pending_age_alert),
-                    false,
-                )?,
-            },
-        })
     }
 }

@@ -1,9 +1,11 @@
 //! optimus: a durable bridge from Redis Pub/Sub to a Redis Stream.
 //!
-//! A pool of workers all subscribe to one channel; per-message locks and ACK
-//! keys in Redis decide which worker writes each message to the stream, so
-//! that while at least one worker is subscribed and alive every message lands
-//! in the stream exactly once. See the README for the protocol.
+//! A pool of workers all subscribe to one channel. By default one process
+//! at a time writes each stream, fenced by the stream's writer record in
+//! Redis, in publish order, while the others keep copies and take over when
+//! it falls silent (STRATEGY=race: every worker races per-message locks and
+//! ACK keys instead). While at least one worker is subscribed and alive every
+//! message lands in its stream exactly once. See `docs/protocol.md`.
 //!
 //! Embedding the bridge in a service:
 //!
@@ -28,20 +30,32 @@
 //! # Ok(()) }
 //! ```
 
+// The command-line tool's building blocks, one module per command or
+// concern; the binary (`src/main.rs`, `src/cli/`) uses them through these.
 pub mod audit;
-pub mod bench;
-pub mod bridge;
-pub mod config;
 pub mod connect;
 pub mod control;
 pub mod health;
+pub mod keys;
 pub mod manage;
 pub mod metrics;
 pub mod monitor;
+mod presence;
 pub mod publish;
+pub mod settings;
 pub mod work;
 
-pub use bridge::{Bridge, BridgeError};
-pub use config::{BridgeConfig, ConfigError, OutputFormat, PublishConfig, Strategy};
+// The bridge and its delivery protocol: private, reached through the types
+// below.
+mod bridge;
+
+pub use bridge::config::{BridgeConfig, DEFAULT_CONSUMERS};
+pub use bridge::delivery::handoff::hand_over;
+pub use bridge::delivery::{Cap, Trim};
+pub use bridge::delivery::{OutputFormat, Pool, PubSubMode, Strategy};
+pub use bridge::route::{Route, parse_routes};
+pub use bridge::{Bridge, BridgeError, host_name};
+pub use connect::{Conn, Endpoint, TlsFiles, mask_password};
 pub use monitor::{Counters, Snapshot};
-pub use publish::{PublishError, PublishSummary, Publisher};
+pub use publish::{Pace, PublishConfig, PublishError, PublishLimit, PublishSummary, Publisher};
+pub use settings::ConfigError;

@@ -16,12 +16,12 @@ if cargo fmt --version >/dev/null 2>&1; then
 fi
 if cargo clippy --version >/dev/null 2>&1; then
     echo "== cargo clippy"
-    cargo clippy --locked --all-targets -- -D warnings
+    cargo clippy --locked --workspace --all-targets -- -D warnings
 fi
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --locked --no-fail-fast
-    cargo test --locked --doc # nextest does not run doctests
+    cargo nextest run --locked --workspace --no-fail-fast
+    cargo test --locked --workspace --doc # nextest does not run doctests
 else
-    cargo test --locked --no-fail-fast
+    cargo test --locked --workspace --no-fail-fast
 fi

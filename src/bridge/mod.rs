@@ -14,8 +14,8 @@
 //! strategy's loop then finishes what was received and exits; then the
 //! presence keys are deleted and [`Bridge::run`] returns.
 
+pub mod config;
 pub mod delivery;
-pub mod presence;
 pub mod route;
 
 use std::sync::{Arc, Mutex};
@@ -26,9 +26,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BridgeConfig, ConfigError, Strategy};
 use crate::connect::{Conn, connection};
 use crate::monitor::{Counters, MonitorLine, Snapshot};
+use crate::presence::Presence;
+use crate::settings::ConfigError;
+use config::BridgeConfig;
+use delivery::Strategy;
 use delivery::budget::Budget;
 use delivery::cluster::Subscription;
 use delivery::fenced::{Fenced, FencedConfig};
@@ -38,7 +41,6 @@ use delivery::members::{Beat, is_mixed};
 use delivery::race::{RaceWorker, Racer};
 use delivery::reader::{Coverage, Reader, ReaderBatch};
 use delivery::{Message, Pool};
-use presence::Presence;
 
 /// Why a bridge stopped other than by being asked to.
 #[derive(Debug, thiserror::Error)]

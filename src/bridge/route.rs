@@ -15,8 +15,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::delivery::OutputFormat;
 use super::delivery::{Cap, Destination, Lane, Trim};
-use crate::config::{ConfigError, OutputFormat, default_dead_stream};
+use crate::keys::default_dead_stream;
+use crate::settings::ConfigError;
 
 /// One route: a source and where its messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]

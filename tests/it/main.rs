@@ -12,7 +12,6 @@ mod faults;
 mod health;
 mod manage;
 mod metrics;
-mod protocol;
 mod publish;
 mod routes;
 mod secure;

@@ -243,15 +243,16 @@ fn tls_settings_that_cannot_work_are_bad_settings() {
     }
 }
 
-/// The ACL rule the README gives for optimus (the line that starts with
+/// The ACL rule docs/cluster-and-tls.md gives for optimus (the line that starts with
 /// `ACL SETUSER optimus`), with `>CHANGE-ME` as the password: the test uses
-/// the README's own words, so the two cannot drift apart.
+/// the documentation's own words, so the two cannot drift apart.
 fn readme_acl_rule() -> Vec<String> {
-    let readme = std::fs::read_to_string(support::crate_file("README.md")).expect("README");
+    let readme = std::fs::read_to_string(support::crate_file("docs/cluster-and-tls.md"))
+        .expect("docs/cluster-and-tls.md");
     let line = readme
         .lines()
         .find(|l| l.trim_start().starts_with("ACL SETUSER optimus "))
-        .expect("the README gives the ACL rule in a line starting with 'ACL SETUSER optimus'");
+        .expect("docs/cluster-and-tls.md gives the ACL rule in a line starting with 'ACL SETUSER optimus'");
     assert!(line.contains(">CHANGE-ME"), "{line}");
     line.split_whitespace()
         .map(|w| w.replace(">CHANGE-ME", ">bridge-secret-7"))

@@ -11,6 +11,8 @@ pub mod certs;
 pub mod cluster;
 pub mod proxy;
 
+pub use tempfile::{TempDir, tempdir};
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -52,7 +54,7 @@ fn tail(text: &str, n: usize) -> String {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
-    dir: tempfile::TempDir,
+    dir: TempDir,
     extra_args: Vec<String>,
 }
 
@@ -61,10 +63,26 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
+    /// As [`start`](Self::start), for a program rather than a test (the
+    /// benchmark): an error instead of a panic when redis-server cannot be
+    /// run or does not start.
+    pub fn try_start() -> Result<Self, String> {
+        let runs = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !runs {
+            return Err("cannot run redis-server (install Debian's redis-server package)".into());
+        }
+        std::panic::catch_unwind(Self::start).map_err(|_| "redis-server did not start".into())
+    }
+
     /// Starts a server with extra arguments (e.g. `--requirepass x`), retrying
     /// on another port if the chosen one was taken meanwhile.
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = tempdir().expect("temp dir");
         let extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         for _ in 0..5 {
             let port = free_port();
@@ -89,7 +107,7 @@ impl RedisServer {
     /// Starts a server on a given port (a test that needs the port before the
     /// server exists).
     pub fn start_on(port: u16) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = tempdir().expect("temp dir");
         let mut child = spawn_server(dir.path(), port, &[]);
         assert!(
             wait_ready(&mut child, &admin_url(port, &[])),

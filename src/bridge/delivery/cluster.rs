@@ -461,7 +461,7 @@ impl Subscription {
             };
             // Subscriptions live on several nodes here, so copies of one
             // PUBLISH through several routes can interleave with others':
-            // only optimus's own channels are left out (see the README).
+            // only optimus's own channels are left out (see docs/cluster-and-tls.md).
             if is_internal_channel(&channel) {
                 return Ok(());
             }

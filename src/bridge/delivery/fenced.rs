@@ -23,7 +23,7 @@ use super::intake::Intake;
 use super::members::{Beat, Cycle, Handoff, Rule, is_mixed};
 use super::reader::ReaderBatch;
 use super::{Lane, Message, Pool, Position, Trim, push_entry, scripts, target};
-use crate::config::{OutputFormat, Strategy};
+use super::{OutputFormat, Strategy};
 use crate::connect::{Conn, brief, is_fatal, reconnect_backoff};
 use crate::monitor::{Counters, Throttle};
 
@@ -1692,7 +1692,9 @@ pub fn write_cmd<'a>(
 
 /// One fenced write of `messages` (in their order, each to its target), as
 /// `member`, the writer of epoch `epoch`, starting after the record's
-/// position `prev`.
+/// position `prev`. (The loop writes through its lanes; the protocol tests
+/// drive this one by hand.)
+#[cfg(test)]
 pub async fn write(
     conn: &mut Conn,
     member: &str,

@@ -85,7 +85,7 @@ impl<'de> Visitor<'de> for FindField<'_> {
 ///
 /// Pub/Sub delivers a channel's messages to every subscriber in the same
 /// order, so counting identical payloads gives the same `n` everywhere, with
-/// these limits (stated in the README):
+/// these limits (stated in docs/protocol.md):
 /// - A worker that subscribes between two identical id-less payloads counts
 ///   from a later start; its numbers are lower, name messages already written,
 ///   and it leaves them to the others. It never writes twice, but cannot take
@@ -130,12 +130,9 @@ impl DerivedIds {
     }
 
     /// How many payloads are remembered.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.counts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
     }
 }
 

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use redis::{ErrorKind, RedisError};
 
+use super::Strategy;
 use super::{Pool, scripts};
-use crate::config::Strategy;
 use crate::connect::Conn;
 
 /// A member silent for this long is removed from the members hash.
@@ -215,7 +215,7 @@ pub fn mixed(mine: Strategy, others: &str) -> RedisError {
         ErrorKind::Client,
         MIXED,
         format!(
-            "this process runs STRATEGY={} and the live processes {others} run another on the same stream (each would write every message); run one strategy per pool (see the README's \"One strategy per pool\")",
+            "this process runs STRATEGY={} and the live processes {others} run another on the same stream (each would write every message); run one strategy per pool (see docs/protocol.md)",
             mine.name()
         ),
     ))

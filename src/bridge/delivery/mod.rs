@@ -59,8 +59,10 @@
 //! - [`scripts`]: the Lua scripts, `scripts/*.lua`, included at build time.
 
 pub mod budget;
+mod choice;
 pub mod cluster;
 pub mod fenced;
+pub mod handoff;
 pub mod ids;
 pub mod intake;
 pub mod members;
@@ -69,13 +71,18 @@ pub mod reader;
 pub mod resp;
 pub mod scripts;
 
+// The protocol held against a real redis-server: each script and each
+// strategy's rule on its own (lib tests, since they reach the parts).
+#[cfg(test)]
+mod protocol_tests;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::config::OutputFormat;
 use budget::Charge;
+pub use choice::{OutputFormat, PubSubMode, Strategy};
 
 /// Where a message stands in its stream's sequence, the same in every
 /// process of the pool: the last mark before it, and its number among its

@@ -252,10 +252,6 @@ impl Racer {
         }
     }
 
-    pub fn worker_id(&self) -> &str {
-        &self.worker_id
-    }
-
     /// How old (ms since published) a message may be and still be written.
     fn max_age_ms(&self) -> u64 {
         self.ack_ttl_ms.saturating_sub(self.lock_ttl_ms)
@@ -284,6 +280,7 @@ impl Racer {
     }
 
     /// Step 1 alone, for a whole batch in one round trip per stream.
+    #[cfg(test)]
     pub async fn claim(&mut self, messages: &[&Message]) -> RedisResult<Vec<Claim>> {
         self.sync_clock().await;
         let mut out = vec![Claim::Held; messages.len()];
@@ -298,6 +295,7 @@ impl Racer {
 
     /// Step 2 alone: writes the messages whose lock this worker holds, in one
     /// atomic script per stream.
+    #[cfg(test)]
     pub async fn write(&mut self, messages: &[&Message]) -> RedisResult<Vec<Write>> {
         self.sync_clock().await;
         let mut out = vec![Write::LockLost; messages.len()];

@@ -619,7 +619,7 @@ impl Reader {
                 payload = %shown,
                 last_mark = last,
                 more = held_back,
-                "ignored a message on the marks channel that is not a mark of this pool (not sealed by this server's scripts, or not after the last mark): only the pool's scripts may publish there (see the README's ACL rule)"
+                "ignored a message on the marks channel that is not a mark of this pool (not sealed by this server's scripts, or not after the last mark): only the pool's scripts may publish there (see the ACL rule in docs/cluster-and-tls.md)"
             );
         }
     }

@@ -1,35 +1,5 @@
-//! `optimus bench`: measures the bridge in one run, on one machine, against
-//! one redis-server, and prints a table (also written as JSON, with an SVG
-//! chart of throughput against workers).
-//!
-//! - **ceiling**: the same payloads written straight into a stream with
-//!   pipelined XADD, no bridge;
-//! - **publisher**: `optimus publish`'s pipelined PUBLISH against
-//!   `redis-cli --pipe` for the same messages;
-//! - **burst**, for each worker count: the messages sent as fast as
-//!   `redis-cli --pipe` can, to a bridge at default settings (nothing sized
-//!   for the burst): messages/s from the first PUBLISH to the last stream
-//!   entry, and its ratio to the ceiling; Redis commands per bridged message
-//!   (from INFO commandstats, PUBLISH and the benchmark's own commands left
-//!   out); the bridge process's CPU time per message and peak RSS; Redis
-//!   memory per message beyond the stream (the MEMORY USAGE of every other
-//!   key once the burst is written); entries out of
-//!   publish order; lost and duplicated messages (a row with lost,
-//!   duplicated or out-of-order entries is a failure, not a result: for the
-//!   race strategy, which does not keep order, order is reported only);
-//! - **DEDUP_WINDOW's cost**: the fenced 2-worker burst again with
-//!   DEDUP_WINDOW=0;
-//! - **latency** from publish to stream entry at a steady rate, once a first
-//!   message has made the stream's writer;
-//! - **memory**: the bridge's peak RSS with the most workers at a steady
-//!   high rate.
-//!
-//! Every bridge measurement is made for each strategy (`fenced`, `race`)
-//! asked for; the delivery core's targets are held against the fenced rows
-//! ([`targets`]).
-//!
-//! The bridge runs as a separate `optimus consume` process (this binary), so
-//! its CPU and memory are its own.
+//! The measurements of `optimus bench`: each row's run against one
+//! redis-server, the bridge as separate `optimus consume` processes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,10 +8,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use redis::aio::MultiplexedConnection;
-use serde::Serialize;
 
-use crate::config::{Pace, PublishConfig, Strategy};
-use crate::publish::test_message;
+use optimus::publish::test_message;
+use optimus::{Pace, PublishConfig, Strategy};
+use optimus_testkit::{RedisServer, cpu_time, peak_rss};
+
+use super::report::{BridgeRow, LatencyRow, ProcessesRow, Report, SteadyRow, svg, targets};
 
 const CHANNEL: &str = "bench:published";
 const STREAM: &str = "bench:processed";
@@ -70,285 +42,6 @@ pub struct BenchConfig {
     pub exe: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct BridgeRow {
-    pub strategy: &'static str,
-    pub workers: usize,
-    pub messages: u64,
-    pub seconds: f64,
-    pub rate: f64,
-    /// `rate` over the ceiling (pipelined XADD, no bridge).
-    pub of_ceiling: f64,
-    pub commands_per_message: f64,
-    pub cpu_us_per_message: f64,
-    pub peak_rss_mib: f64,
-    /// Redis memory the protocol keeps per message beyond the stream entry.
-    pub redis_bytes_per_message: f64,
-    /// Entries that stand before one published earlier.
-    pub out_of_order: u64,
-    pub lost: u64,
-    pub duplicates: u64,
-}
-
-impl BridgeRow {
-    /// Lost or duplicated messages, or (for a strategy that keeps order)
-    /// entries out of order.
-    pub fn failed(&self) -> bool {
-        self.lost + self.duplicates > 0 || (self.strategy != "race" && self.out_of_order > 0)
-    }
-}
-
-/// A burst bridged by a pool of processes (fenced, default settings):
-/// every process reads every message, so Redis's work grows with each.
-#[derive(Debug, Clone, Serialize)]
-pub struct ProcessesRow {
-    pub processes: usize,
-    pub messages: u64,
-    pub seconds: f64,
-    pub rate: f64,
-    pub of_ceiling: f64,
-    /// Redis's CPU (INFO used_cpu_sys + used_cpu_user) over the row, per
-    /// message.
-    pub redis_cpu_us_per_message: f64,
-    /// The processes' CPU together, per message.
-    pub bridge_cpu_us_per_message: f64,
-    pub out_of_order: u64,
-    pub lost: u64,
-    pub duplicates: u64,
-}
-
-impl ProcessesRow {
-    /// Lost, duplicated or out-of-order messages.
-    pub fn failed(&self) -> bool {
-        self.lost + self.duplicates + self.out_of_order > 0
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LatencyRow {
-    pub strategy: &'static str,
-    pub workers: usize,
-    pub rate: u64,
-    pub samples: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub lost: u64,
-    pub duplicates: u64,
-}
-
-/// The bridge at a steady rate: does it keep up, and in how much memory.
-#[derive(Debug, Clone, Serialize)]
-pub struct SteadyRow {
-    pub strategy: &'static str,
-    pub workers: usize,
-    pub target_rate: u64,
-    /// Messages bridged per second over the run (publish start to last entry).
-    pub rate: f64,
-    pub messages: u64,
-    pub cpu_us_per_message: f64,
-    pub peak_rss_mib: f64,
-    pub lost: u64,
-    pub duplicates: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub machine: String,
-    pub redis_version: String,
-    pub payload_bytes: usize,
-    pub ceiling_rate: f64,
-    pub publisher_rate: f64,
-    pub redis_cli_pipe_rate: f64,
-    pub bridge: Vec<BridgeRow>,
-    /// The fenced 2-worker burst with DEDUP_WINDOW=0: the default window's
-    /// cost is the difference.
-    pub dedup_off: Option<BridgeRow>,
-    pub processes: Vec<ProcessesRow>,
-    pub latency: Vec<LatencyRow>,
-    pub steady: Vec<SteadyRow>,
-    /// The delivery core's targets, against this run (fenced rows).
-    pub targets: Vec<Target>,
-}
-
-/// One of the delivery core's targets, and what this run measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct Target {
-    pub target: String,
-    pub measured: String,
-    pub met: bool,
-}
-
-/// The targets the fenced rows of `report` can be held against (those whose
-/// rows were measured): every burst row exact and in order, 2 workers at
-/// 200,000/s, 8 workers at 0.8 of 2, CPU per message flat with workers
-/// (the most at most 1.5 times the least), p99 at most 2 ms, at most 16
-/// bytes per message in Redis beside the stream.
-pub fn targets(report: &Report) -> Vec<Target> {
-    let rows: Vec<&BridgeRow> = report
-        .bridge
-        .iter()
-        .filter(|r| r.strategy == "fenced")
-        .collect();
-    let mut out = Vec::new();
-    let mut add = |target: &str, measured: String, met: bool| {
-        out.push(Target {
-            target: target.to_string(),
-            measured,
-            met,
-        })
-    };
-    if rows.is_empty() {
-        return out;
-    }
-    let bad: u64 = rows
-        .iter()
-        .map(|r| r.lost + r.duplicates + r.out_of_order)
-        .sum();
-    add(
-        "every burst: 0 lost, 0 twice, 0 out of order",
-        format!("{bad} in {} rows", rows.len()),
-        bad == 0,
-    );
-    let at = |n: usize| rows.iter().find(|r| r.workers == n);
-    if let Some(two) = at(2) {
-        add(
-            "2 workers: at least 200,000 messages/s",
-            format!("{:.0}/s ({:.2} of the ceiling)", two.rate, two.of_ceiling),
-            two.rate >= 200_000.0,
-        );
-        if let Some(eight) = at(8) {
-            let ratio = eight.rate / two.rate;
-            add(
-                "8 workers: at least 0.8 of 2 workers",
-                format!("{:.0}/s = {ratio:.2}", eight.rate),
-                ratio >= 0.8,
-            );
-        }
-    }
-    let cpu: Vec<f64> = rows.iter().map(|r| r.cpu_us_per_message).collect();
-    let (least, most) = cpu
-        .iter()
-        .fold((f64::MAX, 0.0f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
-    if rows.len() > 1 {
-        add(
-            "CPU per message flat with workers (most at most 1.5 x least)",
-            format!("{least:.1} to {most:.1} µs"),
-            most <= least * 1.5,
-        );
-    }
-    if let Some(l) = report.latency.iter().find(|l| l.strategy == "fenced") {
-        add(
-            "p99 at a steady 10,000/s: at most 2 ms",
-            format!("{:.1} ms (at {}/s)", l.p99_ms, l.rate),
-            l.p99_ms <= 2.0,
-        );
-    }
-    let bytes = rows
-        .iter()
-        .map(|r| r.redis_bytes_per_message)
-        .fold(0.0f64, f64::max);
-    add(
-        "Redis memory beside the stream: at most 16 B per message",
-        format!("{bytes:.1} B at most"),
-        bytes <= 16.0,
-    );
-    out
-}
-
-impl Report {
-    /// Rows with lost or duplicated messages: failures, not results.
-    pub fn failures(&self) -> usize {
-        self.bridge
-            .iter()
-            .chain(self.dedup_off.iter())
-            .filter(|r| r.failed())
-            .count()
-            + self
-                .latency
-                .iter()
-                .filter(|r| r.lost + r.duplicates > 0)
-                .count()
-            + self
-                .steady
-                .iter()
-                .filter(|r| r.lost + r.duplicates > 0)
-                .count()
-            + self.processes.iter().filter(|r| r.failed()).count()
-    }
-}
-
-/// A redis-server of the benchmark's own, stopped on drop.
-struct LocalServer {
-    child: Child,
-    _dir: tempfile_dir::TempDir,
-}
-
-impl Drop for LocalServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal temp dir (the benchmark is not a test; no dev-dependency here).
-mod tempfile_dir {
-    use std::path::{Path, PathBuf};
-
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new() -> std::io::Result<Self> {
-            let path = std::env::temp_dir().join(format!("optimus-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&path)?;
-            Ok(Self(path))
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-async fn start_server() -> Result<(LocalServer, String)> {
-    let dir = tempfile_dir::TempDir::new()?;
-    for _ in 0..5 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot run redis-server (install Debian's redis-server package)")?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && child.try_wait()?.is_none() {
-            if let Ok(mut conn) = connect(&url).await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return Ok((LocalServer { child, _dir: dir }, url));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    bail!("redis-server did not start")
-}
-
 async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
     redis::Client::open(url)?
         .get_multiplexed_async_connection()
@@ -360,7 +53,8 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     let (_server, url) = match &config.redis_url {
         Some(url) => (None, url.clone()),
         None => {
-            let (server, url) = start_server().await?;
+            let server = RedisServer::try_start().map_err(anyhow::Error::msg)?;
+            let url = server.url();
             (Some(server), url)
         }
     };
@@ -377,7 +71,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         .to_string();
     let payload_bytes = test_message(0, 0).len();
     // The burst, as RESP for redis-cli --pipe, made once for every row.
-    let scratch = tempfile_dir::TempDir::new()?;
+    let scratch = optimus_testkit::tempdir()?;
     let burst = scratch.path().join("burst.resp");
     std::fs::write(&burst, resp_publishes(config.messages))?;
 
@@ -607,14 +301,14 @@ async fn publish_at(
     total: u64,
     rate: f64,
     batch: usize,
-) -> Result<crate::publish::PublishSummary> {
+) -> Result<optimus::publish::PublishSummary> {
     let mut config = PublishConfig::new(url, CHANNEL, total);
     config.fast_path = false;
     config.pace = Pace::Rate(rate);
     config.batch_size = batch;
-    let messages = crate::publish::TestMessages::unnamed(0);
+    let messages = optimus::publish::TestMessages::unnamed(0);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    Ok(crate::publish::run_messages(&config, &messages, shutdown).await?)
+    Ok(optimus::publish::run_messages(&config, &messages, shutdown).await?)
 }
 
 /// `optimus consume` with `workers` workers, waiting until all are subscribed.
@@ -700,9 +394,9 @@ async fn wait_subscribed(
 
 /// The benchmark's messages (an unnamed run, numbered from 0) in its
 /// stream against the `published` count.
-async fn audit_of(url: &str, published: u64) -> Result<crate::audit::AuditReport> {
-    let endpoint = crate::connect::Endpoint::new(url);
-    Ok(crate::audit::audit(&endpoint, STREAM, None, published, Some("")).await?)
+async fn audit_of(url: &str, published: u64) -> Result<optimus::audit::AuditReport> {
+    let endpoint = optimus::Endpoint::new(url);
+    Ok(optimus::audit::audit(&endpoint, STREAM, None, published, Some("")).await?)
 }
 
 fn stop(mut child: Child) {
@@ -1036,7 +730,7 @@ async fn processes_row(
             }
         }
     }
-    let workers: usize = crate::config::DEFAULT_CONSUMERS.parse().unwrap_or(1);
+    let workers: usize = optimus::DEFAULT_CONSUMERS.parse().unwrap_or(1);
     let workers = workers.min(2);
     if let Err(err) = wait_subscribed(conn, Strategy::Fenced, processes * workers, processes).await
     {
@@ -1119,47 +813,6 @@ async fn steady_row(
     })
 }
 
-/// User plus system CPU time of a process so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ")".
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 after ")".
-    Duration::from_millis((ticks(11) + ticks(12)) * 10) // 100 ticks per second on Linux
-}
-
-/// Peak resident set size of a process, in bytes (Linux: VmHWM in /proc).
-pub fn peak_rss(pid: u32) -> u64 {
-    proc_status_bytes(pid, "VmHWM:")
-}
-
-/// A process's resident memory now, in bytes (0 when unknown).
-pub fn rss(pid: u32) -> u64 {
-    proc_status_bytes(pid, "VmRSS:")
-}
-
-/// A `kB` field of `/proc/<pid>/status`, in bytes.
-fn proc_status_bytes(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 fn machine() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -1174,219 +827,6 @@ fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpus} cores, {model}")
-}
-
-/// The results as a Markdown table.
-pub fn table(report: &Report) -> String {
-    let mut out = format!(
-        "machine: {}; redis {}; payload {} bytes\n\n",
-        report.machine, report.redis_version, report.payload_bytes
-    );
-    out += &format!(
-        "ceiling (pipelined XADD): {:.0}/s; optimus publish: {:.0}/s = {:.2} of redis-cli --pipe ({:.0}/s)\n\n",
-        report.ceiling_rate,
-        report.publisher_rate,
-        report.publisher_rate / report.redis_cli_pipe_rate,
-        report.redis_cli_pipe_rate
-    );
-    out += "| strategy | workers | messages/s | of ceiling | commands/msg | CPU µs/msg | peak RSS MiB | Redis B/msg | out of order | lost | duplicates |\n";
-    out += "|---|---|---|---|---|---|---|---|---|---|---|\n";
-    for r in &report.bridge {
-        out += &format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {} | {} |{}\n",
-            r.strategy,
-            r.workers,
-            r.rate,
-            r.of_ceiling,
-            r.commands_per_message,
-            r.cpu_us_per_message,
-            r.peak_rss_mib,
-            r.redis_bytes_per_message,
-            r.out_of_order,
-            r.lost,
-            r.duplicates,
-            if r.failed() { " FAILED" } else { "" }
-        );
-    }
-    if let (Some(off), Some(on)) = (
-        &report.dedup_off,
-        report
-            .bridge
-            .iter()
-            .find(|r| r.strategy == "fenced" && r.workers == 2),
-    ) {
-        out += "\n| fenced, 2 workers | messages/s | CPU µs/msg | peak RSS MiB | lost | duplicates |\n|---|---|---|---|---|---|\n";
-        for (name, r) in [("DEDUP_WINDOW=5 (default)", on), ("DEDUP_WINDOW=0", off)] {
-            out += &format!(
-                "| {name} | {:.0} | {:.1} | {:.1} | {} | {} |{}\n",
-                r.rate,
-                r.cpu_us_per_message,
-                r.peak_rss_mib,
-                r.lost,
-                r.duplicates,
-                if r.failed() { " FAILED" } else { "" }
-            );
-        }
-    }
-    if !report.processes.is_empty() {
-        out += "\n| fenced pool | messages/s | of ceiling | Redis CPU µs/msg | bridges' CPU µs/msg | out of order | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
-        for r in &report.processes {
-            out += &format!(
-                "| {} processes | {:.0} | {:.2} | {:.1} | {:.1} | {} | {} | {} |{}\n",
-                r.processes,
-                r.rate,
-                r.of_ceiling,
-                r.redis_cpu_us_per_message,
-                r.bridge_cpu_us_per_message,
-                r.out_of_order,
-                r.lost,
-                r.duplicates,
-                if r.failed() { " FAILED" } else { "" }
-            );
-        }
-    }
-    out += "\n| strategy | latency at | workers | samples | p50 ms | p99 ms | p99.9 ms | lost | duplicates |\n|---|---|---|---|---|---|---|---|---|\n";
-    for l in &report.latency {
-        out += &format!(
-            "| {} | {}/s | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
-            l.strategy,
-            l.rate,
-            l.workers,
-            l.samples,
-            l.p50_ms,
-            l.p99_ms,
-            l.p999_ms,
-            l.lost,
-            l.duplicates
-        );
-    }
-    if !report.steady.is_empty() {
-        out += "\n| strategy | steady at | workers | achieved/s | CPU µs/msg | peak RSS MiB | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
-        for r in &report.steady {
-            out += &format!(
-                "| {} | {}/s | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
-                r.strategy,
-                r.target_rate,
-                r.workers,
-                r.rate,
-                r.cpu_us_per_message,
-                r.peak_rss_mib,
-                r.lost,
-                r.duplicates
-            );
-        }
-    }
-    if !report.targets.is_empty() {
-        out += "\n| target (fenced) | this run | |\n|---|---|---|\n";
-        for t in &report.targets {
-            out += &format!(
-                "| {} | {} | {} |\n",
-                t.target,
-                t.measured,
-                if t.met { "met" } else { "NOT MET" }
-            );
-        }
-    }
-    out
-}
-
-/// Throughput against workers, with the ceiling as a dashed line.
-pub fn svg(report: &Report) -> String {
-    let (w, h, left, bottom, top, right) = (640.0, 400.0, 70.0, 50.0, 30.0, 20.0);
-    let max = report
-        .bridge
-        .iter()
-        .map(|r| r.rate)
-        .fold(report.ceiling_rate, f64::max)
-        * 1.1;
-    let workers: Vec<usize> = report.bridge.iter().map(|r| r.workers).collect();
-    let max_w = workers.iter().copied().max().unwrap_or(1).max(2) as f64;
-    let x = |n: usize| left + (n as f64).log2() / max_w.log2() * (w - left - right);
-    let y = |v: f64| h - bottom - v / max * (h - bottom - top);
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="18" text-anchor="middle" font-size="14">optimus bridge throughput (messages/s)</text>
-<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>
-<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>
-"#,
-        w / 2.0,
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom
-    );
-    for i in 0..=4 {
-        let v = max * i as f64 / 4.0;
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}k</text>\n",
-            left - 6.0,
-            y(v) + 4.0,
-            v / 1000.0
-        );
-    }
-    for &n in &workers {
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{n}</text>\n",
-            x(n),
-            h - bottom + 18.0
-        );
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">workers</text>\n",
-        (left + w - right) / 2.0,
-        h - 10.0
-    );
-    s += &format!(
-        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"gray\" stroke-dasharray=\"6 4\"/>\n<text x=\"{1}\" y=\"{2}\" text-anchor=\"end\" fill=\"gray\">ceiling (pipelined XADD) {3:.0}/s</text>\n",
-        y(report.ceiling_rate),
-        w - right,
-        y(report.ceiling_rate) - 6.0,
-        report.ceiling_rate
-    );
-    let mut strategies: Vec<&str> = report.bridge.iter().map(|r| r.strategy).collect();
-    strategies.dedup();
-    for (i, strategy) in strategies.iter().enumerate() {
-        let color = ["steelblue", "darkorange", "seagreen"][i % 3];
-        let rows: Vec<&BridgeRow> = report
-            .bridge
-            .iter()
-            .filter(|r| r.strategy == *strategy)
-            .collect();
-        let points: Vec<String> = rows
-            .iter()
-            .map(|r| format!("{:.1},{:.1}", x(r.workers), y(r.rate)))
-            .collect();
-        s += &format!(
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
-            points.join(" ")
-        );
-        for r in rows {
-            s += &format!(
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>\n",
-                x(r.workers),
-                y(r.rate),
-                x(r.workers),
-                // The first line's labels above its points, the others' below.
-                if i == 0 {
-                    y(r.rate) - 8.0
-                } else {
-                    y(r.rate) + 18.0
-                },
-                r.rate
-            );
-        }
-        let ly = top + 40.0 + 16.0 * i as f64;
-        s += &format!(
-            "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{2}\" y=\"{3}\">{strategy}</text>\n",
-            w - right - 140.0,
-            w - right - 120.0,
-            w - right - 114.0,
-            ly + 4.0
-        );
-    }
-    s += "</svg>\n";
-    s
 }
 
 /// Writes `path` only inside an existing directory (a typo in --out is an error).

@@ -3,17 +3,17 @@
 //! locks and ACKs. Each step is driven by hand, so the races the protocol must
 //! win are played out deterministically, without timing.
 
-use crate::support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use optimus::bridge::delivery::fenced::{self, Takeover, WriteReply};
-use optimus::bridge::delivery::race::{Claim, Racer, Settled, Write};
-use optimus::bridge::delivery::{Destination, Keys, Lane, Message, Position, scripts};
-use optimus::connect::Conn;
-use optimus::{Bridge, BridgeConfig, OutputFormat, PublishConfig};
+use optimus_testkit as support;
 use support::RedisServer;
+
+use super::fenced::{self, Takeover, WriteReply};
+use super::race::{Claim, Racer, Settled, Write};
+use super::{Destination, Keys, Lane, Message, Position, scripts};
+use crate::connect::Conn;
+use crate::{Bridge, BridgeConfig, OutputFormat, PublishConfig};
 use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "s:out";
@@ -622,7 +622,7 @@ async fn the_library_runs_a_bridge_until_cancelled() {
     // bridge of that stream.
     let mut publishing = PublishConfig::new(server.url(), "lib:in", 2000);
     publishing.stream = "lib:out".into();
-    let summary = optimus::publish::run(&publishing, CancellationToken::new())
+    let summary = crate::publish::run(&publishing, CancellationToken::new())
         .await
         .unwrap();
     assert_eq!(summary.published, 2000);

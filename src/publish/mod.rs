@@ -44,8 +44,10 @@ use crate::bridge::delivery::ids::json_id;
 use crate::bridge::delivery::race::{Racer, Write};
 use crate::bridge::delivery::{Destination, Lane, Message, Trim, probe_channel, scripts};
 use crate::bridge::host_name;
-use crate::config::{Pace, PublishConfig, PublishLimit};
+mod config;
+
 use crate::connect::{Conn, has_code, is_fatal, reconnect_backoff};
+pub use config::{Pace, PublishConfig, PublishLimit};
 
 /// What a publisher run did.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -1,0 +1,386 @@
+//! [`Endpoint`]: where Redis is and how to log in (URL or cluster seeds, ACL
+//! credentials, TLS certificates), printed with the password masked.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, RedisResult};
+
+use super::open::{RESPONSE_TIMEOUT, answers_plain_redis, open_single};
+use super::retry::is_fatal;
+
+/// Where Redis is and how to log in: the URL, the ACL user and password
+/// (from the URL or given apart), and for `rediss://` the certificates.
+///
+/// It prints (`{}` and `{:?}`) with the password masked, so a config that
+/// holds one can be logged.
+#[derive(Clone)]
+pub struct Endpoint {
+    url: String,
+    /// Redis Cluster: `url` and these are seed nodes.
+    cluster: Option<Vec<String>>,
+    username: Option<String>,
+    password: Option<String>,
+    tls: Option<redis::TlsCertificates>,
+    sharded_pubsub: bool,
+}
+
+/// PEM bytes for a TLS connection: the CA to trust instead of the system's,
+/// and a client certificate and key for mutual TLS.
+#[derive(Clone, Default)]
+pub struct TlsFiles {
+    pub ca: Option<Vec<u8>>,
+    pub client_cert_and_key: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Endpoint {
+    /// When a `rediss://` connection fails without a TLS error of its own (a
+    /// plain server reads the TLS greeting as the start of a command and
+    /// waits, so the attempt times out), asks the port in plain text: a
+    /// Redis server that answers is not speaking TLS, which retrying cannot
+    /// mend. Returns that finding as a fatal error, or `err` as it was.
+    pub async fn diagnose(&self, err: RedisError) -> RedisError {
+        if !self.is_tls() || is_fatal(&err) || !(err.is_timeout() || err.is_io_error()) {
+            return err;
+        }
+        let Ok(info) = self.info() else { return err };
+        let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr() else {
+            return err;
+        };
+        if !answers_plain_redis(host, *port).await {
+            return err;
+        }
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "TLS",
+            format!(
+                "TLS handshake failed: {host}:{port} answers plain Redis, not TLS (use redis://, or turn TLS on in the server)"
+            ),
+        ))
+    }
+
+    /// A server by URL: `redis://[user:pass@]host:port/db`, `rediss://…`
+    /// for TLS, or `unix:///path`. Checked when connecting (or by
+    /// [`Endpoint::check`]).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            cluster: None,
+            username: None,
+            password: None,
+            tls: None,
+            sharded_pubsub: false,
+        }
+    }
+
+    /// A Redis Cluster, found through these seed nodes (URLs as for
+    /// [`Endpoint::new`]; one is enough, the others are tried when it is down).
+    pub fn cluster<S: Into<String>>(seeds: impl IntoIterator<Item = S>) -> Self {
+        let seeds: Vec<String> = seeds.into_iter().map(Into::into).collect();
+        let mut endpoint = Self::new(seeds.first().cloned().unwrap_or_default());
+        endpoint.cluster = Some(seeds);
+        endpoint
+    }
+
+    /// Sharded Pub/Sub (SSUBSCRIBE/SPUBLISH, Redis 7) instead of the classic
+    /// SUBSCRIBE/PUBLISH.
+    pub fn sharded_pubsub(mut self, sharded: bool) -> Self {
+        self.sharded_pubsub = sharded;
+        self
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Whether Pub/Sub is sharded.
+    pub fn is_sharded(&self) -> bool {
+        self.sharded_pubsub
+    }
+
+    /// The ACL user, overriding one in the URL.
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.username = Some(username.into());
+        self
+    }
+
+    /// The password, overriding one in the URL.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Certificates for a `rediss://` server.
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(redis::TlsCertificates {
+            client_tls: files.client_cert_and_key.map(|(client_cert, client_key)| {
+                redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }
+            }),
+            root_cert: files.ca,
+        });
+        self
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn is_tls(&self) -> bool {
+        self.url.trim_start().starts_with("rediss://")
+    }
+
+    /// The connection details, credentials applied.
+    pub fn info(&self) -> RedisResult<ConnectionInfo> {
+        let info = self.url.as_str().into_connection_info()?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &self.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        Ok(info.set_redis_settings(settings))
+    }
+
+    /// A client for this server (no connection is made yet).
+    pub fn client(&self) -> RedisResult<Client> {
+        let info = self.info()?;
+        match &self.tls {
+            Some(certs) if self.is_tls() => Client::build_with_tls(info, certs.clone()),
+            _ => Client::open(info),
+        }
+    }
+
+    /// Checks the URL's form and the certificates, without connecting.
+    pub fn check(&self) -> RedisResult<()> {
+        self.client().map(drop)?;
+        if self.is_cluster() {
+            self.cluster_builder()?.build().map(drop)?;
+        }
+        Ok(())
+    }
+
+    /// A cluster client builder over the seed nodes, credentials and
+    /// certificates applied (a subscription adds RESP3 and its push sender).
+    pub fn cluster_builder(&self) -> RedisResult<ClusterClientBuilder> {
+        let seeds = self
+            .cluster
+            .clone()
+            .unwrap_or_else(|| vec![self.url.clone()]);
+        let infos = seeds
+            .iter()
+            .map(|seed| {
+                Endpoint {
+                    url: seed.clone(),
+                    ..self.clone()
+                }
+                .info()
+            })
+            .collect::<RedisResult<Vec<_>>>()?;
+        let mut builder = ClusterClientBuilder::new(infos)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(RESPONSE_TIMEOUT);
+        if let Some(certs) = &self.tls
+            && self.is_tls()
+        {
+            builder = builder.certs(certs.clone());
+        }
+        Ok(builder)
+    }
+
+    /// A cluster connection from `builder` (made by [`Endpoint::cluster_builder`]).
+    ///
+    /// The cluster client says why its first connection failed only in
+    /// words, so a wrong password or certificate would look like an
+    /// unreachable cluster and be retried for ever. When it fails, each seed
+    /// is tried once as a single server with the same credentials and
+    /// certificates, and an error retrying cannot mend ([`is_fatal`]) is
+    /// returned in place of the cluster's.
+    pub async fn connect_cluster(
+        &self,
+        builder: ClusterClientBuilder,
+    ) -> RedisResult<ClusterConnection> {
+        let err = match builder.build()?.get_async_connection().await {
+            Ok(conn) => return Ok(conn),
+            Err(err) => err,
+        };
+        for seed in self.cluster.iter().flatten() {
+            let single = Endpoint {
+                url: seed.clone(),
+                cluster: None,
+                ..self.clone()
+            };
+            if let Err(fatal) = open_single(&single).await
+                && is_fatal(&fatal)
+            {
+                return Err(fatal);
+            }
+        }
+        Err(err)
+    }
+}
+
+/// A byte stream to one server: TCP, TLS over TCP, or a unix socket.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for T {}
+
+impl Endpoint {
+    /// A raw byte stream to the server (one server, not a cluster), TLS
+    /// applied, for a connection that speaks RESP itself (the subscription's
+    /// reader). Fails after 5 s.
+    pub async fn open_stream(&self) -> RedisResult<Box<dyn Transport>> {
+        let opened = tokio::time::timeout(Duration::from_secs(5), self.open_stream_now()).await;
+        match opened {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(err)) => Err(self.diagnose(err).await),
+            Err(_) => {
+                let err = RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting timed out",
+                ));
+                Err(self.diagnose(err).await)
+            }
+        }
+    }
+
+    async fn open_stream_now(&self) -> RedisResult<Box<dyn Transport>> {
+        use redis::ConnectionAddr;
+        let info = self.info()?;
+        match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                Ok(Box::new(tcp))
+            }
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                    RedisError::from((
+                        ErrorKind::InvalidClientConfig,
+                        "TLS",
+                        format!("{host} is not a name a certificate can carry"),
+                    ))
+                })?;
+                let connector =
+                    tokio_rustls::TlsConnector::from(std::sync::Arc::new(self.tls_config()?));
+                Ok(Box::new(connector.connect(name, tcp).await?))
+            }
+            ConnectionAddr::Unix(path) => {
+                Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+            }
+            other => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "unsupported address",
+                other.to_string(),
+            ))),
+        }
+    }
+
+    /// The TLS client settings: the CA file's certificates (or the
+    /// system's), and the client certificate when there is one.
+    fn tls_config(&self) -> RedisResult<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, err: String| {
+            RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "TLS",
+                format!("{what}: {err}"),
+            ))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match self.tls.as_ref().and_then(|t| t.root_cert.as_ref()) {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| bad("REDIS_TLS_CA_FILE", e.to_string()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| bad("REDIS_TLS_CA_FILE", e.to_string()))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("TLS versions", e.to_string()))?
+            .with_root_certificates(roots);
+        match self.tls.as_ref().and_then(|t| t.client_tls.as_ref()) {
+            None => Ok(builder.with_no_client_auth()),
+            Some(client) => {
+                let certs = CertificateDer::pem_slice_iter(&client.client_cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad("REDIS_TLS_CERT_FILE", e.to_string()))?;
+                let key = PrivateKeyDer::from_pem_slice(&client.client_key)
+                    .map_err(|e| bad("REDIS_TLS_KEY_FILE", e.to_string()))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| bad("REDIS_TLS_CERT_FILE", e.to_string()))
+            }
+        }
+    }
+}
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cluster {
+            None => f.write_str(&mask_password(self.url.trim())),
+            Some(seeds) => {
+                let shown: Vec<String> = seeds.iter().map(|s| mask_password(s.trim())).collect();
+                write!(f, "cluster {}", shown.join(","))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("url", &self.to_string())
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and errors.
+pub fn mask_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => "***".to_string(),
+    };
+    format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords_in_urls() {
+        assert_eq!(
+            mask_password("redis://user:secret@host:1/0"),
+            "redis://user:***@host:1/0"
+        );
+        assert_eq!(mask_password("redis://:secret@host"), "redis://:***@host");
+        assert_eq!(mask_password("redis://host:6379"), "redis://host:6379");
+        assert_eq!(mask_password("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
+    }
+}

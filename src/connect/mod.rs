@@ -1,0 +1,15 @@
+//! Connecting to Redis: the [`Endpoint`] every command connects through
+//! (URL, ACL credentials, TLS), one way to open each kind of connection, and
+//! the one back-off loop, which decides whether a Redis error is worth
+//! retrying.
+
+mod endpoint;
+mod open;
+mod retry;
+
+pub use endpoint::{Endpoint, TlsFiles, Transport, mask_password};
+pub use open::{Conn, connection, connection_manager, managed, open};
+pub use retry::{
+    CONNECT_FAILURES, MAX_BACKOFF, brief, count_connect_failure, explain, has_code, is_fatal,
+    reconnect_backoff, retry_until, retry_until_connected, tls_failure, warn_if_evicting,
+};

@@ -1,0 +1,265 @@
+//! Which Redis errors retrying cannot mend ([`is_fatal`]), how they are told
+//! to a user ([`explain`], [`brief`]), and the one back-off loop every
+//! reconnecting part of optimus uses ([`retry_until`]).
+
+use std::fmt;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use redis::aio::ConnectionLike;
+use redis::{ErrorKind, RedisError};
+use tokio_util::sync::CancellationToken;
+
+/// An error retrying cannot mend: the credentials or the permissions are
+/// wrong (also inside a pipeline's replies), TLS failed (a certificate not
+/// trusted or not accepted, a server that does not speak TLS), the peer does
+/// not speak the Redis protocol, the database does not exist, or the client
+/// settings cannot work. Everything else (refused connections, dropped
+/// connections, a loading or paused server, timeouts, out-of-memory) is
+/// retried with backoff.
+pub fn is_fatal(err: &RedisError) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::AuthenticationFailed
+            | ErrorKind::Parse
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::RESP3NotSupported
+    ) || has_code(err, |code| {
+        matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM")
+    }) || err.detail().is_some_and(|d| {
+        // A server that wants a password refuses long commands from a
+        // client that gave none, with this protocol error.
+        d.contains("DB index is out of range") || d.contains("Protocol error: unauthenticated")
+    }) || tls_failure(err).is_some()
+}
+
+/// Whether the server's error (or one of a pipeline's) has a code `is`
+/// takes.
+pub fn has_code(err: &RedisError, is: impl Fn(&str) -> bool) -> bool {
+    err.code().is_some_and(&is)
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| is(e.code())))
+}
+
+/// Longest error text a log line or an error line carries.
+const MAX_ERROR_TEXT: usize = 240;
+
+/// `err` as a user should read it, on one short line: a TLS failure says so,
+/// and what to check; a peer that is not Redis, or a missing database, says
+/// so; a pipeline's failures are shown by their first one.
+pub fn explain(err: &RedisError) -> String {
+    let text = match tls_failure(err) {
+        Some(tls) => explain_tls(tls),
+        None if err.kind() == ErrorKind::Parse => format!(
+            "the server's reply is not the Redis protocol: is this a Redis port? ({err})"
+        ),
+        None if err.detail().is_some_and(|d| d.contains("DB index is out of range")) => {
+            "no such database on that server (the number after the host in REDIS_URL is beyond its `databases` setting)".to_string()
+        }
+        None if err.kind() == ErrorKind::InvalidClientConfig && err.detail().is_some() => {
+            err.detail().unwrap_or_default().to_string()
+        }
+        None => match err.clone().into_server_errors() {
+            Some(errors) if !errors.is_empty() => {
+                let (_, first) = &errors[0];
+                let more = match errors.len() - 1 {
+                    0 => String::new(),
+                    n => format!(" (and {n} more replies of the pipeline)"),
+                };
+                format!("{} {}{more}", first.code(), first.details().unwrap_or(""))
+            }
+            _ => err.to_string(),
+        },
+    };
+    short(&text)
+}
+
+/// `text` on one line, at most [`MAX_ERROR_TEXT`] characters.
+fn short(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(MAX_ERROR_TEXT) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
+/// A Redis error for a log field: [`explain`]ed, so one short line.
+pub fn brief(err: &RedisError) -> impl fmt::Display + '_ {
+    struct Brief<'a>(&'a RedisError);
+    impl fmt::Display for Brief<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&explain(self.0))
+        }
+    }
+    Brief(err)
+}
+
+fn explain_tls(tls: &rustls::Error) -> String {
+    use rustls::{AlertDescription as Alert, Error as Tls};
+    let hint = match tls {
+        Tls::InvalidCertificate(_) | Tls::NoCertificatesPresented => {
+            "the server's certificate is not vouched for by REDIS_TLS_CA_FILE (or the system's CAs), or does not name this host"
+        }
+        Tls::AlertReceived(
+            Alert::UnknownCA
+            | Alert::BadCertificate
+            | Alert::CertificateRequired
+            | Alert::CertificateUnknown
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::AccessDenied,
+        ) => "the server did not accept the client certificate (REDIS_TLS_CERT_FILE)",
+        Tls::InvalidMessage(_) => "is the server speaking TLS on that port?",
+        _ => "check the TLS settings",
+    };
+    format!("TLS handshake failed: {tls} ({hint})")
+}
+
+/// The TLS error behind `err`, if that is what it is. (redis keeps the I/O
+/// error in an `Arc`, and `io::Error` hides what it wraps from `source()`,
+/// so both are unwrapped by hand.)
+pub fn tls_failure(err: &RedisError) -> Option<&rustls::Error> {
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(mut e) = next {
+        if let Some(shared) = e.downcast_ref::<Shared>() {
+            e = shared.as_ref();
+        }
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let wrapped = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        next = wrapped.or_else(|| e.source());
+    }
+    None
+}
+
+/// Warns, in one line, when the server may evict keys under memory
+/// pressure (`maxmemory-policy` `allkeys-*` or `volatile-*`): it could drop
+/// the stream, or the keys the delivery protocol relies on, and so lose or
+/// duplicate messages. optimus needs `noeviction`. Says nothing when the
+/// server will not tell (an ACL user without CONFIG or INFO).
+pub async fn warn_if_evicting<C: ConnectionLike + Send>(conn: &mut C, what: &str) {
+    let policy = match redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async::<Vec<String>>(conn)
+        .await
+    {
+        Ok(pair) => pair.get(1).cloned(),
+        Err(_) => redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<String>(conn)
+            .await
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                    .map(|p| p.trim().to_string())
+            }),
+    };
+    if let Some(policy) = policy
+        && (policy.starts_with("allkeys-") || policy.starts_with("volatile-"))
+    {
+        tracing::warn!(
+            "maxmemory-policy is {policy}: under memory pressure Redis may evict {what}, losing or duplicating messages; optimus needs maxmemory-policy noeviction"
+        );
+    }
+}
+
+/// The longest wait between two reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The backoff between reconnection attempts: exponential from 100 ms up,
+/// never above [`MAX_BACKOFF`], never giving up. Each wait is a base delay
+/// (doubling, up to half the maximum) plus a random jitter of up to that
+/// base again, so that many workers do not knock at once.
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(MAX_BACKOFF / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .map(|wait| wait.min(MAX_BACKOFF))
+}
+
+/// Connection attempts that failed, process-wide (every kind of connection:
+/// commands, subscriptions, one-shot commands); exported as a metric.
+pub static CONNECT_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a failed attempt to reach Redis (`optimus_connect_failures_total`).
+pub fn count_connect_failure() {
+    CONNECT_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Calls `connect` until it succeeds, backing off and saying so on stderr
+/// while Redis is unreachable.
+pub async fn retry_until_connected<T, F, Fut>(
+    server: &str,
+    cancel: &CancellationToken,
+    mut connect: F,
+) -> Result<Option<T>, RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RedisError>>,
+{
+    let counted = || {
+        let attempt = connect();
+        async {
+            let result = attempt.await;
+            if result.is_err() {
+                count_connect_failure();
+            }
+            result
+        }
+    };
+    retry_until(cancel, counted, |err, wait| {
+        tracing::warn!(
+            server = %server,
+            cause = %brief(err),
+            retry_in_ms = wait.as_millis() as u64,
+            "Redis unreachable, retrying"
+        )
+    })
+    .await
+}
+
+/// Calls `step` until it succeeds: an error retrying cannot mend (see
+/// [`is_fatal`]) is returned, any other is passed to `on_retry` with the
+/// wait before the next attempt (backing off, with jitter). `None` when
+/// cancelled first.
+pub async fn retry_until<T, F, Fut>(
+    cancel: &CancellationToken,
+    mut step: F,
+    on_retry: impl Fn(&RedisError, Duration),
+) -> Result<Option<T>, RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RedisError>>,
+{
+    let mut backoff = reconnect_backoff();
+    loop {
+        let err = tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            result = step() => match result {
+                Ok(done) => return Ok(Some(done)),
+                Err(err) => err,
+            },
+        };
+        if is_fatal(&err) {
+            return Err(err);
+        }
+        let wait = backoff.next().unwrap_or(MAX_BACKOFF);
+        on_retry(&err, wait);
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
