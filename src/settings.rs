@@ -74,22 +74,24 @@ pub fn parse_metrics_addr(raw: Option<&str>) -> Result<Option<std::net::SocketAd
 /// naming them.
 pub fn parse_choice<T: Named>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
     T::from_name(raw).ok_or_else(|| {
-        ConfigError::new(var, raw, format!("expected one of {}", T::NAMES.join(", ")))
+        let names: Vec<&str> = T::NAMES.iter().map(|&(name, _)| name).collect();
+        ConfigError::new(var, raw, format!("expected one of {}", names.join(", ")))
     })
 }
 
 /// A setting with named values (STRATEGY, OUTPUT_FORMAT, PUBSUB_MODE).
 pub trait Named: Sized + Copy + 'static {
-    /// The names, as `--help` and errors list them.
-    const NAMES: &'static [&'static str];
-    /// Every name taken, with its value: the names and any old aliases.
-    const TAKEN: &'static [(&'static str, Self)];
+    /// Each name with its value, as `--help` and errors list them.
+    const NAMES: &'static [(&'static str, Self)];
+    /// Old names still taken for a value, listed nowhere.
+    const ALIASES: &'static [(&'static str, Self)] = &[];
 
     /// The value `name` (any case, surrounding blanks ignored) stands for.
     fn from_name(name: &str) -> Option<Self> {
         let name = name.trim();
-        Self::TAKEN
+        Self::NAMES
             .iter()
+            .chain(Self::ALIASES)
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|&(_, v)| v)
     }

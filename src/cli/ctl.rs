@@ -60,12 +60,9 @@ pub async fn run(connect: &ConnectArgs, action: CtlAction) -> Result<(), Exit> {
         CtlAction::Scale { workers, yes, .. } => control::parse_total(workers.as_deref(), *yes)?,
         _ => None,
     };
-    let text = act(&endpoint, action, total).await.map_err(|err| {
-        Exit::failed(format_args!(
-            "Redis at {server}: {}",
-            optimus::connect::explain(&err)
-        ))
-    })?;
+    let text = act(&endpoint, action, total)
+        .await
+        .map_err(|err| Exit::redis(&server, &err))?;
     println!("{text}");
     Ok(())
 }

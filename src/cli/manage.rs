@@ -131,10 +131,7 @@ pub async fn run(connect: &ConnectArgs, what: Managed) -> Result<(), Exit> {
             Ok(())
         }
         Err(err @ ManageError::NotConfirmed(_)) => Err(Exit::Refused(err.to_string())),
-        Err(ManageError::Redis(err)) => Err(Exit::failed(format_args!(
-            "Redis at {server}: {}",
-            optimus::connect::explain(&err)
-        ))),
+        Err(ManageError::Redis(err)) => Err(Exit::redis(&server, &err)),
         Err(err) => Err(Exit::failed(err)),
     }
 }

@@ -123,6 +123,14 @@ impl From<ConfigError> for Exit {
 }
 
 impl Exit {
+    /// A Redis error while talking to `server`, explained: exit 1.
+    pub fn redis(server: &str, err: &redis::RedisError) -> Self {
+        Exit::failed(format_args!(
+            "Redis at {server}: {}",
+            optimus::connect::explain(err)
+        ))
+    }
+
     /// A failure with one line to say.
     pub fn failed(line: impl std::fmt::Display) -> Self {
         Exit::Failed(Some(line.to_string()))

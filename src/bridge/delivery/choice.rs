@@ -53,25 +53,21 @@ impl Strategy {
 }
 
 impl Named for Strategy {
-    const NAMES: &'static [&'static str] = &["fenced", "race"];
-    const TAKEN: &'static [(&'static str, Self)] = &[
-        ("fenced", Strategy::Fenced),
-        ("race", Strategy::Race),
-        ("partitioned", Strategy::Fenced),
-    ];
+    const NAMES: &'static [(&'static str, Self)] =
+        &[("fenced", Strategy::Fenced), ("race", Strategy::Race)];
+    /// `partitioned`, the name of the strategy fenced replaces.
+    const ALIASES: &'static [(&'static str, Self)] = &[("partitioned", Strategy::Fenced)];
 }
 
 impl Named for OutputFormat {
-    const NAMES: &'static [&'static str] = &["envelope", "flat"];
-    const TAKEN: &'static [(&'static str, Self)] = &[
+    const NAMES: &'static [(&'static str, Self)] = &[
         ("envelope", OutputFormat::Envelope),
         ("flat", OutputFormat::Flat),
     ];
 }
 
 impl Named for PubSubMode {
-    const NAMES: &'static [&'static str] = &["classic", "sharded"];
-    const TAKEN: &'static [(&'static str, Self)] = &[
+    const NAMES: &'static [(&'static str, Self)] = &[
         ("classic", PubSubMode::Classic),
         ("sharded", PubSubMode::Sharded),
     ];
