@@ -57,20 +57,6 @@ pub async fn report_rate<C: ConnectionLike>(
 /// How long a process registration lasts without renewal.
 const REGISTRATION_TTL: Duration = Duration::from_secs(3);
 
-/// KEYS: processes, desired count. ARGV: this process, registration TTL ms
-/// (0: leave). Returns {desired or false, live processes}.
-const SCALE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if tonumber(ARGV[2]) > 0 then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return {redis.call('GET', KEYS[2]), redis.call('ZRANGE', KEYS[1], 0, -1)}
-"#;
-
 /// This process's share of `desired` workers split across `processes` (its
 /// own name among them): an equal part each, the remainder one more for the
 /// first processes in name order. 7 over 3 processes: 3, 2, 2.
@@ -104,7 +90,7 @@ impl Scale {
             me,
             describe,
             default,
-            script: redis::Script::new(SCALE),
+            script: redis::Script::new(crate::scripts::SCALE),
         }
     }
 
@@ -188,19 +174,6 @@ impl Scale {
     }
 }
 
-/// KEYS: processes. ARGV: the info key prefix. Returns each live process's
-/// info (`host=… pid=… workers=N`).
-const PROCESSES: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local out = {}
-for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  out[#out + 1] = redis.call('GET', ARGV[1] .. name) or ''
-end
-return out
-"#;
-
 /// One live process, as `ctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessRow {
@@ -242,12 +215,18 @@ pub async fn status<C: ConnectionLike + Send>(
     let stop: Option<String> = redis::cmd("GET").arg(STOP_KEY).query_async(conn).await?;
     let total: Option<usize> = redis::cmd("GET").arg(WORKERS_KEY).query_async(conn).await?;
     let mut described: Vec<(&'static str, String, usize)> = Vec::new();
-    let consume: Vec<String> = redis::Script::new(PROCESSES)
+    let consume: Vec<String> = redis::Script::new(crate::scripts::LIVE_LIST)
         .key(PROCESSES_KEY)
         .arg(PROCESS_PREFIX)
         .invoke_async(conn)
         .await?;
-    for info in consume.into_iter().filter(|i| !i.is_empty()) {
+    // (name, info) pairs: the info says it all.
+    for info in consume
+        .into_iter()
+        .skip(1)
+        .step_by(2)
+        .filter(|i| !i.is_empty())
+    {
         let workers = field(&info, "workers")
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);

@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod monitor;
 mod presence;
 pub mod publish;
+mod scripts;
 pub mod settings;
 pub mod work;
 

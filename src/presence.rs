@@ -14,39 +14,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
 
-/// KEYS: index, key1, key2, …  ARGV: TTL in ms, value, id1, id2, …
-const REFRESH: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[1])
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i + 1])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return #KEYS - 1
-"#;
-
-/// KEYS: index. Returns the number of live workers.
-const COUNT: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZCARD', KEYS[1])
-"#;
-
-/// The presence keys of one process's workers.
-const LIST: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-local out = {}
-for i, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('GET', ARGV[1] .. ':' .. id) or ''
-end
-return out
-"#;
+use crate::scripts;
 
 #[derive(Clone)]
 pub struct Presence {
@@ -67,8 +35,8 @@ impl Presence {
             key_prefix: prefix.to_string(),
             ttl,
             value,
-            refresh: Script::new(REFRESH),
-            count: Script::new(COUNT),
+            refresh: Script::new(scripts::PRESENCE_REFRESH),
+            count: Script::new(scripts::LIVE_COUNT),
         }
     }
 
@@ -126,11 +94,15 @@ impl Presence {
         &self,
         conn: &mut (impl ConnectionLike + Send),
     ) -> RedisResult<Vec<(String, String)>> {
-        Script::new(LIST)
+        let flat: Vec<String> = Script::new(scripts::LIVE_LIST)
             .key(self.index())
-            .arg(&self.key_prefix)
+            .arg(format!("{}:", self.key_prefix))
             .invoke_async(conn)
-            .await
+            .await?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .collect())
     }
 
     pub async fn count(&self, conn: &mut (impl ConnectionLike + Send)) -> RedisResult<u64> {

@@ -24,7 +24,7 @@ use redis::{RedisError, Value};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::{Conn, connection, is_fatal, reconnect_backoff};
+use crate::connect::{Backoff, Conn, connection, is_fatal};
 use crate::presence::Presence;
 
 /// What handles an entry: `Ok` acknowledges it, `Err` leaves it pending.
@@ -335,7 +335,7 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), WorkError> {
-        let mut backoff = reconnect_backoff();
+        let mut backoff = Backoff::new();
         let mut last_claim = Instant::now() - self.config.claim_idle;
         while !shutdown.is_cancelled() {
             let step = async {
@@ -348,7 +348,7 @@ impl Worker {
             let result = step.await;
             self.counters.link.set(result.is_ok());
             match result {
-                Ok(()) => backoff = reconnect_backoff(),
+                Ok(()) => backoff.reset(),
                 Err(err) if is_fatal(&err) => return Err(err.into()),
                 Err(err) if err.code() == Some("NOGROUP") => {
                     match make_group(&mut self.conn, &self.config, &self.consumer, true).await {
@@ -370,11 +370,14 @@ impl Worker {
                     if err.is_connection_refusal() || err.is_connection_dropped() {
                         crate::connect::count_connect_failure();
                     }
-                    let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
-                    tracing::warn!(consumer = %self.consumer, cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, "Redis command failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(wait) => {}
+                    let consumer = &self.consumer;
+                    let retried = backoff.after(err, Some(&shutdown), |err, wait| {
+                        tracing::warn!(consumer = %consumer, cause = %crate::connect::brief(err), retry_in_ms = wait.as_millis() as u64, "Redis command failed; retrying");
+                    });
+                    if let Err(err) = retried.await
+                        && !shutdown.is_cancelled()
+                    {
+                        return Err(err.into());
                     }
                 }
             }
@@ -492,7 +495,7 @@ impl Worker {
         let payload = payload_of(&entry);
         // One script, so one step (on a cluster both streams share a slot).
         redis::cmd("EVAL")
-            .arg(DEAD_LETTER)
+            .arg(crate::scripts::DEAD_LETTER)
             .arg(2)
             .arg(&self.config.dead_stream)
             .arg(&self.config.stream)
@@ -548,33 +551,7 @@ impl Worker {
     }
 }
 
-/// KEYS: dead-letter stream, stream; ARGV: entry id, group, reason, payload.
-const DEAD_LETTER: &str = r#"
-redis.call('XADD', KEYS[1], '*', 'entry_id', ARGV[1], 'stream', KEYS[2],
-    'group', ARGV[2], 'reason', ARGV[3], 'payload', ARGV[4])
-redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
-"#;
-
-/// KEYS[1]: the stream, KEYS[2]: the group's marker. ARGV[1]: the group,
-/// ARGV[2]: this consumer, ARGV[3]: `again` when the group was found
-/// missing. Makes the group (from the start of the stream, and the stream
-/// if it is missing) unless it exists, sets its marker, and returns 1. Found
-/// missing with its marker there, the group was deleted (Redis kept its
-/// data): 0, unless it is back already (1).
-const MAKE_GROUP: &str = r#"
-if ARGV[3] == 'again' and redis.call('EXISTS', KEYS[2]) == 1 then
-  if pcall(redis.call, 'XGROUP', 'CREATECONSUMER', KEYS[1], ARGV[1], ARGV[2]) then return 1 end
-  return 0
-end
-local made, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-if not made and not string.match(err.err or tostring(err), '^BUSYGROUP') then
-  return redis.error_reply(err.err or tostring(err))
-end
-redis.call('SET', KEYS[2], '1')
-return 1
-"#;
-
-/// Makes `config`'s group (see [`MAKE_GROUP`]); `again` when it was found
+/// Makes `config`'s group (see `scripts/make_group.lua`); `again` when it was found
 /// missing. Whether the group is there now.
 async fn make_group(
     conn: &mut Conn,
@@ -583,7 +560,7 @@ async fn make_group(
     again: bool,
 ) -> Result<bool, RedisError> {
     let made: i64 = redis::cmd("EVAL")
-        .arg(MAKE_GROUP)
+        .arg(crate::scripts::MAKE_GROUP)
         .arg(2)
         .arg(&config.stream)
         .arg(group_marker(config))

@@ -10,6 +10,6 @@ mod retry;
 pub use endpoint::{Endpoint, TlsFiles, Transport, mask_password};
 pub use open::{Conn, connection, connection_manager, managed, open};
 pub use retry::{
-    CONNECT_FAILURES, MAX_BACKOFF, brief, count_connect_failure, explain, has_code, is_fatal,
-    reconnect_backoff, retry_until, retry_until_connected, tls_failure, warn_if_evicting,
+    Backoff, CONNECT_FAILURES, MAX_BACKOFF, brief, count_connect_failure, explain, has_code,
+    is_fatal, retry_until, retry_until_connected, tls_failure, warn_if_evicting,
 };

@@ -3,7 +3,7 @@
 //! reconnecting part of optimus uses ([`retry_until`]).
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use redis::aio::ConnectionLike;
@@ -175,18 +175,119 @@ pub async fn warn_if_evicting<C: ConnectionLike + Send>(conn: &mut C, what: &str
 /// The longest wait between two reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// The backoff between reconnection attempts: exponential from 100 ms up,
-/// never above [`MAX_BACKOFF`], never giving up. Each wait is a base delay
-/// (doubling, up to half the maximum) plus a random jitter of up to that
-/// base again, so that many workers do not knock at once.
-pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(MAX_BACKOFF / 2)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .map(|wait| wait.min(MAX_BACKOFF))
+/// The back-off of one thing tried again and again: waits growing
+/// exponentially from 50 ms, each a base delay (doubling, up to half of
+/// [`MAX_BACKOFF`]) plus a random jitter of up to that base again, so that
+/// many workers do not knock at once; never above [`MAX_BACKOFF`], never
+/// giving up unless given a deadline. Every retry in optimus backs off
+/// through it; [`retry_until`] is its loop.
+pub struct Backoff {
+    waits: Box<dyn Iterator<Item = Duration> + Send + Sync>,
+    /// Past this, a failure is not tried again.
+    deadline: Option<Instant>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Backoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backoff")
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Self {
+            waits: Self::waits(),
+            deadline: None,
+        }
+    }
+
+    /// A back-off that gives up on a failure whose wait would end past
+    /// `deadline`.
+    pub fn until(deadline: Instant) -> Self {
+        Self {
+            deadline: Some(deadline),
+            ..Self::new()
+        }
+    }
+
+    fn waits() -> Box<dyn Iterator<Item = Duration> + Send + Sync> {
+        let waits = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(MAX_BACKOFF / 2)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        Box::new(waits.map(|wait| wait.min(MAX_BACKOFF)))
+    }
+
+    /// It worked: the next failure waits the shortest again.
+    pub fn reset(&mut self) {
+        self.waits = Self::waits();
+    }
+
+    /// The wait before the next attempt.
+    pub fn next_wait(&mut self) -> Duration {
+        self.waits.next().unwrap_or(MAX_BACKOFF)
+    }
+
+    /// Waits the next wait (cut short by `cancel`), after `on_wait` is told
+    /// how long it is.
+    pub async fn pause(
+        &mut self,
+        cancel: Option<&CancellationToken>,
+        on_wait: impl FnOnce(Duration),
+    ) {
+        let wait = self.next_wait();
+        on_wait(wait);
+        match cancel {
+            Some(cancel) => {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            None => tokio::time::sleep(wait).await,
+        }
+    }
+
+    /// After a failed attempt: the error back when retrying cannot mend it
+    /// (see [`is_fatal`]), when it is cancelled, or when the next wait
+    /// would end past the deadline; else `on_retry` is told the error and
+    /// the wait, and the wait is waited out (cut short by `cancel`).
+    pub async fn after(
+        &mut self,
+        err: RedisError,
+        cancel: Option<&CancellationToken>,
+        on_retry: impl FnOnce(&RedisError, Duration),
+    ) -> Result<(), RedisError> {
+        let cancelled = cancel.is_some_and(|c| c.is_cancelled());
+        if is_fatal(&err) || cancelled {
+            return Err(err);
+        }
+        let wait = self.next_wait();
+        if self.deadline.is_some_and(|at| Instant::now() + wait > at) {
+            return Err(err);
+        }
+        on_retry(&err, wait);
+        match cancel {
+            Some(cancel) => {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            None => tokio::time::sleep(wait).await,
+        }
+        Ok(())
+    }
 }
 
 /// Connection attempts that failed, process-wide (every kind of connection:
@@ -232,8 +333,8 @@ where
 
 /// Calls `step` until it succeeds: an error retrying cannot mend (see
 /// [`is_fatal`]) is returned, any other is passed to `on_retry` with the
-/// wait before the next attempt (backing off, with jitter). `None` when
-/// cancelled first.
+/// wait before the next attempt (see [`Backoff`]). `None` when cancelled
+/// first.
 pub async fn retry_until<T, F, Fut>(
     cancel: &CancellationToken,
     mut step: F,
@@ -243,7 +344,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, RedisError>>,
 {
-    let mut backoff = reconnect_backoff();
+    let mut backoff = Backoff::new();
     loop {
         let err = tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
@@ -252,14 +353,10 @@ where
                 Err(err) => err,
             },
         };
-        if is_fatal(&err) {
-            return Err(err);
-        }
-        let wait = backoff.next().unwrap_or(MAX_BACKOFF);
-        on_retry(&err, wait);
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(wait) => {}
+        match backoff.after(err, Some(cancel), &on_retry).await {
+            Err(_) if cancel.is_cancelled() => return Ok(None),
+            Err(err) => return Err(err),
+            Ok(()) => {}
         }
     }
 }

@@ -46,7 +46,7 @@ use crate::bridge::delivery::{Destination, Lane, Message, Trim, probe_channel, s
 use crate::bridge::host_name;
 mod config;
 
-use crate::connect::{Conn, has_code, is_fatal, reconnect_backoff};
+use crate::connect::{Backoff, Conn, has_code, is_fatal};
 pub use config::{Pace, PublishConfig, PublishLimit};
 
 /// What a publisher run did.
@@ -560,7 +560,7 @@ fn parts<'a, 'p>(payloads: &'a [&'p Vec<u8>]) -> Vec<&'a [&'p Vec<u8>]> {
 /// `retry_for` in all (and not past a shutdown).
 struct Retry<'a> {
     give_up: Instant,
-    backoff: Box<dyn Iterator<Item = Duration> + Send>,
+    backoff: Backoff,
     shutdown: &'a CancellationToken,
     size: usize,
     /// Messages published again so far.
@@ -576,7 +576,7 @@ impl<'a> Retry<'a> {
     fn new(retry_for: Duration, shutdown: &'a CancellationToken, size: usize) -> Self {
         Self {
             give_up: Instant::now() + retry_for,
-            backoff: Box::new(reconnect_backoff()),
+            backoff: Backoff::until(Instant::now() + retry_for),
             shutdown,
             size,
             resent: 0,
@@ -606,12 +606,15 @@ impl<'a> Retry<'a> {
     /// After a failed attempt: `Err` when it is not to be retried (fatal,
     /// out of time, shutting down), else waits its turn.
     async fn after(&mut self, err: RedisError, what: &str) -> Result<(), RedisError> {
-        let wait = self.backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
-        if is_fatal(&err) || Instant::now() + wait > self.give_up || self.shutdown.is_cancelled() {
+        if self.shutdown.is_cancelled() {
             return Err(err);
         }
-        tracing::warn!(cause = %crate::connect::brief(&err), retry_in_ms = wait.as_millis() as u64, messages = self.size, "{what}");
-        tokio::time::sleep(wait).await;
+        let size = self.size;
+        self.backoff
+            .after(err, None, |err, wait| {
+                tracing::warn!(cause = %crate::connect::brief(err), retry_in_ms = wait.as_millis() as u64, messages = size, "{what}");
+            })
+            .await?;
         self.resent += self.size as u64;
         Ok(())
     }

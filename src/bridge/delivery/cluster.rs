@@ -37,9 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::ids::Identify;
 use super::reader::Coverage;
+use super::resubscribe::{Ended, Link, Subscriber, keep_subscribed};
 use super::{Lane, Message, is_internal_channel};
 use crate::bridge::route::Router;
-use crate::connect::{Endpoint, retry_until_connected};
+use crate::connect::Endpoint;
 use crate::monitor::Counters;
 
 pub use super::reader::{KEEPALIVE, PING_TIMEOUT};
@@ -131,7 +132,7 @@ pub struct Subscription {
 const LANE_CACHE: usize = 1_024;
 
 /// What the client library's reader hands over.
-enum Pushed {
+pub(super) enum Pushed {
     /// A message by route `route`, on `channel`.
     Message {
         route: usize,
@@ -147,7 +148,7 @@ enum Pushed {
 }
 
 /// A cluster connection whose (S)SUBSCRIBE is `sharded`.
-struct SubConn {
+pub(super) struct SubConn {
     conn: redis::cluster_async::ClusterConnection,
     sharded: bool,
 }
@@ -190,137 +191,120 @@ impl SubConn {
     }
 }
 
+impl Subscriber for Subscription {
+    type Session = (SubConn, mpsc::Receiver<Pushed>);
+
+    fn who(&self) -> String {
+        format!("worker {} on {}", self.worker_id, self.channel)
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn cancel(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    async fn subscribe(&self) -> Result<Self::Session, RedisError> {
+        self.subscribe_all().await
+    }
+
+    /// Reads until the connection ends; the cluster client subscribes again
+    /// by itself after a slot moves (and this task does when it does not).
+    async fn read(&mut self, session: Self::Session, link: &mut Link<'_>) -> Ended {
+        let (mut conn, mut pushed) = session;
+        let mut last_heard = Instant::now();
+        let watch = PauseWatch::get();
+        let pauses = watch.pauses();
+        // One timer, moved on only when it fires: no timer per message.
+        let keepalive = tokio::time::sleep(KEEPALIVE);
+        tokio::pin!(keepalive);
+        // After a lost subscription, subscribing again ourselves (a
+        // server's SUNSUBSCRIBE after a slot move is not followed by the
+        // client), every `retry_wait`, doubling, until it takes.
+        let mut retry_wait: Option<Duration> = None;
+        let retry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(retry);
+        loop {
+            let event = tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    self.unsubscribe_and_drain(&mut conn, &mut pushed).await;
+                    return Ended::Stopped;
+                }
+                event = pushed.recv() => event,
+                _ = &mut retry, if retry_wait.is_some() => {
+                    let subscribe = conn.subscribe(self.router.channels(), self.router.patterns());
+                    match tokio::time::timeout(PING_TIMEOUT, subscribe).await {
+                        // Its confirmation ends the gap (`Confirmed`).
+                        Ok(Ok(())) => retry_wait = None,
+                        failed => {
+                            let wait = retry_wait.unwrap_or(RESUBSCRIBE_FIRST);
+                            tracing::debug!(worker = %self.worker_id, ?failed, "subscribing again failed; retrying");
+                            let next = (wait * 2).min(KEEPALIVE);
+                            retry_wait = Some(next);
+                            retry.as_mut().reset((Instant::now() + next).into());
+                        }
+                    }
+                    continue;
+                }
+                _ = &mut keepalive => {
+                    if last_heard.elapsed() < KEEPALIVE {
+                        keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
+                        continue;
+                    }
+                    let ping = redis::cmd("PING");
+                    match tokio::time::timeout(PING_TIMEOUT, ping.query_async::<()>(&mut conn.conn)).await {
+                        Ok(Ok(())) => {
+                            last_heard = Instant::now();
+                            keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
+                            continue;
+                        }
+                        _ => None,
+                    }
+                }
+            };
+            let message = match event {
+                Some(Pushed::Message {
+                    route,
+                    channel,
+                    payload,
+                }) => self.receive(route, channel, payload),
+                Some(Pushed::Lost) => {
+                    link.lost(&"the cluster ended the subscription (its slot moved, or a node's connection dropped)");
+                    if retry_wait.is_none() {
+                        retry_wait = Some(RESUBSCRIBE_FIRST);
+                        retry
+                            .as_mut()
+                            .reset((Instant::now() + RESUBSCRIBE_FIRST).into());
+                    }
+                    continue;
+                }
+                Some(Pushed::Confirmed) => {
+                    link.up();
+                    last_heard = Instant::now();
+                    continue;
+                }
+                None => return Ended::Lost("the connection ended".into()),
+            };
+            last_heard = Instant::now();
+            if pauses.is_none() || watch.pauses() != pauses {
+                return Ended::Lost("this process was stopped for a while: what its subscription held may be older than its ACKs; dropped (the other workers had it)".into());
+            }
+            if self.queue.send(vec![message]).await.is_err() {
+                return Ended::Stopped; // the worker is gone
+            }
+        }
+    }
+}
+
 impl Subscription {
     /// Reads until cancelled. Returns an error only when reconnecting cannot
     /// help (credentials, permissions). Dropping the queue's sender on return
     /// tells the worker that nothing more is coming.
-    pub async fn run(mut self) -> Result<(), RedisError> {
-        let shown = self.endpoint.to_string();
-        let mut lost_at: Option<Instant> = None;
-        loop {
-            let connected =
-                retry_until_connected(&shown, &self.cancel, || self.subscribe()).await?;
-            let Some((mut conn, mut pushed)) = connected else {
-                return Ok(());
-            };
-            self.coverage.up(&self.counters);
-            match lost_at.take() {
-                Some(t) => {
-                    Counters::add(&self.counters.reconnects, 1);
-                    tracing::warn!(
-                        worker = %self.worker_id,
-                        channel = %self.channel,
-                        gap_ms = t.elapsed().as_millis() as u64,
-                        "resubscribed; messages published during the gap reached only the other workers"
-                    );
-                }
-                None => {
-                    tracing::debug!(worker = %self.worker_id, channel = %self.channel, "subscribed")
-                }
-            }
-            let mut last_heard = Instant::now();
-            let watch = PauseWatch::get();
-            let pauses = watch.pauses();
-            // One timer, moved on only when it fires: no timer per message.
-            let keepalive = tokio::time::sleep(KEEPALIVE);
-            tokio::pin!(keepalive);
-            // After a lost subscription, subscribing again ourselves (a
-            // server's SUNSUBSCRIBE after a slot move is not followed by the
-            // client), every `retry_wait`, doubling, until it takes.
-            let mut retry_wait: Option<Duration> = None;
-            let retry = tokio::time::sleep(Duration::ZERO);
-            tokio::pin!(retry);
-            loop {
-                let event = tokio::select! {
-                    _ = self.cancel.cancelled() => {
-                        self.unsubscribe_and_drain(&mut conn, &mut pushed).await;
-                        self.coverage.down(false);
-                        return Ok(());
-                    }
-                    event = pushed.recv() => event,
-                    _ = &mut retry, if retry_wait.is_some() => {
-                        let subscribe = conn.subscribe(self.router.channels(), self.router.patterns());
-                        match tokio::time::timeout(PING_TIMEOUT, subscribe).await {
-                            // Its confirmation ends the gap (`Confirmed`).
-                            Ok(Ok(())) => retry_wait = None,
-                            failed => {
-                                let wait = retry_wait.unwrap_or(RESUBSCRIBE_FIRST);
-                                tracing::debug!(worker = %self.worker_id, ?failed, "subscribing again failed; retrying");
-                                let next = (wait * 2).min(KEEPALIVE);
-                                retry_wait = Some(next);
-                                retry.as_mut().reset((Instant::now() + next).into());
-                            }
-                        }
-                        continue;
-                    }
-                    _ = &mut keepalive => {
-                        if last_heard.elapsed() < KEEPALIVE {
-                            keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
-                            continue;
-                        }
-                        let ping = redis::cmd("PING");
-                        match tokio::time::timeout(PING_TIMEOUT, ping.query_async::<()>(&mut conn.conn)).await {
-                            Ok(Ok(())) => {
-                                last_heard = Instant::now();
-                                keepalive.as_mut().reset((last_heard + KEEPALIVE).into());
-                                continue;
-                            }
-                            _ => None,
-                        }
-                    }
-                };
-                let message = match event {
-                    Some(Pushed::Message {
-                        route,
-                        channel,
-                        payload,
-                    }) => self.receive(route, channel, payload),
-                    Some(Pushed::Lost) => {
-                        if lost_at.is_none() {
-                            tracing::warn!(worker = %self.worker_id, channel = %self.channel, "cluster subscription lost; subscribing again");
-                            self.coverage.down(true);
-                            lost_at = Some(Instant::now());
-                        }
-                        if retry_wait.is_none() {
-                            retry_wait = Some(RESUBSCRIBE_FIRST);
-                            retry
-                                .as_mut()
-                                .reset((Instant::now() + RESUBSCRIBE_FIRST).into());
-                        }
-                        continue;
-                    }
-                    Some(Pushed::Confirmed) => {
-                        if let Some(t) = lost_at.take() {
-                            self.coverage.up(&self.counters);
-                            Counters::add(&self.counters.reconnects, 1);
-                            tracing::warn!(
-                                worker = %self.worker_id,
-                                channel = %self.channel,
-                                gap_ms = t.elapsed().as_millis() as u64,
-                                "resubscribed on the cluster; messages published during the gap reached only the other workers"
-                            );
-                        }
-                        last_heard = Instant::now();
-                        continue;
-                    }
-                    None => break,
-                };
-                last_heard = Instant::now();
-                if pauses.is_none() || watch.pauses() != pauses {
-                    tracing::warn!(worker = %self.worker_id, channel = %self.channel, "this process was stopped for a while: what its subscription held may be older than its ACKs; dropped (the other workers had it), subscribing again");
-                    break;
-                }
-                if self.queue.send(vec![message]).await.is_err() {
-                    self.coverage.down(false);
-                    return Ok(()); // the worker is gone
-                }
-            }
-            tracing::warn!(worker = %self.worker_id, channel = %self.channel, "subscription lost, reconnecting");
-            if lost_at.is_none() {
-                self.coverage.down(true);
-                lost_at = Some(Instant::now());
-            }
-        }
+    pub async fn run(self) -> Result<(), RedisError> {
+        let (coverage, counters) = (self.coverage.clone(), self.counters.clone());
+        keep_subscribed(self, &coverage, &counters).await
     }
 
     /// The message with its lane and id (it was counted as it came off the
@@ -384,7 +368,7 @@ impl Subscription {
     /// its pushed messages go to (when it is full they are dropped and
     /// counted). Each attempt has a buffer of its own, so nothing from an
     /// attempt that failed half-way reaches the worker.
-    async fn subscribe(&self) -> Result<(SubConn, mpsc::Receiver<Pushed>), RedisError> {
+    async fn subscribe_all(&self) -> Result<(SubConn, mpsc::Receiver<Pushed>), RedisError> {
         let (pushed, receiver) = mpsc::channel(self.read_buffer.max(1));
         let counters = self.counters.clone();
         let worker = self.worker_id.clone();

@@ -46,7 +46,9 @@
 //!
 //! - [`reader`]: a subscription's own RESP3 connection (one server), which
 //!   slices messages out of what it reads and gives them positions;
-//!   [`resp`] its frames; [`budget`] the process's memory for messages.
+//!   [`resp`] its frames; [`budget`] the process's memory for messages;
+//!   [`resubscribe`] the one loop that keeps a reader (or a cluster
+//!   subscription) subscribed and counts its outages.
 //! - [`intake`]: merges a process's readers (at most two) into each stream's
 //!   sequence, without a duplicate or a hole, and finds each message's id.
 //! - [`members`]: every process's cycle (its beat, a mark, the records it
@@ -69,6 +71,7 @@ pub mod members;
 pub mod race;
 pub mod reader;
 pub mod resp;
+mod resubscribe;
 pub mod scripts;
 
 // The protocol held against a real redis-server: each script and each

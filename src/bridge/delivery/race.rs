@@ -28,7 +28,7 @@ use redis::{RedisError, RedisResult};
 use tokio::sync::mpsc;
 
 use super::{Lane, Message, Trim, push_entry, scripts, target};
-use crate::connect::{Conn, brief, is_fatal, reconnect_backoff};
+use crate::connect::{Backoff, Conn, brief, is_fatal};
 use crate::monitor::{Counters, Throttle};
 
 /// What a claim found for one message.
@@ -560,7 +560,7 @@ impl RaceWorker {
         let mut inbox: VecDeque<Message> = VecDeque::new();
         let mut batch: Vec<Message> = Vec::with_capacity(self.batch_size);
         let mut closed_at: Option<Instant> = None;
-        let mut backoff = reconnect_backoff();
+        let mut backoff = Backoff::new();
 
         loop {
             // 1. Gather: what has arrived (never waiting to fill a batch), the
@@ -603,20 +603,23 @@ impl RaceWorker {
             // 2. Settle the batch.
             if !batch.is_empty() {
                 match self.settle(&mut batch, &mut pending, &mut retry).await {
-                    Ok(None) => backoff = reconnect_backoff(),
+                    Ok(None) => backoff.reset(),
                     Ok(Some(why)) => {
                         Counters::add(&self.counters.redis_errors, 1);
-                        let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
-                        tracing::warn!(worker = %self.id, cause = %why, retry_in_ms = wait.as_millis() as u64, "Redis did not take the batch for now; keeping it and retrying");
-                        tokio::time::sleep(wait).await;
+                        let id = &self.id;
+                        backoff.pause(None, |wait| {
+                            tracing::warn!(worker = %id, cause = %why, retry_in_ms = wait.as_millis() as u64, "Redis did not take the batch for now; keeping it and retrying");
+                        }).await;
                     }
-                    Err(err) if is_fatal(&err) => return Err(err),
                     Err(err) => {
-                        Counters::add(&self.counters.redis_errors, 1);
-                        let wait = backoff.next().unwrap_or(crate::connect::MAX_BACKOFF);
-                        tracing::warn!(worker = %self.id, cause = %brief(&err), retry_in_ms = wait.as_millis() as u64, "Redis command failed; keeping the batch and retrying");
-                        retry.append(&mut batch);
-                        tokio::time::sleep(wait).await;
+                        if !is_fatal(&err) {
+                            Counters::add(&self.counters.redis_errors, 1);
+                            retry.append(&mut batch);
+                        }
+                        let id = &self.id;
+                        backoff.after(err, None, |err, wait| {
+                            tracing::warn!(worker = %id, cause = %brief(err), retry_in_ms = wait.as_millis() as u64, "Redis command failed; keeping the batch and retrying");
+                        }).await?;
                     }
                 }
             }

@@ -36,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::budget::{Budget, Charge, MESSAGE_OVERHEAD};
 use super::resp::{self, Frame, Parse, Parts};
+use super::resubscribe::{Ended, Link, Subscriber, keep_subscribed};
 use super::{Lane, Message, Pool, Position, is_internal_channel, scripts};
 use crate::bridge::route::Router;
-use crate::connect::{Endpoint, Transport, retry_until_connected};
+use crate::connect::{Endpoint, Transport};
 use crate::monitor::{Counters, Throttle};
 
 /// Silence on the subscription after which it is checked with a PING.
@@ -94,7 +95,7 @@ pub struct Reader {
 }
 
 /// One connection of a reader.
-struct Session {
+pub(super) struct Session {
     read: ReadHalf<Box<dyn Transport>>,
     write: WriteHalf<Box<dyn Transport>>,
     /// What was read and not yet cut into frames.
@@ -126,11 +127,72 @@ struct Session {
 }
 
 /// Why a connection's reading ended.
-enum Ended {
+enum Reading {
     Cancelled,
     Lost(String),
     /// Nobody takes the batches any more.
     Closed,
+}
+
+impl Subscriber for Reader {
+    type Session = (Session, FxHashMap<Bytes, Arc<Lane>>);
+
+    fn who(&self) -> String {
+        format!("reader {}", self.index)
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn cancel(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    async fn subscribe(&self) -> Result<Self::Session, RedisError> {
+        let mut session = self.connect().await?;
+        session.buffer_limit_drops = self.buffer_limit_drops().await;
+        Ok((session, FxHashMap::default()))
+    }
+
+    async fn read(&mut self, session: Self::Session, _: &mut Link<'_>) -> Ended {
+        let (mut session, mut lanes) = session;
+        let start = session.mark;
+        if !self
+            .send(vec![Item::Mark(start)], Some(Event::Subscribed { start }))
+            .await
+        {
+            return Ended::Stopped;
+        }
+        match self.read_session(&mut session, &mut lanes).await {
+            Reading::Cancelled => {
+                self.drain(&mut session, &mut lanes).await;
+                Ended::Stopped
+            }
+            Reading::Closed => Ended::Stopped,
+            Reading::Lost(why) => {
+                let dropped = self.buffer_limit_drops().await;
+                let why = match (session.buffer_limit_drops, dropped) {
+                    (Some(before), Some(now)) if now > before => format!(
+                        "{why}: the server dropped the subscription for its client-output-buffer-limit (pubsub; {now} such disconnections so far, reading waited for memory: {}): what was in its buffer is lost (a gap, counted once a subscription is back)",
+                        session.waited_for_memory
+                    ),
+                    _ if session.waited_for_memory => format!(
+                        "{why}: lost while reading waited for memory (MEMORY_LIMIT): the server's client-output-buffer-limit for pubsub was probably passed"
+                    ),
+                    _ => why,
+                };
+                match self.send(Vec::new(), Some(Event::Lost)).await {
+                    true => Ended::Lost(why),
+                    false => Ended::Stopped,
+                }
+            }
+        }
+    }
+
+    async fn stopped(&mut self) {
+        let _ = self.send(Vec::new(), Some(Event::Stopped)).await;
+    }
 }
 
 /// Pattern routes' lanes by channel, so that a busy channel's lane is made
@@ -143,66 +205,8 @@ impl Reader {
     /// Reads until cancelled; returns an error only when reconnecting cannot
     /// help (credentials, permissions).
     pub async fn run(self) -> Result<(), RedisError> {
-        let shown = self.endpoint.to_string();
-        let mut lanes: FxHashMap<Bytes, Arc<Lane>> = FxHashMap::default();
-        let mut lost_at: Option<Instant> = None;
-        loop {
-            let connected = retry_until_connected(&shown, &self.cancel, || self.connect()).await?;
-            let Some(mut session) = connected else {
-                let _ = self.send(Vec::new(), Some(Event::Stopped)).await;
-                return Ok(());
-            };
-            session.buffer_limit_drops = self.buffer_limit_drops().await;
-            self.coverage.up(&self.counters);
-            match lost_at.take() {
-                Some(t) => {
-                    Counters::add(&self.counters.reconnects, 1);
-                    tracing::warn!(
-                        reader = self.index,
-                        down_ms = t.elapsed().as_millis() as u64,
-                        "resubscribed (what was published meanwhile is this process's only if its other subscription was up: a gap is reported otherwise)"
-                    );
-                }
-                None => tracing::debug!(reader = self.index, "subscribed"),
-            }
-            let start = session.mark;
-            if !self
-                .send(vec![Item::Mark(start)], Some(Event::Subscribed { start }))
-                .await
-            {
-                self.coverage.down(false);
-                return Ok(());
-            }
-            match self.read(&mut session, &mut lanes).await {
-                Ended::Cancelled => {
-                    self.drain(&mut session, &mut lanes).await;
-                    self.coverage.down(false);
-                    let _ = self.send(Vec::new(), Some(Event::Stopped)).await;
-                    return Ok(());
-                }
-                Ended::Closed => {
-                    self.coverage.down(false);
-                    return Ok(());
-                }
-                Ended::Lost(why) => {
-                    let dropped = self.buffer_limit_drops().await;
-                    if let (Some(before), Some(now)) = (session.buffer_limit_drops, dropped)
-                        && now > before
-                    {
-                        tracing::warn!(reader = self.index, cause = %why, client_output_buffer_limit_disconnections = now, waited_for_memory = session.waited_for_memory, "the server dropped the subscription for its client-output-buffer-limit (pubsub): what was in its buffer is lost (a gap, counted once a subscription is back); reconnecting");
-                    } else if session.waited_for_memory {
-                        tracing::warn!(reader = self.index, cause = %why, "subscription lost while reading waited for memory (MEMORY_LIMIT): the server's client-output-buffer-limit for pubsub was probably passed; reconnecting");
-                    } else {
-                        tracing::warn!(reader = self.index, cause = %why, "subscription lost, reconnecting");
-                    }
-                    self.coverage.down(true);
-                    lost_at = Some(Instant::now());
-                    if !self.send(Vec::new(), Some(Event::Lost)).await {
-                        return Ok(());
-                    }
-                }
-            }
-        }
+        let (coverage, counters) = (self.coverage.clone(), self.counters.clone());
+        keep_subscribed(self, &coverage, &counters).await
     }
 
     /// Hands a batch over; false when nobody takes it any more.
@@ -362,13 +366,17 @@ impl Reader {
     }
 
     /// Reads until the connection is lost or the reader is cancelled.
-    async fn read(&self, s: &mut Session, lanes: &mut FxHashMap<Bytes, Arc<Lane>>) -> Ended {
+    async fn read_session(
+        &self,
+        s: &mut Session,
+        lanes: &mut FxHashMap<Bytes, Arc<Lane>>,
+    ) -> Reading {
         let keepalive = tokio::time::sleep(KEEPALIVE);
         tokio::pin!(keepalive);
         loop {
             let (items, bytes) = match self.cut(s, lanes, None) {
                 Ok(cut) => cut,
-                Err(why) => return Ended::Lost(why),
+                Err(why) => return Reading::Lost(why),
             };
             if !items.is_empty() {
                 // Items cut are never dropped: a stop while they wait for
@@ -376,13 +384,13 @@ impl Reader {
                 let (charge, waited) = tokio::select! {
                     _ = self.cancel.cancelled() => {
                         s.unsent = Some((items, bytes));
-                        return Ended::Cancelled;
+                        return Reading::Cancelled;
                     }
                     charged = self.charge(&items, bytes) => charged,
                 };
                 s.waited_for_memory |= waited;
                 if !self.send(attach(items, charge), None).await {
-                    return Ended::Closed;
+                    return Reading::Closed;
                 }
             }
             if s.buf.capacity() - s.buf.len() < READ_CHUNK / 4 {
@@ -394,19 +402,19 @@ impl Reader {
             // PING sent and left unanswered for PING_TIMEOUT ends it.
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => return Ended::Cancelled,
+                _ = self.cancel.cancelled() => return Reading::Cancelled,
                 read = s.read.read_buf(&mut s.buf) => match read {
-                    Ok(0) => return Ended::Lost("the server closed the connection".into()),
+                    Ok(0) => return Reading::Lost("the server closed the connection".into()),
                     Ok(_) => {
                         s.last_heard = Instant::now();
                         s.pinged = None;
                     }
-                    Err(err) => return Ended::Lost(err.to_string()),
+                    Err(err) => return Reading::Lost(err.to_string()),
                 },
                 _ = &mut keepalive => {
                     match s.pinged {
                         Some(at) if at.elapsed() >= PING_TIMEOUT => {
-                            return Ended::Lost(format!(
+                            return Reading::Lost(format!(
                                 "no answer to a PING for {} s",
                                 at.elapsed().as_secs()
                             ));
@@ -416,7 +424,7 @@ impl Reader {
                             let mut ping = Vec::new();
                             encode(&mut ping, &[b"PING"]);
                             if let Err(err) = s.write.write_all(&ping).await {
-                                return Ended::Lost(err.to_string());
+                                return Reading::Lost(err.to_string());
                             }
                             s.pinged = Some(Instant::now());
                         }

@@ -13,7 +13,7 @@ use redis::RedisError;
 use super::super::{Lane, Message, Position, target};
 use super::window::Window;
 use super::write::{WriteReply, write_cmd};
-use crate::connect::reconnect_backoff;
+use crate::connect::Backoff;
 use crate::monitor::{Counters, Throttle};
 
 /// What becomes of a message in a lane.
@@ -72,7 +72,7 @@ pub(super) struct LaneState {
     /// The stream refused a message for good: (its position, the reason).
     pub(super) refused: Option<(Position, String)>,
     pub(super) retry_at: Option<Instant>,
-    pub(super) backoff: Option<Box<dyn Iterator<Item = Duration> + Send + Sync>>,
+    pub(super) backoff: Backoff,
     /// When a cycle last found the stream's writer (another process) alive,
     /// and the last mark its readers had delivered then.
     pub(super) writer_live_at: Option<Instant>,
@@ -115,7 +115,7 @@ impl LaneState {
             resync: false,
             refused: None,
             retry_at: None,
-            backoff: None,
+            backoff: Backoff::new(),
             wanted_since: None,
             writer_live_at: None,
             writer_seen: 0,
@@ -245,11 +245,7 @@ pub(super) fn write_command(
 
 /// The next wait of a lane's backoff.
 pub(super) fn back_off(lane: &mut LaneState) -> Duration {
-    let wait = lane
-        .backoff
-        .get_or_insert_with(|| Box::new(reconnect_backoff()))
-        .next()
-        .unwrap_or(crate::connect::MAX_BACKOFF);
+    let wait = lane.backoff.next_wait();
     lane.retry_at = Some(Instant::now() + wait);
     wait
 }

@@ -491,7 +491,7 @@ impl Fenced {
                 pop(lane, write.span, &self.counters);
                 lane.pos = last.or(lane.pos);
                 lane.moved_at = Instant::now();
-                lane.backoff = None;
+                lane.backoff.reset();
                 lane.retry_at = None;
             }
             Ok(WriteReply::Fenced { pos }) => {
