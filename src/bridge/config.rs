@@ -224,6 +224,14 @@ impl BridgeConfig {
         self.endpoint
             .check()
             .map_err(|e| ConfigError::new("REDIS_URL", &self.endpoint, e.to_string()))?;
+        self.check_sizes()?;
+        self.check_routes()?;
+        self.check_names()?;
+        self.check_times()
+    }
+
+    /// Counts and sizes within their limits.
+    fn check_sizes(&self) -> Result<(), ConfigError> {
         for (var, value, range) in [
             ("CONSUMERS_COUNT", self.consumers, limits::WORKERS),
             ("PROCESSING_BATCH_SIZE", self.batch_size, limits::BATCH),
@@ -236,6 +244,12 @@ impl BridgeConfig {
         ] {
             check_whole(var, value as u64, range)?;
         }
+        Ok(())
+    }
+
+    /// The streams and routes, and what the server's kind (one server, a
+    /// cluster, sharded Pub/Sub) allows of them.
+    fn check_routes(&self) -> Result<(), ConfigError> {
         if self.dead_stream() == self.output_stream {
             return Err(ConfigError::new(
                 "DEAD_LETTER_STREAM",
@@ -295,6 +309,11 @@ impl BridgeConfig {
                 "sharded Pub/Sub needs a cluster (REDIS_CLUSTER=1)",
             ));
         }
+        Ok(())
+    }
+
+    /// Names that must not be empty, and the stream's name usable in keys.
+    fn check_names(&self) -> Result<(), ConfigError> {
         for (var, value) in [
             ("INPUT_CHANNEL", &self.input_channel),
             ("OUTPUT_STREAM", &self.output_stream),
@@ -314,6 +333,11 @@ impl BridgeConfig {
                 "must not contain '{' or '}'",
             ));
         }
+        Ok(())
+    }
+
+    /// Durations within their limits, and those that must fit each other.
+    fn check_times(&self) -> Result<(), ConfigError> {
         for (var, value) in [
             ("MONITORING_INTERVAL", self.monitoring_interval),
             ("LOCK_TTL", self.lock_ttl),

@@ -234,7 +234,7 @@ impl ConnectArgs {
                 "sharded Pub/Sub needs a cluster (REDIS_CLUSTER=1)",
             ));
         }
-        let mut endpoint = if cluster {
+        let endpoint = if cluster {
             if seeds.iter().any(|s| s.starts_with("unix:")) {
                 return Err(ConfigError::new(
                     "REDIS_URL",
@@ -247,6 +247,12 @@ impl ConnectArgs {
             Endpoint::new(url.clone())
         }
         .sharded_pubsub(sharded);
+        let endpoint = self.with_credentials(endpoint)?;
+        self.with_tls(endpoint, &url)
+    }
+
+    /// REDIS_USERNAME, and REDIS_PASSWORD or the password file.
+    fn with_credentials(&self, mut endpoint: Endpoint) -> Result<Endpoint, ConfigError> {
         if let Some(user) = given(&self.redis_username) {
             endpoint = endpoint.username(user);
         }
@@ -274,6 +280,11 @@ impl ConnectArgs {
             }
             (None, None) => {}
         }
+        Ok(endpoint)
+    }
+
+    /// The TLS files, read and checked (they need a rediss:// `url`).
+    fn with_tls(&self, endpoint: Endpoint, url: &str) -> Result<Endpoint, ConfigError> {
         let ca = given(&self.redis_tls_ca_file);
         let cert = given(&self.redis_tls_cert_file);
         let key = given(&self.redis_tls_key_file);
@@ -294,7 +305,7 @@ impl ConnectArgs {
                 path,
                 format!(
                     "TLS files need a rediss:// server, but REDIS_URL is {}",
-                    mask_password(&url)
+                    mask_password(url)
                 ),
             ));
         }

@@ -723,30 +723,19 @@ pub async fn run_messages(
     let mut sending: JoinSet<Sent> = JoinSet::new();
     let mut failure = None;
     loop {
-        let elapsed = start.elapsed();
-        let remaining = match config.limit {
-            PublishLimit::Count(n) => n - seq,
-            PublishLimit::Duration(d) if elapsed >= d => 0,
-            PublishLimit::Duration(_) => u64::MAX,
-        };
-        if remaining == 0 || shutdown.is_cancelled() {
+        if shutdown.is_cancelled() {
             break;
         }
-        let mut n = remaining.min(config.batch_size as u64);
-        if let Pace::Rate(rate) = config.pace
-            && rate.is_finite()
-        {
-            let owed = ((elapsed.as_secs_f64() * rate) as u64 + 1).saturating_sub(seq);
-            if owed == 0 {
-                let next = start + Duration::from_secs_f64((seq + 1) as f64 / rate);
+        let n = match next_batch(config, start, seq) {
+            NextBatch::Done => break,
+            NextBatch::At(next) => {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(next.into()) => continue,
                 }
             }
-            n = n.min(owed);
-        }
-
+            NextBatch::Now(n) => n,
+        };
         let payloads: Vec<Vec<u8>> = (seq..seq + n)
             .map(|s| messages.message(s).into_bytes())
             .collect();
@@ -770,17 +759,7 @@ pub async fn run_messages(
         if let Some(every) = config.progress_interval
             && last_progress.0.elapsed() >= every
         {
-            let dt = last_progress.0.elapsed().as_secs_f64();
-            crate::monitor::print_line(format_args!(
-                "publish sent={} no_subscriber={} stored_directly={} dead_lettered={} failed={} rate={:.0}/s run={}",
-                summary.published,
-                summary.no_subscriber,
-                summary.stored_directly,
-                summary.dead_lettered,
-                summary.failed,
-                (summary.published - last_progress.1) as f64 / dt,
-                summary.run,
-            ));
+            progress(&summary, last_progress);
             last_progress = (Instant::now(), summary.published);
         }
 
@@ -817,6 +796,57 @@ pub async fn run_messages(
         }),
         None => Ok(summary),
     }
+}
+
+/// When the next batch goes, and its size.
+enum NextBatch {
+    /// The run is over (its count sent, or its time up).
+    Done,
+    /// Not before this (the pace's rate).
+    At(Instant),
+    /// Now, this many messages.
+    Now(u64),
+}
+
+/// The next batch of a run that started at `start` and has sent `seq`
+/// messages.
+fn next_batch(config: &PublishConfig, start: Instant, seq: u64) -> NextBatch {
+    let elapsed = start.elapsed();
+    let remaining = match config.limit {
+        PublishLimit::Count(n) => n - seq,
+        PublishLimit::Duration(d) if elapsed >= d => 0,
+        PublishLimit::Duration(_) => u64::MAX,
+    };
+    if remaining == 0 {
+        return NextBatch::Done;
+    }
+    let n = remaining.min(config.batch_size as u64);
+    match config.pace {
+        Pace::Rate(rate) if rate.is_finite() => {
+            let owed = ((elapsed.as_secs_f64() * rate) as u64 + 1).saturating_sub(seq);
+            if owed == 0 {
+                return NextBatch::At(start + Duration::from_secs_f64((seq + 1) as f64 / rate));
+            }
+            NextBatch::Now(n.min(owed))
+        }
+        _ => NextBatch::Now(n),
+    }
+}
+
+/// The progress line (PROGRESS_INTERVAL), with the rate since `last`
+/// (when, and how many were published then).
+fn progress(summary: &PublishSummary, last: (Instant, u64)) {
+    let dt = last.0.elapsed().as_secs_f64();
+    crate::monitor::print_line(format_args!(
+        "publish sent={} no_subscriber={} stored_directly={} dead_lettered={} failed={} rate={:.0}/s run={}",
+        summary.published,
+        summary.no_subscriber,
+        summary.stored_directly,
+        summary.dead_lettered,
+        summary.failed,
+        (summary.published - last.1) as f64 / dt,
+        summary.run,
+    ));
 }
 
 /// A batch's size, and what sending it gave: the outcome and the number of

@@ -195,6 +195,66 @@ impl Subscriber for Reader {
     }
 }
 
+/// Reads a subscription's handshake (see `Reader::connect`): `replies`
+/// replies before EXEC's, then EXEC's.
+async fn read_handshake(
+    mut read: ReadHalf<Box<dyn Transport>>,
+    mut replies: usize,
+) -> Result<(ReadHalf<Box<dyn Transport>>, BytesMut, Start), RedisError> {
+    // The replies before EXEC's come first (an error among them is kept:
+    // the first one says why, a refused password before the rest); then
+    // EXEC's: its header, the subscriptions' pushes, the mark's push and
+    // the mark's value.
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut first_error: Option<RedisError> = None;
+    let mut in_exec = false;
+    loop {
+        let how = if replies == 0 && !in_exec {
+            Parse::Header
+        } else {
+            Parse::Whole
+        };
+        let (frame, len) = match resp::frame(&buf, how) {
+            Err(err) => return Err(first_error.unwrap_or(protocol_error(err))),
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                if read.read_buf(&mut buf).await? == 0 {
+                    return Err(first_error.unwrap_or_else(|| {
+                        RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the server closed the connection",
+                        ))
+                    }));
+                }
+                continue;
+            }
+        };
+        let bytes = buf.split_to(len).freeze();
+        match frame {
+            Frame::Push(_) => {}
+            Frame::Error(_) if replies > 0 => {
+                replies -= 1;
+                first_error.get_or_insert(server_error(&bytes));
+            }
+            Frame::Error(_) => return Err(first_error.unwrap_or(server_error(&bytes))),
+            _ if replies > 0 => replies -= 1,
+            Frame::Header => in_exec = true,
+            Frame::Other if in_exec && bytes.first() == Some(&b'$') => {
+                if let Some(err) = first_error {
+                    return Err(err);
+                }
+                return match redis::parse_redis_value(&bytes) {
+                    Ok(redis::Value::BulkString(text)) => Start::parse(&text)
+                        .map(|start| (read, buf, start))
+                        .ok_or_else(|| protocol_error(NOT_A_START)),
+                    _ => Err(protocol_error(NOT_A_START)),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Pattern routes' lanes by channel, so that a busy channel's lane is made
 /// once, not per message. Cleared when it grows past this: channels under a
 /// pattern can be many and short-lived, and a quiet one must leave nothing
@@ -281,61 +341,9 @@ impl Reader {
         encode(&mut out, &[b"EXEC"]);
         replies += 1 + queued;
 
-        // The replies before EXEC's come first (an error among them is kept:
-        // the first one says why, a refused password before the rest); then
-        // EXEC's: its header, the subscriptions' pushes, the mark's push and
-        // the mark's value.
         let handshake = async {
             write.write_all(&out).await?;
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
-            let mut read = read;
-            let mut first_error: Option<RedisError> = None;
-            let mut in_exec = false;
-            loop {
-                let how = if replies == 0 && !in_exec {
-                    Parse::Header
-                } else {
-                    Parse::Whole
-                };
-                let (frame, len) = match resp::frame(&buf, how) {
-                    Err(err) => return Err(first_error.unwrap_or(protocol_error(err))),
-                    Ok(Some(found)) => found,
-                    Ok(None) => {
-                        if read.read_buf(&mut buf).await? == 0 {
-                            return Err(first_error.unwrap_or_else(|| {
-                                RedisError::from(std::io::Error::new(
-                                    std::io::ErrorKind::UnexpectedEof,
-                                    "the server closed the connection",
-                                ))
-                            }));
-                        }
-                        continue;
-                    }
-                };
-                let bytes = buf.split_to(len).freeze();
-                match frame {
-                    Frame::Push(_) => {}
-                    Frame::Error(_) if replies > 0 => {
-                        replies -= 1;
-                        first_error.get_or_insert(server_error(&bytes));
-                    }
-                    Frame::Error(_) => return Err(first_error.unwrap_or(server_error(&bytes))),
-                    _ if replies > 0 => replies -= 1,
-                    Frame::Header => in_exec = true,
-                    Frame::Other if in_exec && bytes.first() == Some(&b'$') => {
-                        if let Some(err) = first_error {
-                            return Err(err);
-                        }
-                        return match redis::parse_redis_value(&bytes) {
-                            Ok(redis::Value::BulkString(text)) => Start::parse(&text)
-                                .map(|start| (read, buf, start))
-                                .ok_or_else(|| protocol_error(NOT_A_START)),
-                            _ => Err(protocol_error(NOT_A_START)),
-                        };
-                    }
-                    _ => {}
-                }
-            }
+            read_handshake(read, replies).await
         };
         let (read, buf, start) = match tokio::time::timeout(PING_TIMEOUT, handshake).await {
             Ok(done) => done?,

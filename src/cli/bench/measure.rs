@@ -59,16 +59,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         }
     };
     let mut conn = connect(&url).await.context("cannot connect to Redis")?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await?;
-    let redis_version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
+    let redis_version = redis_version(&mut conn).await?;
     let payload_bytes = test_message(0, 0).len();
     // The burst, as RESP for redis-cli --pipe, made once for every row.
     let scratch = optimus_testkit::tempdir()?;
@@ -84,36 +75,11 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     let (publisher_rate, redis_cli_pipe_rate) =
         publisher_vs_pipe(&url, &mut conn, config.messages, &burst).await?;
 
-    let mut bridge = Vec::new();
-    let mut latency = Vec::new();
-    for &strategy in &config.strategies {
-        for &workers in &config.workers {
-            eprintln!(
-                "bench: {} bridge with {workers} workers, a burst of {}",
-                strategy.name(),
-                config.messages
-            );
-            let row = bridge_row(
-                config,
-                &url,
-                &mut conn,
-                (strategy, workers),
-                Burst {
-                    file: &burst,
-                    ceiling_rate,
-                },
-                &[],
-            );
-            bridge.push(row.await?);
-        }
-        eprintln!(
-            "bench: {} latency at {}/s for {:?}",
-            strategy.name(),
-            config.latency_rate,
-            config.latency_duration
-        );
-        latency.push(latency_row(config, &url, &mut conn, strategy, 2).await?);
-    }
+    let burst = Burst {
+        file: &burst,
+        ceiling_rate,
+    };
+    let (bridge, latency) = strategy_rows(config, &url, &mut conn, burst).await?;
     // What the default DEDUP_WINDOW costs: the 2-worker fenced burst again
     // without it.
     let mut dedup_off = None;
@@ -127,10 +93,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
             &url,
             &mut conn,
             (Strategy::Fenced, 2),
-            Burst {
-                file: &burst,
-                ceiling_rate,
-            },
+            burst,
             &[("DEDUP_WINDOW", "0")],
         );
         dedup_off = Some(row.await?);
@@ -141,16 +104,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
             "bench: fenced pool of {n} processes, a burst of {}",
             config.messages
         );
-        let row = processes_row(
-            config,
-            &url,
-            &mut conn,
-            n,
-            Burst {
-                file: &burst,
-                ceiling_rate,
-            },
-        );
+        let row = processes_row(config, &url, &mut conn, n, burst);
         processes.push(row.await?);
     }
     let mut steady = Vec::new();
@@ -187,6 +141,45 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     std::fs::write(&config.svg_out, svg(&report))
         .with_context(|| format!("cannot write {}", config.svg_out.display()))?;
     Ok(report)
+}
+
+async fn redis_version(conn: &mut MultiplexedConnection) -> Result<String> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?");
+    Ok(version.trim().to_string())
+}
+
+/// Each strategy's burst rows (one per number of workers) and latency row.
+async fn strategy_rows(
+    config: &BenchConfig,
+    url: &str,
+    conn: &mut MultiplexedConnection,
+    burst: Burst<'_>,
+) -> Result<(Vec<BridgeRow>, Vec<LatencyRow>)> {
+    let mut bridge = Vec::new();
+    let mut latency = Vec::new();
+    for &strategy in &config.strategies {
+        for &workers in &config.workers {
+            eprintln!(
+                "bench: {} bridge with {workers} workers, a burst of {}",
+                strategy.name(),
+                config.messages
+            );
+            let row = bridge_row(config, url, conn, (strategy, workers), burst, &[]);
+            bridge.push(row.await?);
+        }
+        eprintln!(
+            "bench: {} latency at {}/s for {:?}",
+            strategy.name(),
+            config.latency_rate,
+            config.latency_duration
+        );
+        latency.push(latency_row(config, url, conn, strategy, 2).await?);
+    }
+    Ok((bridge, latency))
 }
 
 async fn reset(conn: &mut MultiplexedConnection) -> Result<()> {
