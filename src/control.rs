@@ -12,29 +12,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
-/// The kill switch's key.
-pub const STOP_KEY: &str = "{optimus:ctl}:stop";
+use crate::keys::description_field;
+pub use crate::keys::{PROCESS_PREFIX, PROCESSES_KEY, RATE_PREFIX, STOP_KEY, WORKERS_KEY};
 
 /// How often a process looks at the kill switch (and its idle time), and
 /// renews its registration for `ctl scale`.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
-
-/// The desired total number of bridge workers, all processes together.
-pub const WORKERS_KEY: &str = "{optimus:ctl}:workers";
-
-/// The live `consume` processes: a sorted set scored by the server time (ms)
-/// at which each registration lapses.
-pub const PROCESSES_KEY: &str = "{optimus:ctl}:processes";
-
-/// Where a process reports its rate for `ctl status`: this prefix and its
-/// presence value (`host=… pid=…`).
-pub const RATE_PREFIX: &str = "{optimus:ctl}:rate:";
-
-/// Where a `consume` process describes itself for `ctl status` while it is
-/// registered: this prefix and its name; the value is `host=… pid=…
-/// workers=N`, so a process that `ctl scale` left without workers still
-/// shows.
-pub const PROCESS_PREFIX: &str = "{optimus:ctl}:process:";
 
 /// Stores a process's rate (messages or entries per second over its last
 /// monitoring interval) for `ctl status`; it lapses after three intervals.
@@ -197,13 +180,6 @@ pub struct Status {
     pub processes: Vec<ProcessRow>,
 }
 
-/// The value of `name=` in a `host=… pid=… workers=…` description.
-fn field<'a>(description: &'a str, name: &str) -> Option<&'a str> {
-    description
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-}
-
 /// The kill switch, the total, and the live processes: every registered
 /// `consume` process (also one running no worker), and the `work` processes
 /// from the presence keys of `work_list`.
@@ -227,7 +203,7 @@ pub async fn status<C: ConnectionLike + Send>(
         .step_by(2)
         .filter(|i| !i.is_empty())
     {
-        let workers = field(&info, "workers")
+        let workers = description_field(&info, "workers")
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         described.push(("consume", info, workers));
@@ -242,8 +218,8 @@ pub async fn status<C: ConnectionLike + Send>(
     described.extend(work.into_iter().map(|(value, n)| ("work", value, n)));
     let mut processes = Vec::new();
     for (kind, info, workers) in described {
-        let host = field(&info, "host").unwrap_or("?").to_string();
-        let pid = field(&info, "pid").unwrap_or("?").to_string();
+        let host = description_field(&info, "host").unwrap_or("?").to_string();
+        let pid = description_field(&info, "pid").unwrap_or("?").to_string();
         let rate: Option<String> = redis::cmd("GET")
             .arg(format!("{RATE_PREFIX}host={host} pid={pid}"))
             .query_async(conn)

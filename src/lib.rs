@@ -30,21 +30,32 @@
 //! # Ok(()) }
 //! ```
 
-// The command-line tool's building blocks, one module per command or
-// concern; the binary (`src/main.rs`, `src/cli/`) uses them through these.
+// The commands' library parts, each usable by an embedding service as the
+// binary (`src/main.rs`, `src/cli/`) uses it: a downstream worker, health
+// checks, stream and group management, the control plane, the audit, the
+// metrics endpoint, the publisher.
 pub mod audit;
-pub mod connect;
 pub mod control;
 pub mod health;
-pub mod keys;
 pub mod manage;
 pub mod metrics;
-pub mod monitor;
-mod presence;
 pub mod publish;
-mod scripts;
-pub mod settings;
 pub mod work;
+
+// Support the binary needs (the settings' parsers, connection helpers, key
+// names, the monitoring line): public for it, not part of the embedding API,
+// whose types from them are re-exported below.
+#[doc(hidden)]
+pub mod connect;
+#[doc(hidden)]
+pub mod keys;
+#[doc(hidden)]
+pub mod monitor;
+#[doc(hidden)]
+pub mod settings;
+
+mod presence;
+mod scripts;
 
 // The bridge and its delivery protocol: private, reached through the types
 // below.

@@ -192,16 +192,14 @@ async fn run_until_stopped(
     let Some(mut conn) = conn? else {
         return Ok(());
     };
-    let host = crate::bridge::host_name();
-    let pid = std::process::id();
-    let nonce: u16 = rand::random();
+    let process = crate::keys::Process::new();
     let ids: Vec<String> = (0..config.consumers)
-        .map(|i| format!("{host}-{pid}-{nonce:04x}-{i}"))
+        .map(|i| process.worker_id(i))
         .collect();
     let presence = Presence::new(
         &config.consumers_list,
         config.presence_ttl,
-        format!("host={host} pid={pid}"),
+        process.describe(),
     )
     .on_cluster(config.endpoint.is_cluster());
     // The group (and the stream) and the presence keys: a server that
@@ -563,24 +561,17 @@ async fn make_group(
         .arg(crate::scripts::MAKE_GROUP)
         .arg(2)
         .arg(&config.stream)
-        .arg(group_marker(config))
+        .arg(crate::keys::group_marker(
+            &config.stream,
+            &config.group,
+            config.endpoint.is_cluster(),
+        ))
         .arg(&config.group)
         .arg(consumer)
         .arg(if again { "again" } else { "start" })
         .query_async(conn)
         .await?;
     Ok(made == 1)
-}
-
-/// The key that says a group was made: it goes only with Redis's data, so
-/// a group missing while it is there was deleted (in the stream's slot on a
-/// cluster).
-fn group_marker(config: &WorkConfig) -> String {
-    crate::keys::slot_mate(
-        &config.stream,
-        &format!(":work-group:{}", config.group),
-        config.endpoint.is_cluster(),
-    )
 }
 
 fn bytes(value: &Value) -> Option<Vec<u8>> {

@@ -28,6 +28,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{Conn, connection};
+use crate::keys::Process;
+pub use crate::keys::host_name;
 use crate::monitor::{Counters, MonitorLine, Snapshot};
 use crate::presence::Presence;
 use crate::settings::ConfigError;
@@ -136,7 +138,7 @@ impl Bridge {
         )
         .await;
 
-        let process = ProcessIdentity::new();
+        let process = Process::new();
         // How many workers to run: CONSUMERS_COUNT, or this process's share
         // of the total set with `optimus ctl scale`.
         let scale =
@@ -248,7 +250,7 @@ impl Bridge {
         conn: &mut Conn,
         scale: &crate::control::Scale,
         presence: &Presence,
-        process: &ProcessIdentity,
+        process: &Process,
         shutdown: &CancellationToken,
     ) -> Result<Option<(usize, Vec<String>)>, RedisError> {
         // How many presence keys an attempt may have left behind.
@@ -329,44 +331,3 @@ impl Bridge {
 /// How long taking a registration back (ctl's, the presence keys) may take
 /// when a bridge stops (Redis may be what is slow): they lapse by themselves.
 const UNREGISTER_WITHIN: Duration = Duration::from_secs(2);
-
-/// This machine's name, for worker ids and presence values.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-/// Who this process is, for worker ids and presence values.
-struct ProcessIdentity {
-    host: String,
-    pid: u32,
-    /// Tells apart two processes with the same host name and pid (containers).
-    nonce: u16,
-}
-
-impl ProcessIdentity {
-    fn new() -> Self {
-        Self {
-            host: host_name(),
-            pid: std::process::id(),
-            nonce: rand::random(),
-        }
-    }
-
-    fn worker_id(&self, index: usize) -> String {
-        format!("{}-{}-{:04x}-{index}", self.host, self.pid, self.nonce)
-    }
-
-    fn describe(&self) -> String {
-        format!("host={} pid={}", self.host, self.pid)
-    }
-
-    /// This process, among the processes registered for `ctl scale`.
-    fn name(&self) -> String {
-        format!("{}-{}-{:04x}", self.host, self.pid, self.nonce)
-    }
-}

@@ -11,7 +11,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::ProcessIdentity;
 use super::config::BridgeConfig;
 use super::delivery::budget::Budget;
 use super::delivery::cluster::Subscription;
@@ -25,6 +24,7 @@ use super::delivery::{self, Message, Pool, Strategy};
 use super::route;
 use super::upkeep::Watched;
 use crate::connect::{Conn, connection};
+use crate::keys::Process;
 use crate::monitor::Counters;
 use crate::presence::Presence;
 
@@ -33,7 +33,7 @@ use crate::presence::Presence;
 pub(super) struct Workers {
     spawner: Spawner,
     tasks: JoinSet<Result<(), RedisError>>,
-    process: ProcessIdentity,
+    process: Process,
     presence: Presence,
     conn: Conn,
     running: Vec<(String, CancellationToken)>,
@@ -47,7 +47,7 @@ impl Workers {
     pub(super) fn new(
         spawner: Spawner,
         tasks: JoinSet<Result<(), RedisError>>,
-        process: ProcessIdentity,
+        process: Process,
         presence: Presence,
         conn: Conn,
     ) -> Self {
@@ -274,7 +274,7 @@ impl Spawner {
     /// One server: the strategy's loop, fed by the readers' batches.
     pub(super) async fn start_engine(
         &mut self,
-        process: &ProcessIdentity,
+        process: &Process,
         tasks: &mut JoinSet<Result<(), RedisError>>,
         shutdown: &CancellationToken,
     ) -> Result<(), RedisError> {

@@ -247,15 +247,7 @@ impl Backoff {
     ) {
         let wait = self.next_wait();
         on_wait(wait);
-        match cancel {
-            Some(cancel) => {
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-            None => tokio::time::sleep(wait).await,
-        }
+        sleep(wait, cancel).await;
     }
 
     /// After a failed attempt: the error back when retrying cannot mend it
@@ -277,16 +269,21 @@ impl Backoff {
             return Err(err);
         }
         on_retry(&err, wait);
-        match cancel {
-            Some(cancel) => {
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-            None => tokio::time::sleep(wait).await,
-        }
+        sleep(wait, cancel).await;
         Ok(())
+    }
+}
+
+/// Sleeps `wait`, or until `cancel`.
+async fn sleep(wait: Duration, cancel: Option<&CancellationToken>) {
+    match cancel {
+        Some(cancel) => {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        None => tokio::time::sleep(wait).await,
     }
 }
 

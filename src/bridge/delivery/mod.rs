@@ -68,6 +68,7 @@ pub mod handoff;
 pub mod ids;
 pub mod intake;
 pub mod members;
+mod outcome;
 pub mod race;
 pub mod reader;
 pub mod resp;
@@ -79,6 +80,7 @@ pub mod scripts;
 #[cfg(test)]
 mod protocol_tests;
 
+pub use crate::keys::{Keys, Pool, is_internal_channel, probe_channel};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -198,11 +200,14 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// The defaults of the bridge: `<stream>:dead`, envelope entries.
+    /// The defaults of the bridge: `<stream>:dead`, envelope entries (the
+    /// tests' lanes; the bridge and the publisher make theirs with a
+    /// `route::Router`).
+    #[cfg(test)]
     pub fn new(stream: &str, channel: &str) -> Self {
         Self {
             stream: stream.to_string(),
-            dead_stream: format!("{stream}:dead"),
+            dead_stream: crate::keys::default_dead_stream(stream, false),
             channel: channel.to_string(),
             format: OutputFormat::Envelope,
             id_field: "message_id".into(),
@@ -264,106 +269,6 @@ impl Lane {
     pub fn stream(&self) -> &str {
         &self.to.stream
     }
-}
-
-/// Names of a stream's keys in the protocol. They carry the stream's name as
-/// hash tag, so on a cluster they live on the stream's shard.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    /// The stream's writer record: a hash of `epoch`, `owner`, `pos`.
-    pub writer: String,
-    /// The handoff key the write scripts hold to: the pool's on one server
-    /// (see [`members`]); on a cluster (no handoff) one of the stream's own,
-    /// never set, for the scripts' keys to share a slot.
-    pub handoff: String,
-    lock_prefix: String,
-    ack_prefix: String,
-}
-
-impl Keys {
-    pub fn new(stream: &str) -> Self {
-        Self {
-            writer: format!("{{{stream}}}:writer"),
-            handoff: format!("{{{stream}}}:handoff"),
-            lock_prefix: format!("{{{stream}}}:lock:"),
-            ack_prefix: format!("{{{stream}}}:ack:"),
-        }
-    }
-
-    /// Race: a message's lock.
-    pub fn lock(&self, id: &str) -> String {
-        format!("{}{id}", self.lock_prefix)
-    }
-
-    /// Race (and the fast path on a cluster): a message's ACK.
-    pub fn ack(&self, id: &str) -> String {
-        format!("{}{id}", self.ack_prefix)
-    }
-}
-
-/// The pool's keys and channels, named after its bookkeeping stream
-/// (OUTPUT_STREAM, whatever the routes).
-#[derive(Debug, Clone)]
-pub struct Pool {
-    /// The clock marks are taken from.
-    pub clock: String,
-    /// The marks channel every subscription listens to.
-    pub marks: String,
-    /// The live processes: a hash of member name to `<beat ms>:<last mark seen>`.
-    pub members: String,
-    /// The strategy handoff (see [`members`]).
-    pub handoff: String,
-}
-
-impl Pool {
-    pub fn new(stream: &str) -> Self {
-        Self::in_db(stream, 0)
-    }
-
-    /// The pool of `stream` in database `db`. Pub/Sub ignores databases:
-    /// pools in other databases of one server have marks channels of their
-    /// own (`…:marks:db<n>`), not to mix their clocks.
-    pub fn in_db(stream: &str, db: i64) -> Self {
-        let marks = match db {
-            0 => format!("{{{stream}}}:marks"),
-            n => format!("{{{stream}}}:marks:db{n}"),
-        };
-        Self {
-            clock: format!("{{{stream}}}:clock"),
-            marks,
-            members: format!("{{{stream}}}:members"),
-            handoff: format!("{{{stream}}}:handoff"),
-        }
-    }
-}
-
-/// The prefix of [`probe_channel`]s.
-const PROBE_PREFIX: &str = "optimus:bridge:";
-
-/// The channel every bridge subscription to a route's `source` (a channel
-/// or a pattern) also subscribes to, in the same command: `PUBSUB NUMSUB`
-/// of it counts the bridge's subscriptions for that route and nobody
-/// else's. Nothing is ever published on it. (The publisher's fast path
-/// asks it.) It names the database, the source and the route's target (a
-/// stream, or a template): Pub/Sub ignores databases, and a pool writing
-/// another stream from the same channel is no bridge for this one.
-/// `optimus:bridge:<db>:<source>-><target>`.
-pub fn probe_channel(db: i64, source: &str, target: &str) -> String {
-    format!("{PROBE_PREFIX}{db}:{source}->{target}")
-}
-
-/// Whether a channel is one of optimus's own (a marks channel
-/// `{<stream>}:marks`, a [`probe_channel`], or an older optimus's mark
-/// channel `{<stream>}:mark:<worker>`): never bridged, whatever pattern
-/// matches it.
-pub fn is_internal_channel(name: &[u8]) -> bool {
-    const MARK: &[u8] = b"}:mark:";
-    const MARKS_DB: &[u8] = b"}:marks:db";
-    name.starts_with(PROBE_PREFIX.as_bytes())
-        || (name.first() == Some(&b'{')
-            && (name.ends_with(b"}:marks")
-                || name.windows(MARK.len()).any(|w| w == MARK)
-                || name.windows(MARKS_DB.len()).any(|w| w == MARKS_DB)))
 }
 
 /// Appends a message's entry to a write script's ARGV: the field count,

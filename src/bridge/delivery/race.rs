@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use redis::{RedisError, RedisResult};
 use tokio::sync::mpsc;
 
+use super::outcome;
 use super::{Lane, Message, Trim, push_entry, scripts, target};
 use crate::connect::{Backoff, Conn, brief, is_fatal};
 use crate::monitor::{Counters, Throttle};
@@ -140,30 +141,16 @@ pub fn tally(
     outcome: Settled,
     msg: &Message,
     counters: &Counters,
-    worker: &str,
     warnings: &mut Warnings,
 ) -> Next {
     match outcome {
         Settled::Written => {
-            match &msg.rejected {
-                None => Counters::add(&counters.written, 1),
-                Some(reason) => {
-                    tracing::warn!(worker = %worker, message_id = %msg.id, reason = %reason, "message dead-lettered");
-                    Counters::add(&counters.dead_lettered, 1);
-                }
-            }
+            outcome::written(msg, counters);
             Next::Written
         }
-        Settled::Acked => {
-            Counters::add(&counters.duplicates_skipped, 1);
-            Next::Done
-        }
-        Settled::Reused => {
-            Counters::add(&counters.duplicates_skipped, 1);
-            Counters::add(&counters.reused_ids, 1);
-            if let Some(held_back) = warnings.reused.ready() {
-                tracing::warn!(worker = %worker, message_id = %msg.id, held_back, "a message with this id was already written with other bytes: skipped (a publisher is reusing ids; see reused_ids)");
-            }
+        Settled::Acked | Settled::Reused => {
+            let reused = matches!(outcome, Settled::Reused);
+            outcome::skipped(msg, reused, counters, &mut warnings.reused);
             Next::Done
         }
         Settled::TooOld => {
@@ -176,10 +163,7 @@ pub fn tally(
             Next::DeadLetter(format!("the stream refused it: {why}"))
         }
         Settled::Refused(why) => {
-            Counters::add(&counters.refused, 1);
-            if let Some(held_back) = warnings.refused.ready() {
-                tracing::error!(worker = %worker, message_id = %msg.id, reason = %msg.rejected.as_deref().unwrap_or(""), dead_letter_refusal = %why, held_back, "neither the stream nor the dead-letter stream took the message: given up (see refused)");
-            }
+            outcome::given_up(msg, &why, counters, &mut warnings.refused);
             Next::Done
         }
         Settled::NotTried(why) => Next::Later(why),
@@ -298,17 +282,10 @@ impl Racer {
     #[cfg(test)]
     pub async fn write(&mut self, messages: &[&Message]) -> RedisResult<Vec<Write>> {
         self.sync_clock().await;
-        let mut out = vec![Write::LockLost; messages.len()];
-        for group in Self::groups(messages) {
-            let cmd = self.write_cmd(&group.lane, &group.messages);
-            let outcomes = self.run_one(&group.messages, cmd).await?;
-            place(
-                &mut out,
-                &group.places,
-                write_outcomes(group.messages.len(), outcomes),
-            );
-        }
-        Ok(out)
+        self.write_groups(messages, Write::LockLost, |racer, group| {
+            racer.write_cmd(&group.lane, &group.messages)
+        })
+        .await
     }
 
     /// Both steps for a batch in ONE round trip per stream: the claim script
@@ -352,19 +329,34 @@ impl Racer {
     /// cluster. Returns per message `Written`, `Acked`, `Reused`,
     /// `Refused` or `NotTried`.
     pub async fn write_acked(&mut self, messages: &[&Message]) -> RedisResult<Vec<Write>> {
-        let mut out = vec![Write::Acked; messages.len()];
-        for group in Self::groups(messages) {
+        self.write_groups(messages, Write::Acked, |racer, group| {
             let lane = &group.lane;
             let mut keys = vec![lane.to.stream.clone(), lane.to.dead_stream.clone()];
             keys.extend(group.messages.iter().map(|m| lane.keys.ack(&m.id)));
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             let mut cmd = scripts::evalsha(scripts::WRITE_ACKED, &keys);
             let (kind, op, limit) = Trim::args(lane.trim);
-            cmd.arg(self.ack_ttl_ms).arg(kind).arg(op).arg(limit);
+            cmd.arg(racer.ack_ttl_ms).arg(kind).arg(op).arg(limit);
             for m in &group.messages {
                 cmd.arg(target(m)).arg(m.payload_hash());
-                push_entry(&mut cmd, m, &self.worker_id);
+                push_entry(&mut cmd, m, &racer.worker_id);
             }
+            cmd
+        })
+        .await
+    }
+
+    /// Runs a write script (`cmd` makes it) per stream of `messages`: each
+    /// message's [`Write`], in their order (`unset` for none).
+    async fn write_groups(
+        &mut self,
+        messages: &[&Message],
+        unset: Write,
+        cmd: impl Fn(&Self, &Group<'_>) -> redis::Cmd,
+    ) -> RedisResult<Vec<Write>> {
+        let mut out = vec![unset; messages.len()];
+        for group in Self::groups(messages) {
+            let cmd = cmd(self, &group);
             let outcomes = self.run_one(&group.messages, cmd).await?;
             place(
                 &mut out,
@@ -679,7 +671,7 @@ impl RaceWorker {
         let due = Instant::now() + self.lock_ttl;
         let mut later = None;
         for (mut msg, state) in batch.drain(..).zip(settled) {
-            match tally(state, &msg, &self.counters, &self.id, &mut self.warnings) {
+            match tally(state, &msg, &self.counters, &mut self.warnings) {
                 Next::Written | Next::Done => {}
                 Next::Hold => pending.push(msg, due),
                 Next::Again => retry.push(msg),

@@ -368,7 +368,7 @@ async fn wait_subscribed(
             .query_async(conn)
             .await?;
         let joined: usize = redis::cmd("HLEN")
-            .arg(format!("{{{STREAM}}}:members"))
+            .arg(optimus::keys::Pool::new(STREAM).members)
             .query_async(conn)
             .await?;
         let seen = subs.first().map_or(0, |s| s.1);

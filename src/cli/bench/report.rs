@@ -211,7 +211,6 @@ impl Report {
     }
 }
 
-/// A redis-server of the benchmark's own, stopped on drop.
 /// The results as a Markdown table.
 pub fn table(report: &Report) -> String {
     let mut out = format!(
@@ -225,25 +224,56 @@ pub fn table(report: &Report) -> String {
         report.publisher_rate / report.redis_cli_pipe_rate,
         report.redis_cli_pipe_rate
     );
-    out += "| strategy | workers | messages/s | of ceiling | commands/msg | CPU µs/msg | peak RSS MiB | Redis B/msg | out of order | lost | duplicates |\n";
-    out += "|---|---|---|---|---|---|---|---|---|---|---|\n";
-    for r in &report.bridge {
-        out += &format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {} | {} |{}\n",
-            r.strategy,
-            r.workers,
-            r.rate,
-            r.of_ceiling,
-            r.commands_per_message,
-            r.cpu_us_per_message,
-            r.peak_rss_mib,
-            r.redis_bytes_per_message,
-            r.out_of_order,
-            r.lost,
-            r.duplicates,
-            if r.failed() { " FAILED" } else { "" }
-        );
-    }
+    out += &bridge_table(report);
+    out += &dedup_table(report);
+    out += &processes_table(report);
+    out += &latency_table(report);
+    out += &steady_table(report);
+    out += &targets_table(report);
+    out
+}
+
+/// The burst rows.
+fn bridge_table(report: &Report) -> String {
+    let mut out = String::new();
+    let failed = |failed: bool| if failed { " FAILED" } else { "" };
+    out += &markdown(
+        &[
+            "strategy",
+            "workers",
+            "messages/s",
+            "of ceiling",
+            "commands/msg",
+            "CPU µs/msg",
+            "peak RSS MiB",
+            "Redis B/msg",
+            "out of order",
+            "lost",
+            "duplicates",
+        ],
+        report.bridge.iter().map(|r| {
+            vec![
+                r.strategy.to_string(),
+                r.workers.to_string(),
+                format!("{:.0}", r.rate),
+                format!("{:.2}", r.of_ceiling),
+                format!("{:.2}", r.commands_per_message),
+                format!("{:.1}", r.cpu_us_per_message),
+                format!("{:.1}", r.peak_rss_mib),
+                format!("{:.1}", r.redis_bytes_per_message),
+                r.out_of_order.to_string(),
+                r.lost.to_string(),
+                format!("{}{}", r.duplicates, failed(r.failed())),
+            ]
+        }),
+    );
+    out
+}
+
+/// What DEDUP_WINDOW costs (fenced, 2 workers).
+fn dedup_table(report: &Report) -> String {
+    let mut out = String::new();
+    let failed = |failed: bool| if failed { " FAILED" } else { "" };
     if let (Some(off), Some(on)) = (
         &report.dedup_off,
         report
@@ -251,77 +281,157 @@ pub fn table(report: &Report) -> String {
             .iter()
             .find(|r| r.strategy == "fenced" && r.workers == 2),
     ) {
-        out += "\n| fenced, 2 workers | messages/s | CPU µs/msg | peak RSS MiB | lost | duplicates |\n|---|---|---|---|---|---|\n";
-        for (name, r) in [("DEDUP_WINDOW=5 (default)", on), ("DEDUP_WINDOW=0", off)] {
-            out += &format!(
-                "| {name} | {:.0} | {:.1} | {:.1} | {} | {} |{}\n",
-                r.rate,
-                r.cpu_us_per_message,
-                r.peak_rss_mib,
-                r.lost,
-                r.duplicates,
-                if r.failed() { " FAILED" } else { "" }
-            );
-        }
-    }
-    if !report.processes.is_empty() {
-        out += "\n| fenced pool | messages/s | of ceiling | Redis CPU µs/msg | bridges' CPU µs/msg | out of order | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
-        for r in &report.processes {
-            out += &format!(
-                "| {} processes | {:.0} | {:.2} | {:.1} | {:.1} | {} | {} | {} |{}\n",
-                r.processes,
-                r.rate,
-                r.of_ceiling,
-                r.redis_cpu_us_per_message,
-                r.bridge_cpu_us_per_message,
-                r.out_of_order,
-                r.lost,
-                r.duplicates,
-                if r.failed() { " FAILED" } else { "" }
-            );
-        }
-    }
-    out += "\n| strategy | latency at | workers | samples | p50 ms | p99 ms | p99.9 ms | lost | duplicates |\n|---|---|---|---|---|---|---|---|---|\n";
-    for l in &report.latency {
-        out += &format!(
-            "| {} | {}/s | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
-            l.strategy,
-            l.rate,
-            l.workers,
-            l.samples,
-            l.p50_ms,
-            l.p99_ms,
-            l.p999_ms,
-            l.lost,
-            l.duplicates
+        let rows = [("DEDUP_WINDOW=5 (default)", on), ("DEDUP_WINDOW=0", off)];
+        out += "\n";
+        out += &markdown(
+            &[
+                "fenced, 2 workers",
+                "messages/s",
+                "CPU µs/msg",
+                "peak RSS MiB",
+                "lost",
+                "duplicates",
+            ],
+            rows.iter().map(|(name, r)| {
+                vec![
+                    name.to_string(),
+                    format!("{:.0}", r.rate),
+                    format!("{:.1}", r.cpu_us_per_message),
+                    format!("{:.1}", r.peak_rss_mib),
+                    r.lost.to_string(),
+                    format!("{}{}", r.duplicates, failed(r.failed())),
+                ]
+            }),
         );
     }
-    if !report.steady.is_empty() {
-        out += "\n| strategy | steady at | workers | achieved/s | CPU µs/msg | peak RSS MiB | lost | duplicates |\n|---|---|---|---|---|---|---|---|\n";
-        for r in &report.steady {
-            out += &format!(
-                "| {} | {}/s | {} | {:.0} | {:.1} | {:.1} | {} | {} |\n",
-                r.strategy,
-                r.target_rate,
-                r.workers,
-                r.rate,
-                r.cpu_us_per_message,
-                r.peak_rss_mib,
-                r.lost,
-                r.duplicates
-            );
-        }
+    out
+}
+
+/// The pools of processes.
+fn processes_table(report: &Report) -> String {
+    let mut out = String::new();
+    let failed = |failed: bool| if failed { " FAILED" } else { "" };
+    if !report.processes.is_empty() {
+        out += "\n";
+        out += &markdown(
+            &[
+                "fenced pool",
+                "messages/s",
+                "of ceiling",
+                "Redis CPU µs/msg",
+                "bridges' CPU µs/msg",
+                "out of order",
+                "lost",
+                "duplicates",
+            ],
+            report.processes.iter().map(|r| {
+                vec![
+                    format!("{} processes", r.processes),
+                    format!("{:.0}", r.rate),
+                    format!("{:.2}", r.of_ceiling),
+                    format!("{:.1}", r.redis_cpu_us_per_message),
+                    format!("{:.1}", r.bridge_cpu_us_per_message),
+                    r.out_of_order.to_string(),
+                    r.lost.to_string(),
+                    format!("{}{}", r.duplicates, failed(r.failed())),
+                ]
+            }),
+        );
     }
+    out
+}
+
+/// Latency at a steady rate.
+fn latency_table(report: &Report) -> String {
+    let mut out = String::new();
+    out += "\n";
+    out += &markdown(
+        &[
+            "strategy",
+            "latency at",
+            "workers",
+            "samples",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "lost",
+            "duplicates",
+        ],
+        report.latency.iter().map(|l| {
+            vec![
+                l.strategy.to_string(),
+                format!("{}/s", l.rate),
+                l.workers.to_string(),
+                l.samples.to_string(),
+                format!("{:.1}", l.p50_ms),
+                format!("{:.1}", l.p99_ms),
+                format!("{:.1}", l.p999_ms),
+                l.lost.to_string(),
+                l.duplicates.to_string(),
+            ]
+        }),
+    );
+    out
+}
+
+/// A steady rate held.
+fn steady_table(report: &Report) -> String {
+    let mut out = String::new();
+    if !report.steady.is_empty() {
+        out += "\n";
+        out += &markdown(
+            &[
+                "strategy",
+                "steady at",
+                "workers",
+                "achieved/s",
+                "CPU µs/msg",
+                "peak RSS MiB",
+                "lost",
+                "duplicates",
+            ],
+            report.steady.iter().map(|r| {
+                vec![
+                    r.strategy.to_string(),
+                    format!("{}/s", r.target_rate),
+                    r.workers.to_string(),
+                    format!("{:.0}", r.rate),
+                    format!("{:.1}", r.cpu_us_per_message),
+                    format!("{:.1}", r.peak_rss_mib),
+                    r.lost.to_string(),
+                    r.duplicates.to_string(),
+                ]
+            }),
+        );
+    }
+    out
+}
+
+/// The targets, met or not.
+fn targets_table(report: &Report) -> String {
+    let mut out = String::new();
     if !report.targets.is_empty() {
-        out += "\n| target (fenced) | this run | |\n|---|---|---|\n";
-        for t in &report.targets {
-            out += &format!(
-                "| {} | {} | {} |\n",
-                t.target,
-                t.measured,
-                if t.met { "met" } else { "NOT MET" }
-            );
-        }
+        out += "\n";
+        out += &markdown(
+            &["target (fenced)", "this run", ""],
+            report.targets.iter().map(|t| {
+                let met = if t.met { "met" } else { "NOT MET" };
+                vec![t.target.clone(), t.measured.clone(), met.to_string()]
+            }),
+        );
+    }
+    out
+}
+
+/// A Markdown table: the header, its rule, and a line per row.
+fn markdown(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        headers.join(" | "),
+        "---|".repeat(headers.len())
+    );
+    for row in rows {
+        out += &format!("| {} |\n", row.join(" | "));
     }
     out
 }

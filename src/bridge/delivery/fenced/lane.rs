@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use redis::RedisError;
 
-use super::super::{Lane, Message, Position, target};
+use super::super::{Lane, Message, Position, outcome, target};
 use super::window::Window;
 use super::write::{WriteReply, write_cmd};
 use crate::connect::Backoff;
@@ -256,25 +256,13 @@ pub(super) fn pop(lane: &mut LaneState, n: usize, counters: &Counters) {
     for q in lane.queue.drain(..n.min(lane.queue.len())) {
         match q.fate {
             Fate::Write => {
-                if q.m.rejected.is_some() {
-                    tracing::warn!(stream = %lane.lane.stream(), message_id = %q.m.id, reason = %q.m.rejected.as_deref().unwrap_or(""), "message dead-lettered");
-                    Counters::add(&counters.dead_lettered, 1);
-                } else {
-                    Counters::add(&counters.written, 1);
-                }
+                outcome::written(&q.m, counters);
                 if q.taken_over {
                     Counters::add(&counters.taken_over, 1);
                 }
             }
-            Fate::Skip { reused } => {
-                Counters::add(&counters.duplicates_skipped, 1);
-                if reused {
-                    Counters::add(&counters.reused_ids, 1);
-                    if let Some(held_back) = lane.reused.ready() {
-                        tracing::warn!(stream = %lane.lane.stream(), message_id = %q.m.id, held_back, "a message with this id was already written with other bytes: skipped (a publisher is reusing ids; see reused_ids)");
-                    }
-                }
-            }
+            Fate::Skip { reused } => outcome::skipped(&q.m, reused, counters, &mut lane.reused),
+            // (Said when the dead-letter stream refused it too.)
             Fate::GiveUp => Counters::add(&counters.refused, 1),
         }
     }
