@@ -112,6 +112,65 @@ pub struct ConnectArgs {
         hide_short_help = true
     )]
     pub redis_tls_key_file: Option<String>,
+    /// Redis Sentinel: the sentinels' `host:port`, comma-separated; the primary is asked of them (with REDIS_SENTINEL_MASTER) and followed through failovers. Instead of REDIS_URL, REDIS_HOST and REDIS_PORT.
+    #[arg(
+        long,
+        env = "REDIS_SENTINELS",
+        value_name = "HOST:PORT,…",
+        global = true,
+        hide_short_help = true
+    )]
+    pub redis_sentinels: Option<String>,
+    /// The primary's name among the sentinels (`sentinel monitor <name> …`).
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL_MASTER",
+        value_name = "NAME",
+        global = true,
+        hide_short_help = true
+    )]
+    pub redis_sentinel_master: Option<String>,
+    /// The sentinels' own ACL user, when they ask for one (REDIS_USERNAME is the primary's).
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL_USERNAME",
+        value_name = "USER",
+        global = true,
+        hide_short_help = true
+    )]
+    pub redis_sentinel_username: Option<String>,
+    /// The sentinels' own password, when they ask for one (REDIS_PASSWORD is the primary's). Never printed.
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL_PASSWORD",
+        value_name = "PASSWORD",
+        global = true,
+        hide_short_help = true,
+        hide_env_values = true
+    )]
+    pub redis_sentinel_password: Option<String>,
+}
+
+/// `host:port` of each sentinel in REDIS_SENTINELS, checked.
+fn sentinel_addrs(list: &str) -> Result<Vec<String>, ConfigError> {
+    let bad = |why: &str| ConfigError::new("REDIS_SENTINELS", list, why.to_string());
+    let mut addrs = Vec::new();
+    for addr in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected host:port of each sentinel, comma-separated"))?;
+        if host.is_empty() || host.contains(['/', '@', ' ']) {
+            return Err(bad("expected host:port of each sentinel, comma-separated"));
+        }
+        parse_whole::<u16>("REDIS_SENTINELS", port, limits::PORT)?;
+        addrs.push(addr.to_string());
+    }
+    if addrs.is_empty() {
+        return Err(bad(
+            "names no sentinel; expected host:port, comma-separated",
+        ));
+    }
+    Ok(addrs)
 }
 
 /// Why `url` cannot name a Redis server, in words a user can act on; `None`
@@ -212,6 +271,16 @@ impl ConnectArgs {
     /// The server with its credentials and certificates, every file read and
     /// checked: a missing or malformed one is a [`ConfigError`] naming it.
     pub fn endpoint(&self) -> Result<Endpoint, ConfigError> {
+        if let Some(sentinels) = given(&self.redis_sentinels) {
+            return self.sentinel_endpoint(sentinels);
+        }
+        if let Some(master) = given(&self.redis_sentinel_master) {
+            return Err(ConfigError::new(
+                "REDIS_SENTINEL_MASTER",
+                master,
+                "needs REDIS_SENTINELS (the sentinels' host:port)",
+            ));
+        }
         let url = self.url()?;
         let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
         let cluster = match self.redis_cluster.trim().to_ascii_lowercase().as_str() {
@@ -249,6 +318,60 @@ impl ConnectArgs {
         .sharded_pubsub(sharded);
         let endpoint = self.with_credentials(endpoint)?;
         self.with_tls(endpoint, &url)
+    }
+
+    /// The primary the sentinels name, with credentials and TLS as for one
+    /// server.
+    fn sentinel_endpoint(&self, sentinels: &str) -> Result<Endpoint, ConfigError> {
+        let addrs = sentinel_addrs(sentinels)?;
+        let master = given(&self.redis_sentinel_master).ok_or_else(|| {
+            ConfigError::new(
+                "REDIS_SENTINEL_MASTER",
+                "",
+                "must name the primary (sentinel monitor <name> …) when REDIS_SENTINELS is set",
+            )
+        })?;
+        // The server comes from the sentinels: another way of naming it is
+        // a contradiction.
+        let url = self.redis_url.as_deref().map(mask_password);
+        let host_set = std::env::var_os("REDIS_HOST").is_some() || self.redis_host != "localhost";
+        let port_set = std::env::var_os("REDIS_PORT").is_some() || self.redis_port != "6379";
+        let named = [
+            ("REDIS_URL", url.filter(|u| !u.trim().is_empty())),
+            ("REDIS_HOST", host_set.then(|| self.redis_host.clone())),
+            ("REDIS_PORT", port_set.then(|| self.redis_port.clone())),
+        ];
+        if let Some((var, Some(value))) = named.iter().find(|(_, set)| set.is_some()) {
+            return Err(ConfigError::new(
+                var,
+                value,
+                "REDIS_SENTINELS is set too: the sentinels name the server; set one of them",
+            ));
+        }
+        if !matches!(self.redis_cluster.trim(), "" | "0" | "false" | "no" | "off") {
+            return Err(ConfigError::new(
+                "REDIS_CLUSTER",
+                &self.redis_cluster,
+                "a cluster does its own failover; REDIS_SENTINELS is for a primary with replicas",
+            ));
+        }
+        if parse_choice::<PubSubMode>("PUBSUB_MODE", &self.pubsub_mode)? == PubSubMode::Sharded {
+            return Err(ConfigError::new(
+                "PUBSUB_MODE",
+                &self.pubsub_mode,
+                "sharded Pub/Sub needs a cluster (REDIS_CLUSTER=1)",
+            ));
+        }
+        let tls = [&self.redis_tls_ca_file, &self.redis_tls_cert_file]
+            .iter()
+            .any(|f| given(f).is_some());
+        let endpoint = Endpoint::sentinel(addrs, master, 0, tls).sentinel_auth(
+            given(&self.redis_sentinel_username).map(String::from),
+            given(&self.redis_sentinel_password).map(String::from),
+        );
+        let endpoint = self.with_credentials(endpoint)?;
+        let shown = endpoint.to_string();
+        self.with_tls(endpoint, &shown)
     }
 
     /// REDIS_USERNAME, and REDIS_PASSWORD or the password file.

@@ -25,6 +25,20 @@ pub struct Endpoint {
     password: Option<String>,
     tls: Option<redis::TlsCertificates>,
     sharded_pubsub: bool,
+    /// Redis Sentinel: `url` only carries the scheme and database; the
+    /// primary's address is asked of the sentinels at each connection.
+    sentinel: Option<Sentinel>,
+}
+
+/// The sentinels that name the primary, and their own credentials.
+#[derive(Clone)]
+struct Sentinel {
+    /// `host:port` of each sentinel.
+    addrs: Vec<String>,
+    /// The primary's name among them (`sentinel monitor <name> …`).
+    master: String,
+    username: Option<String>,
+    password: Option<String>,
 }
 
 /// PEM bytes for a TLS connection: the CA to trust instead of the system's,
@@ -72,6 +86,154 @@ impl Endpoint {
             password: None,
             tls: None,
             sharded_pubsub: false,
+            sentinel: None,
+        }
+    }
+
+    /// The primary the sentinels at `addrs` (`host:port` each) know as
+    /// `master`, in database `db`, over TLS when `tls`: every connection asks
+    /// them where it is, so that connections follow a failover.
+    pub fn sentinel<S: Into<String>>(
+        addrs: impl IntoIterator<Item = S>,
+        master: impl Into<String>,
+        db: i64,
+        tls: bool,
+    ) -> Self {
+        let scheme = if tls { "rediss" } else { "redis" };
+        let mut endpoint = Self::new(format!("{scheme}://sentinel-primary/{db}"));
+        endpoint.sentinel = Some(Sentinel {
+            addrs: addrs.into_iter().map(Into::into).collect(),
+            master: master.into(),
+            username: None,
+            password: None,
+        });
+        endpoint
+    }
+
+    /// The sentinels' own ACL user and password (REDIS_SENTINEL_USERNAME,
+    /// REDIS_SENTINEL_PASSWORD), when they ask for one.
+    pub fn sentinel_auth(mut self, username: Option<String>, password: Option<String>) -> Self {
+        if let Some(sentinel) = &mut self.sentinel {
+            sentinel.username = username;
+            sentinel.password = password;
+        }
+        self
+    }
+
+    /// Whether the primary is found through sentinels.
+    pub fn is_sentinel(&self) -> bool {
+        self.sentinel.is_some()
+    }
+
+    /// `host:port` of a TCP server (a resolved primary), for comparing
+    /// with what the sentinels name.
+    pub fn address(&self) -> Option<String> {
+        match self.info().ok()?.addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => Some(format!("{host}:{port}")),
+            _ => None,
+        }
+    }
+
+    /// A client for each sentinel (their own credentials applied), and the
+    /// primary's name among them. `None` unless this is a sentinel endpoint.
+    pub(super) fn sentinel_clients(&self) -> Option<(Vec<RedisResult<Client>>, String)> {
+        let sentinel = self.sentinel.as_ref()?;
+        let clients = sentinel
+            .addrs
+            .iter()
+            .map(|addr| {
+                let info = format!("redis://{addr}").as_str().into_connection_info()?;
+                let mut settings = info.redis_settings().clone();
+                if let Some(username) = &sentinel.username {
+                    settings = settings.set_username(username);
+                }
+                if let Some(password) = &sentinel.password {
+                    settings = settings.set_password(password);
+                }
+                Client::open(info.set_redis_settings(settings))
+            })
+            .collect();
+        Some((clients, sentinel.master.clone()))
+    }
+
+    /// The server to connect to now: for sentinels, the primary they name
+    /// (the process's watch of them has the last word, so that all its
+    /// connections agree; before its first answer, the redis crate's
+    /// sentinel client asks them and checks the role); else this.
+    /// (Boxed: every way of connecting awaits it, and the futures of a
+    /// bridge are deep enough.)
+    pub fn resolve(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = RedisResult<Endpoint>> + Send + '_>> {
+        Box::pin(self.resolve_now())
+    }
+
+    async fn resolve_now(&self) -> RedisResult<Endpoint> {
+        let Some(sentinel) = &self.sentinel else {
+            return Ok(self.clone());
+        };
+        let watched = super::follow::primary_watch(self).and_then(|w| w.borrow().clone());
+        if let Some(address) = watched {
+            return Ok(self.primary_at(&address));
+        }
+        let addrs = sentinel
+            .addrs
+            .iter()
+            .map(|addr| {
+                let info = format!("redis://{addr}").as_str().into_connection_info()?;
+                Ok(info.addr().clone())
+            })
+            .collect::<RedisResult<Vec<_>>>()?;
+        let db = self.info()?.redis_settings().db();
+        let mut builder = redis::sentinel::SentinelClientBuilder::new(
+            addrs,
+            &sentinel.master,
+            redis::sentinel::SentinelServerType::Master,
+        )?
+        .set_client_to_redis_db(db);
+        if let Some(username) = &self.username {
+            builder = builder.set_client_to_redis_username(username);
+        }
+        if let Some(password) = &self.password {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if self.is_tls() {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(certs) = &self.tls {
+                builder = builder.set_client_to_redis_certificates(certs.clone());
+            }
+        }
+        if let Some(username) = &sentinel.username {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = &sentinel.password {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+        let client = builder.build()?.async_get_client().await?;
+        let (host, port) = match client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
+            other => {
+                return Err(RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "the sentinels named an address that is not TCP",
+                    other.to_string(),
+                )));
+            }
+        };
+        Ok(self.primary_at(&format!("{host}:{port}")))
+    }
+
+    /// The server at `address` (`host:port`) as this sentinel endpoint's
+    /// primary: its credentials, TLS and database.
+    fn primary_at(&self, address: &str) -> Endpoint {
+        let scheme = if self.is_tls() { "rediss" } else { "redis" };
+        let db = self.info().map_or(0, |info| info.redis_settings().db());
+        Endpoint {
+            url: format!("{scheme}://{address}/{db}"),
+            sentinel: None,
+            ..self.clone()
         }
     }
 
@@ -232,6 +394,17 @@ impl Endpoint {
     /// applied, for a connection that speaks RESP itself (the subscription's
     /// reader). Fails after 5 s.
     pub async fn open_stream(&self) -> RedisResult<Box<dyn Transport>> {
+        if self.is_sentinel() {
+            let primary = tokio::time::timeout(Duration::from_secs(5), self.resolve())
+                .await
+                .map_err(|_| {
+                    RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the sentinels did not answer",
+                    ))
+                })??;
+            return Box::pin(primary.open_stream()).await;
+        }
         let opened = tokio::time::timeout(Duration::from_secs(5), self.open_stream_now()).await;
         match opened {
             Ok(Ok(stream)) => Ok(stream),
@@ -330,6 +503,14 @@ impl Endpoint {
 }
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(sentinel) = &self.sentinel {
+            return write!(
+                f,
+                "sentinels {} (primary {})",
+                sentinel.addrs.join(","),
+                sentinel.master
+            );
+        }
         match &self.cluster {
             None => f.write_str(&mask_password(self.url.trim())),
             Some(seeds) => {

@@ -4,10 +4,12 @@
 //! retrying.
 
 mod endpoint;
+mod follow;
 mod open;
 mod retry;
 
 pub use endpoint::{Endpoint, TlsFiles, Transport, mask_password};
+pub use follow::{WATCH_EVERY as SENTINEL_WATCH_EVERY, primary_watch, until_moved};
 pub use open::{Conn, connection, connection_manager, managed, open};
 pub use retry::{
     Backoff, CONNECT_FAILURES, MAX_BACKOFF, brief, count_connect_failure, explain, has_code,

@@ -14,6 +14,7 @@ use redis::{ErrorKind, RedisError, RedisFuture, RedisResult};
 use tokio_util::sync::CancellationToken;
 
 use super::endpoint::Endpoint;
+use super::follow::Following;
 use super::retry::{MAX_BACKOFF, retry_until_connected};
 
 /// A command connection to a single server or a cluster: the same commands
@@ -27,6 +28,8 @@ pub enum Conn {
     /// itself).
     Plain(MultiplexedConnection),
     Cluster(ClusterConnection),
+    /// The primary Redis Sentinel names, following a failover.
+    Following(Following),
 }
 
 impl ConnectionLike for Conn {
@@ -35,6 +38,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Plain(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Following(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -48,6 +52,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Following(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -56,6 +61,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Plain(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Following(c) => c.get_db(),
         }
     }
 }
@@ -135,6 +141,7 @@ pub async fn open(endpoint: &Endpoint) -> RedisResult<Conn> {
 
 /// One attempt at a plain connection to one server.
 pub(super) async fn open_single(endpoint: &Endpoint) -> RedisResult<MultiplexedConnection> {
+    let endpoint = &endpoint.resolve().await?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(RESPONSE_TIMEOUT));
@@ -173,12 +180,17 @@ pub async fn connection(
     endpoint: &Endpoint,
     cancel: &CancellationToken,
 ) -> Result<Option<Conn>, RedisError> {
+    let shown = endpoint.to_string();
+    if endpoint.is_sentinel() {
+        return retry_until_connected(&shown, cancel, || Following::connect(endpoint))
+            .await
+            .map(|c| c.map(Conn::Following));
+    }
     if !endpoint.is_cluster() {
         return Ok(connection_manager(endpoint, cancel)
             .await?
             .map(Conn::Single));
     }
-    let shown = endpoint.to_string();
     retry_until_connected(&shown, cancel, || async {
         endpoint.connect_cluster(endpoint.cluster_builder()?).await
     })
@@ -209,16 +221,24 @@ pub async fn connection_manager(
     .await
 }
 
-/// One attempt at a command connection to one server that reconnects by
-/// itself once made (as [`connection_manager`]'s).
+/// One attempt at a command connection that reconnects by itself once made
+/// (as [`connection`]'s): a cluster's follows its slots, a sentinel's its
+/// primary.
 pub async fn managed(endpoint: &Endpoint) -> RedisResult<Conn> {
-    let client = endpoint.client()?;
-    ConnectionManager::new_with_config(client, manager_config())
-        .await
-        .map(Conn::Single)
+    if endpoint.is_cluster() {
+        let builder = endpoint.cluster_builder()?;
+        return Ok(Conn::Cluster(endpoint.connect_cluster(builder).await?));
+    }
+    if endpoint.is_sentinel() {
+        return Ok(Conn::Following(Following::connect(endpoint).await?));
+    }
+    match ConnectionManager::new_with_config(endpoint.client()?, manager_config()).await {
+        Ok(conn) => Ok(Conn::Single(conn)),
+        Err(err) => Err(endpoint.diagnose(err).await),
+    }
 }
 
-fn manager_config() -> ConnectionManagerConfig {
+pub(super) fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_connection_timeout(Some(Duration::from_secs(5)))

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use crate::bridge::route::Route;
 use crate::connect::Endpoint;
-use crate::keys::default_dead_stream;
 
 /// How long `optimus publish` goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,12 +95,5 @@ impl PublishConfig {
             .filter(|r| r.matches(&self.channel))
             .cloned()
             .collect()
-    }
-
-    /// The dead-letter stream of `stream`.
-    pub fn dead_stream_of(&self, stream: &str) -> String {
-        self.dead_letter_stream
-            .clone()
-            .unwrap_or_else(|| default_dead_stream(stream, self.endpoint.is_cluster()))
     }
 }

@@ -33,7 +33,6 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::RngExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -42,8 +41,9 @@ use std::sync::Arc;
 
 use crate::bridge::delivery::ids::json_id;
 use crate::bridge::delivery::race::{Racer, Write};
-use crate::bridge::delivery::{Destination, Lane, Message, Trim, probe_channel, scripts};
-use crate::bridge::host_name;
+use crate::bridge::delivery::{Lane, Message, OutputFormat, Trim, probe_channel, scripts};
+use crate::bridge::route::{LanePlan, Router};
+use crate::keys::host_name;
 mod config;
 
 use crate::connect::{Backoff, Conn, has_code, is_fatal};
@@ -171,23 +171,7 @@ impl Publisher {
     /// should hear about it rather than wait).
     pub async fn connect(config: &PublishConfig) -> Result<Self, RedisError> {
         let endpoint = &config.endpoint;
-        let conn = if endpoint.is_cluster() {
-            Conn::Cluster(
-                endpoint
-                    .connect_cluster(endpoint.cluster_builder()?)
-                    .await?,
-            )
-        } else {
-            let conn_config = ConnectionManagerConfig::new()
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(2))
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(Duration::from_secs(10)));
-            match ConnectionManager::new_with_config(endpoint.client()?, conn_config).await {
-                Ok(conn) => Conn::Single(conn),
-                Err(err) => return Err(endpoint.diagnose(err).await),
-            }
-        };
+        let conn = crate::connect::managed(endpoint).await?;
         // A server that wants a password says so here, in one line, before
         // any batch is sent; its clock dates the batches.
         let mut conn = conn;
@@ -204,18 +188,24 @@ impl Publisher {
                 .is_ok_and(|info| info.contains("cluster_enabled:1"));
         let consumer = format!("publisher-{}-{}", host_name(), std::process::id());
         let routes = config.routes_for_channel();
+        let db = endpoint.info().map_or(0, |info| info.redis_settings().db());
+        // The lanes as the bridge makes them (dead-letter stream, trim).
+        let router = Router::new(
+            routes.clone(),
+            LanePlan {
+                dead_letter_stream: config.dead_letter_stream.clone(),
+                cluster: endpoint.is_cluster(),
+                format: OutputFormat::Envelope,
+                id_field: config.id_field.clone(),
+                db,
+                handoff: None,
+            },
+        );
         let mut targets: Vec<Arc<Lane>> = Vec::new();
-        for route in &routes {
-            let stream = route.stream_for(&config.channel);
-            if targets.iter().all(|t| t.stream() != stream) {
-                targets.push(Arc::new(Lane::new(
-                    Destination {
-                        dead_stream: config.dead_stream_of(&stream),
-                        id_field: config.id_field.clone(),
-                        ..Destination::new(&stream, &config.channel)
-                    },
-                    None,
-                )));
+        for route in 0..routes.len() {
+            let lane = router.lane(route, &config.channel);
+            if targets.iter().all(|t| t.stream() != lane.stream()) {
+                targets.push(lane);
             }
         }
         Ok(Self {
@@ -226,10 +216,9 @@ impl Publisher {
                 config.ack_ttl,
             ),
             conn,
-            probe: routes.first().map(|r| {
-                let db = endpoint.info().map_or(0, |info| info.redis_settings().db());
-                probe_channel(db, &r.source, &r.target)
-            }),
+            probe: routes
+                .first()
+                .map(|r| probe_channel(db, &r.source, &r.target)),
             sharded: endpoint.is_sharded(),
             cluster: endpoint.is_cluster() || cluster_node,
             channel: config.channel.clone(),

@@ -1,6 +1,6 @@
 //! optimus's integration tests: one binary, one module per area, each test
 //! against its own real `redis-server` (or cluster) from `optimus_testkit`.
-//! The fault, benchmark and cluster tests run alone (`.config/nextest.toml`).
+//! The fault, benchmark, cluster and sentinel tests run alone (`.config/nextest.toml`).
 
 use optimus_testkit as support;
 
@@ -15,5 +15,6 @@ mod metrics;
 mod publish;
 mod routes;
 mod secure;
+mod sentinel;
 mod settings;
 mod work;

@@ -10,6 +10,7 @@ pub mod certs;
 #[cfg(feature = "tls")]
 pub mod cluster;
 pub mod proxy;
+pub mod sentinel;
 
 pub use tempfile::{TempDir, tempdir};
 

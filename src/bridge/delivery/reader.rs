@@ -39,7 +39,7 @@ use super::resp::{self, Frame, Parse, Parts};
 use super::resubscribe::{Ended, Link, Subscriber, keep_subscribed};
 use super::{Lane, Message, Pool, Position, is_internal_channel, scripts};
 use crate::bridge::route::Router;
-use crate::connect::{Endpoint, Transport};
+use crate::connect::{Endpoint, Transport, primary_watch, until_moved};
 use crate::monitor::{Counters, Throttle};
 
 /// Silence on the subscription after which it is checked with a PING.
@@ -124,6 +124,10 @@ pub(super) struct Session {
     /// Items cut when the reader was asked to stop, not yet handed over
     /// (with the bytes they came in).
     unsent: Option<(Vec<Item>, usize)>,
+    /// The server's `host:port`, and (through sentinels) where they say the
+    /// primary is: the session ends when they name another.
+    address: String,
+    primary: Option<tokio::sync::watch::Receiver<Option<String>>>,
 }
 
 /// Why a connection's reading ended.
@@ -295,9 +299,11 @@ impl Reader {
     /// A new connection: HELLO 3 (with the credentials), SELECT, then the
     /// subscription and a mark in one MULTI. Returns it once the mark is in.
     async fn connect(&self) -> Result<Session, RedisError> {
-        let info = self.endpoint.info()?;
+        // Through sentinels: the primary they name now, watched for a move.
+        let target = self.endpoint.resolve().await?;
+        let info = target.info()?;
         let settings = info.redis_settings();
-        let stream = self.endpoint.open_stream().await?;
+        let stream = target.open_stream().await?;
         let (read, mut write) = tokio::io::split(stream);
         let mut out = Vec::new();
         let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
@@ -370,6 +376,8 @@ impl Reader {
             waited_for_memory: false,
             buffer_limit_drops: None,
             unsent: None,
+            address: target.address().unwrap_or_default(),
+            primary: primary_watch(&self.endpoint),
         })
     }
 
@@ -411,6 +419,9 @@ impl Reader {
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Reading::Cancelled,
+                _ = until_moved(s.primary.as_mut(), &s.address) => {
+                    return Reading::Lost("the sentinels named another primary".into());
+                }
                 read = s.read.read_buf(&mut s.buf) => match read {
                     Ok(0) => return Reading::Lost("the server closed the connection".into()),
                     Ok(_) => {

@@ -16,7 +16,7 @@ use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use super::reader::Coverage;
-use crate::connect::{Endpoint, retry_until_connected};
+use crate::connect::{Endpoint, primary_watch, retry_until_connected, until_moved};
 use crate::monitor::Counters;
 
 /// How a session's reading ended.
@@ -66,8 +66,14 @@ pub(super) async fn keep_subscribed<S: Subscriber>(
     let shown = subscriber.endpoint().to_string();
     let cancel = subscriber.cancel().clone();
     let mut link = Link::new(coverage, counters, subscriber.who());
+    // Through sentinels: a primary that moves cuts the back-off short.
+    let mut primary = primary_watch(subscriber.endpoint());
     loop {
-        let connected = retry_until_connected(&shown, &cancel, || subscriber.subscribe()).await?;
+        let named = primary.as_ref().and_then(|w| w.borrow().clone());
+        let connected = tokio::select! {
+            connected = retry_until_connected(&shown, &cancel, || subscriber.subscribe()) => connected?,
+            () = until_moved(primary.as_mut(), named.as_deref().unwrap_or_default()) => continue,
+        };
         let Some(session) = connected else {
             subscriber.stopped().await;
             return Ok(());
