@@ -34,12 +34,16 @@ pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 pub fn primary_watch(endpoint: &Endpoint) -> Option<watch::Receiver<Option<String>>> {
     static WATCHES: LazyLock<Mutex<HashMap<String, watch::Receiver<Option<String>>>>> =
         LazyLock::new(Mutex::default);
-    let (clients, master) = endpoint.sentinel_clients()?;
+    if !endpoint.is_sentinel() {
+        return None;
+    }
     let key = endpoint.to_string();
     let mut watches = WATCHES.lock().unwrap();
     if let Some(watch) = watches.get(&key) {
         return Some(watch.clone());
     }
+    // (The sentinels' clients are made once, for the task that asks them.)
+    let (clients, master) = endpoint.sentinel_clients()?;
     let (tx, rx) = watch::channel(None);
     let clients: Vec<redis::Client> = clients.into_iter().filter_map(Result::ok).collect();
     tokio::spawn(watch_primary(clients, master, tx));
