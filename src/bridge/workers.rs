@@ -333,7 +333,6 @@ impl Spawner {
                         batch_size: config.batch_size,
                         takeover_after: config.takeover_after,
                         dedup_window: config.dedup_window,
-                        min_replicas: config.min_replicas_acked,
                         endpoint: config.endpoint.clone(),
                     },
                     conn,

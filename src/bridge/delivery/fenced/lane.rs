@@ -99,11 +99,6 @@ pub(super) struct LaneState {
     /// The handoff mark, when the pool was handed to this strategy: what
     /// came before it is the other strategy's, covered as if written.
     pub(super) floor: u64,
-    /// MIN_REPLICAS_ACKED: written copies the replicas are not known to
-    /// hold yet, in order; put back in the queue when the record goes back
-    /// (a failover lost them).
-    pub(super) unconfirmed: VecDeque<Queued>,
-    pub(super) keep_unconfirmed: bool,
 }
 
 impl LaneState {
@@ -134,8 +129,6 @@ impl LaneState {
             asked_in: cycle,
             impossible_since: None,
             floor: 0,
-            unconfirmed: VecDeque::new(),
-            keep_unconfirmed: false,
         }
     }
 
@@ -182,22 +175,6 @@ impl LaneState {
         self.resync = false;
         self.in_flight.clear();
         self.refused = None;
-        // Its unconfirmed writes are copies again, dropped as far as the
-        // replicas hold the stream.
-        self.restore_unconfirmed(None);
-    }
-
-    /// Puts the written copies the replicas were not known to hold back in
-    /// the queue, but those up to `kept` (still in the stream).
-    pub(super) fn restore_unconfirmed(&mut self, kept: Option<Position>) {
-        while let Some(mut q) = self.unconfirmed.pop_back() {
-            if q.m.position.is_some_and(|p| kept.is_some_and(|k| p <= k)) {
-                continue;
-            }
-            q.fate = Fate::Write;
-            q.decided = false;
-            self.queue.push_front(q);
-        }
     }
 
     /// Queued messages not yet in a write.
@@ -276,32 +253,18 @@ pub(super) fn back_off(lane: &mut LaneState) -> Duration {
 /// Takes the first `n` queued messages off a writer's lane, counting each
 /// by its fate.
 pub(super) fn pop(lane: &mut LaneState, n: usize, counters: &Counters) {
-    let n = n.min(lane.queue.len());
-    if lane.keep_unconfirmed {
-        let written: Vec<Queued> = lane.queue.drain(..n).collect();
-        for q in &written {
-            count(q, counters, &mut lane.reused);
-        }
-        lane.unconfirmed.extend(written);
-        return;
-    }
-    for q in lane.queue.drain(..n) {
-        count(&q, counters, &mut lane.reused);
-    }
-}
-
-/// Counts a copy written (or passed over, or given up) by its fate.
-fn count(q: &Queued, counters: &Counters, reused: &mut Throttle) {
-    match q.fate {
-        Fate::Write => {
-            outcome::written(&q.m, counters);
-            if q.taken_over {
-                Counters::add(&counters.taken_over, 1);
+    for q in lane.queue.drain(..n.min(lane.queue.len())) {
+        match q.fate {
+            Fate::Write => {
+                outcome::written(&q.m, counters);
+                if q.taken_over {
+                    Counters::add(&counters.taken_over, 1);
+                }
             }
+            Fate::Skip { reused } => outcome::skipped(&q.m, reused, counters, &mut lane.reused),
+            // (Said when the dead-letter stream refused it too.)
+            Fate::GiveUp => Counters::add(&counters.refused, 1),
         }
-        Fate::Skip { reused: again } => outcome::skipped(&q.m, again, counters, reused),
-        // (Said when the dead-letter stream refused it too.)
-        Fate::GiveUp => Counters::add(&counters.refused, 1),
     }
 }
 

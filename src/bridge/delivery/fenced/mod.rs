@@ -81,10 +81,6 @@ pub struct FencedConfig {
     /// A message id seen again within this long (by publish time) is a
     /// re-sent message, written once (DEDUP_WINDOW).
     pub dedup_window: Duration,
-    /// MIN_REPLICAS_ACKED: replicas that must hold a write (WAIT) before
-    /// the record says so (`safe`), which is how far standbys drop their
-    /// copies; 0: off (standbys drop up to the record's position).
-    pub min_replicas: usize,
     /// Where Redis is: a command connection that stops answering (its
     /// replies black-holed, the socket open) is replaced from it.
     pub endpoint: crate::connect::Endpoint,
@@ -95,16 +91,7 @@ pub struct FencedConfig {
 /// connection drops, not when its replies stop coming).
 const TIMEOUTS_BEFORE_REPLACING: u32 = 2;
 
-/// A pipeline's answers: its stream, each write's id and answer, and (with
-/// MIN_REPLICAS_ACKED) how many replicas WAIT found holding them.
-type WriteAnswers = (
-    Box<str>,
-    Vec<(u64, Result<WriteReply, RedisError>)>,
-    Option<usize>,
-);
-
-/// How long a trip's WAIT for replicas may take (MIN_REPLICAS_ACKED).
-const WAIT_FOR_REPLICAS_MS: u64 = 1000;
+type WriteAnswers = (Box<str>, Vec<(u64, Result<WriteReply, RedisError>)>);
 
 /// The default strategy's loop; see the module's notes.
 pub struct Fenced {
@@ -288,10 +275,10 @@ impl Fenced {
             tokio::select! {
                 biased;
                 done = self.writes.join_next(), if !self.writes.is_empty() => {
-                    let (stream, replies, replicas) = done.expect("a write was on its way").unwrap_or_else(|panic| {
+                    let (stream, replies) = done.expect("a write was on its way").unwrap_or_else(|panic| {
                         std::panic::resume_unwind(panic.into_panic())
                     });
-                    self.on_written(stream, replies, replicas)?;
+                    self.on_written(stream, replies)?;
                 }
                 batch = batches.recv(), if readers_done.is_none() => match batch {
                     Some(batch) => self.on_batch(batch),
@@ -336,9 +323,7 @@ impl Fenced {
                 Some(lane) => lane,
                 None => self.lanes.entry(stream.into()).or_insert_with(|| {
                     let window = Window::new(window, Some(self.budget.clone()));
-                    let mut lane = LaneState::new(m.lane.clone(), window, self.cycles);
-                    lane.keep_unconfirmed = self.config.min_replicas > 0;
-                    lane
+                    LaneState::new(m.lane.clone(), window, self.cycles)
                 }),
             };
             lane.last_active = now;
@@ -346,13 +331,9 @@ impl Fenced {
                 self.ready.insert(stream.into());
                 last_woken = Some(m.lane.clone());
             }
-            // (With MIN_REPLICAS_ACKED the record's position may be taken
-            // back by a failover: the copy is kept, and dropped as far as
-            // the replicas hold the stream.)
-            if self.config.min_replicas == 0
-                && lane
-                    .pos
-                    .is_some_and(|pos| m.position.is_some_and(|p| p <= pos))
+            if lane
+                .pos
+                .is_some_and(|pos| m.position.is_some_and(|p| p <= pos))
             {
                 lane.window.seen(&m);
                 Counters::add(&self.counters.duplicates_skipped, 1);
@@ -383,8 +364,7 @@ impl Fenced {
                 return false;
             };
             // Put back by what changes that: an answer, a record, messages.
-            let unconfirmed = !l.unconfirmed.is_empty() && l.trips == 0;
-            if !l.is_writer() || l.resync || l.trips >= TRIPS || l.unsent() == 0 && !unconfirmed {
+            if !l.is_writer() || l.resync || l.trips >= TRIPS || l.unsent() == 0 {
                 return false;
             }
             if l.retry_at.is_none_or(|at| now >= at) {
@@ -410,16 +390,8 @@ impl Fenced {
                 pipe.add_command(cmd);
                 ids.push(id);
             }
-            let wait = self.config.min_replicas > 0;
-            if ids.is_empty() && (!wait || lane.unconfirmed.is_empty()) {
+            if ids.is_empty() {
                 continue;
-            }
-            if wait {
-                // After the writes, on the same connection: how many
-                // replicas hold them (and every write before).
-                pipe.cmd("WAIT")
-                    .arg(self.config.min_replicas)
-                    .arg(WAIT_FOR_REPLICAS_MS);
             }
             lane.trips += 1;
             let mut conn = self.conn.clone();
@@ -439,20 +411,14 @@ impl Fenced {
                     std::task::Poll::Ready(answer) => answer,
                     std::task::Poll::Pending => trip.await,
                 };
-                let (replies, replicas): (Vec<Result<WriteReply, RedisError>>, _) = match answer {
-                    Ok(mut values) => {
-                        let replicas = wait
-                            .then(|| values.pop())
-                            .flatten()
-                            .and_then(|v| redis::from_redis_value::<usize>(v).ok());
-                        (values.into_iter().map(decode_write).collect(), replicas)
-                    }
-                    Err(err) => (ids.iter().map(|_| Err(err.clone())).collect(), None),
+                let replies: Vec<Result<WriteReply, RedisError>> = match answer {
+                    Ok(values) => values.into_iter().map(decode_write).collect(),
+                    Err(err) => ids.iter().map(|_| Err(err.clone())).collect(),
                 };
                 counters
                     .batch_seconds
                     .observe(started.elapsed().as_secs_f64());
-                (stream, ids.into_iter().zip(replies).collect(), replicas)
+                (stream, ids.into_iter().zip(replies).collect())
             });
         }
     }
@@ -463,61 +429,12 @@ impl Fenced {
         &mut self,
         stream: Box<str>,
         replies: Vec<(u64, Result<WriteReply, RedisError>)>,
-        replicas: Option<usize>,
     ) -> Result<(), RedisError> {
         let Some(lane) = self.lanes.get_mut(&stream) else {
             return Ok(());
         };
         lane.trips = lane.trips.saturating_sub(1);
         self.ready.insert(stream.clone());
-        let replicated = replicas.is_some_and(|n| n >= self.config.min_replicas);
-        let result = self.on_replies(&stream, replies);
-        if replicated {
-            self.confirm(&stream);
-        }
-        result
-    }
-
-    /// MIN_REPLICAS_ACKED: the replicas hold every write answered so far
-    /// on this lane: its copies up to the record's position are dropped,
-    /// and the record says how far that is (`safe`), for the standbys.
-    fn confirm(&mut self, stream: &str) {
-        let Some(lane) = self.lanes.get_mut(stream) else {
-            return;
-        };
-        let (Role::Writer { epoch }, Some(pos)) = (&lane.role, lane.pos) else {
-            return;
-        };
-        if lane.resync {
-            return;
-        }
-        while lane
-            .unconfirmed
-            .front()
-            .is_some_and(|q| q.m.position.is_none_or(|p| p <= pos))
-        {
-            lane.unconfirmed.pop_front();
-        }
-        let mut cmd = scripts::evalsha(scripts::CONFIRM, &[&lane.lane.keys.writer]);
-        cmd.arg(epoch).arg(&self.config.member).arg(pos.encode());
-        let mut conn = self.conn.clone();
-        tokio::spawn(async move {
-            if let Err(err) = scripts::run::<u8, _>(&mut conn, cmd).await {
-                tracing::debug!(cause = %brief(&err), "could not record how far the replicas hold the writes; the next confirmation will");
-            }
-        });
-    }
-
-    /// The answers of a pipeline of writes, in the order the writes went.
-    fn on_replies(
-        &mut self,
-        stream: &str,
-        replies: Vec<(u64, Result<WriteReply, RedisError>)>,
-    ) -> Result<(), RedisError> {
-        let stream: Box<str> = stream.into();
-        let Some(lane) = self.lanes.get_mut(&stream) else {
-            return Ok(());
-        };
         // The trips' tasks may end in any order: a trip whose writes come
         // after writes still unanswered waits for their answers.
         let Some(first) = replies.first().map(|(id, _)| *id) else {
@@ -580,10 +497,7 @@ impl Fenced {
             Ok(WriteReply::Fenced { pos }) => {
                 tracing::info!(stream = %stream, "another process writes this stream now (fenced): keeping the copies as a standby");
                 lane.stand_by();
-                // (With MIN_REPLICAS_ACKED a standby drops its copies only
-                // as far as the replicas hold them: the next cycle reads
-                // how far that is.)
-                if let Some(pos) = pos.filter(|_| self.config.min_replicas == 0) {
+                if let Some(pos) = pos {
                     cover(lane, pos, &self.counters);
                 }
             }
@@ -700,18 +614,16 @@ impl Fenced {
             seen: self.intake.seen(),
             since: self.intake.continuous_since(),
             listening: self.intake.any_connected(),
-            wait_replicas: self.config.min_replicas > 0,
             settled: self
                 .member_since
                 .is_some_and(|at| at.elapsed() >= self.config.takeover_after),
         };
-        for (stream, (epoch, owner, pos, safe)) in asked.iter().zip(records) {
+        for (stream, (epoch, owner, pos)) in asked.iter().zip(records) {
             let decoded = pos.as_deref().and_then(Position::decode);
             // The cycle's mark is above every mark published before it: a
             // position past it was made of no mark of the pool.
             let impossible = pos.filter(|_| decoded.is_none_or(|p| p.mark > mark));
             let record = Record {
-                safe: safe.as_deref().and_then(Position::decode),
                 epoch,
                 owner: owner.filter(|o| !o.is_empty()),
                 pos: decoded.filter(|_| impossible.is_none()),

@@ -67,9 +67,6 @@ pub(super) struct Record {
     pub epoch: Option<String>,
     pub owner: Option<String>,
     pub pos: Option<Position>,
-    /// How far MIN_REPLICAS_ACKED replicas hold the stream (see
-    /// `confirm.lua`).
-    pub safe: Option<Position>,
     /// The position as the record holds it, when no mark of the pool can
     /// have made it (past the clock, or no position at all): see
     /// `Fenced::repair`.
@@ -96,9 +93,6 @@ pub(super) struct View<'a> {
     pub since: u64,
     /// Whether any of this process's readers is subscribed.
     pub listening: bool,
-    /// MIN_REPLICAS_ACKED is on: a standby drops its copies only as far as
-    /// the replicas hold the stream (the record's `safe`).
-    pub wait_replicas: bool,
     /// This process's member entry has been there for TAKEOVER_AFTER: the
     /// others have had the time to beat, so it may count itself the most
     /// complete.
@@ -159,11 +153,6 @@ fn as_writer(lane: &mut LaneState, record: &Record, view: &View, counters: &Coun
     let stream = lane.lane.clone();
     let stream = stream.stream();
     if lane.resync && lane.in_flight.is_empty() {
-        // The record went back (a failover lost writes the replicas did
-        // not hold): what was written after it is written again.
-        if record.pos < lane.pos {
-            lane.restore_unconfirmed(record.pos);
-        }
         if let Some(pos) = record.pos {
             let covered = lane
                 .queue
@@ -220,12 +209,7 @@ fn as_writer(lane: &mut LaneState, record: &Record, view: &View, counters: &Coun
 /// A standby (or a writer fenced just now).
 fn as_standby(lane: &mut LaneState, record: &Record, view: &View, counters: &Counters) -> Step {
     let takeover_ms = view.takeover_after.as_millis() as u64;
-    let covered = match view.wait_replicas {
-        // What a failover could take back is kept.
-        true => record.safe.min(record.pos),
-        false => record.pos,
-    };
-    if let Some(pos) = covered {
+    if let Some(pos) = record.pos {
         cover(lane, pos, counters);
     }
     if record.pos != lane.pos {
@@ -460,7 +444,6 @@ mod tests {
             epoch: Some(epoch.into()),
             owner: Some(owner.into()),
             pos: pos.map(at),
-            safe: None,
             impossible: None,
         }
     }
@@ -482,7 +465,6 @@ mod tests {
         seen: u64,
         listening: bool,
         settled: bool,
-        wait_replicas: bool,
     }
 
     impl Pool {
@@ -497,7 +479,6 @@ mod tests {
                 since: self.since,
                 listening: self.listening,
                 settled: self.settled,
-                wait_replicas: self.wait_replicas,
             }
         }
     }
@@ -528,7 +509,6 @@ mod tests {
                 seen: 0,
                 listening: true,
                 settled: true,
-                wait_replicas: false,
             };
             Self {
                 lane: state,
@@ -810,37 +790,6 @@ mod tests {
             case.lane.queue.iter().all(|q| q.taken_over),
             "copies held for another writer are counted as taken over"
         );
-    }
-
-    #[test]
-    fn with_min_replicas_acked_a_standby_keeps_what_the_replicas_may_not_hold() {
-        let mut case = Case::holding(&[10, 20, 30]).member("w", 100, 30, 0);
-        case.pool.wait_replicas = true;
-        let mut rec = record("e1", "w", Some(30));
-        rec.safe = Some(at(10));
-        assert_eq!(case.decide(&rec), Step::Stay);
-        assert_eq!(case.marks(), [20, 30], "dropped only as far as `safe`");
-        rec.safe = None;
-        let mut none = Case::holding(&[10, 20]).member("w", 100, 30, 0);
-        none.pool.wait_replicas = true;
-        none.decide(&rec);
-        assert_eq!(none.marks(), [10, 20], "nothing confirmed: all kept");
-    }
-
-    #[test]
-    fn a_writer_whose_record_went_back_writes_the_unconfirmed_again() {
-        let mut case = Case::holding(&[10, 20, 30]).writer("e1", Some(5));
-        case.lane.keep_unconfirmed = true;
-        // Written up to 30 on the old primary, confirmed nowhere.
-        pop(&mut case.lane, 3, &case.counters);
-        case.lane.pos = Some(at(30));
-        assert!(case.lane.queue.is_empty());
-        // The new primary's record holds 10: 20 and 30 are gone.
-        case.lane.resync = true;
-        assert_eq!(case.decide(&record("e1", "me", Some(10))), Step::Stay);
-        assert_eq!(case.marks(), [20, 30], "written again");
-        assert!(case.lane.unconfirmed.is_empty());
-        assert_eq!(case.lane.pos, Some(at(10)));
     }
 
     #[test]
