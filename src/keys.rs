@@ -17,7 +17,8 @@ use crate::settings::ConfigError;
 // ---- A stream's keys and a pool's ----
 
 /// Names of a stream's keys in the protocol. They carry the stream's name as
-/// hash tag, so on a cluster they live on the stream's shard.
+/// hash tag (or the stream's own tag, see [`slot_tag`]), so on a cluster
+/// they live on the stream's shard.
 #[derive(Debug, Clone)]
 pub struct Keys {
     /// The stream's writer record: a hash of `epoch`, `owner`, `pos`.
@@ -32,11 +33,12 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(stream: &str) -> Self {
+        let tag = slot_tag(stream);
         Self {
-            writer: format!("{{{stream}}}:writer"),
-            handoff: format!("{{{stream}}}:handoff"),
-            lock_prefix: format!("{{{stream}}}:lock:"),
-            ack_prefix: format!("{{{stream}}}:ack:"),
+            writer: format!("{{{tag}}}:writer"),
+            handoff: format!("{{{tag}}}:handoff"),
+            lock_prefix: format!("{{{tag}}}:lock:"),
+            ack_prefix: format!("{{{tag}}}:ack:"),
         }
     }
 
@@ -52,7 +54,8 @@ impl Keys {
 }
 
 /// The pool's keys and channels, named after its bookkeeping stream
-/// (OUTPUT_STREAM, whatever the routes).
+/// (OUTPUT_STREAM, whatever the routes). On a cluster they live in the
+/// input channel's slot (see [`Pool::sharded`]).
 #[derive(Debug, Clone)]
 pub struct Pool {
     /// The clock marks are taken from.
@@ -63,6 +66,10 @@ pub struct Pool {
     pub members: String,
     /// The strategy handoff (see `bridge::delivery::members`).
     pub handoff: String,
+    /// Sharded Pub/Sub on a cluster: marks go out with SPUBLISH, and the
+    /// writer records (in their streams' slots) are read apart from the
+    /// cycle.
+    pub sharded: bool,
 }
 
 impl Pool {
@@ -83,8 +90,47 @@ impl Pool {
             marks,
             members: format!("{{{stream}}}:members"),
             handoff: format!("{{{stream}}}:handoff"),
+            sharded: false,
         }
     }
+
+    /// The pool of `stream` on a cluster with sharded Pub/Sub, whose
+    /// messages come on `channel`: its keys and marks channel
+    /// `{<tag>}:optimus:<stream>:…` share the channel's slot (see
+    /// [`slot_tag`]), so that one node orders the marks among the messages
+    /// and each script stays in one slot.
+    pub fn sharded(stream: &str, channel: &str) -> Self {
+        let tag = slot_tag(channel);
+        let name = |what: &str| format!("{{{tag}}}:optimus:{stream}:{what}");
+        Self {
+            clock: name("clock"),
+            marks: name("marks"),
+            members: name("members"),
+            handoff: name("handoff"),
+            sharded: true,
+        }
+    }
+}
+
+/// A hash tag whose slot is `name`'s: `name`'s own tag when it has one
+/// (`{orders}:in` → `orders`), else `name` itself; a name that braces would
+/// break (`a}b`) gets the first `s<n>` of its slot.
+pub fn slot_tag(name: &str) -> String {
+    use redis::cluster_routing::Slot;
+    let slot = Slot::for_key(name);
+    if let Some(open) = name.find('{')
+        && let Some(len) = name[open + 1..].find('}')
+        && len > 0
+    {
+        return name[open + 1..open + 1 + len].to_string();
+    }
+    if !name.contains('}') && !name.is_empty() {
+        return name.to_string();
+    }
+    (0u32..)
+        .map(|n| format!("s{n}"))
+        .find(|tag| Slot::for_key(tag) == slot)
+        .expect("every slot has a short name")
 }
 
 // ---- Channels ----
@@ -105,15 +151,19 @@ pub fn probe_channel(db: i64, source: &str, target: &str) -> String {
 }
 
 /// Whether a channel is one of optimus's own (a marks channel
-/// `{<stream>}:marks`, a [`probe_channel`], or an older optimus's mark
+/// `{<stream>}:marks`, or on a cluster `{<tag>}:optimus:<stream>:marks`, a
+/// [`probe_channel`], or an older optimus's mark
 /// channel `{<stream>}:mark:<worker>`): never bridged, whatever pattern
 /// matches it.
 pub fn is_internal_channel(name: &[u8]) -> bool {
     const MARK: &[u8] = b"}:mark:";
     const MARKS_DB: &[u8] = b"}:marks:db";
+    const SHARDED: &[u8] = b"}:optimus:";
     name.starts_with(PROBE_PREFIX.as_bytes())
         || (name.first() == Some(&b'{')
             && (name.ends_with(b"}:marks")
+                || (name.ends_with(b":marks")
+                    && name.windows(SHARDED.len()).any(|w| w == SHARDED))
                 || name.windows(MARK.len()).any(|w| w == MARK)
                 || name.windows(MARKS_DB.len()).any(|w| w == MARKS_DB)))
 }
@@ -247,6 +297,28 @@ pub(crate) fn description_field<'a>(description: &'a str, name: &str) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sharded_pool_lives_in_its_channel_s_slot() {
+        use redis::cluster_routing::Slot;
+        for channel in ["messages:published", "{orders}:in", "a}b", "{}x", "x{y"] {
+            let pool = Pool::sharded("messages:processed", channel);
+            for key in [&pool.clock, &pool.marks, &pool.members, &pool.handoff] {
+                assert_eq!(
+                    Slot::for_key(key),
+                    Slot::for_key(channel),
+                    "{key} shares {channel}'s slot"
+                );
+            }
+            assert!(is_internal_channel(pool.marks.as_bytes()), "{}", pool.marks);
+            let keys = Keys::new(channel);
+            for key in [&keys.writer, &keys.handoff, &keys.ack("x")] {
+                assert_eq!(Slot::for_key(key), Slot::for_key(channel), "{key}");
+            }
+        }
+        assert_eq!(Keys::new("out").writer, "{out}:writer");
+        assert!(!is_internal_channel(b"{orders}:marks:x"));
+    }
 
     #[test]
     fn slot_mates_share_the_slot_on_a_cluster() {

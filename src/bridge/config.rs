@@ -161,9 +161,10 @@ impl BridgeConfig {
     }
 
     /// The server, with credentials and certificates (see [`Endpoint`]). A
-    /// cluster also sets the `race` strategy, the one that works there.
+    /// cluster with classic Pub/Sub also sets the `race` strategy, the one
+    /// that works there (fenced needs sharded Pub/Sub on a cluster).
     pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
-        if endpoint.is_cluster() {
+        if endpoint.is_cluster() && !endpoint.is_sharded() {
             self.strategy = Strategy::Race;
         }
         self.endpoint = endpoint;
@@ -296,17 +297,42 @@ impl BridgeConfig {
                 ":dead",
             )?;
             if self.strategy == Strategy::Fenced {
-                return Err(ConfigError::new(
-                    "STRATEGY",
-                    "fenced",
-                    "needs one server's order of marks and messages; on a cluster use race (the default there)",
-                ));
+                self.check_fenced_on_cluster(routes_var)?;
             }
         } else if self.endpoint.is_sharded() {
             return Err(ConfigError::new(
                 "PUBSUB_MODE",
                 "sharded",
                 "sharded Pub/Sub needs a cluster (REDIS_CLUSTER=1)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The fenced core on a cluster reads every channel on the node of one
+    /// slot, where its marks are (see `keys::Pool::sharded`).
+    fn check_fenced_on_cluster(&self, routes_var: &'static str) -> Result<(), ConfigError> {
+        use redis::cluster_routing::Slot;
+        if !self.endpoint.is_sharded() {
+            return Err(ConfigError::new(
+                "STRATEGY",
+                "fenced",
+                "on a cluster it needs PUBSUB_MODE=sharded (one node orders the pool's marks among the messages); with classic Pub/Sub use race (the default there)",
+            ));
+        }
+        let routes = self.effective_routes();
+        if let Some(first) = routes.first()
+            && let Some(apart) = routes
+                .iter()
+                .find(|r| Slot::for_key(&r.source) != Slot::for_key(&first.source))
+        {
+            return Err(ConfigError::new(
+                routes_var,
+                apart,
+                format!(
+                    "with STRATEGY=fenced on a cluster every channel must share one slot (one node orders them with the pool's marks): give them one hash tag, e.g. {{orders}}:in, or run one pool per channel; {} and {} do not",
+                    first.source, apart.source
+                ),
             ));
         }
         Ok(())

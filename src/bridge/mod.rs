@@ -159,7 +159,7 @@ impl Bridge {
 
         let mut tasks: JoinSet<Result<(), RedisError>> = JoinSet::new();
         let mut spawner = Spawner::new(config, routes, routes_shown, self.counters.clone());
-        if !config.endpoint.is_cluster() {
+        if spawner.has_engine() {
             spawner
                 .start_engine(&process, &mut tasks, &shutdown)
                 .await

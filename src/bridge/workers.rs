@@ -224,6 +224,9 @@ pub(super) struct Spawner {
     pool: Pool,
     /// Where readers hand their batches (one server; `None` once stopping).
     batches: Option<mpsc::UnboundedSender<ReaderBatch>>,
+    /// On a cluster: the connection the readers find the channel's master
+    /// through.
+    locator: Option<Conn>,
     /// The readers running, by slot.
     readers: Vec<Option<CancellationToken>>,
     /// Race strategy on one server: each racing worker's queue.
@@ -242,7 +245,14 @@ impl Spawner {
             .endpoint
             .info()
             .map_or(0, |info| info.redis_settings().db());
-        let pool = Pool::in_db(&config.output_stream, db);
+        // The fenced core on a cluster (sharded Pub/Sub): the pool's keys in
+        // the channels' slot (the config made sure they share one).
+        let pool = match routes.iter().find(|r| !r.pattern) {
+            Some(route) if cluster && config.strategy == Strategy::Fenced => {
+                Pool::sharded(&config.output_stream, &route.source)
+            }
+            _ => Pool::in_db(&config.output_stream, db),
+        };
         let router = Arc::new(route::Router::new(
             routes,
             route::LanePlan {
@@ -259,19 +269,29 @@ impl Spawner {
             routes_shown,
             config: config.clone(),
             counters,
-            coverage: Arc::new(match cluster {
+            coverage: Arc::new(match cluster && config.strategy == Strategy::Race {
                 true => Coverage::default(),
                 false => Coverage::counted_by_intake(),
             }),
             budget: Budget::new(config.memory_limit),
             pool,
             batches: None,
+            locator: None,
             readers: Vec::new(),
             racers: Arc::default(),
         }
     }
 
-    /// One server: the strategy's loop, fed by the readers' batches.
+    /// Whether the workers are lanes of one loop fed by the process's
+    /// readers ([`Spawner::start_engine`]): always on one server, and with
+    /// the fenced strategy on a cluster; race on a cluster runs a
+    /// subscription per worker instead.
+    pub(super) fn has_engine(&self) -> bool {
+        !self.config.endpoint.is_cluster() || self.config.strategy == Strategy::Fenced
+    }
+
+    /// One server (or fenced on a cluster): the strategy's loop, fed by the
+    /// readers' batches.
     pub(super) async fn start_engine(
         &mut self,
         process: &Process,
@@ -290,6 +310,9 @@ impl Spawner {
         let Some(conn) = connection(&config.endpoint, shutdown).await? else {
             return Ok(());
         };
+        if self.pool.sharded {
+            self.locator = Some(conn.clone());
+        }
         let beat = Beat {
             pool: &self.pool,
             member: &member,
@@ -389,6 +412,7 @@ impl Spawner {
                         coverage: self.coverage.clone(),
                         out: batches.clone(),
                         cancel: stop.clone(),
+                        locator: self.locator.clone(),
                     }
                     .run(),
                 );
@@ -414,7 +438,7 @@ impl Spawner {
     ) -> Result<bool, RedisError> {
         let config = &self.config;
         let cluster = config.endpoint.is_cluster();
-        if config.strategy == Strategy::Fenced && !cluster {
+        if config.strategy == Strategy::Fenced {
             return Ok(true);
         }
         let Some(worker_conn) = connection(&config.endpoint, shutdown).await? else {

@@ -171,7 +171,7 @@ impl ConsumeArgs {
             .output_format(parse_choice("OUTPUT_FORMAT", &self.output_format)?)
             .strategy(match &self.strategy {
                 Some(raw) => parse_choice("STRATEGY", raw)?,
-                None if endpoint.is_cluster() => Strategy::Race,
+                None if endpoint.is_cluster() && !endpoint.is_sharded() => Strategy::Race,
                 None => Strategy::Fenced,
             })
             .memory_limit(parse_bytes("MEMORY_LIMIT", &self.memory_limit, limits::MEMORY)? as usize)

@@ -226,15 +226,66 @@ impl Endpoint {
     }
 
     /// The server at `address` (`host:port`) as this sentinel endpoint's
-    /// primary: its credentials, TLS and database.
+    /// primary (or this cluster's node): its credentials, TLS and database.
     fn primary_at(&self, address: &str) -> Endpoint {
         let scheme = if self.is_tls() { "rediss" } else { "redis" };
         let db = self.info().map_or(0, |info| info.redis_settings().db());
         Endpoint {
             url: format!("{scheme}://{address}/{db}"),
             sentinel: None,
+            cluster: None,
             ..self.clone()
         }
+    }
+
+    /// On a cluster, the master that serves `key`'s slot now, as a server
+    /// of its own (credentials and TLS kept), asked of the cluster through
+    /// `conn` (CLUSTER SLOTS, from any node the client knows).
+    pub async fn slot_owner(&self, conn: &mut super::Conn, key: &str) -> RedisResult<Endpoint> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+        let super::Conn::Cluster(cluster) = conn else {
+            return self.resolve().await;
+        };
+        let of_key = Slot::for_key(key);
+        let slot = (0..16_384u16)
+            .find(|n| Slot::new(*n) == Some(of_key))
+            .map_or(0, i64::from);
+        let slots = cluster
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        let owner = match slots {
+            redis::Value::Array(ranges) => ranges.into_iter().find_map(|range| {
+                let redis::Value::Array(parts) = range else {
+                    return None;
+                };
+                let (start, end) = (int_of(parts.first()?)?, int_of(parts.get(1)?)?);
+                if !(start..=end).contains(&slot) {
+                    return None;
+                }
+                let redis::Value::Array(master) = parts.get(2)? else {
+                    return None;
+                };
+                let host = match master.first()? {
+                    redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    redis::Value::SimpleString(text) => text.clone(),
+                    _ => return None,
+                };
+                let port = int_of(master.get(1)?)?;
+                (!host.is_empty() && host != "?").then(|| format!("{host}:{port}"))
+            }),
+            _ => None,
+        };
+        let owner = owner.ok_or_else(|| {
+            RedisError::from((
+                ErrorKind::ClusterConnectionNotFound,
+                "no master serves the slot now",
+                format!("slot {slot} of {key}"),
+            ))
+        })?;
+        Ok(self.primary_at(&owner))
     }
 
     /// A Redis Cluster, found through these seed nodes (URLs as for
@@ -382,6 +433,14 @@ impl Endpoint {
             }
         }
         Err(err)
+    }
+}
+
+/// An integer of a RESP reply.
+fn int_of(value: &redis::Value) -> Option<i64> {
+    match value {
+        redis::Value::Int(n) => Some(*n),
+        _ => None,
     }
 }
 

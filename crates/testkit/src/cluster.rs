@@ -234,6 +234,46 @@ impl RedisCluster {
         );
     }
 
+    /// A function that names the port of the live master serving `key`'s
+    /// slot, asking the nodes by their ports (for a thread of its own, such
+    /// as a sharded [`super::Witness`]).
+    pub fn locator(&self, key: &str) -> impl Fn() -> Option<u16> + Send + 'static {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        let key = key.to_string();
+        move || {
+            ports.iter().find_map(|port| {
+                let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .ok()?
+                    .get_connection_with_timeout(Duration::from_millis(300))
+                    .ok()?;
+                let slot: i64 = redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(&key)
+                    .query(&mut conn)
+                    .ok()?;
+                let slots: Vec<redis::Value> =
+                    redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).ok()?;
+                slots.iter().find_map(|range| {
+                    let redis::Value::Array(parts) = range else {
+                        return None;
+                    };
+                    let int = |v: Option<&redis::Value>| match v {
+                        Some(redis::Value::Int(n)) => Some(*n),
+                        _ => None,
+                    };
+                    let (lo, hi) = (int(parts.first())?, int(parts.get(1))?);
+                    let redis::Value::Array(master) = parts.get(2)? else {
+                        return None;
+                    };
+                    (lo..=hi)
+                        .contains(&slot)
+                        .then(|| int(master.get(1)))?
+                        .map(|p| p as u16)
+                })
+            })
+        }
+    }
+
     /// SIGKILLs the node on `port`, as a crash would.
     pub fn kill(&mut self, port: u16) {
         let node = self
@@ -305,19 +345,34 @@ impl RedisCluster {
             .expect("a node on that port")
     }
 
-    /// Moves `slot` (holding no keys) from the master on `from` to the one on
-    /// `to`, the way `redis-cli --cluster reshard` does, and tells every node.
-    pub fn move_empty_slot(&self, slot: u16, from: u16, to: u16) {
+    /// Moves `slot` with its keys from the master on `from` to the one on
+    /// `to`, the way `redis-cli --cluster reshard` does: IMPORTING and
+    /// MIGRATING, MIGRATE of every key, then the slot's new owner told to
+    /// every node.
+    pub fn move_slot(&self, slot: u16, from: u16, to: u16) {
         let (from_id, to_id) = (self.id_of(from), self.id_of(to));
         let slot = slot.to_string();
         let run = |port: u16, words: &[&str]| {
-            let _: String = self
+            let _: redis::Value = self
                 .node(port)
                 .query(words)
                 .unwrap_or_else(|e| panic!("{words:?} on {port}: {e}\n{}", self.logs()));
         };
         run(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
         run(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        let to_port = to.to_string();
+        loop {
+            let keys: Vec<String> = self
+                .node(from)
+                .query(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                .expect("CLUSTER GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let mut words = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            words.extend(keys.iter().map(String::as_str));
+            run(from, &words);
+        }
         run(to, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
         run(from, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
         for node in self.live() {
@@ -325,6 +380,50 @@ impl RedisCluster {
                 let _: redis::RedisResult<String> =
                     node.query(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
             }
+        }
+    }
+
+    /// Redis commands the masters ran since [`RedisCluster::reset_stats`],
+    /// by name (INFO commandstats, summed over the masters).
+    pub fn commands(&self) -> std::collections::HashMap<String, u64> {
+        let mut calls = std::collections::HashMap::new();
+        for node in self.live() {
+            let Ok(info) = node.query::<String>(&["INFO", "commandstats"]) else {
+                continue;
+            };
+            let role: String =
+                node.query(&["ROLE"])
+                    .map_or(String::new(), |r: Vec<redis::Value>| match r.first() {
+                        Some(redis::Value::BulkString(b)) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
+                        _ => String::new(),
+                    });
+            if role != "master" {
+                continue;
+            }
+            for line in info.lines() {
+                let Some((name, rest)) = line
+                    .strip_prefix("cmdstat_")
+                    .and_then(|l| l.split_once(':'))
+                else {
+                    continue;
+                };
+                let n: u64 = rest
+                    .split(',')
+                    .find_map(|f| f.strip_prefix("calls="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                *calls.entry(name.to_string()).or_default() += n;
+            }
+        }
+        calls
+    }
+
+    /// CONFIG RESETSTAT on every node.
+    pub fn reset_stats(&self) {
+        for node in self.live() {
+            let _: redis::RedisResult<String> = node.query(&["CONFIG", "RESETSTAT"]);
         }
     }
 

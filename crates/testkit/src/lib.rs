@@ -862,6 +862,76 @@ impl Witness {
         }
     }
 
+    /// A witness of a sharded channel on a cluster: SSUBSCRIBE on the node
+    /// `locate` names (asked again after each lost connection or
+    /// SUNSUBSCRIBE, so it follows a failover or a slot move; what is
+    /// published meanwhile it does not see).
+    pub fn sharded(channel: &str, locate: impl Fn() -> Option<u16> + Send + 'static) -> Self {
+        use std::io::Write;
+        let channel = channel.to_string();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ready, subscribed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn({
+            let (stop, seen) = (stop.clone(), seen.clone());
+            move || {
+                let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+                while !stopped() {
+                    let Some(mut stream) = locate()
+                        .and_then(|port| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+                    else {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                    let command = format!(
+                        "*2\r\n$10\r\nSSUBSCRIBE\r\n${}\r\n{channel}\r\n",
+                        channel.len()
+                    );
+                    if stream.write_all(command.as_bytes()).is_err() {
+                        continue;
+                    }
+                    let mut reader = BufReader::new(stream);
+                    let mut parser = redis::Parser::new();
+                    while !stopped() {
+                        let items = match parser.parse_value(&mut reader) {
+                            Ok(redis::Value::Array(items)) => items,
+                            Err(e) if e.is_timeout() => continue,
+                            _ => break,
+                        };
+                        let text = |i: usize| match items.get(i) {
+                            Some(redis::Value::BulkString(b)) => b.clone(),
+                            _ => Vec::new(),
+                        };
+                        match text(0).as_slice() {
+                            b"ssubscribe" => {
+                                let _ = ready.send(());
+                            }
+                            b"smessage" => {
+                                if let Some(seq) =
+                                    serde_json::from_slice::<serde_json::Value>(&text(2))
+                                        .ok()
+                                        .and_then(|v| v.get("seq")?.as_u64())
+                                {
+                                    seen.lock().unwrap().push(seq);
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+        });
+        subscribed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the witness subscribed");
+        Self {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
     /// The seqs delivered so far, in delivery order.
     pub fn order(&self) -> Vec<u64> {
         self.seen.lock().unwrap().clone()

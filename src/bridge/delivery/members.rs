@@ -164,7 +164,15 @@ impl Beat<'_> {
         leaving: bool,
     ) -> Result<Cycle, RedisError> {
         let mut keys: Vec<&str> = vec![&self.pool.clock, &self.pool.members, &self.pool.handoff];
-        keys.extend_from_slice(records);
+        // On a cluster the records live in their streams' slots: read apart,
+        // and before the mark, so that no position in them is past it.
+        let apart = match self.pool.sharded {
+            true => Some(read_records(conn, records).await?),
+            false => {
+                keys.extend_from_slice(records);
+                None
+            }
+        };
         let mut cmd = scripts::evalsha(scripts::CYCLE, &keys);
         cmd.arg(self.member)
             .arg(format!("{}:{}:{}", self.seen, self.since, self.routes))
@@ -172,7 +180,8 @@ impl Beat<'_> {
             .arg(if leaving { 0 } else { 1 })
             .arg(MEMBER_STALE.as_millis() as u64)
             .arg(self.strategy.name())
-            .arg(LIVE_FOR_STRATEGY.as_millis() as u64);
+            .arg(LIVE_FOR_STRATEGY.as_millis() as u64)
+            .arg(if self.pool.sharded { 1 } else { 0 });
         type Reply = (
             u64,
             u64,
@@ -185,6 +194,7 @@ impl Beat<'_> {
         );
         let (mark, now_ms, members, records, new, others, clock_missing, handoff): Reply =
             scripts::run(conn, cmd).await?;
+        let records = apart.unwrap_or(records);
         let handoff = Handoff::parse(&handoff);
         if others == "handoff" {
             return Err(handed_over(self.strategy, handoff));
@@ -205,6 +215,21 @@ impl Beat<'_> {
             handoff,
         })
     }
+}
+
+/// The writer records `keys`, each read on its own (a cluster routes each
+/// to its stream's slot).
+async fn read_records(conn: &mut Conn, keys: &[&str]) -> Result<Vec<RawRecord>, RedisError> {
+    let mut records = Vec::with_capacity(keys.len());
+    for key in keys {
+        let record: RawRecord = redis::cmd("HMGET")
+            .arg(*key)
+            .arg(&["epoch", "owner", "pos"])
+            .query_async(conn)
+            .await?;
+        records.push(record);
+    }
+    Ok(records)
 }
 
 /// The error of a process kept out of a pool of another strategy: one line

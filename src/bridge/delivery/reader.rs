@@ -6,6 +6,15 @@
 //!   one MULTI: nothing can be published between the two, so the first thing
 //!   it receives after subscribing is its own mark, and every message after
 //!   it has a position every other subscription agrees on.
+//! - **On a cluster** (sharded Pub/Sub) the connection goes to the master of
+//!   the channel's slot, where the pool's clock and marks channel live too
+//!   (see [`Pool::sharded`]). Redis refuses SSUBSCRIBE inside MULTI, so the
+//!   SSUBSCRIBE and the mark's script are sent together instead: Redis runs
+//!   the commands of one read back to back, so nothing comes between them
+//!   in practice; a message that does (published after the subscription,
+//!   before the mark) is dropped here, as if published before it, and
+//!   counted and logged. The server's SUNSUBSCRIBE (the slot moved) ends
+//!   the connection; the next one goes where the slot is then.
 //! - **Batches.** What one read brings is one [`ReaderBatch`], charged to
 //!   the process's [`Budget`] before the next read: when the budget is spent
 //!   the reader stops reading and the messages wait in the server's output
@@ -92,6 +101,9 @@ pub struct Reader {
     /// room.
     pub out: mpsc::UnboundedSender<ReaderBatch>,
     pub cancel: CancellationToken,
+    /// On a cluster (sharded Pub/Sub): the command connection through which
+    /// the master of the channel's slot is found.
+    pub locator: Option<crate::connect::Conn>,
 }
 
 /// One connection of a reader.
@@ -200,18 +212,24 @@ impl Subscriber for Reader {
 }
 
 /// Reads a subscription's handshake (see `Reader::connect`): `replies`
-/// replies before EXEC's, then EXEC's.
+/// replies before EXEC's, then EXEC's (`exec`), or, on a cluster, the
+/// SSUBSCRIBE's pushes and the mark script's reply. Also returns how many
+/// messages came before that reply (none can, inside EXEC) on a channel but
+/// `marks`.
 async fn read_handshake(
     mut read: ReadHalf<Box<dyn Transport>>,
     mut replies: usize,
-) -> Result<(ReadHalf<Box<dyn Transport>>, BytesMut, Start), RedisError> {
+    exec: bool,
+    marks: &str,
+) -> Result<(ReadHalf<Box<dyn Transport>>, BytesMut, Start, u64), RedisError> {
     // The replies before EXEC's come first (an error among them is kept:
     // the first one says why, a refused password before the rest); then
     // EXEC's: its header, the subscriptions' pushes, the mark's push and
     // the mark's value.
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut first_error: Option<RedisError> = None;
-    let mut in_exec = false;
+    let mut in_exec = !exec;
+    let mut early = 0;
     loop {
         let how = if replies == 0 && !in_exec {
             Parse::Header
@@ -235,6 +253,14 @@ async fn read_handshake(
         };
         let bytes = buf.split_to(len).freeze();
         match frame {
+            Frame::Push(parts)
+                if matches!(
+                    part(&bytes, &parts, 0).as_deref(),
+                    Some(b"message" | b"smessage")
+                ) && part(&bytes, &parts, 1).is_some_and(|c| c != marks.as_bytes()) =>
+            {
+                early += 1;
+            }
             Frame::Push(_) => {}
             Frame::Error(_) if replies > 0 => {
                 replies -= 1;
@@ -249,7 +275,7 @@ async fn read_handshake(
                 }
                 return match redis::parse_redis_value(&bytes) {
                     Ok(redis::Value::BulkString(text)) => Start::parse(&text)
-                        .map(|start| (read, buf, start))
+                        .map(|start| (read, buf, start, early))
                         .ok_or_else(|| protocol_error(NOT_A_START)),
                     _ => Err(protocol_error(NOT_A_START)),
                 };
@@ -289,7 +315,10 @@ impl Reader {
     fn channels(&self) -> Vec<&str> {
         let mut channels = self.router.channels();
         channels.push(&self.pool.marks);
-        channels.extend(self.router.probes());
+        // (On a cluster the probes live in other slots: nobody asks them.)
+        if !self.pool.sharded {
+            channels.extend(self.router.probes());
+        }
         // Redis subscribes (and confirms an UNSUBSCRIBE of) each once.
         channels.sort_unstable();
         channels.dedup();
@@ -299,12 +328,21 @@ impl Reader {
     /// A new connection: HELLO 3 (with the credentials), SELECT, then the
     /// subscription and a mark in one MULTI. Returns it once the mark is in.
     async fn connect(&self) -> Result<Session, RedisError> {
-        // Through sentinels: the primary they name now, watched for a move.
-        let target = self.endpoint.resolve().await?;
+        // Through sentinels: the primary they name now, watched for a move;
+        // on a cluster, the master of the channel's slot.
+        let target = match &self.locator {
+            Some(locator) => {
+                let channel = self.router.channels().first().copied().unwrap_or_default();
+                self.endpoint
+                    .slot_owner(&mut locator.clone(), channel)
+                    .await?
+            }
+            None => self.endpoint.resolve().await?,
+        };
         let info = target.info()?;
         let settings = info.redis_settings();
         let stream = target.open_stream().await?;
-        let (read, mut write) = tokio::io::split(stream);
+        let (read, write) = tokio::io::split(stream);
         let mut out = Vec::new();
         let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
         if let Some(password) = settings.password() {
@@ -317,6 +355,15 @@ impl Reader {
         hello.extend([b"SETNAME".as_slice(), b"optimus-reader"]);
         encode(&mut out, &hello);
         let mut replies = 1;
+        if self.pool.sharded {
+            let mut subscribe: Vec<&[u8]> = vec![b"SSUBSCRIBE"];
+            subscribe.extend(self.channels().into_iter().map(str::as_bytes));
+            encode(&mut out, &subscribe);
+            encode(&mut out, &self.start_script());
+            return self
+                .handshake(write, read, out, replies, false, target)
+                .await;
+        }
         let db = settings.db().to_string();
         if db != "0" {
             encode(&mut out, &[b"SELECT", db.as_bytes()]);
@@ -334,24 +381,41 @@ impl Reader {
             encode(&mut out, &psubscribe);
             queued += 1;
         }
-        encode(
-            &mut out,
-            &[
-                b"EVAL",
-                scripts::START.as_bytes(),
-                b"1",
-                self.pool.clock.as_bytes(),
-                self.pool.marks.as_bytes(),
-            ],
-        );
+        encode(&mut out, &self.start_script());
         encode(&mut out, &[b"EXEC"]);
         replies += 1 + queued;
+        self.handshake(write, read, out, replies, true, target)
+            .await
+    }
 
+    /// The script that publishes a connection's first mark.
+    fn start_script(&self) -> [&[u8]; 6] {
+        [
+            b"EVAL",
+            scripts::START.as_bytes(),
+            b"1",
+            self.pool.clock.as_bytes(),
+            self.pool.marks.as_bytes(),
+            if self.pool.sharded { b"1" } else { b"0" },
+        ]
+    }
+
+    /// Sends the handshake `out` and reads its answer (see
+    /// [`read_handshake`]): the session, starting at its mark.
+    async fn handshake(
+        &self,
+        mut write: WriteHalf<Box<dyn Transport>>,
+        read: ReadHalf<Box<dyn Transport>>,
+        out: Vec<u8>,
+        replies: usize,
+        exec: bool,
+        target: Endpoint,
+    ) -> Result<Session, RedisError> {
         let handshake = async {
             write.write_all(&out).await?;
-            read_handshake(read, replies).await
+            read_handshake(read, replies, exec, &self.pool.marks).await
         };
-        let (read, buf, start) = match tokio::time::timeout(PING_TIMEOUT, handshake).await {
+        let (read, buf, start, early) = match tokio::time::timeout(PING_TIMEOUT, handshake).await {
             Ok(done) => done?,
             Err(_) => {
                 return Err(RedisError::from(std::io::Error::new(
@@ -360,6 +424,13 @@ impl Reader {
                 )));
             }
         };
+        if early > 0 {
+            tracing::warn!(
+                reader = self.index,
+                messages = early,
+                "messages came between the subscription and its first mark: dropped here (as if published before it; the pool's other subscriptions hold them, if any)"
+            );
+        }
         Ok(Session {
             read,
             write,
@@ -503,13 +574,22 @@ impl Reader {
             bytes += len;
             match frame {
                 Frame::Push(parts) => {
-                    if let Some(count) = unsubscribed.as_deref_mut()
-                        && matches!(
-                            part(&raw, &parts, 0).as_deref(),
-                            Some(b"unsubscribe" | b"punsubscribe")
-                        )
-                    {
-                        *count += 1;
+                    let kind = part(&raw, &parts, 0);
+                    let unsubscribe = matches!(
+                        kind.as_deref(),
+                        Some(b"unsubscribe" | b"punsubscribe" | b"sunsubscribe")
+                    );
+                    match unsubscribed.as_deref_mut() {
+                        Some(count) if unsubscribe => *count += 1,
+                        // Not asked for: the server took the subscription
+                        // away (a sharded channel's slot moved).
+                        None if unsubscribe => {
+                            return Err(format!(
+                                "the server ended the subscription ({}): the channel's slot moved; subscribing again where it is now",
+                                String::from_utf8_lossy(kind.as_deref().unwrap_or_default())
+                            ));
+                        }
+                        _ => {}
                     }
                     if let Some(item) = self.on_push(s, lanes, &raw, &parts, now) {
                         items.push(item);
@@ -659,7 +739,14 @@ impl Reader {
         let channels = self.channels().len();
         let patterns = self.router.patterns().len();
         let mut out = Vec::new();
-        encode(&mut out, &[b"UNSUBSCRIBE"]);
+        encode(
+            &mut out,
+            &[if self.pool.sharded {
+                b"SUNSUBSCRIBE".as_slice()
+            } else {
+                b"UNSUBSCRIBE"
+            }],
+        );
         if patterns > 0 {
             encode(&mut out, &[b"PUNSUBSCRIBE"]);
         }

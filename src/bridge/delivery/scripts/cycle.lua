@@ -8,7 +8,9 @@
 -- ARGV[3]: the marks channel; ARGV[4]: 1 to stay a member, 0 to leave;
 -- ARGV[5]: ms after which a silent member is removed; ARGV[6]: its
 -- strategy (fenced, race); ARGV[7]: ms within which a member that beat
--- counts as live for the strategies' check.
+-- counts as live for the strategies' check; ARGV[8]: '1' to publish the
+-- mark with SPUBLISH (sharded Pub/Sub on a cluster, where the records live
+-- in other slots and are read apart: no KEYS[4..]).
 -- A member's value is "<beat ms>:<last mark seen>:<whole since>:<routes>:
 -- <strategy>:<joined ms>" (an older optimus's ends after <routes>: it is a
 -- fenced one).
@@ -83,7 +85,7 @@ else
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
 local clock_missing = redis.call('EXISTS', KEYS[1]) == 0 and 1 or 0
-local mark = next_mark(1, ARGV[3])
+local mark = next_mark(1, ARGV[3], ARGV[8])
 -- H: every message after this mark reaches this process, subscribed (and
 -- whole) since an earlier one.
 local since = string.match(ARGV[2], '^%d+:(%d+):')

@@ -32,13 +32,14 @@ local function sealed(value)
 end
 
 -- Takes the next value of the clock in KEYS[clock] and publishes it on
--- `channel` (a mark). The clock never goes back, even when its key is gone
+-- `channel` (a mark), with SPUBLISH when `sharded` is '1' (a cluster's
+-- sharded Pub/Sub: the channel shares the clock's slot). The clock never goes back, even when its key is gone
 -- (a server restarted without persistence, or an older snapshot restored):
 -- a value is at least the server time in ms times 1024.
-local function next_mark(clock, channel)
+local function next_mark(clock, channel, sharded)
   local value = math.max((tonumber(redis.call('GET', KEYS[clock])) or 0) + 1, now_ms() * 1024)
   redis.call('SET', KEYS[clock], int(value))
-  redis.call('PUBLISH', channel, sealed(value))
+  redis.call(sharded == '1' and 'SPUBLISH' or 'PUBLISH', channel, sealed(value))
   return value
 end
 
