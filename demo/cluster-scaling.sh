@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Does the bridge's throughput grow with the shards? Starts a throwaway
-# 3-master Redis Cluster on loopback, then bridges the same messages twice
-# with sharded Pub/Sub, three channels on three shards both times:
-#   one:   all three channels routed to one stream (every write on one shard)
-#   three: each channel to its own stream, on its own shard
-# and prints the rate of each and their ratio. On a machine where the nodes
-# and the bridge share few cores, expect a ratio near 1: the shards then
-# compete for the same CPUs.
-# Builds optimus first (cargo's progress shown); the nodes' and the bridge's
+# 3-master Redis Cluster on loopback, then bridges COUNT messages twice with
+# sharded Pub/Sub (the fenced core, the default there), three publishers
+# each time:
+#   one:   one pool, one channel and one stream on one shard (every message
+#          on that shard)
+#   three: three pools (one consume process each), each channel and stream
+#          on a shard of its own, a third of the messages each
+# and prints the rate of each and their ratio. Each pool runs WORKERS
+# workers. On a machine where the nodes and the bridges share few cores,
+# expect a ratio nearer 1: the shards then compete for the same CPUs.
+# Builds optimus first (cargo's progress shown); the nodes' and the bridges'
 # logs stay in target/demo/cluster-scaling/.
-#   COUNT=300000 WORKERS=3 demo/cluster-scaling.sh
+#   COUNT=300000 WORKERS=2 demo/cluster-scaling.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${COUNT:-150000}
-WORKERS=${WORKERS:-3}
+WORKERS=${WORKERS:-2}
 # shellcheck source=tests/ensure-redis.sh
 source tests/ensure-redis.sh
 ensure_redis_server
@@ -93,23 +96,26 @@ spread() {
 mapfile -t CHANNELS < <(spread scale:in:)
 mapfile -t STREAMS < <(spread scale:out:)
 
-# Bridges COUNT messages (a third on each channel) with ROUTES=$1, logging
-# to $LOGS/consume-$2.log and monitor-$2; sets RATE, from the first publish
-# to the last entry written.
+# Bridges COUNT messages with $1 pools (1: everything on the first channel
+# and stream; 3: one pool per shard), logging to $LOGS/consume-$2-<i>.log
+# and monitor-$2-<i>; sets RATE, from the first publish to the last entry
+# written.
 run() {
-    local routes=$1 name=$2 total start end publishers=() last=-1 still=0
+    local pools=$1 name=$2 total start end publishers=() consumes=() last=-1 still=0 i
     for port in "${PORTS[@]}"; do redis-cli -p "$port" FLUSHALL >/dev/null; done
-    # Room for every message in every worker (twice over: half the queue is
-    # the socket side), so the burst is drained, never dropped (a full queue
-    # drops and counts `overflow`).
-    REDIS_URL=$SEEDS PUBSUB_MODE=sharded ROUTES=$routes CONSUMERS_COUNT=$WORKERS \
-        QUEUE_CAPACITY=$((COUNT * 3)) MONITORING_INTERVAL=0.5 "$BIN" consume >"$LOGS/monitor-$name" 2>"$LOGS/consume-$name.log" &
-    local consume=$!
-    PIDS+=("$consume")
-    until grep -q "consumers=$WORKERS " "$LOGS/monitor-$name" 2>/dev/null; do sleep 0.1; done
+    for ((i = 0; i < pools; i++)); do
+        REDIS_URL=$SEEDS PUBSUB_MODE=sharded INPUT_CHANNEL=${CHANNELS[$i]} OUTPUT_STREAM=${STREAMS[$i]} \
+            CONSUMERS_COUNT=$WORKERS MONITORING_INTERVAL=0.5 "$BIN" consume \
+            >"$LOGS/monitor-$name-$i" 2>"$LOGS/consume-$name-$i.log" &
+        consumes+=($!)
+        PIDS+=($!)
+    done
+    for ((i = 0; i < pools; i++)); do
+        until grep -q "consumers=$((WORKERS * pools)) " "$LOGS/monitor-$name-$i" 2>/dev/null; do sleep 0.1; done
+    done
     start=$(date +%s.%N)
-    for channel in "${CHANNELS[@]}"; do
-        REDIS_URL=$SEEDS PUBSUB_MODE=sharded "$BIN" publish --channel "$channel" \
+    for i in 0 1 2; do
+        REDIS_URL=$SEEDS PUBSUB_MODE=sharded "$BIN" publish --channel "${CHANNELS[$((i % pools))]}" \
             --count $((COUNT / 3)) --pause-min 0 --pause-max 0 --no-fast-path --progress-interval 3600 >/dev/null &
         publishers+=($!)
     done
@@ -121,26 +127,23 @@ run() {
         done
         [ "$total" -ge $((COUNT / 3 * 3)) ] && break
         if [ "$total" = "$last" ]; then still=$((still + 1)); else still=0; last=$total; fi
-        if ! kill -0 "$consume" 2>/dev/null || [ "$still" -gt 600 ]; then
-            echo "stuck at $total of $((COUNT / 3 * 3)) entries; last monitoring line and log:" >&2
-            tail -1 "$LOGS/monitor-$name" >&2
-            tail "$LOGS/consume-$name.log" >&2
+        if [ "$still" -gt 600 ]; then
+            echo "stuck at $total of $((COUNT / 3 * 3)) entries; last monitoring lines:" >&2
+            tail -n1 "$LOGS"/monitor-"$name"-* >&2
             exit 1
         fi
         sleep 0.05
     done
     end=$(date +%s.%N)
-    kill -TERM "$consume"
-    wait "$consume" || true
+    kill -TERM "${consumes[@]}"
+    wait "${consumes[@]}" || true
     RATE=$(awk -v n="$total" -v a="$start" -v b="$end" 'BEGIN { printf "%d", n / (b - a) }')
 }
 
-one="${CHANNELS[0]}=${STREAMS[0]},${CHANNELS[1]}=${STREAMS[0]},${CHANNELS[2]}=${STREAMS[0]}"
-three="${CHANNELS[0]}=${STREAMS[0]},${CHANNELS[1]}=${STREAMS[1]},${CHANNELS[2]}=${STREAMS[2]}"
-echo "== $COUNT messages, $WORKERS workers, channels ${CHANNELS[*]} on three shards"
-run "$one" one
+echo "== $COUNT messages, $WORKERS workers per pool, channels ${CHANNELS[*]} on three shards"
+run 1 one
 one_rate=$RATE
-echo "one stream (one shard writes):  $one_rate messages/s"
-run "$three" three
-echo "three streams on three shards:  $RATE messages/s"
+echo "one pool, one shard:            $one_rate messages/s"
+run 3 three
+echo "three pools on three shards:    $RATE messages/s"
 echo "ratio three/one: $(awk -v a="$RATE" -v b="$one_rate" 'BEGIN { printf "%.2f", a / b }') ($(nproc) cores here)"

@@ -96,8 +96,9 @@ pub struct ConsumeArgs {
     pub presence_ttl: String,
     /// How workers share the writing: `fenced` (one writer per stream, in
     /// publish order, no key per message; `partitioned` is taken for it) or
-    /// `race` (every worker races for every message's lock). [default:
-    /// fenced; on a cluster, race]
+    /// `race` (every worker races for every message's lock). On a cluster
+    /// fenced needs PUBSUB_MODE=sharded. [default: fenced; on a cluster with
+    /// classic Pub/Sub, race]
     #[arg(long, env = "STRATEGY")]
     pub strategy: Option<String>,
     /// Stream entry layout: `envelope` (message_id, payload, consumer_id) or
