@@ -256,12 +256,20 @@ fn as_standby(lane: &mut LaneState, record: &Record, view: &View, counters: &Cou
     let whole_since = view.since.max(lane.shed_through);
     let clean = covered.is_some_and(|c| whole_since <= c);
     let me = (whole_since, view.member);
+    // A live process that said it had no subscription counts as less
+    // complete only if it said so after this one's sequence began (a mark
+    // is at least its server ms × 1024): any subscription it makes later
+    // starts after that. One that said so before may be reconnecting now,
+    // ahead of this one, and hold what this one's hole lacks (all of a
+    // pool's subscriptions drop together when the server restarts).
     let best = view.settled
         && view.members.iter().all(|(name, m)| {
             *name == me.1
                 || view.silent_ms(m) > takeover_ms
-                || m.since == u64::MAX
-                || (m.since, *name) > me
+                || match m.since {
+                    u64::MAX => m.beat > whole_since >> 10,
+                    since => (since, *name) > me,
+                }
         });
     // A writer silent for a moment may be only paused (a starved host, a
     // stop): it holds the messages after the record's position, and a
@@ -632,6 +640,14 @@ mod tests {
                 .member("silent", 5_000, 20, 1)
                 .member("deaf", 0, 20, u64::MAX);
         case.pool.since = 15;
+        assert_eq!(case.decide(&rec), take_over(WRITER_GONE, false));
+        // But one that said it had no subscription before this one's
+        // sequence began may be subscribing again ahead of it (a server
+        // restart drops every subscription): it is given the time to say.
+        let mut case = Case::holding(&[20]).member("reconnecting", 100, 20, u64::MAX);
+        case.pool.since = (NOW_MS - 50) << 10;
+        assert_eq!(case.decide(&rec), Step::Stay, "the reconnecting one first");
+        case.pool.after = TAKEOVER_AFTER * 2;
         assert_eq!(case.decide(&rec), take_over(WRITER_GONE, false));
     }
 
