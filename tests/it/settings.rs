@@ -470,6 +470,23 @@ fn bad_routes_and_caps_are_bad_settings() {
             ],
             "ROUTES",
         ),
+        // Fenced on a cluster: sharded Pub/Sub only, and one slot for the
+        // pool's channels (a and b hash to different slots).
+        (
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
+                ("STRATEGY", "fenced"),
+            ],
+            "STRATEGY",
+        ),
+        (
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
+                ("PUBSUB_MODE", "sharded"),
+                ("ROUTES", "a=out:a,b=out:b"),
+            ],
+            "ROUTES",
+        ),
     ];
     for (env, var) in cases {
         let out = run_optimus(&["consume"], env, Duration::from_secs(10));
