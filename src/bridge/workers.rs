@@ -499,13 +499,10 @@ impl Spawner {
     }
 }
 
-/// The race strategy on one server: every racing worker gets every message
-/// the intake hands on. Ends when the readers are done; the workers' queues
-/// close with it.
-/// What publishes the race strategy's marks (the fenced loop's cycle does
-/// for its own): a message's mark dates it in the server's time, which the
-/// race's guard against long stops needs.
-/// The race loop's cycle: its beat among the pool's members, and a mark.
+/// The race loop's cycle: its beat among the pool's members, and a mark
+/// (the fenced loop's cycle does both for its own). A message's mark dates
+/// it in the server's time, which the race's guard against long stops
+/// needs.
 struct Marks {
     conn: Conn,
     pool: Pool,
@@ -534,6 +531,9 @@ impl Marks {
     }
 }
 
+/// The race strategy on one server: every racing worker gets every message
+/// the intake hands on. Ends when the readers are done; the workers' queues
+/// close with it.
 async fn dispatch(
     mut intake: Intake,
     counters: Arc<Counters>,

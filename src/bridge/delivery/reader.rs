@@ -352,7 +352,9 @@ impl Reader {
                 password.as_bytes(),
             ]);
         }
-        hello.extend([b"SETNAME".as_slice(), b"optimus-reader"]);
+        // Named for the process, so CLIENT LIST tells whose subscription it is.
+        let name = format!("optimus-reader-{}", std::process::id());
+        hello.extend([b"SETNAME".as_slice(), name.as_bytes()]);
         encode(&mut out, &hello);
         let mut replies = 1;
         if self.pool.sharded {
