@@ -804,8 +804,24 @@ pub fn out_of_order(entries: &[BTreeMap<String, Vec<u8>>], delivered: &[u64]) ->
 /// meanwhile it does not see).
 pub struct Witness {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    seen: Arc<Mutex<Vec<u64>>>,
+    seen: Arc<Mutex<Seen>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a [`Witness`] saw: the seqs, and where each of its subscriptions
+/// began among them.
+#[derive(Default)]
+struct Seen {
+    seqs: Vec<u64>,
+    starts: Vec<usize>,
+}
+
+impl Seen {
+    fn subscribed(seen: &Mutex<Seen>) {
+        let mut seen = seen.lock().unwrap();
+        let at = seen.seqs.len();
+        seen.starts.push(at);
+    }
 }
 
 impl Witness {
@@ -814,7 +830,7 @@ impl Witness {
         let url = server.url();
         let channel = channel.to_string();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Seen::default()));
         let (ready, subscribed) = std::sync::mpsc::channel();
         let thread = std::thread::spawn({
             let (stop, seen) = (stop.clone(), seen.clone());
@@ -832,6 +848,7 @@ impl Witness {
                     if pubsub.subscribe(&channel).is_err() {
                         continue;
                     }
+                    Seen::subscribed(&seen);
                     let _ = ready.send(());
                     while !stopped() {
                         match pubsub.get_message() {
@@ -842,7 +859,7 @@ impl Witness {
                                         .ok()
                                         .and_then(|v| v.get("seq")?.as_u64())
                                 {
-                                    seen.lock().unwrap().push(seq);
+                                    seen.lock().unwrap().seqs.push(seq);
                                 }
                             }
                             Err(e) if e.is_timeout() => {}
@@ -870,7 +887,7 @@ impl Witness {
         use std::io::Write;
         let channel = channel.to_string();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Seen::default()));
         let (ready, subscribed) = std::sync::mpsc::channel();
         let thread = std::thread::spawn({
             let (stop, seen) = (stop.clone(), seen.clone());
@@ -905,6 +922,7 @@ impl Witness {
                         };
                         match text(0).as_slice() {
                             b"ssubscribe" => {
+                                Seen::subscribed(&seen);
                                 let _ = ready.send(());
                             }
                             b"smessage" => {
@@ -913,7 +931,7 @@ impl Witness {
                                         .ok()
                                         .and_then(|v| v.get("seq")?.as_u64())
                                 {
-                                    seen.lock().unwrap().push(seq);
+                                    seen.lock().unwrap().seqs.push(seq);
                                 }
                             }
                             _ => break,
@@ -934,7 +952,27 @@ impl Witness {
 
     /// The seqs delivered so far, in delivery order.
     pub fn order(&self) -> Vec<u64> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().unwrap().seqs.clone()
+    }
+
+    /// Waits (at most `timeout`) until the witness has subscribed again
+    /// after losing its connection `nth` times, and returns where in
+    /// [`Witness::order`] that subscription began: what it saw from there
+    /// on was delivered after it subscribed again. (Counting from the
+    /// moment the test saw the server go would also count what the witness
+    /// still had to read from before.)
+    pub fn resubscribed(&self, nth: usize, timeout: Duration) -> usize {
+        wait_for(
+            &format!("the witness subscribed again ({nth} times)"),
+            timeout,
+            || self.seen.lock().unwrap().starts.get(nth).copied(),
+            || {
+                format!(
+                    "subscriptions began at {:?}",
+                    self.seen.lock().unwrap().starts
+                )
+            },
+        )
     }
 }
 

@@ -114,10 +114,12 @@ pub struct Fenced {
     warnings: Throttle,
     /// When the routes' mismatch was last said (every 30 s at most).
     routes_said: Option<Instant>,
-    /// Since when this process's member entry has been there: it counts
-    /// itself the most complete process only once the others have had
-    /// TAKEOVER_AFTER to beat too.
-    member_since: Option<Instant>,
+    /// Since when this process has watched the pool without a break (see
+    /// `takeover::View::watched`): reset by a cycle that failed, a member
+    /// entry of its own that is new, and a member's beat gone back.
+    watching_since: Option<Instant>,
+    /// Each member's beat as the last cycle read it.
+    beats: HashMap<String, u64>,
     /// Since when the budget has been spent with nothing to shed.
     shed_nothing_since: Option<Instant>,
     /// The pool's strategy handoff, as the last cycle read it.
@@ -151,7 +153,8 @@ impl Fenced {
             reported_pending: 0,
             warnings: Throttle::default(),
             routes_said: None,
-            member_since: None,
+            watching_since: None,
+            beats: HashMap::new(),
             shed_nothing_since: None,
             handoff: None,
             unpurged: false,
@@ -579,6 +582,7 @@ impl Fenced {
             Err(err) => {
                 Counters::add(&self.counters.redis_errors, 1);
                 tracing::debug!(cause = %brief(&err), "cycle failed; trying again next time");
+                self.watching_since = None;
                 self.after_cycle_error(&err).await;
                 return Ok(());
             }
@@ -597,12 +601,22 @@ impl Fenced {
             handoff,
         } = reply;
         self.take_handoff(handoff);
-        // A new entry (first cycle, or the members were lost with Redis's
-        // data): the others' entries may not be back yet.
-        if new || self.member_since.is_none() {
-            self.member_since = Some(Instant::now());
-        }
         let members = Member::parse_all(&members);
+        // A new entry (first cycle, or the members were lost with Redis's
+        // data) or a beat gone back (an older copy of the data restored,
+        // or a replica behind its primary promoted): the others' beats are
+        // not fresh yet. So is a cycle after a failed one: nobody could
+        // beat meanwhile.
+        let went_back = members
+            .iter()
+            .any(|(name, m)| self.beats.get(*name).is_some_and(|&b| m.beat < b));
+        if new || went_back || self.watching_since.is_none() {
+            self.watching_since = Some(Instant::now());
+        }
+        self.beats = members
+            .iter()
+            .map(|(name, m)| (name.to_string(), m.beat))
+            .collect();
         self.warn_strangers(&members);
         let me = self.config.member.clone();
         let view = View {
@@ -614,9 +628,9 @@ impl Fenced {
             seen: self.intake.seen(),
             since: self.intake.continuous_since(),
             listening: self.intake.any_connected(),
-            settled: self
-                .member_since
-                .is_some_and(|at| at.elapsed() >= self.config.takeover_after),
+            watched: self
+                .watching_since
+                .map_or(Duration::ZERO, |at| at.elapsed()),
         };
         for (stream, (epoch, owner, pos)) in asked.iter().zip(records) {
             let decoded = pos.as_deref().and_then(Position::decode);

@@ -93,10 +93,15 @@ pub(super) struct View<'a> {
     pub since: u64,
     /// Whether any of this process's readers is subscribed.
     pub listening: bool,
-    /// This process's member entry has been there for TAKEOVER_AFTER: the
-    /// others have had the time to beat, so it may count itself the most
-    /// complete.
-    pub settled: bool,
+    /// How long this process has watched the pool without a break: its
+    /// member entry there, its cycles answered, no member's beat gone back
+    /// (Redis's data lost or restored from an older copy). A member's beat
+    /// is only as fresh as the data it is read from: after a break every
+    /// member looks silent for as long as nobody could beat, or since the
+    /// restored copy was taken, though they live on. So silence counts only
+    /// from the start of the watch, and a process counts itself the most
+    /// complete only once the others have had TAKEOVER_AFTER to beat.
+    pub watched: Duration,
 }
 
 impl View<'_> {
@@ -104,9 +109,16 @@ impl View<'_> {
         self.now.saturating_duration_since(at)
     }
 
-    /// Milliseconds since `member`'s last beat (server time).
+    /// Milliseconds since `member`'s last beat (server time), but no more
+    /// than this process has watched (see [`View::watched`]).
     fn silent_ms(&self, member: &Member) -> u64 {
-        self.now_ms.saturating_sub(member.beat)
+        let watched = self.watched.as_millis() as u64;
+        self.now_ms.saturating_sub(member.beat).min(watched)
+    }
+
+    /// The others have had TAKEOVER_AFTER to beat since the watch began.
+    fn settled(&self) -> bool {
+        self.watched >= self.takeover_after
     }
 }
 
@@ -262,7 +274,7 @@ fn as_standby(lane: &mut LaneState, record: &Record, view: &View, counters: &Cou
     // starts after that. One that said so before may be reconnecting now,
     // ahead of this one, and hold what this one's hole lacks (all of a
     // pool's subscriptions drop together when the server restarts).
-    let best = view.settled
+    let best = view.settled()
         && view.members.iter().all(|(name, m)| {
             *name == me.1
                 || view.silent_ms(m) > takeover_ms
@@ -472,7 +484,8 @@ mod tests {
         since: u64,
         seen: u64,
         listening: bool,
-        settled: bool,
+        /// How long the process has watched the pool.
+        watched: Duration,
     }
 
     impl Pool {
@@ -486,7 +499,7 @@ mod tests {
                 seen: self.seen,
                 since: self.since,
                 listening: self.listening,
-                settled: self.settled,
+                watched: self.watched,
             }
         }
     }
@@ -516,7 +529,7 @@ mod tests {
                 since: 0,
                 seen: 0,
                 listening: true,
-                settled: true,
+                watched: Duration::from_secs(3600),
             };
             Self {
                 lane: state,
@@ -582,7 +595,7 @@ mod tests {
         let mut case = Case::holding(&[10]);
         let free = Record::default();
         assert_eq!(case.decide(&free), take_over(NO_WRITER, false));
-        case.pool.settled = false;
+        case.pool.watched = Duration::ZERO;
         assert_eq!(
             case.decide(&free),
             Step::Stay,
@@ -602,6 +615,28 @@ mod tests {
         case.pool.since = 5;
         let step = case.decide(&record("e1", "w", Some(10)));
         assert_eq!(step, take_over(WRITER_SILENT, true));
+    }
+
+    #[test]
+    fn silence_counts_only_from_the_start_of_the_watch() {
+        // An older copy of the data restored (or Redis back after an
+        // outage): the writer's beat in it is 5 s old, but it lives on and
+        // beats again within a cycle. Until this process has watched for
+        // TAKEOVER_AFTER, it is not silent, and a hole waits for it.
+        let dead_ms = presumed_dead_after(TAKEOVER_AFTER).as_millis() as u64;
+        let mut case = Case::holding(&[20]).member("w", dead_ms + 5_000, 20, 0);
+        case.pool.since = 15;
+        case.pool.watched = Duration::from_millis(40);
+        let rec = record("e1", "w", Some(10));
+        assert_eq!(case.decide(&rec), Step::Stay, "watched for 40 ms only");
+        case.pool.since = 5;
+        assert_eq!(
+            case.decide(&rec),
+            Step::Stay,
+            "even without a hole: a live writer is not replaced"
+        );
+        case.pool.watched = Duration::from_millis(dead_ms + 1);
+        assert_eq!(case.decide(&rec), take_over(WRITER_SILENT, true));
     }
 
     #[test]
