@@ -813,6 +813,9 @@ pub struct Witness {
 #[derive(Default)]
 struct Seen {
     seqs: Vec<u64>,
+    /// Each seq's run (the test publisher's `run`), by index into `names`.
+    runs: Vec<usize>,
+    names: Vec<String>,
     starts: Vec<usize>,
 }
 
@@ -822,12 +825,40 @@ impl Seen {
         let at = seen.seqs.len();
         seen.starts.push(at);
     }
+
+    /// Records a payload of the test publisher's (others are left out).
+    fn delivered(seen: &Mutex<Seen>, payload: &[u8]) {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return;
+        };
+        let Some(seq) = value.get("seq").and_then(|s| s.as_u64()) else {
+            return;
+        };
+        let run = value.get("run").and_then(|r| r.as_str()).unwrap_or("");
+        let mut seen = seen.lock().unwrap();
+        let index = match seen.names.iter().position(|n| n == run) {
+            Some(i) => i,
+            None => {
+                seen.names.push(run.to_string());
+                seen.names.len() - 1
+            }
+        };
+        seen.seqs.push(seq);
+        seen.runs.push(index);
+    }
 }
 
 impl Witness {
     /// Subscribes (returning once subscribed) and starts listening.
     pub fn start(server: &RedisServer, channel: &str) -> Self {
-        let url = server.url();
+        let port = server.port;
+        Self::following(channel, move || Some(port))
+    }
+
+    /// A witness on the server `locate` names (asked again after each lost
+    /// connection, so it follows a failover; what is published meanwhile it
+    /// does not see).
+    pub fn following(channel: &str, locate: impl Fn() -> Option<u16> + Send + 'static) -> Self {
         let channel = channel.to_string();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -837,9 +868,10 @@ impl Witness {
             move || {
                 let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
                 while !stopped() {
-                    let Ok(mut conn) = redis::Client::open(url.as_str())
-                        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
-                    else {
+                    let Some(Ok(mut conn)) = locate().map(|port| {
+                        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+                    }) else {
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     };
@@ -854,13 +886,7 @@ impl Witness {
                         match pubsub.get_message() {
                             Ok(msg) => {
                                 let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
-                                if let Some(seq) =
-                                    serde_json::from_slice::<serde_json::Value>(&payload)
-                                        .ok()
-                                        .and_then(|v| v.get("seq")?.as_u64())
-                                {
-                                    seen.lock().unwrap().seqs.push(seq);
-                                }
+                                Seen::delivered(&seen, &payload);
                             }
                             Err(e) if e.is_timeout() => {}
                             Err(_) => break,
@@ -925,15 +951,7 @@ impl Witness {
                                 Seen::subscribed(&seen);
                                 let _ = ready.send(());
                             }
-                            b"smessage" => {
-                                if let Some(seq) =
-                                    serde_json::from_slice::<serde_json::Value>(&text(2))
-                                        .ok()
-                                        .and_then(|v| v.get("seq")?.as_u64())
-                                {
-                                    seen.lock().unwrap().seqs.push(seq);
-                                }
-                            }
+                            b"smessage" => Seen::delivered(&seen, &text(2)),
                             _ => break,
                         }
                     }
@@ -953,6 +971,18 @@ impl Witness {
     /// The seqs delivered so far, in delivery order.
     pub fn order(&self) -> Vec<u64> {
         self.seen.lock().unwrap().seqs.clone()
+    }
+
+    /// The seqs of the test publisher's run `run` delivered so far, in
+    /// delivery order.
+    pub fn order_of(&self, run: &str) -> Vec<u64> {
+        let seen = self.seen.lock().unwrap();
+        let Some(index) = seen.names.iter().position(|n| n == run) else {
+            return Vec::new();
+        };
+        let runs = seen.runs.iter();
+        let seqs = seen.seqs.iter().zip(runs).filter(|(_, r)| **r == index);
+        seqs.map(|(s, _)| *s).collect()
     }
 
     /// Waits (at most `timeout`) until the witness has subscribed again

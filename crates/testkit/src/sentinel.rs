@@ -113,6 +113,23 @@ impl SentinelSetup {
         port
     }
 
+    /// What names the primary's port as the sentinels see it, for a
+    /// [`crate::Witness::following`] (None while no sentinel answers).
+    pub fn primary_locator(&self) -> impl Fn() -> Option<u16> + Send + 'static {
+        let sentinels: Vec<u16> = self.sentinels.iter().map(|(port, _)| *port).collect();
+        move || {
+            sentinels.iter().find_map(|port| {
+                let mut conn = sentinel_conn(*port)?;
+                let (_, port): (String, u16) = redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(MASTER)
+                    .query(&mut conn)
+                    .ok()?;
+                Some(port)
+            })
+        }
+    }
+
     /// The server that is the primary now.
     pub fn primary(&self) -> &RedisServer {
         let port = self.primary_port();
