@@ -32,13 +32,23 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// `{<stream>}:…` for a plain name; a name with a hash tag of its own
+    /// (`{orders}:out`), or one braces would break, gets
+    /// `{<tag>}:optimus:<stream>:…` instead: in the stream's slot, and with
+    /// the whole name in it, so that streams sharing a tag (as on a cluster
+    /// they are told to) never share a record, a lock or an ACK.
     pub fn new(stream: &str) -> Self {
         let tag = slot_tag(stream);
+        let prefix = if tag == stream {
+            format!("{{{stream}}}")
+        } else {
+            format!("{{{tag}}}:optimus:{stream}")
+        };
         Self {
-            writer: format!("{{{tag}}}:writer"),
-            handoff: format!("{{{tag}}}:handoff"),
-            lock_prefix: format!("{{{tag}}}:lock:"),
-            ack_prefix: format!("{{{tag}}}:ack:"),
+            writer: format!("{prefix}:writer"),
+            handoff: format!("{prefix}:handoff"),
+            lock_prefix: format!("{prefix}:lock:"),
+            ack_prefix: format!("{prefix}:ack:"),
         }
     }
 
@@ -318,6 +328,20 @@ mod tests {
         }
         assert_eq!(Keys::new("out").writer, "{out}:writer");
         assert!(!is_internal_channel(b"{orders}:marks:x"));
+    }
+
+    #[test]
+    fn streams_sharing_a_hash_tag_keep_keys_of_their_own() {
+        let streams = ["{o}:a", "{o}:b", "o", "{o}:a:writer"];
+        let keys: Vec<Keys> = streams.iter().map(|s| Keys::new(s)).collect();
+        let mut seen = std::collections::HashSet::new();
+        for k in &keys {
+            for key in [k.writer.clone(), k.handoff.clone(), k.lock("x"), k.ack("x")] {
+                assert!(seen.insert(key.clone()), "{key} named twice");
+            }
+        }
+        assert_eq!(keys[0].writer, "{o}:optimus:{o}:a:writer");
+        assert_eq!(keys[2].writer, "{o}:writer");
     }
 
     #[test]
