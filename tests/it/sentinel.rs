@@ -6,6 +6,7 @@
 //! written. Replication is asynchronous: what the old primary confirmed and
 //! had not passed on is lost with it; the tests count it and show it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::support::sentinel::{MASTER, SentinelSetup};
@@ -44,17 +45,23 @@ fn publish_in_background(setup: &SentinelSetup, count: u64, rate: u64) -> Optimu
     )
 }
 
+/// The entries of run `run` in the stream on `setup`'s primary, in stream
+/// order.
+fn entries_of_run(setup: &SentinelSetup, run: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
+    let entries = setup.primary().stream_entries(STREAM);
+    entries
+        .into_iter()
+        .filter(|e| {
+            serde_json::from_slice::<serde_json::Value>(&e["payload"])
+                .is_ok_and(|payload| payload["run"].as_str() == Some(run))
+        })
+        .collect()
+}
+
 /// The seqs of run `run` in the stream on `setup`'s primary, in stream
 /// order.
 fn seqs_of_run(setup: &SentinelSetup, run: &str) -> Vec<u64> {
-    let entries = setup.primary().stream_entries(STREAM);
-    entries
-        .iter()
-        .filter_map(|e| {
-            let payload: serde_json::Value = serde_json::from_slice(&e["payload"]).ok()?;
-            (payload["run"].as_str() == Some(run)).then(|| payload["seq"].as_u64())?
-        })
-        .collect()
+    support::seqs(&entries_of_run(setup, run))
 }
 
 /// Checks a run: no seq twice; the stream in the order the witness saw
@@ -68,28 +75,15 @@ fn check_run(
     count: u64,
     whole_from: u64,
 ) -> usize {
-    let seqs = seqs_of_run(setup, run);
+    let entries = entries_of_run(setup, run);
+    let seqs = support::seqs(&entries);
     let mut seen = std::collections::HashSet::new();
     let twice: Vec<u64> = seqs.iter().copied().filter(|s| !seen.insert(*s)).collect();
     assert!(twice.is_empty(), "run {run}: written twice: {twice:?}");
-    let delivered = witness.order_of(run);
-    let rank: std::collections::HashMap<u64, usize> =
-        delivered.iter().enumerate().map(|(i, s)| (*s, i)).collect();
-    let mut highest = None;
-    let behind: Vec<u64> = seqs
-        .iter()
-        .copied()
-        .filter(|s| {
-            let Some(&r) = rank.get(s) else { return false };
-            let out = highest.is_some_and(|h| r < h);
-            highest = highest.max(Some(r));
-            out
-        })
-        .collect();
-    assert!(
-        behind.is_empty(),
-        "run {run}: {} entries behind one delivered after them: {behind:?}",
-        behind.len()
+    let behind = support::out_of_order(&entries, &witness.order_of(run));
+    assert_eq!(
+        behind, 0,
+        "run {run}: entries behind one delivered after them"
     );
     let missing: Vec<u64> = (0..count).filter(|s| !seen.contains(s)).collect();
     let late: Vec<&u64> = missing.iter().filter(|s| **s >= whole_from).collect();

@@ -104,30 +104,14 @@ impl SentinelSetup {
     /// The port of the primary as the sentinels name it now.
     pub fn primary_port(&self) -> u16 {
         let (port, _) = &self.sentinels[0];
-        let mut conn = sentinel_conn(*port).expect("a sentinel answers");
-        let (_, port): (String, u16) = redis::cmd("SENTINEL")
-            .arg("GET-MASTER-ADDR-BY-NAME")
-            .arg(MASTER)
-            .query(&mut conn)
-            .expect("the primary's address");
-        port
+        primary_named_by(*port).expect("a sentinel names the primary")
     }
 
     /// What names the primary's port as the sentinels see it, for a
     /// [`crate::Witness::following`] (None while no sentinel answers).
     pub fn primary_locator(&self) -> impl Fn() -> Option<u16> + Send + 'static {
         let sentinels: Vec<u16> = self.sentinels.iter().map(|(port, _)| *port).collect();
-        move || {
-            sentinels.iter().find_map(|port| {
-                let mut conn = sentinel_conn(*port)?;
-                let (_, port): (String, u16) = redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(MASTER)
-                    .query(&mut conn)
-                    .ok()?;
-                Some(port)
-            })
-        }
+        move || sentinels.iter().find_map(|port| primary_named_by(*port))
     }
 
     /// The server that is the primary now.
@@ -190,6 +174,18 @@ impl Drop for SentinelSetup {
             let _ = child.wait();
         }
     }
+}
+
+/// The primary's port as the sentinel on `sentinel` names it (None when
+/// it does not answer).
+fn primary_named_by(sentinel: u16) -> Option<u16> {
+    let mut conn = sentinel_conn(sentinel)?;
+    let (_, port): (String, u16) = redis::cmd("SENTINEL")
+        .arg("GET-MASTER-ADDR-BY-NAME")
+        .arg(MASTER)
+        .query(&mut conn)
+        .ok()?;
+    Some(port)
 }
 
 fn sentinel_conn(port: u16) -> Option<redis::Connection> {

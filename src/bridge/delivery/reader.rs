@@ -372,10 +372,10 @@ impl Reader {
             let mut subscribe: Vec<&[u8]> = vec![b"SSUBSCRIBE"];
             subscribe.extend(self.channels().into_iter().map(str::as_bytes));
             encode(&mut out, &subscribe);
-            let mut start = self.start_script();
-            start[0] = b"EVALSHA";
-            start[1] = scripts::sha(scripts::START).as_bytes();
-            encode(&mut out, &start);
+            encode(
+                &mut out,
+                &self.start_script(b"EVALSHA", scripts::sha(scripts::START)),
+            );
             return self
                 .handshake(write, read, out, replies, false, target)
                 .await;
@@ -397,18 +397,19 @@ impl Reader {
             encode(&mut out, &psubscribe);
             queued += 1;
         }
-        encode(&mut out, &self.start_script());
+        encode(&mut out, &self.start_script(b"EVAL", scripts::START));
         encode(&mut out, &[b"EXEC"]);
         replies += 1 + queued;
         self.handshake(write, read, out, replies, true, target)
             .await
     }
 
-    /// The script that publishes a connection's first mark.
-    fn start_script(&self) -> [&[u8]; 6] {
+    /// The script that publishes a connection's first mark, run with
+    /// `command` (`EVAL` with the body, or `EVALSHA` with its SHA).
+    fn start_script<'a>(&'a self, command: &'a [u8], script: &'a str) -> [&'a [u8]; 6] {
         [
-            b"EVAL",
-            scripts::START.as_bytes(),
+            command,
+            script.as_bytes(),
             b"1",
             self.pool.clock.as_bytes(),
             self.pool.marks.as_bytes(),
