@@ -120,6 +120,8 @@ pub mod limits {
     /// output-buffer hard limit (32 MB), past which one message drops every
     /// subscriber at once.
     pub const PAYLOAD_BYTES: RangeInclusive<u64> = 1..=16 << 20;
+    /// MIN_REPLICAS_ACKED.
+    pub const REPLICAS: RangeInclusive<u64> = 0..=16;
     /// TCP ports.
     pub const PORT: RangeInclusive<u64> = 1..=65_535;
     /// Seconds of intervals, TTLs and timeouts: from 10 ms to a day.

@@ -36,6 +36,8 @@ pub struct BridgeConfig {
     pub(crate) memory_limit: usize,
     /// DEDUP_WINDOW.
     pub(crate) dedup_window: Duration,
+    /// MIN_REPLICAS_ACKED (0: off).
+    pub(crate) min_replicas_acked: usize,
     pub(crate) max_payload_bytes: usize,
     /// `None`: `<OUTPUT_STREAM>:dead`.
     pub(crate) dead_letter_stream: Option<String>,
@@ -86,6 +88,7 @@ impl BridgeConfig {
             strategy: Strategy::Fenced,
             memory_limit: 256 << 20,
             dedup_window: Duration::from_secs(5),
+            min_replicas_acked: 0,
             max_payload_bytes: 1 << 20,
             dead_letter_stream: None,
             print_monitor: false,
@@ -121,6 +124,9 @@ impl BridgeConfig {
         memory_limit: usize;
         /// Window for re-sent ids (DEDUP_WINDOW).
         dedup_window: Duration;
+        /// Replicas that must hold a write before standbys drop their
+        /// copies of it (MIN_REPLICAS_ACKED; 0: off; fenced only).
+        min_replicas_acked: usize;
         /// Larger payloads are dead-lettered (MAX_PAYLOAD_BYTES).
         max_payload_bytes: usize;
         /// Print the monitoring line on stdout.
@@ -244,6 +250,25 @@ impl BridgeConfig {
             ),
         ] {
             check_whole(var, value as u64, range)?;
+        }
+        check_whole(
+            "MIN_REPLICAS_ACKED",
+            self.min_replicas_acked as u64,
+            limits::REPLICAS,
+        )?;
+        if self.min_replicas_acked > 0 && self.strategy != Strategy::Fenced {
+            return Err(ConfigError::new(
+                "MIN_REPLICAS_ACKED",
+                self.min_replicas_acked,
+                "is kept by the fenced strategy only (STRATEGY=fenced, one server or sentinels)",
+            ));
+        }
+        if self.min_replicas_acked > 0 && self.endpoint.is_cluster() {
+            return Err(ConfigError::new(
+                "MIN_REPLICAS_ACKED",
+                self.min_replicas_acked,
+                "is not kept on a Redis Cluster yet (one server or sentinels only)",
+            ));
         }
         Ok(())
     }

@@ -348,6 +348,26 @@ impl Spawner {
         ));
         match config.strategy {
             Strategy::Fenced => {
+                // MIN_REPLICAS_ACKED: WAIT blocks its connection, so it has
+                // one of its own.
+                let waiter = match config.min_replicas_acked {
+                    0 => None,
+                    _ => {
+                        let endpoint = &config.endpoint;
+                        let opened = crate::connect::retry_until(
+                            shutdown,
+                            || crate::connect::managed(endpoint),
+                            |err, wait| {
+                                tracing::warn!(cause = %crate::connect::brief(err), retry_in_ms = wait.as_millis() as u64, "cannot open the connection that waits for replicas yet; retrying")
+                            },
+                        )
+                        .await?;
+                        match opened {
+                            Some(conn) => Some(conn),
+                            None => return Ok(()),
+                        }
+                    }
+                };
                 let fenced = Fenced::new(
                     FencedConfig {
                         member,
@@ -356,9 +376,11 @@ impl Spawner {
                         batch_size: config.batch_size,
                         takeover_after: config.takeover_after,
                         dedup_window: config.dedup_window,
+                        min_replicas: config.min_replicas_acked,
                         endpoint: config.endpoint.clone(),
                     },
                     conn,
+                    waiter,
                     self.counters.clone(),
                     self.budget.clone(),
                     intake,

@@ -91,6 +91,9 @@ pub struct ConsumeArgs {
     /// retrying) and written once; 0 turns it off.
     #[arg(long, env = "DEDUP_WINDOW", default_value = "5")]
     pub dedup_window: String,
+    /// Fenced strategy: replicas that must hold a batch (WAIT) before the standbys drop their copies of it, so that a failover loses nothing published while a worker was subscribed; 0 turns it off.
+    #[arg(long, env = "MIN_REPLICAS_ACKED", default_value = "0")]
+    pub min_replicas_acked: String,
     /// Seconds a presence key lives without a refresh (refreshed every third of it).
     #[arg(long, env = "PRESENCE_TTL", default_value = "5")]
     pub presence_ttl: String,
@@ -180,6 +183,11 @@ impl ConsumeArgs {
                 "DEDUP_WINDOW",
                 &self.dedup_window,
                 0.0..=3600.0,
+            )?)
+            .min_replicas_acked(parse_whole(
+                "MIN_REPLICAS_ACKED",
+                &self.min_replicas_acked,
+                limits::REPLICAS,
             )?)
             .max_payload_bytes(parse_whole(
                 "MAX_PAYLOAD_BYTES",

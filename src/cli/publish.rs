@@ -60,6 +60,11 @@ pub struct PublishArgs {
     /// where the bridge writes each id once.
     #[arg(long, env = "DEDUP_WINDOW", default_value = "5")]
     pub dedup_window: String,
+    /// A batch counts as sent only once this many replicas hold it (WAIT,
+    /// up to 1 s); otherwise it is sent again (after a failover, on the new
+    /// primary), so that a failover loses nothing it sent; 0 turns it off.
+    #[arg(long, env = "MIN_REPLICAS_ACKED", default_value = "0")]
+    pub min_replicas_acked: String,
     /// JSON field of each test message that carries its id (the bridge's
     /// MESSAGE_ID_FIELD); the fast path knows messages by it.
     #[arg(long, env = "MESSAGE_ID_FIELD", default_value = "message_id")]
@@ -127,6 +132,18 @@ impl PublishArgs {
             ));
         }
         let endpoint = connect.endpoint()?;
+        let min_replicas_acked = parse_whole(
+            "MIN_REPLICAS_ACKED",
+            &self.min_replicas_acked,
+            limits::REPLICAS,
+        )?;
+        if min_replicas_acked > 0 && endpoint.is_cluster() {
+            return Err(ConfigError::new(
+                "MIN_REPLICAS_ACKED",
+                min_replicas_acked,
+                "is not kept on a Redis Cluster yet (one server or sentinels only)",
+            ));
+        }
         let routes = match given(&self.routes) {
             Some(raw) => optimus::parse_routes(raw, false)?,
             None => Vec::new(),
@@ -155,6 +172,7 @@ impl PublishArgs {
             ack_ttl: parse_interval("ACK_TTL", &self.ack_ttl)?,
             retry_for: parse_seconds("--retry-for", &self.retry_for, 0.0..=86_400.0)?,
             dedup_window: parse_seconds("DEDUP_WINDOW", &self.dedup_window, 0.0..=3600.0)?,
+            min_replicas_acked,
         })
     }
 }

@@ -55,6 +55,10 @@ pub struct PublishConfig {
     pub retry_for: Duration,
     /// The bridge's DEDUP_WINDOW (see `--dedup-window`).
     pub dedup_window: Duration,
+    /// MIN_REPLICAS_ACKED: a part counts as sent only once this many
+    /// replicas hold it (WAIT); otherwise it is sent again, as one Redis did
+    /// not confirm (0: off).
+    pub min_replicas_acked: usize,
 }
 
 impl PublishConfig {
@@ -78,6 +82,7 @@ impl PublishConfig {
             ack_ttl: Duration::from_secs(60),
             retry_for: Duration::from_secs(30),
             dedup_window: Duration::from_secs(5),
+            min_replicas_acked: 0,
         }
     }
 }

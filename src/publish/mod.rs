@@ -109,6 +109,27 @@ pub struct PublishError {
     pub summary: PublishSummary,
 }
 
+/// MIN_REPLICAS_ACKED: idle connections for parts that wait for replicas.
+struct Waiting {
+    endpoint: crate::connect::Endpoint,
+    idle: std::sync::Mutex<Vec<Conn>>,
+}
+
+impl Waiting {
+    /// An idle connection, or a new one.
+    async fn take(&self) -> Result<Conn, RedisError> {
+        let idle = self.idle.lock().expect("not poisoned").pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => crate::connect::managed(&self.endpoint).await,
+        }
+    }
+
+    fn give_back(&self, conn: Conn) {
+        self.idle.lock().expect("not poisoned").push(conn);
+    }
+}
+
 /// What one confirmed batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -132,6 +153,9 @@ pub const MAX_SCRIPT_BYTES: usize = 1 << 20;
 /// How long a batch's marker outlives its `--retry-for`: the margin for the
 /// publisher's estimate of the server's clock.
 const MARKER_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long a part's WAIT for replicas may take (MIN_REPLICAS_ACKED).
+const WAIT_FOR_REPLICAS: Duration = Duration::from_secs(1);
 
 /// Publishes batches on a channel; what no bridge worker could receive is
 /// written to the stream directly (the fast path), exactly once, and
@@ -161,6 +185,12 @@ pub struct Publisher {
     /// published again (see `publish.lua`): a second less than the
     /// bridge's DEDUP_WINDOW.
     republish_within: Duration,
+    /// MIN_REPLICAS_ACKED (0: off).
+    min_replicas: usize,
+    /// With MIN_REPLICAS_ACKED, the connections parts go out on, one per
+    /// part on its way: WAIT blocks the connection it is sent on, and a
+    /// part must not wait behind another's WAIT (see [`Waiting`]).
+    waiting: Arc<Waiting>,
     /// The server's clock at connect, and the local instant then: batches'
     /// deadlines are in the server's time.
     server_clock: (u64, Instant),
@@ -228,6 +258,11 @@ impl Publisher {
             id_field: config.id_field.clone(),
             max_payload_bytes: config.max_payload_bytes,
             republish_within: config.dedup_window.saturating_sub(Duration::from_secs(1)),
+            min_replicas: config.min_replicas_acked,
+            waiting: Arc::new(Waiting {
+                endpoint: config.endpoint.clone(),
+                idle: std::sync::Mutex::new(Vec::new()),
+            }),
             server_clock,
         })
     }
@@ -395,11 +430,40 @@ impl Publisher {
             packed.push(b':');
             packed.extend_from_slice(id.as_bytes());
         }
-        cmd.arg(packed);
+        cmd.arg(packed)
+            .arg(deadline.saturating_sub(retry_for.as_millis() as u64));
         for payload in part {
             cmd.arg(payload.as_slice());
         }
-        let reply: Vec<i64> = scripts::run(&mut self.conn, cmd).await?;
+        let reply: Vec<i64> = match self.min_replicas {
+            0 => scripts::run(&mut self.conn, cmd).await?,
+            wanted => {
+                // On the same connection, right after: how many replicas
+                // hold what the script did (a failover loses what they do
+                // not: sent again, on the new primary). A connection of the
+                // part's own, so that a WAIT holds up no other part.
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd)
+                    .cmd("WAIT")
+                    .arg(wanted)
+                    .arg(WAIT_FOR_REPLICAS.as_millis() as u64);
+                let mut conn = self.waiting.take().await?;
+                let answer = scripts::query::<(Vec<i64>, usize), _>(&mut conn, &pipe).await;
+                self.waiting.give_back(conn);
+                let (reply, replicas) = answer?;
+                if replicas < wanted && reply.len() == 4 {
+                    return Err(RedisError::from((
+                        ErrorKind::Io,
+                        "batch not held by enough replicas",
+                        format!(
+                            "{replicas} of the {wanted} MIN_REPLICAS_ACKED asks for hold it within {} s",
+                            WAIT_FOR_REPLICAS.as_secs()
+                        ),
+                    )));
+                }
+                reply
+            }
+        };
         Ok(match reply.as_slice() {
             [bridge, stored, dead, refused] => PartSent::Published {
                 bridge: *bridge as u64,

@@ -17,7 +17,7 @@
 use rustc_hash::FxHashMap;
 
 use super::ids::Identify;
-use super::reader::{Event, Item, ReaderBatch};
+use super::reader::{Event, Item, PROMOTION_LEAP, ReaderBatch};
 use super::{Message, Position};
 use crate::monitor::Counters;
 
@@ -30,6 +30,9 @@ struct Source {
     continuous: bool,
     /// The mark its connection started at.
     start: u64,
+    /// The value the clock last leapt to on its server (see
+    /// [`super::reader::PROMOTION_LEAP`]).
+    leapt_to: u64,
     /// The last mark it delivered.
     latest: u64,
     /// Its items while it is not continuous yet.
@@ -99,7 +102,13 @@ impl Intake {
         }
     }
 
-    fn hole(&mut self, from: u64, to: u64) {
+    /// A hole from mark `from` to mark `to`, on a server whose clock last
+    /// leapt to `leapt_to`: a leap between them (a failover) is no time.
+    fn hole(&mut self, from: u64, to: u64, leapt_to: u64) {
+        let to = match from < leapt_to && leapt_to <= to {
+            true => to.saturating_sub(PROMOTION_LEAP).max(from),
+            false => to,
+        };
         // Rounded up: a hole shorter than a millisecond is still a hole.
         self.holes
             .push((to >> 10).saturating_sub(from >> 10).max(1));
@@ -135,11 +144,12 @@ impl Intake {
             self.sources.resize_with(r + 1, Source::default);
         }
         let mut out = Vec::new();
-        if let Some(Event::Subscribed { start }) = batch.event {
+        if let Some(Event::Subscribed { start, leapt_to }) = batch.event {
             let source = &mut self.sources[r];
             *source = Source {
                 connected: true,
                 start,
+                leapt_to,
                 latest: start,
                 ..Source::default()
             };
@@ -148,7 +158,7 @@ impl Intake {
                 // starts it again, after a hole).
                 None => {
                     if let Some(from) = self.lost_at.take() {
-                        self.hole(from, start);
+                        self.hole(from, start, leapt_to);
                     }
                     self.frontier = Some(start);
                     self.since = start;
@@ -233,12 +243,12 @@ impl Intake {
             .sources
             .iter()
             .filter(|s| s.connected)
-            .map(|s| s.start)
+            .map(|s| (s.start, s.leapt_to))
             .min();
         match start {
-            Some(start) => {
+            Some((start, leapt_to)) => {
                 if let Some(from) = self.frontier {
-                    self.hole(from, start);
+                    self.hole(from, start, leapt_to);
                 }
                 self.frontier = Some(start);
                 self.since = start;
@@ -311,7 +321,7 @@ mod tests {
     fn two_readers_hand_on_each_message_once_in_order() {
         let lane = lane();
         let mut intake = Intake::new(Identify::by_position("message_id", 1 << 20));
-        let sub = |start| Some(Event::Subscribed { start });
+        let sub = |start| Some(Event::Subscribed { start, leapt_to: 0 });
         let a = intake.take(batch(
             0,
             vec![Item::Mark(10), message(&lane, 10, 1)],
@@ -356,13 +366,19 @@ mod tests {
         intake.take(batch(
             0,
             vec![Item::Mark(10), message(&lane, 10, 1)],
-            Some(Event::Subscribed { start: 10 }),
+            Some(Event::Subscribed {
+                start: 10,
+                leapt_to: 0,
+            }),
         ));
         intake.take(batch(0, vec![], Some(Event::Lost)));
         let again = intake.take(batch(
             0,
             vec![Item::Mark(20), message(&lane, 20, 1)],
-            Some(Event::Subscribed { start: 20 }),
+            Some(Event::Subscribed {
+                start: 20,
+                leapt_to: 0,
+            }),
         ));
         assert_eq!(ids(&again), ["p:20:1"]);
         assert_eq!(intake.continuous_since(), 20);
@@ -372,7 +388,7 @@ mod tests {
     fn a_hole_is_dated_by_the_marks_however_late_it_is_noticed() {
         let lane = lane();
         let mut intake = Intake::new(Identify::by_position("message_id", 1 << 20));
-        let sub = |start| Some(Event::Subscribed { start });
+        let sub = |start| Some(Event::Subscribed { start, leapt_to: 0 });
         let ms = |ms: u64| ms << 10;
         intake.take(batch(0, vec![Item::Mark(ms(1000))], sub(ms(1000))));
         intake.take(batch(0, vec![Item::Mark(ms(1050))], None));
@@ -397,5 +413,26 @@ mod tests {
         intake.take(batch(0, vec![Item::Mark(ms(1520))], None));
         intake.take(batch(0, vec![], Some(Event::Lost)));
         assert!(intake.take_holes().is_empty());
+    }
+
+    #[test]
+    fn a_hole_across_a_failover_does_not_count_the_clock_s_leap() {
+        let mut intake = Intake::new(Identify::by_position("message_id", 1 << 20));
+        let ms = |ms: u64| ms << 10;
+        let sub = |start, leapt_to| Some(Event::Subscribed { start, leapt_to });
+        intake.take(batch(0, vec![Item::Mark(ms(1000))], sub(ms(1000), 0)));
+        intake.take(batch(0, vec![Item::Mark(ms(1050))], None));
+        intake.take(batch(0, vec![], Some(Event::Lost)));
+        // On the promoted replica the clock leapt 5 s ahead at 1060 (+5000):
+        // the reader is back 30 ms after the last mark it had.
+        let leapt = ms(1060) + PROMOTION_LEAP;
+        let start = ms(1080) + PROMOTION_LEAP;
+        intake.take(batch(0, vec![Item::Mark(start)], sub(start, leapt)));
+        assert_eq!(intake.take_holes(), [30]);
+        // A later reconnect on that server: no leap between.
+        intake.take(batch(0, vec![], Some(Event::Lost)));
+        let again = start + ms(200);
+        intake.take(batch(0, vec![Item::Mark(again)], sub(again, leapt)));
+        assert_eq!(intake.take_holes(), [200]);
     }
 }

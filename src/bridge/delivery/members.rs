@@ -39,7 +39,14 @@ pub const LIVE_FOR_STRATEGY: Duration = Duration::from_secs(10);
 const MIXED: &str = "another strategy writes this stream";
 
 /// A writer record as `cycle.lua` reads it: epoch, owner, position.
-pub type RawRecord = (Option<String>, Option<String>, Option<String>);
+/// A writer record as a cycle reads it: epoch, owner, position, and the
+/// position MIN_REPLICAS_ACKED replicas hold (`safe`).
+pub type RawRecord = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 /// The pool's handoff key, as a cycle read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

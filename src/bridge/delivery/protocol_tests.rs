@@ -154,6 +154,52 @@ async fn a_fenced_writer_writes_nothing_however_long_it_was_paused() {
     assert_eq!(consumers, [b"a".to_vec(), b"b".to_vec()]);
 }
 
+/// The start script's mark on `server`, and the value the clock last leapt
+/// to there ("<mark>:<seal>:<leapt to>").
+fn start_mark(server: &RedisServer, clock: &str) -> (u64, u64) {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(scripts::START)
+        .arg(1)
+        .arg(clock)
+        .arg("{s:out}:marks");
+    let text: String = cmd.query(&mut server.conn()).unwrap();
+    let parts: Vec<&str> = text.split(':').collect();
+    (parts[0].parse().unwrap(), parts[2].parse().unwrap())
+}
+
+#[test]
+fn the_clock_leaps_once_on_a_promoted_replica_only() {
+    use super::reader::PROMOTION_LEAP;
+    let clock = "{s:out}:clock";
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let (first, leapt) = start_mark(&primary, clock);
+    assert_eq!(leapt, 0, "a new clock has not leapt");
+    support::wait_for(
+        "the replica to hold the clock",
+        Duration::from_secs(20),
+        || {
+            let held: Option<String> = replica.command(&["GET", clock]);
+            (held == Some(first.to_string())).then_some(())
+        },
+        || replica.log(),
+    );
+    let _: () = replica.command(&["REPLICAOF", "NO", "ONE"]);
+    let (promoted, leapt) = start_mark(&replica, clock);
+    assert!(
+        promoted >= first + PROMOTION_LEAP,
+        "the promoted replica's clock leaps past what the old primary may still mark: {promoted} < {first} + leap"
+    );
+    assert_eq!(leapt, promoted);
+    let (next, still) = start_mark(&replica, clock);
+    assert!(next > promoted && next < promoted + PROMOTION_LEAP, "once");
+    assert_eq!(still, leapt);
+    // The old primary goes on without a leap (its history did not change).
+    let (old, none) = start_mark(&primary, clock);
+    assert!(old > first && old < first + PROMOTION_LEAP);
+    assert_eq!(none, 0);
+}
+
 #[tokio::test]
 async fn the_clock_and_the_epochs_never_go_back_when_redis_loses_its_data() {
     // A restart without persistence, or an older snapshot restored: the
@@ -161,16 +207,7 @@ async fn the_clock_and_the_epochs_never_go_back_when_redis_loses_its_data() {
     let server = RedisServer::start();
     let mut a = conn(&server).await;
     let clock = "{s:out}:clock";
-    let mark = || -> u64 {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::START)
-            .arg(1)
-            .arg(clock)
-            .arg("{s:out}:marks");
-        // "<mark>:<seal>"
-        let text: String = cmd.query(&mut server.conn()).unwrap();
-        text.split(':').next().unwrap().parse().unwrap()
-    };
+    let mark = || start_mark(&server, clock).0;
     let first = mark();
     let second = mark();
     assert!(second > first);

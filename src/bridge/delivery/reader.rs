@@ -78,8 +78,10 @@ pub enum Item {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// A new connection, starting at this mark (its first item).
-    Subscribed { start: u64 },
+    /// A new connection, starting at this mark (its first item); the value
+    /// the pool's clock last leapt to on that server (0: never; see
+    /// [`PROMOTION_LEAP`]).
+    Subscribed { start: u64, leapt_to: u64 },
     /// The connection was lost: what follows is a new one.
     Lost,
     /// The reader stopped, having handed over everything it received.
@@ -114,6 +116,8 @@ pub(super) struct Session {
     buf: BytesMut,
     /// The last mark, and each stream's count of messages since.
     mark: u64,
+    /// The value the clock last leapt to on this server (see [`Start`]).
+    leapt_to: u64,
     /// What this server's marks are sealed with (see [`Start`]).
     seal: Box<str>,
     /// The line about a bad mark, at most once a second.
@@ -177,8 +181,12 @@ impl Subscriber for Reader {
     async fn read(&mut self, session: Self::Session, _: &mut Link<'_>) -> Ended {
         let (mut session, mut lanes) = session;
         let start = session.mark;
+        let leapt_to = session.leapt_to;
         if !self
-            .send(vec![Item::Mark(start)], Some(Event::Subscribed { start }))
+            .send(
+                vec![Item::Mark(start)],
+                Some(Event::Subscribed { start, leapt_to }),
+            )
             .await
         {
             return Ended::Stopped;
@@ -453,6 +461,7 @@ impl Reader {
             write,
             buf,
             mark: start.mark,
+            leapt_to: start.leapt_to,
             seal: start.seal,
             bad_marks_said: Throttle::default(),
             last_good_mark: Instant::now(),
@@ -836,24 +845,32 @@ const NOT_A_START: resp::ProtocolError = resp::ProtocolError {
 };
 
 /// What a reader's connection starts with (`start.lua`'s reply,
-/// `"<mark>:<seal>"`): its first mark, and the seal (the server's run_id)
-/// every mark on it must carry.
+/// `"<mark>:<seal>:<leapt to>"`): its first mark, the seal (the server's
+/// run_id) every mark on it must carry, and the value the clock last leapt
+/// to on that server.
 #[derive(Debug)]
 struct Start {
     mark: u64,
     seal: Box<str>,
+    leapt_to: u64,
 }
 
 impl Start {
     fn parse(text: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(text).ok()?;
-        let (mark, seal) = text.split_once(':')?;
+        let (mark, rest) = text.split_once(':')?;
+        let (seal, leapt_to) = rest.split_once(':').unwrap_or((rest, "0"));
         Some(Self {
             mark: mark.parse().ok()?,
             seal: seal.into(),
+            leapt_to: leapt_to.parse().ok()?,
         })
     }
 }
+
+/// How far the pool's clock leaps on a replica promoted in a failover
+/// (`lib.lua`'s PROMOTION_LEAP: 5 s, in marks).
+pub const PROMOTION_LEAP: u64 = 5000 * 1024;
 
 /// How long only marks sealed otherwise may come before the connection is
 /// made again (marks come every 50 ms).

@@ -23,6 +23,8 @@ pub static TAKEOVER: &str = lua!("takeover.lua");
 pub static REPAIR: &str = lua!("repair.lua");
 /// A writer stepping down.
 pub static RELEASE: &str = lua!("release.lua");
+/// MIN_REPLICAS_ACKED: how far the replicas hold a writer's writes.
+pub static CONFIRM: &str = lua!("confirm.lua");
 /// The fenced write of a batch.
 pub static WRITE: &str = lua!("write.lua");
 /// Race: claiming a batch.
@@ -35,12 +37,13 @@ pub static WRITE_ACKED: &str = lua!("acked.lua", "write_acked.lua");
 pub static PUBLISH: &str = lua!("publish.lua");
 
 /// Every script, loaded together when the server lacks one.
-static ALL: [&str; 10] = [
+static ALL: [&str; 11] = [
     START,
     REPAIR,
     CYCLE,
     TAKEOVER,
     RELEASE,
+    CONFIRM,
     WRITE,
     CLAIM,
     RACE_WRITE,

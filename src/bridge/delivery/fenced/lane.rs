@@ -99,6 +99,18 @@ pub(super) struct LaneState {
     /// The handoff mark, when the pool was handed to this strategy: what
     /// came before it is the other strategy's, covered as if written.
     pub(super) floor: u64,
+    /// MIN_REPLICAS_ACKED: copies the record has passed (written, by this
+    /// process or another) that the replicas are not known to hold yet:
+    /// kept apart from the queue (they wait for no write), dropped once the
+    /// replicas hold them (the record's `safe`, or this writer's own wait),
+    /// and put back in the queue when the record goes back before them (a
+    /// failover took them back).
+    pub(super) unconfirmed: VecDeque<Queued>,
+    pub(super) keep_unconfirmed: bool,
+    /// MIN_REPLICAS_ACKED: a wait for replicas is on its way; the last one
+    /// found too few, ask again from then.
+    pub(super) waiting: bool,
+    pub(super) wait_again_at: Option<Instant>,
 }
 
 impl LaneState {
@@ -129,6 +141,10 @@ impl LaneState {
             asked_in: cycle,
             impossible_since: None,
             floor: 0,
+            unconfirmed: VecDeque::new(),
+            keep_unconfirmed: false,
+            waiting: false,
+            wait_again_at: None,
         }
     }
 
@@ -175,6 +191,37 @@ impl LaneState {
         self.resync = false;
         self.in_flight.clear();
         self.refused = None;
+    }
+
+    /// MIN_REPLICAS_ACKED: the record is at `pos`: the unconfirmed copies
+    /// after it (a failover took their writes back) are copies to write
+    /// again, in position order with the queue.
+    pub(super) fn unwrite_after(&mut self, pos: Option<Position>) {
+        let after = |q: &Queued| q.m.position.is_none_or(|p| pos.is_none_or(|k| p > k));
+        if !self.unconfirmed.iter().any(after) {
+            return;
+        }
+        let (back, kept): (Vec<Queued>, Vec<Queued>) =
+            self.unconfirmed.drain(..).partition(|q| after(q));
+        self.unconfirmed = kept.into();
+        let mut queue: Vec<Queued> = back
+            .into_iter()
+            .map(|mut q| {
+                q.fate = Fate::Write;
+                q.decided = false;
+                q
+            })
+            .chain(self.queue.drain(..))
+            .collect();
+        queue.sort_by_key(|q| q.m.position);
+        self.queue = queue.into();
+    }
+
+    /// MIN_REPLICAS_ACKED: the replicas hold the stream up to `safe`: the
+    /// unconfirmed copies up to there are dropped.
+    pub(super) fn confirmed_through(&mut self, safe: Position) {
+        self.unconfirmed
+            .retain(|q| q.m.position.is_some_and(|p| p > safe));
     }
 
     /// Queued messages not yet in a write.
@@ -253,18 +300,32 @@ pub(super) fn back_off(lane: &mut LaneState) -> Duration {
 /// Takes the first `n` queued messages off a writer's lane, counting each
 /// by its fate.
 pub(super) fn pop(lane: &mut LaneState, n: usize, counters: &Counters) {
-    for q in lane.queue.drain(..n.min(lane.queue.len())) {
-        match q.fate {
-            Fate::Write => {
-                outcome::written(&q.m, counters);
-                if q.taken_over {
-                    Counters::add(&counters.taken_over, 1);
-                }
-            }
-            Fate::Skip { reused } => outcome::skipped(&q.m, reused, counters, &mut lane.reused),
-            // (Said when the dead-letter stream refused it too.)
-            Fate::GiveUp => Counters::add(&counters.refused, 1),
+    let n = n.min(lane.queue.len());
+    if lane.keep_unconfirmed {
+        let written: Vec<Queued> = lane.queue.drain(..n).collect();
+        for q in &written {
+            count(q, counters, &mut lane.reused);
         }
+        lane.unconfirmed.extend(written);
+        return;
+    }
+    for q in lane.queue.drain(..n) {
+        count(&q, counters, &mut lane.reused);
+    }
+}
+
+/// Counts a copy written (or passed over, or given up) by its fate.
+fn count(q: &Queued, counters: &Counters, reused: &mut Throttle) {
+    match q.fate {
+        Fate::Write => {
+            outcome::written(&q.m, counters);
+            if q.taken_over {
+                Counters::add(&counters.taken_over, 1);
+            }
+        }
+        Fate::Skip { reused: again } => outcome::skipped(&q.m, again, counters, reused),
+        // (Said when the dead-letter stream refused it too.)
+        Fate::GiveUp => Counters::add(&counters.refused, 1),
     }
 }
 
@@ -279,6 +340,10 @@ pub(super) fn cover(lane: &mut LaneState, pos: Position, counters: &Counters) {
         let q = lane.queue.pop_front().expect("a front");
         lane.window.seen(&q.m);
         covered += 1;
+        // (Written, but perhaps not on the replicas yet.)
+        if lane.keep_unconfirmed {
+            lane.unconfirmed.push_back(q);
+        }
     }
     Counters::add(&counters.duplicates_skipped, covered);
 }

@@ -81,6 +81,10 @@ pub struct FencedConfig {
     /// A message id seen again within this long (by publish time) is a
     /// re-sent message, written once (DEDUP_WINDOW).
     pub dedup_window: Duration,
+    /// MIN_REPLICAS_ACKED: replicas that must hold a write (WAIT) before
+    /// the record says so (`safe`), which is how far standbys drop their
+    /// copies; 0: off (standbys drop up to the record's position).
+    pub min_replicas: usize,
     /// Where Redis is: a command connection that stops answering (its
     /// replies black-holed, the socket open) is replaced from it.
     pub endpoint: crate::connect::Endpoint,
@@ -92,6 +96,14 @@ pub struct FencedConfig {
 const TIMEOUTS_BEFORE_REPLACING: u32 = 2;
 
 type WriteAnswers = (Box<str>, Vec<(u64, Result<WriteReply, RedisError>)>);
+
+/// MIN_REPLICAS_ACKED: a wait for replicas answered: its stream, the
+/// writer's epoch and the position asked about, and whether enough
+/// replicas hold the record there.
+type Waited = (Box<str>, String, Position, bool);
+
+/// How long one WAIT for replicas may take (MIN_REPLICAS_ACKED).
+const WAIT_FOR_REPLICAS_MS: u64 = 1000;
 
 /// The default strategy's loop; see the module's notes.
 pub struct Fenced {
@@ -109,6 +121,11 @@ pub struct Fenced {
     /// The pipelines of writes on their way, each answering with its
     /// stream and each write's id and answer.
     writes: JoinSet<WriteAnswers>,
+    /// MIN_REPLICAS_ACKED: the connection that waits for replicas (WAIT
+    /// blocks the connection it is sent on: not the one that writes and
+    /// beats), and the waits on their way (one per lane at a time).
+    waiter: Option<Conn>,
+    waits: JoinSet<Waited>,
     next_write: u64,
     reported_pending: u64,
     warnings: Throttle,
@@ -135,6 +152,7 @@ impl Fenced {
     pub fn new(
         config: FencedConfig,
         conn: Conn,
+        waiter: Option<Conn>,
         counters: Arc<Counters>,
         budget: Arc<Budget>,
         intake: Intake,
@@ -142,6 +160,8 @@ impl Fenced {
         Self {
             config,
             conn,
+            waiter,
+            waits: JoinSet::new(),
             counters,
             budget,
             intake,
@@ -283,6 +303,12 @@ impl Fenced {
                     });
                     self.on_written(stream, replies)?;
                 }
+                done = self.waits.join_next(), if !self.waits.is_empty() => {
+                    let waited = done.expect("a wait was on its way").unwrap_or_else(|panic| {
+                        std::panic::resume_unwind(panic.into_panic())
+                    });
+                    self.on_waited(waited);
+                }
                 batch = batches.recv(), if readers_done.is_none() => match batch {
                     Some(batch) => self.on_batch(batch),
                     None => readers_done = Some(Instant::now()),
@@ -295,6 +321,7 @@ impl Fenced {
                 self.shed_nothing_since = None;
             }
             self.start_writes().await;
+            self.start_waits();
             if let Some(since) = readers_done
                 && self.finished(since).await?
             {
@@ -326,7 +353,9 @@ impl Fenced {
                 Some(lane) => lane,
                 None => self.lanes.entry(stream.into()).or_insert_with(|| {
                     let window = Window::new(window, Some(self.budget.clone()));
-                    LaneState::new(m.lane.clone(), window, self.cycles)
+                    let mut lane = LaneState::new(m.lane.clone(), window, self.cycles);
+                    lane.keep_unconfirmed = self.config.min_replicas > 0;
+                    lane
                 }),
             };
             lane.last_active = now;
@@ -340,6 +369,17 @@ impl Fenced {
             {
                 lane.window.seen(&m);
                 Counters::add(&self.counters.duplicates_skipped, 1);
+                // (With MIN_REPLICAS_ACKED the record's position may be
+                // taken back by a failover: the copy is kept apart until
+                // the replicas hold the stream that far.)
+                if lane.keep_unconfirmed {
+                    lane.unconfirmed.push_back(Queued {
+                        m,
+                        fate: Fate::Write,
+                        decided: false,
+                        taken_over: false,
+                    });
+                }
                 continue;
             }
             lane.queue.push_back(Queued {
@@ -438,6 +478,97 @@ impl Fenced {
         };
         lane.trips = lane.trips.saturating_sub(1);
         self.ready.insert(stream.clone());
+        self.on_replies(&stream, replies)
+    }
+
+    /// MIN_REPLICAS_ACKED: for each writer lane with written copies the
+    /// replicas are not known to hold (and no wait on its way), asks on the
+    /// waiting connection whether enough replicas hold the record as far as
+    /// it is now: `confirm.lua` notes the position in the record (a write),
+    /// then WAIT counts the replicas that have it, and with it every entry
+    /// written before it.
+    fn start_waits(&mut self) {
+        let Some(waiter) = &self.waiter else {
+            return;
+        };
+        let now = Instant::now();
+        for (stream, lane) in self.lanes.iter_mut() {
+            let (Role::Writer { epoch }, Some(pos)) = (&lane.role, lane.pos) else {
+                continue;
+            };
+            if lane.waiting
+                || lane.resync
+                || lane.unconfirmed.is_empty()
+                || lane.wait_again_at.is_some_and(|at| now < at)
+            {
+                continue;
+            }
+            lane.waiting = true;
+            let mut ask = scripts::evalsha(scripts::CONFIRM, &[&lane.lane.keys.writer]);
+            ask.arg(epoch)
+                .arg(&self.config.member)
+                .arg(pos.encode())
+                .arg("ask");
+            let mut set = scripts::evalsha(scripts::CONFIRM, &[&lane.lane.keys.writer]);
+            set.arg(epoch)
+                .arg(&self.config.member)
+                .arg(pos.encode())
+                .arg("set");
+            let mut pipe = redis::pipe();
+            pipe.add_command(ask)
+                .cmd("WAIT")
+                .arg(self.config.min_replicas)
+                .arg(WAIT_FOR_REPLICAS_MS);
+            let mut conn = waiter.clone();
+            let wanted = self.config.min_replicas;
+            let (stream, epoch) = (stream.clone(), epoch.clone());
+            self.waits.spawn(async move {
+                let held = match scripts::query::<(u8, usize), _>(&mut conn, &pipe).await {
+                    Ok((1, replicas)) if replicas >= wanted => {
+                        scripts::run::<u8, _>(&mut conn, set).await
+                    }
+                    Ok(_) => Ok(0),
+                    Err(err) => Err(err),
+                };
+                let held = held.unwrap_or_else(|err| {
+                    tracing::debug!(cause = %brief(&err), "could not ask how far the replicas hold the writes; asking again");
+                    0
+                });
+                (stream, epoch, pos, held == 1)
+            });
+        }
+    }
+
+    /// MIN_REPLICAS_ACKED: a wait answered. When the replicas hold the
+    /// record at `pos` (and the record says so: its `safe`), the writer
+    /// lets go of its copies up to there; otherwise it asks again a cycle
+    /// later.
+    fn on_waited(&mut self, (stream, epoch, pos, held): Waited) {
+        let Some(lane) = self.lanes.get_mut(&stream) else {
+            return;
+        };
+        lane.waiting = false;
+        if !held {
+            lane.wait_again_at = Some(Instant::now() + CYCLE_EVERY);
+            return;
+        }
+        lane.wait_again_at = None;
+        if !matches!(&lane.role, Role::Writer { epoch: e } if *e == epoch) || lane.resync {
+            return;
+        }
+        lane.confirmed_through(pos);
+    }
+
+    /// The answers of a pipeline of writes, in the order the writes went.
+    fn on_replies(
+        &mut self,
+        stream: &str,
+        replies: Vec<(u64, Result<WriteReply, RedisError>)>,
+    ) -> Result<(), RedisError> {
+        let stream: Box<str> = stream.into();
+        let Some(lane) = self.lanes.get_mut(&stream) else {
+            return Ok(());
+        };
         // The trips' tasks may end in any order: a trip whose writes come
         // after writes still unanswered waits for their answers.
         let Some(first) = replies.first().map(|(id, _)| *id) else {
@@ -500,7 +631,10 @@ impl Fenced {
             Ok(WriteReply::Fenced { pos }) => {
                 tracing::info!(stream = %stream, "another process writes this stream now (fenced): keeping the copies as a standby");
                 lane.stand_by();
-                if let Some(pos) = pos {
+                // (With MIN_REPLICAS_ACKED a standby drops its copies only
+                // as far as the replicas hold them: the next cycle reads
+                // how far that is.)
+                if let Some(pos) = pos.filter(|_| self.config.min_replicas == 0) {
                     cover(lane, pos, &self.counters);
                 }
             }
@@ -631,13 +765,15 @@ impl Fenced {
             watched: self
                 .watching_since
                 .map_or(Duration::ZERO, |at| at.elapsed()),
+            wait_replicas: self.config.min_replicas > 0,
         };
-        for (stream, (epoch, owner, pos)) in asked.iter().zip(records) {
+        for (stream, (epoch, owner, pos, safe)) in asked.iter().zip(records) {
             let decoded = pos.as_deref().and_then(Position::decode);
             // The cycle's mark is above every mark published before it: a
             // position past it was made of no mark of the pool.
             let impossible = pos.filter(|_| decoded.is_none_or(|p| p.mark > mark));
             let record = Record {
+                safe: safe.as_deref().and_then(Position::decode),
                 epoch,
                 owner: owner.filter(|o| !o.is_empty()),
                 pos: decoded.filter(|_| impossible.is_none()),
@@ -666,12 +802,12 @@ impl Fenced {
         for lane in self.lanes.values_mut() {
             // Nothing still to be decided was published before the front's
             // mark: ids older than a window before it can match nothing.
-            let horizon = lane
-                .queue
-                .front()
+            let front = lane.queue.front();
+            let horizon = front
                 .and_then(|q| q.m.position)
                 .map_or(now, |p| p.published_ms().min(now));
-            lane.window.expire(horizon);
+            let received = front.map_or_else(Instant::now, |q| q.m.received_at);
+            lane.window.expire(horizon, received);
             let queue = &mut lane.queue;
             if queue.capacity() > 1024 && queue.len() < queue.capacity() / 4 {
                 queue.shrink_to(queue.len() * 2);

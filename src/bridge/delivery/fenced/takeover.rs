@@ -67,6 +67,9 @@ pub(super) struct Record {
     pub epoch: Option<String>,
     pub owner: Option<String>,
     pub pos: Option<Position>,
+    /// How far MIN_REPLICAS_ACKED replicas hold the stream (see
+    /// `confirm.lua`).
+    pub safe: Option<Position>,
     /// The position as the record holds it, when no mark of the pool can
     /// have made it (past the clock, or no position at all): see
     /// `Fenced::repair`.
@@ -102,6 +105,9 @@ pub(super) struct View<'a> {
     /// from the start of the watch, and a process counts itself the most
     /// complete only once the others have had TAKEOVER_AFTER to beat.
     pub watched: Duration,
+    /// MIN_REPLICAS_ACKED is on: a standby drops its copies only as far as
+    /// the replicas hold the stream (the record's `safe`).
+    pub wait_replicas: bool,
 }
 
 impl View<'_> {
@@ -165,6 +171,9 @@ fn as_writer(lane: &mut LaneState, record: &Record, view: &View, counters: &Coun
     let stream = lane.lane.clone();
     let stream = stream.stream();
     if lane.resync && lane.in_flight.is_empty() {
+        // The record went back (a failover lost writes the replicas did
+        // not hold): what was written after it is written again.
+        lane.unwrite_after(record.pos);
         if let Some(pos) = record.pos {
             let covered = lane
                 .queue
@@ -221,8 +230,19 @@ fn as_writer(lane: &mut LaneState, record: &Record, view: &View, counters: &Coun
 /// A standby (or a writer fenced just now).
 fn as_standby(lane: &mut LaneState, record: &Record, view: &View, counters: &Counters) -> Step {
     let takeover_ms = view.takeover_after.as_millis() as u64;
+    if view.wait_replicas {
+        // What the record passed is kept apart until the replicas hold it
+        // (a failover could take it back), and written again if the record
+        // went back before it.
+        lane.unwrite_after(record.pos);
+    }
     if let Some(pos) = record.pos {
         cover(lane, pos, counters);
+    }
+    if view.wait_replicas
+        && let Some(safe) = record.safe.min(record.pos)
+    {
+        lane.confirmed_through(safe);
     }
     if record.pos != lane.pos {
         lane.record_at(record.pos, view.now);
@@ -464,6 +484,7 @@ mod tests {
             epoch: Some(epoch.into()),
             owner: Some(owner.into()),
             pos: pos.map(at),
+            safe: None,
             impossible: None,
         }
     }
@@ -486,6 +507,7 @@ mod tests {
         listening: bool,
         /// How long the process has watched the pool.
         watched: Duration,
+        wait_replicas: bool,
     }
 
     impl Pool {
@@ -500,6 +522,7 @@ mod tests {
                 since: self.since,
                 listening: self.listening,
                 watched: self.watched,
+                wait_replicas: self.wait_replicas,
             }
         }
     }
@@ -530,6 +553,7 @@ mod tests {
                 seen: 0,
                 listening: true,
                 watched: Duration::from_secs(3600),
+                wait_replicas: false,
             };
             Self {
                 lane: state,
@@ -565,6 +589,12 @@ mod tests {
         fn marks(&self) -> Vec<u64> {
             let marks = self.lane.queue.iter().map(|q| q.m.position.unwrap().mark);
             marks.collect()
+        }
+
+        /// The marks of the copies kept until the replicas hold them.
+        fn unconfirmed(&self) -> Vec<u64> {
+            let marks = self.lane.unconfirmed.iter();
+            marks.map(|q| q.m.position.unwrap().mark).collect()
         }
 
         fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
@@ -841,6 +871,78 @@ mod tests {
             case.lane.queue.iter().all(|q| q.taken_over),
             "copies held for another writer are counted as taken over"
         );
+    }
+
+    #[test]
+    fn with_min_replicas_acked_a_standby_keeps_what_the_replicas_may_not_hold() {
+        let mut case = Case::holding(&[10, 20, 30, 40]).member("w", 100, 40, 0);
+        case.pool.wait_replicas = true;
+        case.lane.keep_unconfirmed = true;
+        let mut rec = record("e1", "w", Some(30));
+        rec.safe = Some(at(10));
+        assert_eq!(case.decide(&rec), Step::Stay);
+        assert_eq!(
+            case.marks(),
+            [40],
+            "only what the record has not passed waits for a write"
+        );
+        assert_eq!(
+            case.unconfirmed(),
+            [20, 30],
+            "written, kept until the replicas hold them: dropped only as far as `safe`"
+        );
+        // A failover: the new primary's record is back at 20.
+        rec.pos = Some(at(20));
+        rec.safe = None;
+        case.decide(&rec);
+        assert_eq!(
+            case.marks(),
+            [30, 40],
+            "what the failover took back waits for a write again"
+        );
+        assert_eq!(case.unconfirmed(), [20]);
+        // The replicas hold it all.
+        rec.pos = Some(at(40));
+        rec.safe = Some(at(40));
+        case.decide(&rec);
+        assert!(case.marks().is_empty() && case.unconfirmed().is_empty());
+    }
+
+    #[test]
+    fn with_min_replicas_acked_written_copies_are_not_a_stuck_writer() {
+        let mut case = Case::holding(&[10, 20]).member("w", 100, 30, 0);
+        case.pool.wait_replicas = true;
+        case.lane.keep_unconfirmed = true;
+        for q in case.lane.queue.iter_mut() {
+            q.m.received_at = Instant::now() - Duration::from_secs(3600);
+        }
+        case.lane.moved_at = Instant::now() - Duration::from_secs(3600);
+        let rec = record("e1", "w", Some(20));
+        assert_eq!(
+            case.decide(&rec),
+            Step::Stay,
+            "copies the record passed wait only for the replicas, not for the writer"
+        );
+    }
+
+    #[test]
+    fn a_writer_whose_record_went_back_writes_the_unconfirmed_again() {
+        let mut case = Case::holding(&[10, 20, 30]).writer("e1", Some(5));
+        case.lane.keep_unconfirmed = true;
+        // Written up to 30 on the old primary, confirmed nowhere.
+        pop(&mut case.lane, 3, &case.counters);
+        case.lane.pos = Some(at(30));
+        assert!(case.lane.queue.is_empty());
+        // The new primary's record holds 10: 20 and 30 are gone.
+        case.lane.resync = true;
+        assert_eq!(case.decide(&record("e1", "me", Some(10))), Step::Stay);
+        assert_eq!(case.marks(), [20, 30], "written again");
+        assert_eq!(
+            case.unconfirmed(),
+            [10],
+            "still in the stream, not yet on the replicas"
+        );
+        assert_eq!(case.lane.pos, Some(at(10)));
     }
 
     #[test]

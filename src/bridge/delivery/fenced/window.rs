@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
@@ -16,11 +16,15 @@ use super::super::{Message, Position};
 #[derive(Debug)]
 pub(super) struct Window {
     length_ms: u64,
+    /// How long an id is kept by this process's clock (the window's length;
+    /// see [`Window::expire`]).
+    held_for: Duration,
     /// Each id's hash, with the position it was first seen at and its
     /// payload's hash.
     ids: FxHashMap<u128, (Position, u64)>,
-    /// The ids in the order they were seen, with that position.
-    order: VecDeque<(Position, u128)>,
+    /// The ids in the order they were seen, with that position and when
+    /// (this process's clock).
+    order: VecDeque<(Position, Instant, u128)>,
     /// Where the memory of the two is counted (MEMORY_LIMIT), and how much.
     budget: Option<Arc<Budget>>,
     charged: usize,
@@ -38,6 +42,7 @@ impl Window {
     pub(super) fn new(length: Duration, budget: Option<Arc<Budget>>) -> Self {
         Self {
             length_ms: length.as_millis() as u64,
+            held_for: length,
             ids: FxHashMap::default(),
             order: VecDeque::new(),
             budget,
@@ -49,7 +54,7 @@ impl Window {
     /// and control byte; a deque's slot).
     fn bytes(&self) -> usize {
         self.ids.capacity() * (size_of::<(u128, (Position, u64))>() + 1)
-            + self.order.capacity() * size_of::<(Position, u128)>()
+            + self.order.capacity() * size_of::<(Position, Instant, u128)>()
     }
 
     /// Counts what the window takes now in the budget.
@@ -82,23 +87,30 @@ impl Window {
             return None;
         }
         let (key, position) = Self::key(m)?;
-        self.expire(position.published_ms());
+        self.expire(position.published_ms(), m.received_at);
         // Remembered from its first sighting: an id that keeps coming back
         // is forgotten a window after it was first seen.
         if let Some(&(_, hash)) = self.ids.get(&key) {
             return Some(hash != m.hash);
         }
         self.ids.insert(key, (position, m.hash));
-        self.order.push_back((position, key));
+        self.order.push_back((position, Instant::now(), key));
         self.charge();
         None
     }
 
     /// Forgets the ids seen longer than the window before `now_ms` (server
-    /// time), and gives back the memory of a window that shrank.
-    pub(super) fn expire(&mut self, now_ms: u64) {
-        while let Some(&(at, old)) = self.order.front() {
-            if at.published_ms() + self.length_ms >= now_ms {
+    /// time) and before `received` (this process's clock: when the copy to
+    /// decide arrived), and gives back the memory of a window that shrank.
+    /// An id is kept for the window's length by both clocks: after a
+    /// failover the promoted server's clock leaps ahead (see `next_mark`),
+    /// and the copies sent again there would otherwise find the ids they
+    /// repeat expired by the leap.
+    pub(super) fn expire(&mut self, now_ms: u64, received: Instant) {
+        while let Some(&(at, seen_at, old)) = self.order.front() {
+            if at.published_ms() + self.length_ms >= now_ms
+                || received.saturating_duration_since(seen_at) <= self.held_for
+            {
                 break;
             }
             self.order.pop_front();
@@ -118,7 +130,7 @@ impl Window {
     pub(super) fn forget_after(&mut self, pos: Option<Position>) {
         let kept = |p: &Position| pos.is_some_and(|pos| *p <= pos);
         self.ids.retain(|_, (p, _)| kept(p));
-        self.order.retain(|(p, _)| kept(p));
+        self.order.retain(|(p, _, _)| kept(p));
         self.charge();
     }
 }
@@ -152,8 +164,14 @@ mod tests {
             "other bytes"
         );
         assert_eq!(window.seen(&message("b", "x", 3000)), None);
-        // Long after: forgotten.
-        assert_eq!(window.seen(&message("b", "x", 9000)), None);
+        // Published a window later, but seen again at once: a promoted
+        // server's clock leapt ahead (a failover), and the publisher sent
+        // b again there.
+        assert_eq!(window.seen(&message("b", "x", 9000)), Some(false));
+        // Long after by both clocks: forgotten.
+        let mut later = message("b", "x", 15000);
+        later.received_at += Duration::from_secs(6);
+        assert_eq!(window.seen(&later), None);
         // Ids made from positions are never remembered.
         let mut p = message("p:1:1", "x", 9000);
         p.id_given = false;

@@ -22,7 +22,8 @@
 -- of the target strategy whose sequence is whole takes H: this cycle's
 -- mark.
 -- Returns {mark, server ms, members (name, value, …), records ({epoch,
--- owner, pos} each), 1 when this process's entry is new (0 if not),
+-- owner, pos, safe} each; safe: the position MIN_REPLICAS_ACKED replicas
+-- were known to hold, see confirm.lua), 1 when this process's entry is new (0 if not),
 -- the live members of another strategy that keep it out ("" when none:
 -- "<name>=<strategy>", comma-separated; "handoff" when the handoff keeps
 -- it out), 1 when the clock was missing (a new pool, or the key deleted or
@@ -99,6 +100,6 @@ if ARGV[4] == '1' and target == ARGV[6] and not at and since ~= '184467440737095
 end
 local records = {}
 for i = 4, #KEYS do
-  records[#records + 1] = redis.call('HMGET', KEYS[i], 'epoch', 'owner', 'pos')
+  records[#records + 1] = redis.call('HMGET', KEYS[i], 'epoch', 'owner', 'pos', 'safe')
 end
 return {mark, now, kept, records, new, '', clock_missing, handoff or ''}

@@ -31,16 +31,41 @@ local function sealed(value)
   return text .. ':' .. string.sub(redis.sha1hex(seal() .. ':' .. text), 1, 16)
 end
 
+-- How far the clock leaps (ms times 1024) on a replica promoted in a
+-- failover: 5 s.
+local PROMOTION_LEAP = 5000 * 1024
+
 -- Takes the next value of the clock in KEYS[clock] and publishes it on
 -- `channel` (a mark), with SPUBLISH when `sharded` is '1' (a cluster's
 -- sharded Pub/Sub: the channel shares the clock's slot). The clock never goes back, even when its key is gone
 -- (a server restarted without persistence, or an older snapshot restored):
 -- a value is at least the server time in ms times 1024.
+-- The clock also notes the replication history it was last taken in and
+-- where it last leapt (`<clock>:history`: "<master_replid>:<value leapt
+-- to>"). On a replica promoted in a failover (its previous history,
+-- master_replid2, is the one noted) it leaps PROMOTION_LEAP ahead once:
+-- the old primary may go on making marks of about the same values for a
+-- moment, and the messages a worker received there must come before every
+-- position of the new primary (or the record would pass them unwritten).
+-- Returns the value, and the value the clock last leapt to (0: never), by
+-- which a gap across the leap is measured without it.
 local function next_mark(clock, channel, sharded)
   local value = math.max((tonumber(redis.call('GET', KEYS[clock])) or 0) + 1, now_ms() * 1024)
+  local history_key = KEYS[clock] .. ':history'
+  local info = redis.call('INFO', 'replication')
+  local history = string.match(info, 'master_replid:(%x+)')
+  local noted, leapt = string.match(redis.call('GET', history_key) or '', '^(%x*):?(%d*)$')
+  leapt = tonumber(leapt) or 0
+  if history and noted ~= history then
+    if noted ~= '' and noted == string.match(info, 'master_replid2:(%x+)') then
+      value = value + PROMOTION_LEAP
+      leapt = value
+    end
+    redis.call('SET', history_key, history .. ':' .. int(leapt))
+  end
   redis.call('SET', KEYS[clock], int(value))
   redis.call(sharded == '1' and 'SPUBLISH' or 'PUBLISH', channel, sealed(value))
-  return value
+  return value, leapt
 end
 
 -- An XADD for entries: ARGV[first..first+2] say how the output stream is

@@ -12,7 +12,11 @@
 -- after the first attempt within which a batch sent again is published
 -- again (below the bridge's DEDUP_WINDOW); ARGV[12]: the messages' ids,
 -- each as "<length>:<id>", one after the other (read only by the fast
--- path: a Lua string per message fewer); then the payloads.
+-- path: a Lua string per message fewer); ARGV[13]: the server ms of the
+-- batch's first attempt on any server (a publisher that followed a
+-- failover sends it again on the new primary, where no marker is: it is
+-- published again only within ARGV[11] of that first attempt); then the
+-- payloads.
 -- A batch sent again (Redis did not confirm it) finds the marker of the
 -- attempt that ran: the fast path goes on where it stopped and writes
 -- nothing twice. A batch that was published is published again while that
@@ -33,7 +37,7 @@ local now = now_ms()
 if now > tonumber(ARGV[5]) then
   return {-1}
 end
-local first_payload = 13
+local first_payload = 14
 local function publish()
   for i = first_payload, #ARGV do
     redis.call(ARGV[2], ARGV[3], ARGV[i])
@@ -75,7 +79,7 @@ if state then
 else
   bridge = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
   next = (bridge == 0 and ARGV[6] == '1') and 1 or 0
-  stored, dead, refused, first = 0, 0, 0, now
+  stored, dead, refused, first = 0, 0, 0, math.min(now, tonumber(ARGV[13]) or now)
   -- The marker first. A server that refuses writes for now (out of memory,
   -- too few replicas) still publishes, without a marker (sent again, the
   -- batch is published again: the bridge writes an id once within
