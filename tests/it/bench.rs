@@ -78,6 +78,16 @@ fn a_small_benchmark_measures_every_row() {
     assert_eq!(off["workers"], 2, "{off}");
     assert_eq!(off["lost"], 0, "{off}");
     assert!(stdout.contains("| DEDUP_WINDOW=0 |"), "{stdout}");
+    // MIN_REPLICAS_ACKED's cost: the 2-worker burst on a server with a
+    // replica, without and with it.
+    let with_replica = report["replica_rows"].as_array().unwrap();
+    assert_eq!(with_replica.len(), 2, "{with_replica:?}");
+    for row in with_replica {
+        assert_eq!(row["workers"], 2, "{row}");
+        assert_eq!(row["lost"], 0, "{row}");
+        assert_eq!(row["duplicates"], 0, "{row}");
+    }
+    assert!(stdout.contains("| MIN_REPLICAS_ACKED=1 |"), "{stdout}");
     // The delivery core's targets, held against this run.
     let targets = report["targets"].as_array().unwrap();
     assert!(

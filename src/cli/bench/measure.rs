@@ -48,6 +48,40 @@ async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
         .await
 }
 
+/// Starts a replica of the benchmark's own server and waits (at most 20 s)
+/// until it follows it.
+fn start_replica(server: &RedisServer) -> Result<RedisServer> {
+    let port = server.port.to_string();
+    let replica =
+        std::panic::catch_unwind(|| RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]))
+            .map_err(|_| anyhow::anyhow!("a replica of the benchmark's server did not start"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .command::<String>(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the benchmark's replica did not follow its server within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(replica)
+}
+
+/// How many replicas follow the server at `url`.
+async fn replicas(url: &str) -> Result<usize> {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut connect(url).await?)
+        .await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0))
+}
+
 /// Runs every measurement and writes the JSON and the SVG.
 pub async fn run(config: &BenchConfig) -> Result<Report> {
     let (_server, url) = match &config.redis_url {
@@ -81,22 +115,34 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     };
     let (bridge, latency) = strategy_rows(config, &url, &mut conn, burst).await?;
     // What the default DEDUP_WINDOW costs: the 2-worker fenced burst again
-    // without it.
-    let mut dedup_off = None;
+    // without it. What MIN_REPLICAS_ACKED costs: that burst on a server with
+    // a replica, without and with it (a replica of the benchmark's own
+    // server, or those REDIS_URL's server has).
+    let (mut dedup_off, mut replica_rows) = (None, None);
     if config.strategies.contains(&Strategy::Fenced) && config.workers.contains(&2) {
-        eprintln!(
-            "bench: fenced bridge with 2 workers and DEDUP_WINDOW=0, a burst of {}",
-            config.messages
-        );
-        let row = bridge_row(
-            config,
-            &url,
-            &mut conn,
-            (Strategy::Fenced, 2),
-            burst,
-            &[("DEDUP_WINDOW", "0")],
-        );
-        dedup_off = Some(row.await?);
+        let mut row = async |what: &str, settings: &[(&str, &str)]| {
+            eprintln!(
+                "bench: fenced bridge with 2 workers {what}, a burst of {}",
+                config.messages
+            );
+            let pair = (Strategy::Fenced, 2);
+            bridge_row(config, &url, &mut conn, pair, burst, settings).await
+        };
+        dedup_off = Some(row("and DEDUP_WINDOW=0", &[("DEDUP_WINDOW", "0")]).await?);
+        let replica = match &_server {
+            Some(server) => Some(start_replica(server)?),
+            None => None,
+        };
+        if replicas(&url).await? > 0 {
+            let off = row("on a server with a replica", &[]).await?;
+            let on = row(
+                "on a server with a replica and MIN_REPLICAS_ACKED=1",
+                &[("MIN_REPLICAS_ACKED", "1")],
+            )
+            .await?;
+            replica_rows = Some([off, on]);
+        }
+        drop(replica);
     }
     let mut processes = Vec::new();
     for &n in &config.processes {
@@ -130,6 +176,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         redis_cli_pipe_rate,
         bridge,
         dedup_off,
+        replica_rows,
         processes,
         latency,
         steady,

@@ -19,6 +19,8 @@
 //!   race strategy, which does not keep order, order is reported only);
 //! - **DEDUP_WINDOW's cost**: the fenced 2-worker burst again with
 //!   DEDUP_WINDOW=0;
+//! - **MIN_REPLICAS_ACKED's cost**: the fenced 2-worker burst on a server
+//!   with a replica, without and with MIN_REPLICAS_ACKED=1;
 //! - **latency** from publish to stream entry at a steady rate, once a first
 //!   message has made the stream's writer;
 //! - **memory**: the bridge's peak RSS with the most workers at a steady

@@ -97,6 +97,9 @@ pub struct Report {
     /// The fenced 2-worker burst with DEDUP_WINDOW=0: the default window's
     /// cost is the difference.
     pub dedup_off: Option<BridgeRow>,
+    /// The fenced 2-worker burst on a server with one replica, without and
+    /// with MIN_REPLICAS_ACKED=1: the setting's cost is the difference.
+    pub replica_rows: Option<[BridgeRow; 2]>,
     pub processes: Vec<ProcessesRow>,
     pub latency: Vec<LatencyRow>,
     pub steady: Vec<SteadyRow>,
@@ -195,6 +198,7 @@ impl Report {
         self.bridge
             .iter()
             .chain(self.dedup_off.iter())
+            .chain(self.replica_rows.iter().flatten())
             .filter(|r| r.failed())
             .count()
             + self
@@ -226,6 +230,15 @@ pub fn table(report: &Report) -> String {
     );
     out += &bridge_table(report);
     out += &dedup_table(report);
+    if let Some([off, on]) = &report.replica_rows {
+        out += &setting_table(
+            "fenced, 2 workers, 1 replica",
+            &[
+                ("MIN_REPLICAS_ACKED=0 (default)", off),
+                ("MIN_REPLICAS_ACKED=1", on),
+            ],
+        );
+    }
     out += &processes_table(report);
     out += &latency_table(report);
     out += &steady_table(report);
@@ -272,38 +285,45 @@ fn bridge_table(report: &Report) -> String {
 
 /// What DEDUP_WINDOW costs (fenced, 2 workers).
 fn dedup_table(report: &Report) -> String {
-    let mut out = String::new();
-    let failed = |failed: bool| if failed { " FAILED" } else { "" };
-    if let (Some(off), Some(on)) = (
+    match (
         &report.dedup_off,
         report
             .bridge
             .iter()
             .find(|r| r.strategy == "fenced" && r.workers == 2),
     ) {
-        let rows = [("DEDUP_WINDOW=5 (default)", on), ("DEDUP_WINDOW=0", off)];
-        out += "\n";
-        out += &markdown(
-            &[
-                "fenced, 2 workers",
-                "messages/s",
-                "CPU µs/msg",
-                "peak RSS MiB",
-                "lost",
-                "duplicates",
-            ],
-            rows.iter().map(|(name, r)| {
-                vec![
-                    name.to_string(),
-                    format!("{:.0}", r.rate),
-                    format!("{:.1}", r.cpu_us_per_message),
-                    format!("{:.1}", r.peak_rss_mib),
-                    r.lost.to_string(),
-                    format!("{}{}", r.duplicates, failed(r.failed())),
-                ]
-            }),
-        );
+        (Some(off), Some(on)) => setting_table(
+            "fenced, 2 workers",
+            &[("DEDUP_WINDOW=5 (default)", on), ("DEDUP_WINDOW=0", off)],
+        ),
+        _ => String::new(),
     }
+}
+
+/// Rows of one burst under settings that differ in one: what it costs.
+fn setting_table(title: &str, rows: &[(&str, &BridgeRow)]) -> String {
+    let failed = |failed: bool| if failed { " FAILED" } else { "" };
+    let mut out = String::from("\n");
+    out += &markdown(
+        &[
+            title,
+            "messages/s",
+            "CPU µs/msg",
+            "peak RSS MiB",
+            "lost",
+            "duplicates",
+        ],
+        rows.iter().map(|(name, r)| {
+            vec![
+                name.to_string(),
+                format!("{:.0}", r.rate),
+                format!("{:.1}", r.cpu_us_per_message),
+                format!("{:.1}", r.peak_rss_mib),
+                r.lost.to_string(),
+                format!("{}{}", r.duplicates, failed(r.failed())),
+            ]
+        }),
+    );
     out
 }
 
