@@ -83,6 +83,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// With MIN_REPLICAS_ACKED, the replication history the clock was last
+    /// taken in (see `next_mark` in the protocol's `lib.lua`).
+    pub fn clock_history(&self) -> String {
+        format!("{}:history", self.clock)
+    }
+
     pub fn new(stream: &str) -> Self {
         Self::in_db(stream, 0)
     }

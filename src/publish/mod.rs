@@ -294,10 +294,12 @@ impl Publisher {
         for part in parts(&fit) {
             let marker = format!("optimus:sent:{}", uuid::Uuid::new_v4());
             let ids = self.ids(part);
+            let first_attempt = self.server_now();
             loop {
                 let sent = match self.cluster {
                     false => {
-                        self.publish_part(part, &ids, &marker, deadline, retry_for)
+                        let when = (deadline, first_attempt);
+                        self.publish_part(part, &ids, &marker, when, retry_for)
                             .await
                     }
                     true => self.publish_counted(part).await,
@@ -403,7 +405,7 @@ impl Publisher {
         part: &[&Vec<u8>],
         ids: &[String],
         marker: &str,
-        deadline: u64,
+        (deadline, first_attempt): (u64, u64),
         retry_for: Duration,
     ) -> Result<PartSent, RedisError> {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
@@ -430,8 +432,15 @@ impl Publisher {
             packed.push(b':');
             packed.extend_from_slice(id.as_bytes());
         }
-        cmd.arg(packed)
-            .arg(deadline.saturating_sub(retry_for.as_millis() as u64));
+        // With MIN_REPLICAS_ACKED, the part's first attempt: sent again on
+        // a new primary (no marker there), it is published again only
+        // within DEDUP_WINDOW less a second of it. Otherwise the marker's
+        // own first run dates it.
+        let first = match (self.min_replicas, first_attempt) {
+            (0, _) => String::new(),
+            (_, at) => at.to_string(),
+        };
+        cmd.arg(packed).arg(first);
         for payload in part {
             cmd.arg(payload.as_slice());
         }

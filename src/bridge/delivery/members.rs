@@ -38,7 +38,6 @@ pub const LIVE_FOR_STRATEGY: Duration = Duration::from_secs(10);
 /// What the error of a mixed pool says first (see [`mixed`]).
 const MIXED: &str = "another strategy writes this stream";
 
-/// A writer record as `cycle.lua` reads it: epoch, owner, position.
 /// A writer record as a cycle reads it: epoch, owner, position, and the
 /// position MIN_REPLICAS_ACKED replicas hold (`safe`).
 pub type RawRecord = (
@@ -231,7 +230,7 @@ async fn read_records(conn: &mut Conn, keys: &[&str]) -> Result<Vec<RawRecord>, 
     for key in keys {
         let record: RawRecord = redis::cmd("HMGET")
             .arg(*key)
-            .arg(&["epoch", "owner", "pos"])
+            .arg(&["epoch", "owner", "pos", "safe"])
             .query_async(conn)
             .await?;
         records.push(record);

@@ -167,37 +167,67 @@ fn start_mark(server: &RedisServer, clock: &str) -> (u64, u64) {
     (parts[0].parse().unwrap(), parts[2].parse().unwrap())
 }
 
+/// With MIN_REPLICAS_ACKED the writer notes the replication history in
+/// `<clock>:history` (confirm.lua's `ask`); a pool without it keeps its
+/// clock as it was.
 #[test]
-fn the_clock_leaps_once_on_a_promoted_replica_only() {
+fn the_clock_leaps_once_on_a_promoted_replica_only_when_asked() {
     use super::reader::PROMOTION_LEAP;
-    let clock = "{s:out}:clock";
+    let (noted, plain) = ("{s:out}:clock", "{t:out}:clock");
     let primary = RedisServer::start();
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
-    let (first, leapt) = start_mark(&primary, clock);
-    assert_eq!(leapt, 0, "a new clock has not leapt");
     support::wait_for(
-        "the replica to hold the clock",
+        "the replica to sync",
         Duration::from_secs(20),
         || {
-            let held: Option<String> = replica.command(&["GET", clock]);
-            (held == Some(first.to_string())).then_some(())
+            let info: String = replica.command(&["INFO", "replication"]);
+            info.contains("master_link_status:up").then_some(())
+        },
+        || replica.log(),
+    );
+    let info: String = primary.command(&["INFO", "replication"]);
+    let replid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("master_replid:"))
+        .unwrap()
+        .trim();
+    let _: () = primary.command(&["SET", "{s:out}:clock:history", &format!("{replid}:0:0")]);
+    let (first, leapt) = start_mark(&primary, noted);
+    assert_eq!(leapt, 0, "a new clock has not leapt");
+    let (plain_first, _) = start_mark(&primary, plain);
+    support::wait_for(
+        "the replica to hold the clocks",
+        Duration::from_secs(20),
+        || {
+            let held: Option<String> = replica.command(&["GET", plain]);
+            (held == Some(plain_first.to_string())).then_some(())
         },
         || replica.log(),
     );
     let _: () = replica.command(&["REPLICAOF", "NO", "ONE"]);
-    let (promoted, leapt) = start_mark(&replica, clock);
+    let (promoted, leapt) = start_mark(&replica, noted);
     assert!(
         promoted >= first + PROMOTION_LEAP,
         "the promoted replica's clock leaps past what the old primary may still mark: {promoted} < {first} + leap"
     );
     assert_eq!(leapt, promoted);
-    let (next, still) = start_mark(&replica, clock);
-    assert!(next > promoted && next < promoted + PROMOTION_LEAP, "once");
+    std::thread::sleep(Duration::from_millis(20));
+    let (next, still) = start_mark(&replica, noted);
+    assert!(
+        next >= promoted + (20 << 10) && next < promoted + PROMOTION_LEAP,
+        "once, and the clock keeps pace with the server's time after it"
+    );
     assert_eq!(still, leapt);
-    // The old primary goes on without a leap (its history did not change).
-    let (old, none) = start_mark(&primary, clock);
+    // The old primary goes on without a leap (its history did not change),
+    // and so does a clock whose history nobody noted.
+    let (old, none) = start_mark(&primary, noted);
     assert!(old > first && old < first + PROMOTION_LEAP);
     assert_eq!(none, 0);
+    let (plain_promoted, none) = start_mark(&replica, plain);
+    assert!(plain_promoted < plain_first + PROMOTION_LEAP);
+    assert_eq!(none, 0);
+    let untouched: Option<String> = replica.command(&["GET", "{t:out}:clock:history"]);
+    assert_eq!(untouched, None);
 }
 
 #[tokio::test]

@@ -504,12 +504,14 @@ impl Fenced {
                 continue;
             }
             lane.waiting = true;
-            let mut ask = scripts::evalsha(scripts::CONFIRM, &[&lane.lane.keys.writer]);
+            let history = self.config.pool.clock_history();
+            let keys = [lane.lane.keys.writer.as_str(), history.as_str()];
+            let mut ask = scripts::evalsha(scripts::CONFIRM, &keys);
             ask.arg(epoch)
                 .arg(&self.config.member)
                 .arg(pos.encode())
                 .arg("ask");
-            let mut set = scripts::evalsha(scripts::CONFIRM, &[&lane.lane.keys.writer]);
+            let mut set = scripts::evalsha(scripts::CONFIRM, &keys);
             set.arg(epoch)
                 .arg(&self.config.member)
                 .arg(pos.encode())
@@ -683,7 +685,7 @@ impl Fenced {
         let mut asked: Vec<(bool, u64, &Box<str>)> = self
             .lanes
             .iter()
-            .filter(|(_, l)| !l.queue.is_empty() || l.is_writer())
+            .filter(|(_, l)| !l.queue.is_empty() || !l.unconfirmed.is_empty() || l.is_writer())
             .map(|(k, l)| (!(l.resync && l.in_flight.is_empty()), l.asked_in, k))
             .collect();
         // With more lanes than a cycle reads, writers waiting on their
@@ -815,6 +817,7 @@ impl Fenced {
         }
         self.lanes.retain(|_, l| {
             !l.queue.is_empty()
+                || !l.unconfirmed.is_empty()
                 || l.is_writer()
                 || l.trips > 0
                 || l.last_active.elapsed() < QUIET_RELEASE
@@ -1013,6 +1016,25 @@ impl Fenced {
     /// other), copies of a live writer's lanes are shed regardless, oldest
     /// first, and that is said.
     fn shed(&mut self) {
+        // MIN_REPLICAS_ACKED: first, half of the copies written and not yet
+        // known on the replicas (oldest first): they are in the stream, and
+        // only a failover before the replicas hold them needs them.
+        let mut unprotected = 0u64;
+        for lane in self.lanes.values_mut() {
+            let n = lane.unconfirmed.len().div_ceil(2);
+            lane.unconfirmed.drain(..n);
+            unprotected += n as u64;
+        }
+        if unprotected > 0 {
+            Counters::add(&self.counters.overflow, unprotected);
+            if self.warnings.ready().is_some() {
+                tracing::warn!(
+                    shed = unprotected,
+                    "memory budget spent (MEMORY_LIMIT): dropped copies written but not yet held by MIN_REPLICAS_ACKED replicas (a failover before they hold them loses them; see overflow)"
+                );
+            }
+            return;
+        }
         let mut shed = 0u64;
         let fresh = self.config.takeover_after * 2 + CYCLE_EVERY * 4;
         let stuck = self

@@ -170,6 +170,12 @@ pub(super) fn decide(
 fn as_writer(lane: &mut LaneState, record: &Record, view: &View, counters: &Counters) -> Step {
     let stream = lane.lane.clone();
     let stream = stream.stream();
+    // MIN_REPLICAS_ACKED: a record behind what this writer wrote, nothing
+    // on its way, went back (a failover took writes back): read as after a
+    // failed write, even on a stream with nothing new to write.
+    if lane.keep_unconfirmed && lane.in_flight.is_empty() && record.pos < lane.pos {
+        lane.resync = true;
+    }
     if lane.resync && lane.in_flight.is_empty() {
         // The record went back (a failover lost writes the replicas did
         // not hold): what was written after it is written again.
@@ -182,6 +188,9 @@ fn as_writer(lane: &mut LaneState, record: &Record, view: &View, counters: &Coun
                 .count();
             pop(lane, covered, counters);
             lane.record_at(Some(pos), view.now);
+        } else if lane.keep_unconfirmed {
+            // (The takeover replicated, none of its writes: from nothing.)
+            lane.record_at(None, view.now);
         }
         // The refused message is the first after the record's position
         // that the write carried: re-sent copies passed over (never in a
@@ -942,6 +951,18 @@ mod tests {
             [10],
             "still in the stream, not yet on the replicas"
         );
+        assert_eq!(case.lane.pos, Some(at(10)));
+    }
+
+    #[test]
+    fn a_quiet_writer_whose_record_went_back_writes_the_unconfirmed_again() {
+        let mut case = Case::holding(&[10, 20, 30]).writer("e1", Some(5));
+        case.lane.keep_unconfirmed = true;
+        pop(&mut case.lane, 3, &case.counters);
+        case.lane.pos = Some(at(30));
+        // Nothing new to write, no write failed: only the record says so.
+        assert_eq!(case.decide(&record("e1", "me", Some(10))), Step::Stay);
+        assert_eq!(case.marks(), [20, 30], "written again");
         assert_eq!(case.lane.pos, Some(at(10)));
     }
 

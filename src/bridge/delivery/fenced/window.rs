@@ -22,8 +22,8 @@ pub(super) struct Window {
     /// Each id's hash, with the position it was first seen at and its
     /// payload's hash.
     ids: FxHashMap<u128, (Position, u64)>,
-    /// The ids in the order they were seen, with that position and when
-    /// (this process's clock).
+    /// The ids in the order they were seen, with that position and when the
+    /// copy arrived (this process's clock).
     order: VecDeque<(Position, Instant, u128)>,
     /// Where the memory of the two is counted (MEMORY_LIMIT), and how much.
     budget: Option<Arc<Budget>>,
@@ -94,7 +94,9 @@ impl Window {
             return Some(hash != m.hash);
         }
         self.ids.insert(key, (position, m.hash));
-        self.order.push_back((position, Instant::now(), key));
+        // (Dated by when the copy arrived, not when it was decided: a
+        // writer behind on its queue keeps no id longer.)
+        self.order.push_back((position, m.received_at, key));
         self.charge();
         None
     }

@@ -1,7 +1,10 @@
 -- MIN_REPLICAS_ACKED: how far the replicas hold a writer's writes, in two
 -- steps on the writer's waiting connection (see `Fenced::start_waits`).
--- KEYS[1]: the writer record. ARGV[1]: the writer's epoch; ARGV[2]: its
--- member name; ARGV[3]: a position it wrote; ARGV[4]: 'ask' or 'set'.
+-- KEYS[1]: the writer record; KEYS[2]: the pool clock's history note (see
+-- `next_mark`: 'ask' notes the server's replication history there when
+-- there is none, which turns the clock's leap on). ARGV[1]: the writer's
+-- epoch; ARGV[2]: its member name; ARGV[3]: a position it wrote; ARGV[4]:
+-- 'ask' or 'set'.
 -- 'ask' (followed by WAIT on the same connection): when the record is the
 -- writer's and has reached ARGV[3], notes it in the record's `asked` (a
 -- write, so that the WAIT after it counts the replicas holding the record
@@ -26,11 +29,16 @@ if not rec[3] or before(rec[3], ARGV[3]) then
   return 0
 end
 if ARGV[4] == 'ask' then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    local history = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+    redis.call('SET', KEYS[2], history .. ':0:0')
+  end
   redis.call('HSET', KEYS[1], 'asked', ARGV[3])
   return 1
 end
+-- (Already there: a takeover's predecessor, or a reply lost.)
 if rec[4] and not before(rec[4], ARGV[3]) then
-  return 0
+  return 1
 end
 redis.call('HSET', KEYS[1], 'safe', ARGV[3])
 return 1

@@ -40,28 +40,40 @@ local PROMOTION_LEAP = 5000 * 1024
 -- sharded Pub/Sub: the channel shares the clock's slot). The clock never goes back, even when its key is gone
 -- (a server restarted without persistence, or an older snapshot restored):
 -- a value is at least the server time in ms times 1024.
--- The clock also notes the replication history it was last taken in and
--- where it last leapt (`<clock>:history`: "<master_replid>:<value leapt
--- to>"). On a replica promoted in a failover (its previous history,
--- master_replid2, is the one noted) it leaps PROMOTION_LEAP ahead once:
--- the old primary may go on making marks of about the same values for a
--- moment, and the messages a worker received there must come before every
--- position of the new primary (or the record would pass them unwritten).
+-- With MIN_REPLICAS_ACKED (a pool whose writer noted the replication
+-- history in `<clock>:history`: "<master_replid>:<value last leapt
+-- to>:<leaps so far>", see confirm.lua), the clock leaps PROMOTION_LEAP
+-- ahead once on a replica promoted in a failover (its previous history,
+-- master_replid2, is the one noted): the old primary may go on making
+-- marks of about the same values for a moment, and the messages a worker
+-- received there must come before every position of the new primary (or
+-- the record would pass them unwritten). The leaps stay added to the
+-- server time, so that marks keep pace with it. Without the note nothing
+-- of this is done.
 -- Returns the value, and the value the clock last leapt to (0: never), by
 -- which a gap across the leap is measured without it.
 local function next_mark(clock, channel, sharded)
-  local value = math.max((tonumber(redis.call('GET', KEYS[clock])) or 0) + 1, now_ms() * 1024)
   local history_key = KEYS[clock] .. ':history'
-  local info = redis.call('INFO', 'replication')
-  local history = string.match(info, 'master_replid:(%x+)')
-  local noted, leapt = string.match(redis.call('GET', history_key) or '', '^(%x*):?(%d*)$')
-  leapt = tonumber(leapt) or 0
-  if history and noted ~= history then
-    if noted ~= '' and noted == string.match(info, 'master_replid2:(%x+)') then
-      value = value + PROMOTION_LEAP
-      leapt = value
+  local noted = redis.call('GET', history_key)
+  local leapt, ahead, history = 0, 0, nil
+  if noted then
+    local replid, at, by = string.match(noted, '^(%x+):(%d+):(%d+)$')
+    leapt, ahead = tonumber(at) or 0, tonumber(by) or 0
+    local info = redis.call('INFO', 'replication')
+    history = string.match(info, 'master_replid:(%x+)')
+    if history == replid then
+      history = nil
+    elseif replid and replid == string.match(info, 'master_replid2:(%x+)') then
+      ahead = ahead + PROMOTION_LEAP
+      leapt = -1
     end
-    redis.call('SET', history_key, history .. ':' .. int(leapt))
+  end
+  local value = math.max((tonumber(redis.call('GET', KEYS[clock])) or 0) + 1, now_ms() * 1024 + ahead)
+  if leapt < 0 then
+    leapt = value
+  end
+  if history then
+    redis.call('SET', history_key, history .. ':' .. int(leapt) .. ':' .. int(ahead))
   end
   redis.call('SET', KEYS[clock], int(value))
   redis.call(sharded == '1' and 'SPUBLISH' or 'PUBLISH', channel, sealed(value))

@@ -12,11 +12,11 @@
 -- after the first attempt within which a batch sent again is published
 -- again (below the bridge's DEDUP_WINDOW); ARGV[12]: the messages' ids,
 -- each as "<length>:<id>", one after the other (read only by the fast
--- path: a Lua string per message fewer); ARGV[13]: the server ms of the
--- batch's first attempt on any server (a publisher that followed a
--- failover sends it again on the new primary, where no marker is: it is
--- published again only within ARGV[11] of that first attempt); then the
--- payloads.
+-- path: a Lua string per message fewer); ARGV[13]: with MIN_REPLICAS_ACKED,
+-- the server ms of the part's first attempt on any server ('' otherwise: the
+-- marker's first run): a publisher that followed a failover sends it again
+-- on the new primary, where no marker is, and it is published again only
+-- within ARGV[11] of that first attempt; then the payloads.
 -- A batch sent again (Redis did not confirm it) finds the marker of the
 -- attempt that ran: the fast path goes on where it stopped and writes
 -- nothing twice. A batch that was published is published again while that
