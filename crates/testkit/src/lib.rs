@@ -80,6 +80,22 @@ impl RedisServer {
         std::panic::catch_unwind(Self::start).map_err(|_| "redis-server did not start".into())
     }
 
+    /// Starts a replica of `primary` and waits (at most 20 s) until it
+    /// follows it.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let replica = Self::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        wait_for(
+            "the replica to sync",
+            Duration::from_secs(20),
+            || {
+                let info: String = replica.command(&["INFO", "replication"]);
+                info.contains("master_link_status:up").then_some(())
+            },
+            || replica.log(),
+        );
+        replica
+    }
+
     /// Starts a server with extra arguments (e.g. `--requirepass x`), retrying
     /// on another port if the chosen one was taken meanwhile.
     pub fn start_with(extra: &[&str]) -> Self {

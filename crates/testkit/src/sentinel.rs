@@ -22,17 +22,7 @@ impl SentinelSetup {
     /// other sentinels (a failover needs both).
     pub fn start() -> Self {
         let primary = RedisServer::start();
-        let replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
-        wait_for(
-            "the replica to sync",
-            Duration::from_secs(20),
-            || {
-                let info: String = replica.command(&["INFO", "replication"]);
-                info.contains("master_link_status:up").then_some(())
-            },
-            || replica.log(),
-        );
+        let replica = RedisServer::start_replica_of(&primary);
         let dir = tempdir().expect("temp dir");
         let mut sentinels = Vec::new();
         for i in 0..3 {

@@ -175,16 +175,7 @@ fn the_clock_leaps_once_on_a_promoted_replica_only_when_asked() {
     use super::reader::PROMOTION_LEAP;
     let (noted, plain) = ("{s:out}:clock", "{t:out}:clock");
     let primary = RedisServer::start();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
-    support::wait_for(
-        "the replica to sync",
-        Duration::from_secs(20),
-        || {
-            let info: String = replica.command(&["INFO", "replication"]);
-            info.contains("master_link_status:up").then_some(())
-        },
-        || replica.log(),
-    );
+    let replica = RedisServer::start_replica_of(&primary);
     let info: String = primary.command(&["INFO", "replication"]);
     let replid = info
         .lines()

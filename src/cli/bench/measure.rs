@@ -51,22 +51,8 @@ async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
 /// Starts a replica of the benchmark's own server and waits (at most 20 s)
 /// until it follows it.
 fn start_replica(server: &RedisServer) -> Result<RedisServer> {
-    let port = server.port.to_string();
-    let replica =
-        std::panic::catch_unwind(|| RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]))
-            .map_err(|_| anyhow::anyhow!("a replica of the benchmark's server did not start"))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !replica
-        .command::<String>(&["INFO", "replication"])
-        .contains("master_link_status:up")
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the benchmark's replica did not follow its server within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(replica)
+    std::panic::catch_unwind(|| RedisServer::start_replica_of(server))
+        .map_err(|_| anyhow::anyhow!("a replica of the benchmark's server did not follow it"))
 }
 
 /// How many replicas follow the server at `url`.
