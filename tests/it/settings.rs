@@ -64,6 +64,26 @@ fn bad_settings_give_one_line_and_exit_code_2() {
         (&[("DEDUP_WINDOW", "-1")], "DEDUP_WINDOW", "-1"),
         (&[("DEDUP_WINDOW", "a while")], "DEDUP_WINDOW", "a while"),
         (
+            &[("MIN_REPLICAS_ACKED", "some")],
+            "MIN_REPLICAS_ACKED",
+            "some",
+        ),
+        (&[("MIN_REPLICAS_ACKED", "17")], "MIN_REPLICAS_ACKED", "17"),
+        (
+            &[("MIN_REPLICAS_ACKED", "1"), ("STRATEGY", "race")],
+            "MIN_REPLICAS_ACKED",
+            "1",
+        ),
+        (
+            &[
+                ("MIN_REPLICAS_ACKED", "1"),
+                ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
+                ("PUBSUB_MODE", "sharded"),
+            ],
+            "MIN_REPLICAS_ACKED",
+            "1",
+        ),
+        (
             &[
                 ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
                 ("STRATEGY", "fenced"),
