@@ -154,6 +154,52 @@ async fn a_fenced_writer_writes_nothing_however_long_it_was_paused() {
     assert_eq!(consumers, [b"a".to_vec(), b"b".to_vec()]);
 }
 
+/// MIN_REPLICAS_ACKED's confirm.lua: `ask` notes a position the record has
+/// reached (and the replication history, once), `set` moves `safe` there;
+/// neither for another epoch or a position past the record; `set` again at
+/// the same place is done already.
+#[tokio::test]
+async fn confirm_moves_safe_only_for_the_writer_and_never_past_the_record() {
+    let server = RedisServer::start();
+    let mut a = conn(&server).await;
+    let (epoch, _) = take(&mut a, None, "a").await;
+    let m1 = at("1", 100, 1);
+    let written = fenced::write(&mut a, "a", &epoch, None, &[&m1]).await;
+    assert_eq!(written.unwrap(), WriteReply::Done);
+    let keys = lane().keys.clone();
+    let history = "{s:out}:clock:history";
+    let confirm = |epoch: &str, pos: &str, step: &str| -> u8 {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::CONFIRM)
+            .arg(2)
+            .arg(&keys.writer)
+            .arg(history)
+            .arg(epoch)
+            .arg("a")
+            .arg(pos)
+            .arg(step);
+        cmd.query(&mut server.conn()).unwrap()
+    };
+    let safe = || -> Option<String> { server.command(&["HGET", &keys.writer, "safe"]) };
+    assert_eq!(confirm(&epoch, "100:2", "ask"), 0, "past the record");
+    assert_eq!(confirm("other", "100:1", "ask"), 0, "another epoch");
+    let noted: Option<String> = server.command(&["GET", history]);
+    assert_eq!(noted, None, "nothing noted for a refused ask");
+    assert_eq!(confirm(&epoch, "100:1", "ask"), 1);
+    let noted: Option<String> = server.command(&["GET", history]);
+    assert!(
+        noted.is_some_and(|n| n.ends_with(":0:0")),
+        "the first ask notes the history"
+    );
+    assert_eq!(safe(), None, "ask moves nothing");
+    assert_eq!(confirm(&epoch, "100:2", "set"), 0, "past the record");
+    assert_eq!(confirm("other", "100:1", "set"), 0, "another epoch");
+    assert_eq!(confirm(&epoch, "100:1", "set"), 1);
+    assert_eq!(safe().as_deref(), Some("100:1"));
+    assert_eq!(confirm(&epoch, "100:1", "set"), 1, "there already: done");
+    assert_eq!(safe().as_deref(), Some("100:1"));
+}
+
 /// The start script's mark on `server`, and the value the clock last leapt
 /// to there ("<mark>:<seal>:<leapt to>").
 fn start_mark(server: &RedisServer, clock: &str) -> (u64, u64) {
