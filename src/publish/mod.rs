@@ -436,9 +436,9 @@ impl Publisher {
         // a new primary (no marker there), it is published again only
         // within DEDUP_WINDOW less a second of it. Otherwise the marker's
         // own first run dates it.
-        let first = match (self.min_replicas, first_attempt) {
-            (0, _) => String::new(),
-            (_, at) => at.to_string(),
+        let first = match self.min_replicas {
+            0 => String::new(),
+            _ => first_attempt.to_string(),
         };
         cmd.arg(packed).arg(first);
         for payload in part {

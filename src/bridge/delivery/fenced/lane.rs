@@ -301,16 +301,12 @@ pub(super) fn back_off(lane: &mut LaneState) -> Duration {
 /// by its fate.
 pub(super) fn pop(lane: &mut LaneState, n: usize, counters: &Counters) {
     let n = n.min(lane.queue.len());
-    if lane.keep_unconfirmed {
-        let written: Vec<Queued> = lane.queue.drain(..n).collect();
-        for q in &written {
-            count(q, counters, &mut lane.reused);
-        }
-        lane.unconfirmed.extend(written);
-        return;
-    }
     for q in lane.queue.drain(..n) {
         count(&q, counters, &mut lane.reused);
+        // (Written, but perhaps not on the replicas yet.)
+        if lane.keep_unconfirmed {
+            lane.unconfirmed.push_back(q);
+        }
     }
 }
 

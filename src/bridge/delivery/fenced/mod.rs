@@ -492,6 +492,7 @@ impl Fenced {
             return;
         };
         let now = Instant::now();
+        let history = self.config.pool.clock_history();
         for (stream, lane) in self.lanes.iter_mut() {
             let (Role::Writer { epoch }, Some(pos)) = (&lane.role, lane.pos) else {
                 continue;
@@ -504,20 +505,18 @@ impl Fenced {
                 continue;
             }
             lane.waiting = true;
-            let history = self.config.pool.clock_history();
             let keys = [lane.lane.keys.writer.as_str(), history.as_str()];
-            let mut ask = scripts::evalsha(scripts::CONFIRM, &keys);
-            ask.arg(epoch)
-                .arg(&self.config.member)
-                .arg(pos.encode())
-                .arg("ask");
-            let mut set = scripts::evalsha(scripts::CONFIRM, &keys);
-            set.arg(epoch)
-                .arg(&self.config.member)
-                .arg(pos.encode())
-                .arg("set");
+            let confirm = |step: &str| {
+                let mut cmd = scripts::evalsha(scripts::CONFIRM, &keys);
+                cmd.arg(epoch)
+                    .arg(&self.config.member)
+                    .arg(pos.encode())
+                    .arg(step);
+                cmd
+            };
+            let set = confirm("set");
             let mut pipe = redis::pipe();
-            pipe.add_command(ask)
+            pipe.add_command(confirm("ask"))
                 .cmd("WAIT")
                 .arg(self.config.min_replicas)
                 .arg(WAIT_FOR_REPLICAS_MS);
