@@ -61,7 +61,7 @@ mod scripts;
 // below.
 mod bridge;
 
-pub use bridge::config::{BridgeConfig, DEFAULT_CONSUMERS};
+pub use bridge::config::{BridgeConfig, DEFAULT_CONSUMERS, DEFAULT_STANDBYS};
 pub use bridge::delivery::handoff::hand_over;
 pub use bridge::delivery::{Cap, Trim};
 pub use bridge::delivery::{OutputFormat, Pool, PubSubMode, Strategy};

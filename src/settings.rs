@@ -122,6 +122,8 @@ pub mod limits {
     pub const PAYLOAD_BYTES: RangeInclusive<u64> = 1..=16 << 20;
     /// MIN_REPLICAS_ACKED.
     pub const REPLICAS: RangeInclusive<u64> = 0..=16;
+    /// STANDBYS (or `all`).
+    pub const STANDBYS: RangeInclusive<u64> = 0..=64;
     /// TCP ports.
     pub const PORT: RangeInclusive<u64> = 1..=65_535;
     /// Seconds of intervals, TTLs and timeouts: from 10 ms to a day.

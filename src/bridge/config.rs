@@ -12,6 +12,8 @@ use crate::settings::{ConfigError, check_seconds, check_whole, limits, secs};
 
 /// CONSUMERS_COUNT's default: workers in one bridge process.
 pub const DEFAULT_CONSUMERS: &str = "2";
+/// STANDBYS' default: processes besides the writer that hold copies.
+pub const DEFAULT_STANDBYS: usize = 2;
 
 /// The validated settings of a bridge (`optimus consume`). Build one with
 /// [`BridgeConfig::new`] and the setters, or from the command line.
@@ -38,6 +40,9 @@ pub struct BridgeConfig {
     pub(crate) dedup_window: Duration,
     /// MIN_REPLICAS_ACKED (0: off).
     pub(crate) min_replicas_acked: usize,
+    /// STANDBYS: how many processes besides the writer hold copies
+    /// (`None`: every process).
+    pub(crate) standbys: Option<usize>,
     pub(crate) max_payload_bytes: usize,
     /// `None`: `<OUTPUT_STREAM>:dead`.
     pub(crate) dead_letter_stream: Option<String>,
@@ -89,6 +94,7 @@ impl BridgeConfig {
             memory_limit: 256 << 20,
             dedup_window: Duration::from_secs(5),
             min_replicas_acked: 0,
+            standbys: Some(DEFAULT_STANDBYS),
             max_payload_bytes: 1 << 20,
             dead_letter_stream: None,
             print_monitor: false,
@@ -127,6 +133,9 @@ impl BridgeConfig {
         /// Replicas that must hold a write before standbys drop their
         /// copies of it (MIN_REPLICAS_ACKED; 0: off; fenced only).
         min_replicas_acked: usize;
+        /// How many processes besides the writer hold copies (STANDBYS;
+        /// `None`: every process; fenced only).
+        standbys: Option<usize>;
         /// Larger payloads are dead-lettered (MAX_PAYLOAD_BYTES).
         max_payload_bytes: usize;
         /// Print the monitoring line on stdout.
@@ -250,6 +259,9 @@ impl BridgeConfig {
             ),
         ] {
             check_whole(var, value as u64, range)?;
+        }
+        if let Some(standbys) = self.standbys {
+            check_whole("STANDBYS", standbys as u64, limits::STANDBYS)?;
         }
         check_whole(
             "MIN_REPLICAS_ACKED",

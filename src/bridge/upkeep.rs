@@ -39,6 +39,9 @@ pub(super) async fn keep_present(
 pub(super) struct Watched {
     pub workers: Arc<Mutex<Vec<String>>>,
     pub coverage: Arc<Coverage>,
+    /// Whether this process holds copies (a process that waits for a place
+    /// among the holders reads nothing, by design).
+    pub hold: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How long the monitor waits for Redis at each line: the line is printed on
@@ -90,7 +93,7 @@ pub(super) async fn monitor(
             }
             Err(_) => (None, false),
         };
-        let wanted = !watched.workers.lock().unwrap().is_empty();
+        let wanted = !watched.workers.lock().unwrap().is_empty() && *watched.hold.borrow();
         counters.set_link(answered && (!wanted || watched.coverage.subscribed() > 0));
         let now = Instant::now();
         let snapshot = counters.snapshot();

@@ -17,7 +17,7 @@ use super::delivery::cluster::Subscription;
 use super::delivery::fenced::{Fenced, FencedConfig};
 use super::delivery::ids::Identify;
 use super::delivery::intake::Intake;
-use super::delivery::members::{Beat, is_mixed};
+use super::delivery::members::{Beat, Holding, Place, is_mixed};
 use super::delivery::race::{RaceWorker, Racer};
 use super::delivery::reader::{Coverage, Reader, ReaderBatch};
 use super::delivery::{self, Message, Pool, Strategy};
@@ -74,6 +74,7 @@ impl Workers {
         Watched {
             workers: self.live.clone(),
             coverage: self.spawner.coverage.clone(),
+            hold: self.spawner.hold.subscribe(),
         }
     }
 
@@ -99,6 +100,7 @@ impl Workers {
         // Stops the subscriptions; the workers follow once their queues drain.
         let stop_reading = shutdown.child_token();
         let mut scaler_alive = true;
+        let mut hold = self.spawner.hold.subscribe();
         let mut fatal = None;
         let mut fatal_deadline: Option<Instant> = None;
         loop {
@@ -131,6 +133,9 @@ impl Workers {
                 changed = target.changed(), if scaler_alive && !stop_reading.is_cancelled() => {
                     scaler_alive = changed.is_ok();
                 }
+                // A place among the holders taken or given back: the
+                // readers start or stop.
+                _ = hold.changed(), if !stop_reading.is_cancelled() => {}
                 _ = stop_reading.cancelled(), if !stop_reading.is_cancelled() => {}
                 // Redis refused us: what is left stops as in a graceful
                 // stop (the engine writes what it can), within
@@ -231,6 +236,9 @@ pub(super) struct Spawner {
     readers: Vec<Option<CancellationToken>>,
     /// Race strategy on one server: each racing worker's queue.
     racers: Racers,
+    /// Whether this process holds copies (reads), or waits for a place
+    /// among the pool's holders (see `members::Holding`).
+    hold: watch::Sender<bool>,
 }
 
 impl Spawner {
@@ -279,6 +287,7 @@ impl Spawner {
             locator: None,
             readers: Vec::new(),
             racers: Arc::default(),
+            hold: watch::Sender::new(true),
         }
     }
 
@@ -288,6 +297,15 @@ impl Spawner {
     /// subscription per worker instead.
     pub(super) fn has_engine(&self) -> bool {
         !self.config.endpoint.is_cluster() || self.config.strategy == Strategy::Fenced
+    }
+
+    /// The most processes of the pool that hold copies (0: every one): the
+    /// writer and STANDBYS standbys; every race process holds copies.
+    fn holders(&self) -> usize {
+        match (self.config.strategy, self.config.standbys) {
+            (Strategy::Fenced, Some(standbys)) => standbys + 1,
+            _ => 0,
+        }
     }
 
     /// One server (or fenced on a cluster): the strategy's loop, fed by the
@@ -313,6 +331,7 @@ impl Spawner {
         if self.pool.sharded {
             self.locator = Some(conn.clone());
         }
+        let holders = self.holders();
         let beat = Beat {
             pool: &self.pool,
             member: &member,
@@ -320,6 +339,12 @@ impl Spawner {
             seen: 0,
             since: u64::MAX,
             routes,
+            holding: Holding {
+                limit: holders,
+                held: 0,
+                may: Place::Claim,
+                live_for: config.takeover_after,
+            },
         };
         let joined = crate::connect::retry_until(
             shutdown,
@@ -328,7 +353,7 @@ impl Spawner {
                 async move {
                     match beat.cycle(&mut conn, &[], false).await {
                         Err(err) if is_mixed(&err).is_some() => Ok(Err(err)),
-                        other => other.map(|_| Ok(())),
+                        other => other.map(|cycle| Ok(cycle.held)),
                     }
                 }
             },
@@ -337,11 +362,18 @@ impl Spawner {
             },
         )
         .await?;
-        match joined {
+        let held = match joined {
             None => return Ok(()),
             Some(Err(mixed)) => return Err(mixed),
-            Some(Ok(())) => {}
+            Some(Ok(held)) => held,
+        };
+        if held == 0 {
+            tracing::info!(
+                holders,
+                "the pool's holders are all there (STANDBYS): this process waits to take a holder's place, and reads nothing until then"
+            );
         }
+        self.hold.send_replace(held > 0);
         let intake = Intake::new(Identify::by_position(
             config.message_id_field.clone(),
             config.max_payload_bytes,
@@ -378,12 +410,15 @@ impl Spawner {
                         dedup_window: config.dedup_window,
                         min_replicas: config.min_replicas_acked,
                         endpoint: config.endpoint.clone(),
+                        holders,
                     },
                     conn,
                     waiter,
                     self.counters.clone(),
                     self.budget.clone(),
                     intake,
+                    held,
+                    self.hold.clone(),
                 );
                 tasks.spawn(fenced.run(rx));
             }
@@ -415,7 +450,11 @@ impl Spawner {
         let Some(batches) = self.batches.clone() else {
             return;
         };
-        let wanted = workers.min(MAX_READERS);
+        // (None while this process waits for a place among the holders.)
+        let wanted = match *self.hold.borrow() {
+            true => workers.min(MAX_READERS),
+            false => 0,
+        };
         self.readers.resize_with(MAX_READERS, || None);
         for slot in 0..MAX_READERS {
             let running = self.readers[slot]
@@ -541,6 +580,7 @@ impl Marks {
             seen: intake.seen(),
             since: intake.continuous_since(),
             routes: self.routes,
+            holding: Holding::everyone(),
         };
         match beat.cycle(&mut self.conn, &[], leaving).await {
             Ok(_) => Ok(()),

@@ -94,6 +94,15 @@ pub struct ConsumeArgs {
     /// Fenced strategy, one server or sentinels: replicas that must hold a write (WAIT) before the pool drops its copies of it (what a failover takes back is written again), so that a failover loses nothing; set it for `optimus publish` too; 0 turns it off.
     #[arg(long, env = "MIN_REPLICAS_ACKED", default_value = "0")]
     pub min_replicas_acked: String,
+    /// Fenced strategy: how many processes besides each stream's writer
+    /// hold copies of the messages (subscribe), to take the stream over if
+    /// the writer dies; the pool's other processes wait, reading nothing,
+    /// and take a holder's place when one leaves or falls silent. Every
+    /// message published while one holder lives and is subscribed is
+    /// written; `all` has every process hold copies (Redis's and the
+    /// processes' CPU per message then grow with the processes).
+    #[arg(long, env = "STANDBYS", default_value = "2")]
+    pub standbys: String,
     /// Seconds a presence key lives without a refresh (refreshed every third of it).
     #[arg(long, env = "PRESENCE_TTL", default_value = "5")]
     pub presence_ttl: String,
@@ -189,6 +198,10 @@ impl ConsumeArgs {
                 &self.min_replicas_acked,
                 limits::REPLICAS,
             )?)
+            .standbys(match self.standbys.trim() {
+                "all" => None,
+                n => Some(parse_whole("STANDBYS", n, limits::STANDBYS)?),
+            })
             .max_payload_bytes(parse_whole(
                 "MAX_PAYLOAD_BYTES",
                 &self.max_payload_bytes,

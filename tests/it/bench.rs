@@ -23,7 +23,7 @@ fn a_small_benchmark_measures_every_row() {
             "--workers",
             "1,2",
             "--processes",
-            "1,2",
+            "2,4",
             "--latency-rate",
             "1000",
             "--latency-seconds",
@@ -97,10 +97,11 @@ fn a_small_benchmark_measures_every_row() {
         "{targets:?}"
     );
     assert!(stdout.contains("| target (fenced) |"), "{stdout}");
-    // The scaling rows: a pool of processes, Redis's CPU per message.
+    // The scaling rows: a pool of processes, Redis's CPU per message (4
+    // processes: the writer and 2 standbys hold copies, one waits).
     let pools = report["processes"].as_array().unwrap();
     assert_eq!(pools.len(), 2, "{pools:?}");
-    for (row, n) in pools.iter().zip([1, 2]) {
+    for (row, n) in pools.iter().zip([2, 4]) {
         assert_eq!(row["processes"], n, "{row}");
         assert_eq!(row["lost"], 0, "{row}");
         assert_eq!(row["duplicates"], 0, "{row}");

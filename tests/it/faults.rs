@@ -111,8 +111,11 @@ impl Pool {
     /// promise's terms: a message is safe while a process that received it
     /// lives until it is written (with the race strategy, until its dead
     /// lock holder's lock expires). So the kill waits, with a deadline,
-    /// until (1) every other process is subscribed, so that whatever is
-    /// published from here on has a receiver this kill spares, and (2) every
+    /// until (1) the pool holds copies as it should (every process, or with
+    /// the fenced strategy the writer and STANDBYS standbys: the others
+    /// wait for a place) and another process than `i` is subscribed, so
+    /// that whatever is published from here on has a receiver this kill
+    /// spares, and (2) every
     /// message delivered before the previous kill is in the stream, so that
     /// this kill cannot take the last receiver of one. On a loaded machine,
     /// where replacements subscribe slowly and takeovers come late, the
@@ -126,13 +129,16 @@ impl Pool {
             .collect();
         let progress = std::cell::RefCell::new(std::mem::take(&mut self.progress));
         support::wait_for(
-            "every other process subscribed, and what was delivered before the last kill written",
+            "the pool's holders subscribed, and what was delivered before the last kill written",
             Duration::from_secs(60),
             || {
                 progress.borrow_mut().catch_up(&self.server);
                 let subscribed = self.subscribed_pids();
-                (others.iter().all(|p| subscribed.contains(p)) && progress.borrow().due.is_empty())
-                    .then_some(())
+                let held = self.processes.len().min(self.holders());
+                (subscribed.len() >= held
+                    && others.iter().any(|p| subscribed.contains(p))
+                    && progress.borrow().due.is_empty())
+                .then_some(())
             },
             || {
                 let due = &progress.borrow().due;
@@ -152,9 +158,44 @@ impl Pool {
         self.processes[i] = self.spawn();
     }
 
+    /// The pid of the process the writer record names (a member is named
+    /// `<host>-<pid>-<nonce>`).
+    fn writer_pid(&self) -> u32 {
+        support::wait_for(
+            "a writer",
+            Duration::from_secs(30),
+            || {
+                let owner: Option<String> = redis::cmd("HGET")
+                    .arg(format!("{{{STREAM}}}:writer"))
+                    .arg("owner")
+                    .query(&mut self.server.conn())
+                    .ok()?;
+                owner?.rsplit('-').nth(1)?.parse().ok()
+            },
+            || self.describe(),
+        )
+    }
+
+    /// How many processes of the pool hold copies: with the fenced    /// How many processes of the pool hold copies: with the fenced
+    /// strategy the writer and STANDBYS (default 2) standbys, with race
+    /// every one.
+    fn holders(&self) -> usize {
+        let env = |name: &str| {
+            self.env
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        match (env("STRATEGY"), env("STANDBYS")) {
+            (Some("race"), _) | (_, Some("all")) => usize::MAX,
+            (_, Some(n)) => n.parse::<usize>().unwrap() + 1,
+            (_, None) => optimus::DEFAULT_STANDBYS + 1,
+        }
+    }
+
     /// The processes with a reader subscribed to the input channel (CLIENT
-    /// LIST names each reader's connection after its process).
-    fn subscribed_pids(&self) -> Vec<u32> {
+    /// LIST names each reader's connection after its process), each once.
+    fn subscribed_pids(&self) -> std::collections::BTreeSet<u32> {
         let list: String = self.server.command(&["CLIENT", "LIST", "TYPE", "pubsub"]);
         list.lines()
             .filter(|l| l.split(' ').any(|f| f.starts_with("sub=") && f != "sub=0"))
@@ -530,6 +571,55 @@ fn rolling_crash_of_five_processes_loses_nothing() {
     assert!(next >= 20, "only {next} kills in {:?}", start.elapsed());
     assert_eq!(summary.num("published"), 300_000, "{}", summary.line);
     pool.check(&summary);
+}
+
+/// Bounded holders (STANDBYS=2, the default): of five processes the
+/// writer and two standbys hold copies, the other two wait and read
+/// nothing. The writer and then both standbys SIGKILLed one after another
+/// while 5,000 messages/s flow, each kill once a waiting process has taken
+/// the last dead one's place (the pool holds three copies again) and what
+/// was delivered before it is written: every message once, in order, and
+/// the processes that waited at the start are the ones that hold copies
+/// at the end.
+#[test]
+fn the_writer_and_both_standbys_killed_one_after_another_lose_nothing() {
+    let mut pool = Pool::start(RedisServer::start(), 5, &[]);
+    let first = support::wait_for(
+        "three of the five processes subscribed (the writer and two standbys)",
+        Duration::from_secs(30),
+        || Some(pool.subscribed_pids()).filter(|s| s.len() == 3),
+        || pool.describe(),
+    );
+    let waiting: Vec<u32> = pool
+        .processes
+        .iter()
+        .map(|p| p.pid())
+        .filter(|pid| !first.contains(pid))
+        .collect();
+    let mut publisher = pool.publisher(5_000, 12);
+    std::thread::sleep(Duration::from_secs(1));
+    let writer = pool.writer_pid();
+    assert!(
+        first.contains(&writer),
+        "the writer {writer} holds no copies: {first:?}"
+    );
+    let mut order: Vec<u32> = vec![writer];
+    order.extend(first.iter().filter(|&&p| p != writer));
+    for pid in &order {
+        let i = pool
+            .processes
+            .iter()
+            .position(|p| p.pid() == *pid)
+            .expect("a holder of the start still runs");
+        pool.replace(i);
+    }
+    let summary = pool.finish(&mut publisher);
+    pool.check(&summary);
+    let last = pool.subscribed_pids();
+    assert!(
+        waiting.iter().all(|pid| last.contains(pid)),
+        "the processes that waited at the start ({waiting:?}) should hold copies now: {last:?}"
+    );
 }
 
 /// A flood of 1,500,000 messages (about 170 MB) while the server refuses

@@ -143,6 +143,62 @@ pub struct Cycle {
     pub new: bool,
     /// The pool's handoff, if one was asked for.
     pub handoff: Option<Handoff>,
+    /// Since when (server ms) this process holds copies: 0 while it
+    /// waits for a place among the holders (see [`Holding`]).
+    pub held: u64,
+}
+
+/// Which processes of a pool hold copies of the messages (subscribe to
+/// the channels): every one of them, or at most `limit` (the writer and
+/// STANDBYS standbys). The others wait: they beat among the members and
+/// read nothing, and take a holder's place when one leaves, says it stops
+/// holding, or falls silent for `live_for`. A process that holds gives its
+/// place back when `limit` others have held since before it (a holder
+/// that was paused came back, or Redis lost the members and two took one
+/// place); a writer keeps its place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// The most processes that hold copies (0: every one).
+    pub limit: usize,
+    /// Since when (server ms) this process holds copies (0: it waits).
+    pub held: u64,
+    /// What it may do with its place this cycle.
+    pub may: Place,
+    /// How long a holder that beat counts as live.
+    pub live_for: Duration,
+}
+
+/// What a process may do with its place among the holders this cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Take one, if one is free (it waits, and is not leaving).
+    Claim,
+    /// Give it back, if others were there first (it writes nothing).
+    Release,
+    /// Keep what it has (a writer; or one that stopped reading).
+    Keep,
+}
+
+impl Holding {
+    /// Every process holds copies (the race strategy; STANDBYS=all).
+    pub fn everyone() -> Self {
+        Self {
+            limit: 0,
+            held: 0,
+            may: Place::Keep,
+            live_for: Duration::ZERO,
+        }
+    }
+
+    /// The cycle script's argument: "<held>:<may>".
+    fn arg(&self) -> String {
+        let may = match self.may {
+            Place::Claim => 'c',
+            Place::Release => 'r',
+            Place::Keep => '-',
+        };
+        format!("{}:{may}", self.held)
+    }
 }
 
 /// This process's beat.
@@ -157,6 +213,8 @@ pub struct Beat<'a> {
     pub seen: u64,
     pub since: u64,
     pub routes: u64,
+    /// Whether it holds copies, or waits for a place.
+    pub holding: Holding,
 }
 
 impl Beat<'_> {
@@ -187,7 +245,10 @@ impl Beat<'_> {
             .arg(MEMBER_STALE.as_millis() as u64)
             .arg(self.strategy.name())
             .arg(LIVE_FOR_STRATEGY.as_millis() as u64)
-            .arg(if self.pool.sharded { 1 } else { 0 });
+            .arg(if self.pool.sharded { 1 } else { 0 })
+            .arg(self.holding.limit)
+            .arg(self.holding.arg())
+            .arg(self.holding.live_for.as_millis() as u64);
         type Reply = (
             u64,
             u64,
@@ -197,8 +258,9 @@ impl Beat<'_> {
             String,
             u8,
             String,
+            u64,
         );
-        let (mark, now_ms, members, records, new, others, clock_missing, handoff): Reply =
+        let (mark, now_ms, members, records, new, others, clock_missing, handoff, held): Reply =
             scripts::run(conn, cmd).await?;
         let records = apart.unwrap_or(records);
         let handoff = Handoff::parse(&handoff);
@@ -219,6 +281,7 @@ impl Beat<'_> {
             records,
             new: new == 1,
             handoff,
+            held,
         })
     }
 }

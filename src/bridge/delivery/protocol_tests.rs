@@ -10,6 +10,7 @@ use optimus_testkit as support;
 use support::RedisServer;
 
 use super::fenced::{self, Takeover, WriteReply};
+use super::members::{Beat, Holding, Place};
 use super::race::{Claim, Racer, Settled, Write};
 use super::{Destination, Keys, Lane, Message, Position, scripts};
 use crate::connect::Conn;
@@ -198,6 +199,120 @@ async fn confirm_moves_safe_only_for_the_writer_and_never_past_the_record() {
     assert_eq!(safe().as_deref(), Some("100:1"));
     assert_eq!(confirm(&epoch, "100:1", "set"), 1, "there already: done");
     assert_eq!(safe().as_deref(), Some("100:1"));
+}
+
+/// One cycle of `member` with at most three holders: since when it holds
+/// copies afterwards (0: it waits).
+async fn place(conn: &mut Conn, pool: &super::Pool, member: &str, held: u64, may: Place) -> u64 {
+    let beat = Beat {
+        pool,
+        member,
+        strategy: super::Strategy::Fenced,
+        seen: 0,
+        since: u64::MAX,
+        routes: 0,
+        holding: Holding {
+            limit: 3,
+            held,
+            may,
+            live_for: Duration::from_secs(10),
+        },
+    };
+    beat.cycle(conn, &[], false).await.unwrap().held
+}
+
+/// STANDBYS=2: at most three processes hold copies. A fourth waits until a
+/// place is free (a holder left, or fell silent); a holder that comes back
+/// from a silence finds one too many, and the one that came last gives its
+/// place back, unless it writes.
+#[tokio::test]
+async fn at_most_the_limit_hold_copies_and_the_last_to_come_gives_its_place_back() {
+    use Place::{Claim, Keep, Release};
+    let server = RedisServer::start();
+    let mut conn = conn(&server).await;
+    let pool = super::Pool::in_db(STREAM, 0);
+    let mut held = std::collections::HashMap::new();
+    for member in ["a", "b", "c"] {
+        let since = place(&mut conn, &pool, member, 0, Claim).await;
+        assert!(since > 0, "{member} takes one of the three places");
+        held.insert(member, since);
+    }
+    assert_eq!(
+        place(&mut conn, &pool, "d", 0, Claim).await,
+        0,
+        "three hold: d waits"
+    );
+    assert_eq!(
+        place(&mut conn, &pool, "d", 0, Claim).await,
+        0,
+        "d still waits"
+    );
+    // Holders keep their places, cycle after cycle.
+    for member in ["a", "b", "c"] {
+        assert_eq!(
+            place(&mut conn, &pool, member, held[member], Release).await,
+            held[member],
+            "{member}"
+        );
+    }
+    // a leaves: d takes its place at once.
+    let leaving = Beat {
+        pool: &pool,
+        member: "a",
+        strategy: super::Strategy::Fenced,
+        seen: 0,
+        since: u64::MAX,
+        routes: 0,
+        holding: Holding::everyone(),
+    };
+    leaving.cycle(&mut conn, &[], true).await.unwrap();
+    let d = place(&mut conn, &pool, "d", 0, Claim).await;
+    assert!(d > 0, "a left: d holds copies now");
+    // c falls silent (its last beat 20 s ago, beyond live_for): e takes
+    // its place.
+    let now: u64 = {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+        secs * 1000 + micros / 1000
+    };
+    let silent = format!(
+        "{}:0:{}:0:fenced:{}:{}",
+        now - 20_000,
+        u64::MAX,
+        held["c"],
+        held["c"]
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(&pool.members)
+        .arg("c")
+        .arg(silent)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let e = place(&mut conn, &pool, "e", 0, Claim).await;
+    assert!(e > 0, "c is silent: e holds copies now");
+    // c comes back: four hold. b, c and d held before e: e, writing
+    // nothing, gives its place back; writing, it keeps it.
+    assert_eq!(
+        place(&mut conn, &pool, "c", held["c"], Release).await,
+        held["c"],
+        "c came before d and e"
+    );
+    assert_eq!(
+        place(&mut conn, &pool, "d", d, Release).await,
+        d,
+        "d came before e"
+    );
+    assert_eq!(
+        place(&mut conn, &pool, "e", e, Keep).await,
+        e,
+        "a writer keeps its place"
+    );
+    assert_eq!(
+        place(&mut conn, &pool, "e", e, Release).await,
+        0,
+        "e came last"
+    );
+    assert_eq!(place(&mut conn, &pool, "e", 0, Claim).await, 0, "and waits");
 }
 
 /// The start script's mark on `server`, and the value the clock last leapt

@@ -758,8 +758,9 @@ async fn processes_row(
     }
     let workers: usize = optimus::DEFAULT_CONSUMERS.parse().unwrap_or(1);
     let workers = workers.min(2);
-    if let Err(err) = wait_subscribed(conn, Strategy::Fenced, processes * workers, processes).await
-    {
+    // The writer and STANDBYS standbys hold copies; the others wait.
+    let holders = processes.min(optimus::DEFAULT_STANDBYS + 1);
+    if let Err(err) = wait_subscribed(conn, Strategy::Fenced, holders * workers, processes).await {
         children.into_iter().for_each(stop);
         return Err(err);
     }

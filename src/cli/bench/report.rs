@@ -134,6 +134,18 @@ pub fn targets(report: &Report) -> Vec<Target> {
             met,
         })
     };
+    let pool = |n: usize| report.processes.iter().find(|r| r.processes == n);
+    if let (Some(two), Some(eight)) = (pool(2), pool(8)) {
+        let ratio = eight.redis_cpu_us_per_message / two.redis_cpu_us_per_message.max(1e-9);
+        add(
+            "Redis CPU per message, 8 processes: at most 1.5 x 2 processes",
+            format!(
+                "{:.1} µs and {:.1} µs = {ratio:.2}",
+                eight.redis_cpu_us_per_message, two.redis_cpu_us_per_message
+            ),
+            ratio <= 1.5,
+        );
+    }
     if rows.is_empty() {
         return out;
     }

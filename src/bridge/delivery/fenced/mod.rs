@@ -26,12 +26,12 @@ use std::time::{Duration, Instant};
 
 use redis::RedisError;
 use rustc_hash::FxHashMap;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::budget::Budget;
 use super::intake::Intake;
-use super::members::{Beat, Cycle, Handoff, Rule, is_mixed};
+use super::members::{Beat, Cycle, Handoff, Holding, Place, Rule, is_mixed};
 use super::reader::ReaderBatch;
 use super::{Lane, Message, Pool, Position, Strategy, scripts};
 use crate::connect::{Conn, brief, is_fatal};
@@ -88,6 +88,9 @@ pub struct FencedConfig {
     /// Where Redis is: a command connection that stops answering (its
     /// replies black-holed, the socket open) is replaced from it.
     pub endpoint: crate::connect::Endpoint,
+    /// The most processes of the pool that hold copies (STANDBYS + 1; 0:
+    /// every one): see [`Holding`].
+    pub holders: usize,
 }
 
 /// Cycles in a row that time out before the command connection is taken
@@ -146,9 +149,19 @@ pub struct Fenced {
     unpurged: bool,
     /// Cycles in a row that timed out.
     timeouts: u32,
+    /// Since when (server ms) this process holds copies (0: it waits for a
+    /// place among the holders), and where the readers learn whether to
+    /// read.
+    held: u64,
+    hold: watch::Sender<bool>,
+    /// The readers are done (stopping): it takes no place any more.
+    reading: bool,
 }
 
 impl Fenced {
+    /// `held`: since when this process holds copies, as its first cycle
+    /// (joining the pool) said; `hold`: told whether it does.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: FencedConfig,
         conn: Conn,
@@ -156,8 +169,13 @@ impl Fenced {
         counters: Arc<Counters>,
         budget: Arc<Budget>,
         intake: Intake,
+        held: u64,
+        hold: watch::Sender<bool>,
     ) -> Self {
         Self {
+            held,
+            hold,
+            reading: true,
             config,
             conn,
             waiter,
@@ -205,6 +223,58 @@ impl Fenced {
             Err(err) => {
                 tracing::debug!(cause = %brief(&err), "could not open a new command connection; trying again next cycle");
             }
+        }
+    }
+
+    /// This process's place among the holders, as the cycle tells it.
+    fn place(&self) -> Holding {
+        let writes = self.lanes.values().any(|l| l.is_writer());
+        let may = match (self.held, self.reading) {
+            (_, false) => Place::Keep,
+            (0, true) => Place::Claim,
+            (_, true) if writes => Place::Keep,
+            (_, true) => Place::Release,
+        };
+        let mut holding = Holding {
+            limit: self.config.holders,
+            held: self.held,
+            may,
+            live_for: self.config.takeover_after,
+        };
+        // A process that stopped reading holds nothing new: its place is
+        // free for one that waits.
+        if !self.reading && self.config.holders > 0 {
+            holding.held = 0;
+        }
+        holding
+    }
+
+    /// Takes in the place a cycle gave this process: its readers read
+    /// while it holds one.
+    fn set_held(&mut self, held: u64) {
+        if (held > 0) != (self.held > 0) && self.reading {
+            match held {
+                0 => {
+                    tracing::info!(
+                        holders = self.config.holders,
+                        "giving this process's place among the holders back (others held copies before it): it reads nothing now and waits to take a holder's place"
+                    )
+                }
+                _ => {
+                    tracing::info!(
+                        holders = self.config.holders,
+                        "this process holds copies now (a place among the holders was free): subscribing"
+                    )
+                }
+            }
+        }
+        self.held = held;
+        if self.reading {
+            self.hold.send_if_modified(|hold| {
+                let changed = *hold != (held > 0);
+                *hold = held > 0;
+                changed
+            });
         }
     }
 
@@ -311,7 +381,10 @@ impl Fenced {
                 }
                 batch = batches.recv(), if readers_done.is_none() => match batch {
                     Some(batch) => self.on_batch(batch),
-                    None => readers_done = Some(Instant::now()),
+                    None => {
+                        readers_done = Some(Instant::now());
+                        self.reading = false;
+                    }
                 },
                 _ = tick.tick() => self.cycle(false).await?,
             }
@@ -710,6 +783,7 @@ impl Fenced {
             seen: self.intake.seen(),
             since: self.intake.continuous_since(),
             routes: self.config.routes,
+            holding: self.place(),
         };
         let reply = match beat.cycle(&mut self.conn, &records, leaving).await {
             Ok(reply) => reply,
@@ -734,8 +808,10 @@ impl Fenced {
             records,
             new,
             handoff,
+            held,
         } = reply;
         self.take_handoff(handoff);
+        self.set_held(held);
         let members = Member::parse_all(&members);
         // A new entry (first cycle, or the members were lost with Redis's
         // data) or a beat gone back (an older copy of the data restored,

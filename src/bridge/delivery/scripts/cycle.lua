@@ -10,10 +10,19 @@
 -- strategy (fenced, race); ARGV[7]: ms within which a member that beat
 -- counts as live for the strategies' check; ARGV[8]: '1' to publish the
 -- mark with SPUBLISH (sharded Pub/Sub on a cluster, where the records live
--- in other slots and are read apart: no KEYS[4..]).
+-- in other slots and are read apart: no KEYS[4..]);
+-- ARGV[9]: the most processes that hold copies (STANDBYS + 1; 0: every
+-- process does); ARGV[10]: "<held>:<may>": since when (server ms) this
+-- process holds copies (0: it waits), and what it may do: 'c' claim a
+-- place among the holders, 'r' release its place (it writes nothing), '-'
+-- neither; ARGV[11]: ms within which a holder that beat counts as live.
 -- A member's value is "<beat ms>:<last mark seen>:<whole since>:<routes>:
--- <strategy>:<joined ms>" (an older optimus's ends after <routes>: it is a
--- fenced one).
+-- <strategy>:<joined ms>:<held ms>" (an older optimus's ends after
+-- <routes>, or after <joined ms>: it is a fenced one, and holds copies).
+-- The holders: the live members whose held is not 0. A process that waits
+-- takes a place when fewer than ARGV[9] hold copies; one that holds gives
+-- its place back when ARGV[9] others have held since before it (they came
+-- back from a pause, or Redis lost the hash and two took one place).
 -- One pool, one strategy: a process whose strategy is not that of the live
 -- members is not let in (or, a member already, is put out when it joined
 -- after one of them), and nothing else is done. While a handoff is asked
@@ -27,14 +36,19 @@
 -- the live members of another strategy that keep it out ("" when none:
 -- "<name>=<strategy>", comma-separated; "handoff" when the handoff keeps
 -- it out), 1 when the clock was missing (a new pool, or the key deleted or
--- lost with Redis's data), the handoff key's value ("" when none)}.
+-- lost with Redis's data), the handoff key's value ("" when none), since
+-- when this process holds copies (0: it waits)}.
 local now = now_ms()
 local live = tonumber(ARGV[7])
 local members = redis.call('HGETALL', KEYS[2])
 local function parse(value)
   local beat = tonumber(string.match(value, '^(%d+)')) or 0
-  local strategy, joined = string.match(value, '^%d+:%d+:%d+:%d+:(%a+):(%d+)$')
-  return beat, strategy or 'fenced', tonumber(joined or 0)
+  local strategy, joined, held =
+    string.match(value, '^%d+:%d+:%d+:%d+:(%a+):(%d+):?(%d*)$')
+  if held == nil or held == '' then
+    held = 1
+  end
+  return beat, strategy or 'fenced', tonumber(joined or 0), tonumber(held)
 end
 local joined
 for i = 1, #members, 2 do
@@ -50,14 +64,23 @@ if handoff then
   at = tonumber(at)
 end
 local kept, others, refused = {}, {}, false
+local limit = tonumber(ARGV[9])
+local held, may = string.match(ARGV[10], '^(%d+):(.)$')
+held = tonumber(held)
+-- The live holders that would keep this process out of a place.
+local ahead = 0
 for i = 1, #members, 2 do
   local name, value = members[i], members[i + 1]
-  local beat, strategy, at = parse(value)
+  local beat, strategy, at, since = parse(value)
   if name == ARGV[1] then
     -- (put back below)
   elseif now - beat > tonumber(ARGV[5]) then
     redis.call('HDEL', KEYS[2], name)
   else
+    if since > 0 and now - beat <= tonumber(ARGV[11])
+        and (held == 0 or since < held or since == held and name < ARGV[1]) then
+      ahead = ahead + 1
+    end
     kept[#kept + 1] = name
     kept[#kept + 1] = value
     if strategy ~= ARGV[6] and now - beat <= live and not target then
@@ -71,15 +94,24 @@ for i = 1, #members, 2 do
 end
 if ARGV[4] == '1' and refused then
   redis.call('HDEL', KEYS[2], ARGV[1])
-  return {0, now, {}, {}, 0, table.concat(others, ','), 0, handoff or ''}
+  return {0, now, {}, {}, 0, table.concat(others, ','), 0, handoff or '', 0}
 end
 if ARGV[4] == '1' and target and target ~= ARGV[6] and at and not joined then
-  return {0, now, {}, {}, 0, 'handoff', 0, handoff}
+  return {0, now, {}, {}, 0, 'handoff', 0, handoff, 0}
+end
+if limit == 0 then
+  if held == 0 then
+    held = now
+  end
+elseif held == 0 and may == 'c' and ahead < limit then
+  held = now
+elseif held > 0 and may == 'r' and ahead >= limit then
+  held = 0
 end
 local new = 0
 if ARGV[4] == '1' then
   new = redis.call('HSET', KEYS[2], ARGV[1],
-    int(now) .. ':' .. ARGV[2] .. ':' .. ARGV[6] .. ':' .. int(joined or now))
+    int(now) .. ':' .. ARGV[2] .. ':' .. ARGV[6] .. ':' .. int(joined or now) .. ':' .. int(held))
   kept[#kept + 1] = ARGV[1]
   kept[#kept + 1] = redis.call('HGET', KEYS[2], ARGV[1])
 else
@@ -102,4 +134,4 @@ local records = {}
 for i = 4, #KEYS do
   records[#records + 1] = redis.call('HMGET', KEYS[i], 'epoch', 'owner', 'pos', 'safe')
 end
-return {mark, now, kept, records, new, '', clock_missing, handoff or ''}
+return {mark, now, kept, records, new, '', clock_missing, handoff or '', held}
