@@ -166,6 +166,12 @@ impl Collector for BridgeCollector {
         )?;
         gauge(
             &mut e,
+            "optimus_holding_copies",
+            "1 while this process holds copies of the messages (it reads), 0 while it waits for a place among the pool's holders (STANDBYS)",
+            c.holding.load(Ordering::Relaxed) as i64,
+        )?;
+        gauge(
+            &mut e,
             "optimus_live_workers",
             "Live workers on every host, at the last monitoring line",
             c.live_workers.load(Ordering::Relaxed) as i64,

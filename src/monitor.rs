@@ -48,6 +48,9 @@ pub struct Counters {
     pub live_workers: AtomicU64,
     /// Workers running in this process now (a gauge).
     pub workers: AtomicU64,
+    /// 1 while this process holds copies (it reads), 0 while it waits for
+    /// a place among the pool's holders (STANDBYS; a gauge).
+    pub holding: AtomicU64,
     /// Messages skipped because their id was already written with other
     /// bytes: a publisher reusing ids.
     pub reused_ids: AtomicU64,
@@ -80,6 +83,7 @@ impl Default for Counters {
             redis_errors: AtomicU64::default(),
             live_workers: AtomicU64::default(),
             workers: AtomicU64::default(),
+            holding: AtomicU64::default(),
             reused_ids: AtomicU64::default(),
             refused: AtomicU64::default(),
             bad_marks: AtomicU64::default(),

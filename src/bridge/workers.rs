@@ -276,7 +276,6 @@ impl Spawner {
             router,
             routes_shown,
             config: config.clone(),
-            counters,
             coverage: Arc::new(match cluster && config.strategy == Strategy::Race {
                 true => Coverage::default(),
                 false => Coverage::counted_by_intake(),
@@ -287,7 +286,12 @@ impl Spawner {
             locator: None,
             readers: Vec::new(),
             racers: Arc::default(),
-            hold: watch::Sender::new(true),
+            // (Until a fenced process joins its pool and learns its place.)
+            hold: {
+                Counters::set(&counters.holding, 1);
+                watch::Sender::new(true)
+            },
+            counters,
         }
     }
 
@@ -374,6 +378,7 @@ impl Spawner {
             );
         }
         self.hold.send_replace(held > 0);
+        Counters::set(&self.counters.holding, u64::from(held > 0));
         let intake = Intake::new(Identify::by_position(
             config.message_id_field.clone(),
             config.max_payload_bytes,

@@ -99,10 +99,12 @@ fn a_small_benchmark_measures_every_row() {
     assert!(stdout.contains("| target (fenced) |"), "{stdout}");
     // The scaling rows: a pool of processes, Redis's CPU per message (4
     // processes: the writer and 2 standbys hold copies, one waits).
+    // Then 4 with every process holding copies (STANDBYS=all).
     let pools = report["processes"].as_array().unwrap();
-    assert_eq!(pools.len(), 2, "{pools:?}");
-    for (row, n) in pools.iter().zip([2, 4]) {
+    assert_eq!(pools.len(), 3, "{pools:?}");
+    for (row, (n, setting)) in pools.iter().zip([(2, ""), (4, ""), (4, "STANDBYS=all")]) {
         assert_eq!(row["processes"], n, "{row}");
+        assert_eq!(row["setting"], setting, "{row}");
         assert_eq!(row["lost"], 0, "{row}");
         assert_eq!(row["duplicates"], 0, "{row}");
         assert_eq!(row["out_of_order"], 0, "{row}");
@@ -112,6 +114,7 @@ fn a_small_benchmark_measures_every_row() {
         );
     }
     assert!(stdout.contains("| 2 processes |"), "{stdout}");
+    assert!(stdout.contains("| 4 processes, STANDBYS=all |"), "{stdout}");
     for latency in report["latency"].as_array().unwrap() {
         assert_eq!(latency["samples"], 1000, "{latency}");
         assert_eq!(latency["lost"], 0, "{latency}");

@@ -31,6 +31,11 @@ fn consume_serves_counters_that_move() {
     assert_eq!(sample(&body, "optimus_received_total"), 100.0);
     assert_eq!(sample(&body, "optimus_workers"), 2.0);
     assert_eq!(sample(&body, "optimus_live_workers"), 2.0);
+    assert_eq!(
+        sample(&body, "optimus_holding_copies"),
+        1.0,
+        "alone, it holds copies"
+    );
     assert_eq!(sample(&body, "optimus_pending"), 0.0);
     assert!(sample(&body, "optimus_batch_seconds_count") > 0.0, "{body}");
 

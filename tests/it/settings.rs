@@ -69,6 +69,9 @@ fn bad_settings_give_one_line_and_exit_code_2() {
             "some",
         ),
         (&[("MIN_REPLICAS_ACKED", "17")], "MIN_REPLICAS_ACKED", "17"),
+        (&[("STANDBYS", "some")], "STANDBYS", "some"),
+        (&[("STANDBYS", "65")], "STANDBYS", "65"),
+        (&[("STANDBYS", "-1")], "STANDBYS", "-1"),
         (
             &[("MIN_REPLICAS_ACKED", "1"), ("STRATEGY", "race")],
             "MIN_REPLICAS_ACKED",

@@ -62,6 +62,10 @@ pub struct Intake {
     lost_at: Option<u64>,
     /// Holes found and not yet taken: their length in ms (server time).
     holes: Vec<u64>,
+    /// The process stops reading on purpose, its copies being held by
+    /// others (it gave its place among the holders back): the time until
+    /// it reads again is no hole.
+    resting: bool,
 }
 
 impl Intake {
@@ -76,6 +80,18 @@ impl Intake {
             swept_below: 0,
             lost_at: None,
             holes: Vec::new(),
+            resting: false,
+        }
+    }
+
+    /// The process stops reading on purpose (`true`: it gave its place
+    /// among the pool's holders back, and other processes hold what is
+    /// published meanwhile) or reads again (`false`): the time between is
+    /// not counted as a hole.
+    pub fn rest(&mut self, resting: bool) {
+        self.resting = resting;
+        if !resting {
+            self.lost_at = None;
         }
     }
 
@@ -259,7 +275,10 @@ impl Intake {
                 self.confirm(out);
             }
             // The next subscription starts it.
-            None => self.lost_at = self.frontier.take(),
+            None => {
+                let lost_at = self.frontier.take();
+                self.lost_at = lost_at.filter(|_| !self.resting);
+            }
         }
     }
 
@@ -434,5 +453,26 @@ mod tests {
         let again = start + ms(200);
         intake.take(batch(0, vec![Item::Mark(again)], sub(again, leapt)));
         assert_eq!(intake.take_holes(), [200]);
+    }
+
+    /// A process that gave its place among the holders back stops reading
+    /// on purpose: when it holds a place again, the time between is no
+    /// hole (others held those messages). A loss is still one.
+    #[test]
+    fn resting_between_two_places_is_no_hole() {
+        let mut intake = Intake::new(Identify::by_position("message_id", 1 << 20));
+        let ms = |ms: u64| ms << 10;
+        let sub = |start| Some(Event::Subscribed { start, leapt_to: 0 });
+        intake.take(batch(0, vec![Item::Mark(ms(1000))], sub(ms(1000))));
+        intake.rest(true);
+        intake.take(batch(0, vec![], Some(Event::Stopped)));
+        assert_eq!(intake.continuous_since(), u64::MAX);
+        intake.rest(false);
+        intake.take(batch(0, vec![Item::Mark(ms(3000))], sub(ms(3000))));
+        assert!(intake.take_holes().is_empty(), "rested, not lost");
+        assert_eq!(intake.continuous_since(), ms(3000));
+        intake.take(batch(0, vec![], Some(Event::Lost)));
+        intake.take(batch(0, vec![Item::Mark(ms(3100))], sub(ms(3100))));
+        assert_eq!(intake.take_holes(), [100], "a loss while holding is a hole");
     }
 }

@@ -136,7 +136,20 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
             "bench: fenced pool of {n} processes, a burst of {}",
             config.messages
         );
-        let row = processes_row(config, &url, &mut conn, n, burst);
+        let row = processes_row(config, &url, &mut conn, n, burst, &[]);
+        processes.push(row.await?);
+    }
+    // What the bound on holders saves: the largest pool with every process
+    // holding copies.
+    if let Some(&n) = config.processes.iter().max()
+        && n > optimus::DEFAULT_STANDBYS + 1
+    {
+        eprintln!(
+            "bench: fenced pool of {n} processes with STANDBYS=all, a burst of {}",
+            config.messages
+        );
+        let all = [("STANDBYS", "all")];
+        let row = processes_row(config, &url, &mut conn, n, burst, &all);
         processes.push(row.await?);
     }
     let mut steady = Vec::new();
@@ -741,11 +754,12 @@ async fn processes_row(
     conn: &mut MultiplexedConnection,
     processes: usize,
     burst: Burst<'_>,
+    settings: &[(&str, &str)],
 ) -> Result<ProcessesRow> {
     reset(conn).await?;
     let mut children = Vec::new();
     for _ in 0..processes {
-        let child = consume_command(config, url, Strategy::Fenced, &[])
+        let child = consume_command(config, url, Strategy::Fenced, settings)
             .spawn()
             .context("cannot start optimus consume");
         match child {
@@ -759,7 +773,10 @@ async fn processes_row(
     let workers: usize = optimus::DEFAULT_CONSUMERS.parse().unwrap_or(1);
     let workers = workers.min(2);
     // The writer and STANDBYS standbys hold copies; the others wait.
-    let holders = processes.min(optimus::DEFAULT_STANDBYS + 1);
+    let holders = match settings.iter().any(|&(k, v)| k == "STANDBYS" && v == "all") {
+        true => processes,
+        false => processes.min(optimus::DEFAULT_STANDBYS + 1),
+    };
     if let Err(err) = wait_subscribed(conn, Strategy::Fenced, holders * workers, processes).await {
         children.into_iter().for_each(stop);
         return Err(err);
@@ -783,6 +800,11 @@ async fn processes_row(
     let rate = config.messages as f64 / seconds;
     Ok(ProcessesRow {
         processes,
+        setting: settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         messages: config.messages,
         seconds,
         rate,

@@ -31,11 +31,14 @@ impl BridgeRow {
     }
 }
 
-/// A burst bridged by a pool of processes (fenced, default settings):
-/// every process reads every message, so Redis's work grows with each.
+/// A burst bridged by a pool of processes (fenced, default settings: the
+/// writer and STANDBYS=2 standbys read every message, the other processes
+/// wait), or with every process reading (STANDBYS=all).
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessesRow {
     pub processes: usize,
+    /// The setting that differs from the defaults ("" for none).
+    pub setting: String,
     pub messages: u64,
     pub seconds: f64,
     pub rate: f64,
@@ -134,7 +137,12 @@ pub fn targets(report: &Report) -> Vec<Target> {
             met,
         })
     };
-    let pool = |n: usize| report.processes.iter().find(|r| r.processes == n);
+    let pool = |n: usize| {
+        report
+            .processes
+            .iter()
+            .find(|r| r.processes == n && r.setting.is_empty())
+    };
     if let (Some(two), Some(eight)) = (pool(2), pool(8)) {
         let ratio = eight.redis_cpu_us_per_message / two.redis_cpu_us_per_message.max(1e-9);
         add(
@@ -357,8 +365,12 @@ fn processes_table(report: &Report) -> String {
                 "duplicates",
             ],
             report.processes.iter().map(|r| {
+                let setting = match r.setting.as_str() {
+                    "" => String::new(),
+                    setting => format!(", {setting}"),
+                };
                 vec![
-                    format!("{} processes", r.processes),
+                    format!("{} processes{setting}", r.processes),
                     format!("{:.0}", r.rate),
                     format!("{:.2}", r.of_ceiling),
                     format!("{:.1}", r.redis_cpu_us_per_message),

@@ -269,6 +269,10 @@ impl Fenced {
             }
         }
         self.held = held;
+        Counters::set(&self.counters.holding, u64::from(held > 0));
+        if self.reading && self.config.holders > 0 {
+            self.intake.rest(held == 0);
+        }
         if self.reading {
             self.hold.send_if_modified(|hold| {
                 let changed = *hold != (held > 0);
