@@ -137,25 +137,8 @@ pub fn targets(report: &Report) -> Vec<Target> {
             met,
         })
     };
-    let pool = |n: usize| {
-        report
-            .processes
-            .iter()
-            .find(|r| r.processes == n && r.setting.is_empty())
-    };
-    if let (Some(two), Some(eight)) = (pool(2), pool(8)) {
-        let ratio = eight.redis_cpu_us_per_message / two.redis_cpu_us_per_message.max(1e-9);
-        add(
-            "Redis CPU per message, 8 processes: at most 1.5 x 2 processes",
-            format!(
-                "{:.1} µs and {:.1} µs = {ratio:.2}",
-                eight.redis_cpu_us_per_message, two.redis_cpu_us_per_message
-            ),
-            ratio <= 1.5,
-        );
-    }
     if rows.is_empty() {
-        return out;
+        return processes_target(report, out);
     }
     let bad: u64 = rows
         .iter()
@@ -209,6 +192,29 @@ pub fn targets(report: &Report) -> Vec<Target> {
         format!("{bytes:.1} B at most"),
         bytes <= 16.0,
     );
+    processes_target(report, out)
+}
+
+/// The pools of processes' target, after `out`: Redis's CPU per message
+/// with 8 processes against 2 (default settings).
+fn processes_target(report: &Report, mut out: Vec<Target>) -> Vec<Target> {
+    let pool = |n: usize| {
+        report
+            .processes
+            .iter()
+            .find(|r| r.processes == n && r.setting.is_empty())
+    };
+    if let (Some(two), Some(eight)) = (pool(2), pool(8)) {
+        let ratio = eight.redis_cpu_us_per_message / two.redis_cpu_us_per_message.max(1e-9);
+        out.push(Target {
+            target: "Redis CPU per message, 8 processes: at most 1.5 x 2 processes".to_string(),
+            measured: format!(
+                "{:.1} µs and {:.1} µs = {ratio:.2}",
+                eight.redis_cpu_us_per_message, two.redis_cpu_us_per_message
+            ),
+            met: ratio <= 1.5,
+        });
+    }
     out
 }
 
