@@ -67,6 +67,31 @@ impl ConnectionLike for Conn {
 }
 
 impl Conn {
+    /// WAIT for `replicas` replicas, at most `timeout_ms`, on the server
+    /// that holds `key` (on a cluster the master of its slot, where this
+    /// connection's last write of that slot went): how many replicas hold
+    /// that write. (On a cluster a plain WAIT goes to every master.)
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: usize,
+        timeout_ms: u64,
+    ) -> RedisResult<usize> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout_ms);
+        match self {
+            Conn::Cluster(cluster) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                Ok(redis::from_redis_value(
+                    cluster.route_command(wait, routing).await?,
+                )?)
+            }
+            _ => wait.query_async(self).await,
+        }
+    }
+
     /// Every key of a type (`SCAN … TYPE kind`), from every master on a
     /// cluster (each node SCANs only its own keys), in no order.
     pub async fn keys_of_type(&mut self, kind: &str) -> RedisResult<Vec<String>> {

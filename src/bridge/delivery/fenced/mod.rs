@@ -582,26 +582,56 @@ impl Fenced {
                 continue;
             }
             lane.waiting = true;
-            let keys = [lane.lane.keys.writer.as_str(), history.as_str()];
-            let confirm = |step: &str| {
-                let mut cmd = scripts::evalsha(scripts::CONFIRM, &keys);
+            let record = lane.lane.keys.writer.as_str();
+            // (On a cluster the clock's history note lives in the channel's
+            // slot: noted on its own.)
+            let sharded = self.config.pool.sharded;
+            let keys: &[&str] = match sharded {
+                true => &[record],
+                false => &[record, history.as_str()],
+            };
+            let confirm = |keys: &[&str], step: &str| {
+                let mut cmd = scripts::evalsha(scripts::CONFIRM, keys);
                 cmd.arg(epoch)
                     .arg(&self.config.member)
                     .arg(pos.encode())
                     .arg(step);
                 cmd
             };
-            let set = confirm("set");
-            let mut pipe = redis::pipe();
-            pipe.add_command(confirm("ask"))
-                .cmd("WAIT")
-                .arg(self.config.min_replicas)
-                .arg(WAIT_FOR_REPLICAS_MS);
+            let (ask, set) = (confirm(keys, "ask"), confirm(keys, "set"));
+            let note = sharded.then(|| confirm(&[history.as_str()], "note"));
             let mut conn = waiter.clone();
             let wanted = self.config.min_replicas;
-            let (stream, epoch) = (stream.clone(), epoch.clone());
+            let (stream, epoch, record) = (stream.clone(), epoch.clone(), record.to_string());
             self.waits.spawn(async move {
-                let held = match scripts::query::<(u8, usize), _>(&mut conn, &pipe).await {
+                let asked = match note {
+                    // On one server the WAIT follows the ask on the same
+                    // connection, in one round trip.
+                    None => {
+                        let mut pipe = redis::pipe();
+                        pipe.add_command(ask)
+                            .cmd("WAIT")
+                            .arg(wanted)
+                            .arg(WAIT_FOR_REPLICAS_MS);
+                        scripts::query::<(u8, usize), _>(&mut conn, &pipe).await
+                    }
+                    // On a cluster the WAIT goes to the record's master, on
+                    // the connection the ask went by. (Were the slot's
+                    // master replaced between, the WAIT finds no write of
+                    // this connection there; `set` then moves `safe` only
+                    // if the record on the new master reached the position.)
+                    Some(note) => async {
+                        scripts::run::<u8, _>(&mut conn, note).await?;
+                        let asked = scripts::run::<u8, _>(&mut conn, ask).await?;
+                        let replicas = match asked {
+                            1 => conn.wait_replicas(&record, wanted, WAIT_FOR_REPLICAS_MS).await?,
+                            _ => 0,
+                        };
+                        Ok((asked, replicas))
+                    }
+                    .await,
+                };
+                let held = match asked {
                     Ok((1, replicas)) if replicas >= wanted => {
                         scripts::run::<u8, _>(&mut conn, set).await
                     }

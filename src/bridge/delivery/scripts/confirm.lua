@@ -12,6 +12,19 @@
 -- the WAIT found enough replicas): moves the record's `safe`, how far
 -- standbys drop their copies, forward to ARGV[3], if the record is still
 -- the writer's and has reached it. Returns 1 if done, 0 if not.
+-- On a cluster the history note lives in the channel's slot, apart from
+-- the record: 'ask' gets no KEYS[2], and 'note' (KEYS[1]: the note) notes
+-- the history there when there is none.
+local function note(key)
+  if redis.call('EXISTS', key) == 0 then
+    local history = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+    redis.call('SET', key, history .. ':0:0')
+  end
+end
+if ARGV[4] == 'note' then
+  note(KEYS[1])
+  return 1
+end
 local rec = redis.call('HMGET', KEYS[1], 'epoch', 'owner', 'pos', 'safe')
 if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[2] then
   return 0
@@ -29,9 +42,8 @@ if not rec[3] or before(rec[3], ARGV[3]) then
   return 0
 end
 if ARGV[4] == 'ask' then
-  if redis.call('EXISTS', KEYS[2]) == 0 then
-    local history = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-    redis.call('SET', KEYS[2], history .. ':0:0')
+  if KEYS[2] then
+    note(KEYS[2])
   end
   redis.call('HSET', KEYS[1], 'asked', ARGV[3])
   return 1
