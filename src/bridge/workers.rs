@@ -3,6 +3,7 @@
 //! [`Spawner`] starts what runs them (on one server the strategy's loop and
 //! the readers, on a cluster a subscription and a racing loop per worker).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::BridgeConfig;
 use super::delivery::budget::Budget;
 use super::delivery::cluster::Subscription;
-use super::delivery::fenced::{Fenced, FencedConfig};
+use super::delivery::fenced::{Fenced, FencedConfig, Leaving};
 use super::delivery::ids::Identify;
 use super::delivery::intake::Intake;
 use super::delivery::members::{Beat, Holding, Place, is_mixed};
@@ -97,8 +98,14 @@ impl Workers {
         shutdown: &CancellationToken,
         shutdown_timeout: Duration,
     ) -> Result<Option<RedisError>, RedisError> {
-        // Stops the subscriptions; the workers follow once their queues drain.
-        let stop_reading = shutdown.child_token();
+        // Stops the subscriptions; the workers follow once their queues
+        // drain. On a stop a process that holds copies among bounded
+        // holders reads on until processes that waited hold them in its
+        // stead (or HANDOVER_AT_MOST has passed).
+        let stop_reading = CancellationToken::new();
+        let handover = self.spawner.holders() > 0;
+        let mut handed = self.spawner.handed.subscribe();
+        let mut handover_until: Option<Instant> = None;
         let mut scaler_alive = true;
         let mut hold = self.spawner.hold.subscribe();
         let mut fatal = None;
@@ -137,6 +144,21 @@ impl Workers {
                 // readers start or stop.
                 _ = hold.changed(), if !stop_reading.is_cancelled() => {}
                 _ = stop_reading.cancelled(), if !stop_reading.is_cancelled() => {}
+                _ = shutdown.cancelled(), if handover_until.is_none() && !stop_reading.is_cancelled() => {
+                    match handover && *self.spawner.hold.borrow() {
+                        true => handover_until = Some(Instant::now() + HANDOVER_AT_MOST),
+                        false => stop_reading.cancel(),
+                    }
+                }
+                _ = handed.changed(), if handover_until.is_some() && !stop_reading.is_cancelled() => {
+                    if *handed.borrow_and_update() {
+                        stop_reading.cancel();
+                    }
+                }
+                _ = tokio::time::sleep_until(handover_until.unwrap_or_else(Instant::now).into()), if handover_until.is_some() && !stop_reading.is_cancelled() => {
+                    tracing::debug!("no process took this one's place among the holders in time: stopping to read anyway");
+                    stop_reading.cancel();
+                }
                 // Redis refused us: what is left stops as in a graceful
                 // stop (the engine writes what it can), within
                 // SHUTDOWN_TIMEOUT, then is ended.
@@ -210,6 +232,10 @@ impl Workers {
 /// whatever its number of workers.
 const MAX_READERS: usize = 2;
 
+/// How long a stopping holder reads on for processes that waited to take
+/// its place (they subscribe within a cycle or two).
+const HANDOVER_AT_MOST: Duration = Duration::from_secs(2);
+
 /// The race workers of a single server, by worker id, each with its queue:
 /// the dispatcher hands every one of them each message.
 type Racers = Arc<Mutex<Vec<(String, mpsc::Sender<Vec<Message>>)>>>;
@@ -233,12 +259,19 @@ pub(super) struct Spawner {
     /// through.
     locator: Option<Conn>,
     /// The readers running, by slot.
-    readers: Vec<Option<CancellationToken>>,
+    /// The readers, by slot: each one's stop, and whether its task has
+    /// ended (a slot is used again only then, so that a stopped reader
+    /// still settling is never taken for its successor: both have the
+    /// slot's number).
+    readers: Vec<Option<(CancellationToken, Arc<AtomicBool>)>>,
     /// Race strategy on one server: each racing worker's queue.
     racers: Racers,
     /// Whether this process holds copies (reads), or waits for a place
     /// among the pool's holders (see `members::Holding`).
     hold: watch::Sender<bool>,
+    /// Stopping: processes that waited hold copies in this one's stead
+    /// (its readers may stop).
+    handed: watch::Sender<bool>,
 }
 
 impl Spawner {
@@ -291,6 +324,7 @@ impl Spawner {
                 Counters::set(&counters.holding, 1);
                 watch::Sender::new(true)
             },
+            handed: watch::Sender::new(false),
             counters,
         }
     }
@@ -305,7 +339,7 @@ impl Spawner {
 
     /// The most processes of the pool that hold copies (0: every one): the
     /// writer and STANDBYS standbys; every race process holds copies.
-    fn holders(&self) -> usize {
+    pub(super) fn holders(&self) -> usize {
         match (self.config.strategy, self.config.standbys) {
             (Strategy::Fenced, Some(standbys)) => standbys + 1,
             _ => 0,
@@ -422,8 +456,11 @@ impl Spawner {
                     self.counters.clone(),
                     self.budget.clone(),
                     intake,
-                    held,
-                    self.hold.clone(),
+                    (held, self.hold.clone()),
+                    Leaving {
+                        shutdown: shutdown.clone(),
+                        handed: self.handed.clone(),
+                    },
                 );
                 tasks.spawn(fenced.run(rx));
             }
@@ -464,28 +501,35 @@ impl Spawner {
         for slot in 0..MAX_READERS {
             let running = self.readers[slot]
                 .as_ref()
-                .is_some_and(|t| !t.is_cancelled());
-            if slot < wanted && !running {
+                .is_some_and(|(t, _)| !t.is_cancelled());
+            let free = self.readers[slot]
+                .as_ref()
+                .is_none_or(|(_, ended)| ended.load(Ordering::SeqCst));
+            if slot < wanted && free {
                 let stop = stop_reading.child_token();
-                tasks.spawn(
-                    Reader {
-                        index: slot,
-                        endpoint: self.config.endpoint.clone(),
-                        router: self.router.clone(),
-                        pool: self.pool.clone(),
-                        budget: self.budget.clone(),
-                        counters: self.counters.clone(),
-                        coverage: self.coverage.clone(),
-                        out: batches.clone(),
-                        cancel: stop.clone(),
-                        locator: self.locator.clone(),
-                    }
-                    .run(),
-                );
-                self.readers[slot] = Some(stop);
+                let ended = Arc::new(AtomicBool::new(false));
+                let reader = Reader {
+                    index: slot,
+                    endpoint: self.config.endpoint.clone(),
+                    router: self.router.clone(),
+                    pool: self.pool.clone(),
+                    budget: self.budget.clone(),
+                    counters: self.counters.clone(),
+                    coverage: self.coverage.clone(),
+                    out: batches.clone(),
+                    cancel: stop.clone(),
+                    locator: self.locator.clone(),
+                };
+                let done = ended.clone();
+                tasks.spawn(async move {
+                    let result = reader.run().await;
+                    done.store(true, Ordering::SeqCst);
+                    result
+                });
+                self.readers[slot] = Some((stop, ended));
             } else if slot >= wanted
                 && running
-                && let Some(stop) = self.readers[slot].take()
+                && let Some((stop, _)) = &self.readers[slot]
             {
                 stop.cancel();
             }

@@ -178,6 +178,22 @@ fn wait_for_workers(server: &RedisServer, expected: &[u64]) {
     );
 }
 
+/// Waits for the `published` messages in the stream and every process
+/// settled, then checks each is there once.
+fn all_written_once(server: &RedisServer, processes: &[OptimusProcess], published: u64) {
+    support::wait_for(
+        &format!("{published} entries"),
+        Duration::from_secs(30),
+        || (server.xlen("messages:processed") as u64 >= published).then_some(()),
+        || processes.iter().map(|p| p.describe()).collect(),
+    );
+    for p in processes {
+        p.wait_settled(Duration::from_secs(30));
+    }
+    let tally = support::Tally::of(&server.stream_entries("messages:processed"), 0..published);
+    assert!(tally.is_exact(), "{tally}");
+}
+
 /// `ctl scale 7` over three processes gives 3 + 2 + 2; when one is killed the
 /// two left share its part (4 + 3); messages published all along land
 /// exactly once; `ctl stop` stops the rest.
@@ -220,17 +236,7 @@ fn ctl_scale_splits_the_workers_and_survivors_take_over_a_share() {
     assert!(status.success(), "{}", publisher.describe());
     let summary = publisher.wait_for_line("publish done", Duration::from_secs(1), |_| true);
     let published = summary.num("published");
-    support::wait_for(
-        &format!("{published} entries"),
-        Duration::from_secs(30),
-        || (server.xlen("messages:processed") as u64 >= published).then_some(()),
-        || processes.iter().map(|p| p.describe()).collect(),
-    );
-    for p in &processes {
-        p.wait_settled(Duration::from_secs(30));
-    }
-    let tally = support::Tally::of(&server.stream_entries("messages:processed"), 0..published);
-    assert!(tally.is_exact(), "{tally}");
+    all_written_once(&server, &processes, published);
 
     ctl(&server, "stop");
     for p in processes.iter_mut() {
@@ -240,6 +246,59 @@ fn ctl_scale_splits_the_workers_and_survivors_take_over_a_share() {
             p.describe()
         );
     }
+}
+
+/// The input channel's subscriptions.
+fn numsub(server: &RedisServer) -> u64 {
+    let reply: (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("messages:published")
+        .query(&mut server.conn())
+        .unwrap();
+    reply.1
+}
+
+/// STANDBYS=2 (the default): of four processes three hold copies. `ctl
+/// scale 3` leaves one of them no worker: it gives its place up, so the
+/// three that run a worker hold copies (one reader each), whichever of
+/// them waited before, and what is published is written once.
+#[test]
+fn a_process_scaled_to_no_worker_gives_its_place_among_the_holders_up() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let processes: Vec<OptimusProcess> = (0..4)
+        .map(|_| OptimusProcess::consume(&server, &[]))
+        .collect();
+    for p in &processes {
+        p.wait_consumers(8);
+    }
+    support::wait_for(
+        "three processes holding copies, two readers each",
+        Duration::from_secs(30),
+        || (numsub(&server) == 6).then_some(()),
+        || ctl(&server, "status"),
+    );
+    let out = run_optimus(
+        &["ctl", "scale", "3"],
+        &[("REDIS_URL", url.as_str())],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_for_workers(&server, &[0, 1, 1, 1]);
+    support::wait_for(
+        "the three processes with a worker holding copies, one reader each",
+        Duration::from_secs(30),
+        || (numsub(&server) == 3).then_some(()),
+        || {
+            let mut all = vec![format!("{} subscriptions", numsub(&server))];
+            all.extend(processes.iter().map(|p| p.describe()));
+            all.join("\n")
+        },
+    );
+    let summary = support::publish_with(&[("REDIS_URL", url.as_str())], &["--count", "2000"]);
+    let published = summary.num("published");
+    assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
+    all_written_once(&server, &processes, published);
 }
 
 /// `ctl scale 0` stops every worker, so it needs --yes (without, nothing

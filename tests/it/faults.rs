@@ -176,7 +176,18 @@ impl Pool {
         )
     }
 
-    /// How many processes of the pool hold copies: with the fenced    /// How many processes of the pool hold copies: with the fenced
+    /// The three processes that hold copies (the writer and two standbys,
+    /// STANDBYS being 2), once they are subscribed.
+    fn three_holders(&self) -> std::collections::BTreeSet<u32> {
+        support::wait_for(
+            "three processes subscribed (the writer and two standbys)",
+            Duration::from_secs(30),
+            || Some(self.subscribed_pids()).filter(|s| s.len() == 3),
+            || self.describe(),
+        )
+    }
+
+    /// How many processes of the pool hold copies: with the fenced
     /// strategy the writer and STANDBYS (default 2) standbys, with race
     /// every one.
     fn holders(&self) -> usize {
@@ -584,12 +595,7 @@ fn rolling_crash_of_five_processes_loses_nothing() {
 #[test]
 fn the_writer_and_both_standbys_killed_one_after_another_lose_nothing() {
     let mut pool = Pool::start(RedisServer::start(), 5, &[]);
-    let first = support::wait_for(
-        "three of the five processes subscribed (the writer and two standbys)",
-        Duration::from_secs(30),
-        || Some(pool.subscribed_pids()).filter(|s| s.len() == 3),
-        || pool.describe(),
-    );
+    let first = pool.three_holders();
     let waiting: Vec<u32> = pool
         .processes
         .iter()
@@ -619,6 +625,40 @@ fn the_writer_and_both_standbys_killed_one_after_another_lose_nothing() {
     assert!(
         waiting.iter().all(|pid| last.contains(pid)),
         "the processes that waited at the start ({waiting:?}) should hold copies now: {last:?}"
+    );
+}
+
+/// Bounded holders stopped gracefully all at once (a node drained, a
+/// rollout): of five processes the writer and both standbys get SIGTERM
+/// together while 5,000 messages/s flow. Each gives its place back while
+/// it still reads, and stops reading only once the two processes that
+/// waited have taken places and subscribed; so nothing is published while
+/// nobody holds copies: every message once, in order.
+#[test]
+fn the_holders_stopped_together_hand_their_places_over_and_lose_nothing() {
+    let mut pool = Pool::start(RedisServer::start(), 5, &[]);
+    let holders = pool.three_holders();
+    let mut publisher = pool.publisher(5_000, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let (mut stopped, kept): (Vec<OptimusProcess>, Vec<OptimusProcess>) =
+        std::mem::take(&mut pool.processes)
+            .into_iter()
+            .partition(|p| holders.contains(&p.pid()));
+    pool.processes = kept;
+    for p in &stopped {
+        p.signal("TERM");
+    }
+    for p in &mut stopped {
+        let status = p.wait_exit(Duration::from_secs(40));
+        assert!(status.success(), "{status:?}\n{}", p.describe());
+    }
+    let summary = pool.finish(&mut publisher);
+    pool.check(&summary);
+    assert_eq!(
+        pool.subscribed_pids().len(),
+        2,
+        "the two that waited hold copies now\n{}",
+        pool.describe()
     );
 }
 

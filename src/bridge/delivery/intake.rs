@@ -89,10 +89,10 @@ impl Intake {
     /// published meanwhile) or reads again (`false`): the time between is
     /// not counted as a hole.
     pub fn rest(&mut self, resting: bool) {
-        self.resting = resting;
-        if !resting {
+        if self.resting && !resting {
             self.lost_at = None;
         }
+        self.resting = resting;
     }
 
     /// The holes in the sequence since the last call, each as the ms

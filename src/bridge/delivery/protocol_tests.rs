@@ -201,15 +201,22 @@ async fn confirm_moves_safe_only_for_the_writer_and_never_past_the_record() {
     assert_eq!(safe().as_deref(), Some("100:1"));
 }
 
-/// One cycle of `member` with at most three holders: since when it holds
-/// copies afterwards (0: it waits).
-async fn place(conn: &mut Conn, pool: &super::Pool, member: &str, held: u64, may: Place) -> u64 {
+/// One cycle of `member`, whole since `since` (`u64::MAX`: no
+/// subscription), with at most three holders: since when it holds copies
+/// afterwards (0: it waits).
+async fn place(
+    conn: &mut Conn,
+    pool: &super::Pool,
+    member: &str,
+    since: u64,
+    (held, may): (u64, Place),
+) -> u64 {
     let beat = Beat {
         pool,
         member,
         strategy: super::Strategy::Fenced,
         seen: 0,
-        since: u64::MAX,
+        since,
         routes: 0,
         holding: Holding {
             limit: 3,
@@ -221,39 +228,64 @@ async fn place(conn: &mut Conn, pool: &super::Pool, member: &str, held: u64, may
     beat.cycle(conn, &[], false).await.unwrap().held
 }
 
+/// Sets `member`'s entry as if it had last beaten `ago_ms` before the
+/// server's time, with strategy `strategy` and, if given, `held`.
+async fn entry(
+    conn: &mut Conn,
+    pool: &super::Pool,
+    member: &str,
+    ago_ms: u64,
+    strategy: &str,
+    held: Option<u64>,
+) {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    let now = secs * 1000 + micros / 1000;
+    let mut value = format!("{}:0:100:0:{strategy}:{now}", now - ago_ms);
+    if let Some(held) = held {
+        value += &format!(":{held}");
+    }
+    let _: () = redis::cmd("HSET")
+        .arg(&pool.members)
+        .arg(member)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// STANDBYS=2: at most three processes hold copies. A fourth waits until a
-/// place is free (a holder left, or fell silent); a holder that comes back
-/// from a silence finds one too many, and the one that came last gives its
-/// place back, unless it writes.
+/// place is free (a holder left, or fell silent); when one too many hold
+/// (a holder back from a silence), the least complete gives its place back
+/// (whole since the latest mark; of equals the last to come), unless it
+/// writes. Members of another strategy (a handoff) take no place.
 #[tokio::test]
-async fn at_most_the_limit_hold_copies_and_the_last_to_come_gives_its_place_back() {
+async fn at_most_the_limit_hold_copies_and_the_least_complete_gives_its_place_back() {
     use Place::{Claim, Keep, Release};
+    const NONE: u64 = u64::MAX;
     let server = RedisServer::start();
     let mut conn = conn(&server).await;
     let pool = super::Pool::in_db(STREAM, 0);
+    // A race process, the pool being handed to fenced: every race process
+    // reads, and takes none of the fenced places.
+    let _: () = redis::cmd("SET")
+        .arg(&pool.handoff)
+        .arg("fenced")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entry(&mut conn, &pool, "racer", 0, "race", None).await;
     let mut held = std::collections::HashMap::new();
     for member in ["a", "b", "c"] {
-        let since = place(&mut conn, &pool, member, 0, Claim).await;
+        let since = place(&mut conn, &pool, member, NONE, (0, Claim)).await;
         assert!(since > 0, "{member} takes one of the three places");
         held.insert(member, since);
     }
-    assert_eq!(
-        place(&mut conn, &pool, "d", 0, Claim).await,
-        0,
-        "three hold: d waits"
-    );
-    assert_eq!(
-        place(&mut conn, &pool, "d", 0, Claim).await,
-        0,
-        "d still waits"
-    );
+    let d = place(&mut conn, &pool, "d", NONE, (0, Claim)).await;
+    assert_eq!(d, 0, "three hold: d waits");
     // Holders keep their places, cycle after cycle.
-    for member in ["a", "b", "c"] {
-        assert_eq!(
-            place(&mut conn, &pool, member, held[member], Release).await,
-            held[member],
-            "{member}"
-        );
+    for (member, since) in [("a", 10), ("b", 20), ("c", 30)] {
+        let again = place(&mut conn, &pool, member, since, (held[member], Release)).await;
+        assert_eq!(again, held[member], "{member}");
     }
     // a leaves: d takes its place at once.
     let leaving = Beat {
@@ -261,58 +293,51 @@ async fn at_most_the_limit_hold_copies_and_the_last_to_come_gives_its_place_back
         member: "a",
         strategy: super::Strategy::Fenced,
         seen: 0,
-        since: u64::MAX,
+        since: 10,
         routes: 0,
         holding: Holding::everyone(),
     };
     leaving.cycle(&mut conn, &[], true).await.unwrap();
-    let d = place(&mut conn, &pool, "d", 0, Claim).await;
+    let d = place(&mut conn, &pool, "d", NONE, (0, Claim)).await;
     assert!(d > 0, "a left: d holds copies now");
-    // c falls silent (its last beat 20 s ago, beyond live_for): e takes
-    // its place.
-    let now: u64 = {
-        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
-        secs * 1000 + micros / 1000
-    };
-    let silent = format!(
-        "{}:0:{}:0:fenced:{}:{}",
-        now - 20_000,
-        u64::MAX,
-        held["c"],
-        held["c"]
-    );
-    let _: () = redis::cmd("HSET")
-        .arg(&pool.members)
-        .arg("c")
-        .arg(silent)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let e = place(&mut conn, &pool, "e", 0, Claim).await;
+    let d = place(&mut conn, &pool, "d", 40, (d, Release)).await;
+    assert!(d > 0, "d, whole since 40, keeps its place");
+    // c falls silent (its last beat 20 s before the others'): e takes its
+    // place.
+    entry(&mut conn, &pool, "c", 20_000, "fenced", Some(held["c"])).await;
+    let e = place(&mut conn, &pool, "e", NONE, (0, Claim)).await;
     assert!(e > 0, "c is silent: e holds copies now");
-    // c comes back: four hold. b, c and d held before e: e, writing
-    // nothing, gives its place back; writing, it keeps it.
+    let e = place(&mut conn, &pool, "e", 50, (e, Release)).await;
+    assert!(e > 0, "e, whole since 50, keeps its place");
+    // c comes back whole since 30 (it lost nothing): four hold. e, the
+    // least complete, gives its place back; writing, it would keep it.
+    let c = place(&mut conn, &pool, "c", 30, (held["c"], Release)).await;
+    assert_eq!(c, held["c"], "c is more complete than e");
     assert_eq!(
-        place(&mut conn, &pool, "c", held["c"], Release).await,
-        held["c"],
-        "c came before d and e"
-    );
-    assert_eq!(
-        place(&mut conn, &pool, "d", d, Release).await,
-        d,
-        "d came before e"
-    );
-    assert_eq!(
-        place(&mut conn, &pool, "e", e, Keep).await,
+        place(&mut conn, &pool, "e", 50, (e, Keep)).await,
         e,
         "a writer keeps its place"
     );
     assert_eq!(
-        place(&mut conn, &pool, "e", e, Release).await,
+        place(&mut conn, &pool, "e", 50, (e, Release)).await,
         0,
-        "e came last"
+        "e gives its place back"
     );
-    assert_eq!(place(&mut conn, &pool, "e", 0, Claim).await, 0, "and waits");
+    assert_eq!(
+        place(&mut conn, &pool, "e", NONE, (0, Claim)).await,
+        0,
+        "and waits"
+    );
+    // b lost its subscriptions (a hole: whole since nothing now) while f
+    // took a place (b was silent): b, the least complete though it held
+    // first, gives its place back.
+    entry(&mut conn, &pool, "b", 20_000, "fenced", Some(held["b"])).await;
+    let f = place(&mut conn, &pool, "f", NONE, (0, Claim)).await;
+    assert!(f > 0, "b is silent: f holds copies now");
+    let f = place(&mut conn, &pool, "f", 60, (f, Release)).await;
+    assert!(f > 0, "f keeps its place");
+    let b = place(&mut conn, &pool, "b", NONE, (held["b"], Release)).await;
+    assert_eq!(b, 0, "b, with a hole, gives its place back to c, d and f");
 }
 
 /// The start script's mark on `server`, and the value the clock last leapt

@@ -28,6 +28,7 @@ use redis::RedisError;
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::budget::Budget;
 use super::intake::Intake;
@@ -156,6 +157,18 @@ pub struct Fenced {
     hold: watch::Sender<bool>,
     /// The readers are done (stopping): it takes no place any more.
     reading: bool,
+    /// The process is stopping: it gives its place back while it still
+    /// reads, and says on `handed` once processes that waited hold copies
+    /// in its stead (then its readers stop).
+    shutdown: CancellationToken,
+    handed: watch::Sender<bool>,
+}
+
+/// What a process with a place among the holders needs when it stops: the
+/// stop asked for, and where to say that others hold copies in its stead.
+pub struct Leaving {
+    pub shutdown: CancellationToken,
+    pub handed: watch::Sender<bool>,
 }
 
 impl Fenced {
@@ -169,13 +182,15 @@ impl Fenced {
         counters: Arc<Counters>,
         budget: Arc<Budget>,
         intake: Intake,
-        held: u64,
-        hold: watch::Sender<bool>,
+        (held, hold): (u64, watch::Sender<bool>),
+        leaving: Leaving,
     ) -> Self {
         Self {
             held,
             hold,
             reading: true,
+            shutdown: leaving.shutdown,
+            handed: leaving.handed,
             config,
             conn,
             waiter,
@@ -226,60 +241,95 @@ impl Fenced {
         }
     }
 
+    /// Whether this process gives its place among the holders up: it is
+    /// stopping, or runs no worker (`ctl scale`). Its place is then free
+    /// for a process that waits (while it stops, as it still reads).
+    fn giving_up(&self) -> bool {
+        self.config.holders > 0
+            && (!self.reading
+                || self.shutdown.is_cancelled()
+                || self
+                    .counters
+                    .workers
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == 0)
+    }
+
     /// This process's place among the holders, as the cycle tells it.
     fn place(&self) -> Holding {
         let writes = self.lanes.values().any(|l| l.is_writer());
-        let may = match (self.held, self.reading) {
-            (_, false) => Place::Keep,
-            (0, true) => Place::Claim,
-            (_, true) if writes => Place::Keep,
-            (_, true) => Place::Release,
+        let (held, may) = match self.held {
+            _ if self.giving_up() => (0, Place::Keep),
+            0 => (0, Place::Claim),
+            held if writes => (held, Place::Keep),
+            held => (held, Place::Release),
         };
-        let mut holding = Holding {
+        Holding {
             limit: self.config.holders,
-            held: self.held,
+            held,
             may,
             live_for: self.config.takeover_after,
-        };
-        // A process that stopped reading holds nothing new: its place is
-        // free for one that waits.
-        if !self.reading && self.config.holders > 0 {
-            holding.held = 0;
         }
-        holding
     }
 
     /// Takes in the place a cycle gave this process: its readers read
-    /// while it holds one.
+    /// while it holds one (and, stopping, until others hold copies in its
+    /// stead).
     fn set_held(&mut self, held: u64) {
-        if (held > 0) != (self.held > 0) && self.reading {
-            match held {
-                0 => {
-                    tracing::info!(
-                        holders = self.config.holders,
-                        "giving this process's place among the holders back (others held copies before it): it reads nothing now and waits to take a holder's place"
-                    )
-                }
-                _ => {
-                    tracing::info!(
-                        holders = self.config.holders,
-                        "this process holds copies now (a place among the holders was free): subscribing"
-                    )
-                }
-            }
-        }
+        let changed = (held > 0) != (self.held > 0);
+        let stopping = !self.reading || self.shutdown.is_cancelled();
         self.held = held;
         Counters::set(&self.counters.holding, u64::from(held > 0));
-        if self.reading && self.config.holders > 0 {
-            self.intake.rest(held == 0);
+        if !changed || stopping || self.config.holders == 0 {
+            return;
         }
-        if self.reading {
-            self.hold.send_if_modified(|hold| {
-                let changed = *hold != (held > 0);
-                *hold = held > 0;
-                changed
-            });
+        // Given back to more complete holders, the time until it holds a
+        // place again is no hole: they hold those messages. (Left with no
+        // worker by `ctl scale`, it is one, as before.)
+        let scaled_out = self.giving_up();
+        match held {
+            0 if scaled_out => {
+                tracing::info!(
+                    "this process runs no worker: its place among the holders is free for another"
+                )
+            }
+            0 => {
+                tracing::info!(
+                    holders = self.config.holders,
+                    "giving this process's place among the holders back (as many more complete holders are there): it reads nothing now and waits to take a holder's place"
+                )
+            }
+            _ => {
+                tracing::info!(
+                    holders = self.config.holders,
+                    "this process holds copies now (a place among the holders was free): subscribing"
+                )
+            }
         }
+        self.intake.rest(held == 0 && !scaled_out);
+        self.hold.send_replace(held > 0);
+    }
+
+    /// Stopping: whether processes that waited hold copies in this one's
+    /// stead (so that its readers may stop): every live member that holds
+    /// a place or waits for one, up to the number of places, subscribed.
+    /// (Members that stop too still read, with no place.)
+    fn others_hold(&self, members: &HashMap<&str, Member>, now_ms: u64) -> bool {
+        let live = self.config.takeover_after.as_millis() as u64;
+        let (mut candidates, mut subscribed) = (0, 0);
+        for (name, m) in members {
+            if *name == self.config.member || now_ms.saturating_sub(m.beat) > live {
+                continue;
+            }
+            let reading = m.since != u64::MAX;
+            if m.held > 0 || !reading {
+                candidates += 1;
+            }
+            if m.held > 0 && reading {
+                subscribed += 1;
+            }
+        }
+        subscribed >= candidates.min(self.config.holders)
     }
 
     /// What this process does with a message under the handoff.
@@ -847,6 +897,9 @@ impl Fenced {
         self.take_handoff(handoff);
         self.set_held(held);
         let members = Member::parse_all(&members);
+        if self.shutdown.is_cancelled() && self.others_hold(&members, now) {
+            self.handed.send_replace(true);
+        }
         // A new entry (first cycle, or the members were lost with Redis's
         // data) or a beat gone back (an older copy of the data restored,
         // or a replica behind its primary promoted): the others' beats are
@@ -871,7 +924,12 @@ impl Fenced {
             now: Instant::now(),
             takeover_after: self.config.takeover_after,
             seen: self.intake.seen(),
-            since: self.intake.continuous_since(),
+            // (A process that gave its place back this cycle is about to stop
+            // reading: it takes nothing over.)
+            since: match self.held == 0 && self.config.holders > 0 {
+                true => u64::MAX,
+                false => self.intake.continuous_since(),
+            },
             listening: self.intake.any_connected(),
             watched: self
                 .watching_since

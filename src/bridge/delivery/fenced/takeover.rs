@@ -39,11 +39,14 @@ pub(super) struct Member {
     pub since: u64,
     /// Its routes' fingerprint (0: not said).
     pub routes: u64,
+    /// Since when it holds copies (0: it waits for a place among the
+    /// holders, reading nothing; 1 when not said: it holds copies).
+    pub held: u64,
 }
 
 impl Member {
     /// The members as the cycle script returns them: name, then
-    /// `beat:seen:since:routes`, for each.
+    /// `beat:seen:since:routes[:strategy:joined[:held]]`, for each.
     pub(super) fn parse_all(flat: &[String]) -> HashMap<&str, Member> {
         flat.chunks(2)
             .filter_map(|pair| {
@@ -54,6 +57,7 @@ impl Member {
                     seen: next()?,
                     since: next().unwrap_or(0),
                     routes: next().unwrap_or(0),
+                    held: parts.nth(2).and_then(|v| v.parse().ok()).unwrap_or(1),
                 };
                 Some((pair[0].as_str(), member))
             })
@@ -306,6 +310,7 @@ fn as_standby(lane: &mut LaneState, record: &Record, view: &View, counters: &Cou
     let best = view.settled()
         && view.members.iter().all(|(name, m)| {
             *name == me.1
+                || m.held == 0
                 || view.silent_ms(m) > takeover_ms
                 || match m.since {
                     u64::MAX => m.beat > whole_since >> 10,
@@ -586,6 +591,7 @@ mod tests {
                 seen,
                 since,
                 routes: 0,
+                held: 1,
             };
             self.pool.members.insert(name, member);
             self
@@ -722,6 +728,13 @@ mod tests {
         case.pool.since = (NOW_MS - 50) << 10;
         assert_eq!(case.decide(&rec), Step::Stay, "the reconnecting one first");
         case.pool.after = TAKEOVER_AFTER * 2;
+        assert_eq!(case.decide(&rec), take_over(WRITER_GONE, false));
+        // A process that waits for a place among the holders (STANDBYS)
+        // holds nothing: it is not waited for, whenever it last said so
+        // (after a failover's leap its beats may read as early).
+        let mut case = Case::holding(&[20]).member("reconnecting", 100, 20, u64::MAX);
+        case.pool.members.get_mut("reconnecting").unwrap().held = 0;
+        case.pool.since = (NOW_MS - 50) << 10;
         assert_eq!(case.decide(&rec), take_over(WRITER_GONE, false));
     }
 

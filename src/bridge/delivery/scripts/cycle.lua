@@ -17,12 +17,17 @@
 -- place among the holders, 'r' release its place (it writes nothing), '-'
 -- neither; ARGV[11]: ms within which a holder that beat counts as live.
 -- A member's value is "<beat ms>:<last mark seen>:<whole since>:<routes>:
--- <strategy>:<joined ms>:<held ms>" (an older optimus's ends after
--- <routes>, or after <joined ms>: it is a fenced one, and holds copies).
--- The holders: the live members whose held is not 0. A process that waits
--- takes a place when fewer than ARGV[9] hold copies; one that holds gives
--- its place back when ARGV[9] others have held since before it (they came
--- back from a pause, or Redis lost the hash and two took one place).
+-- <strategy>:<joined ms>[:<held ms>]" (held only when places are bounded;
+-- an older optimus's ends after <routes>: it is a fenced one; a value
+-- without held holds copies).
+-- The holders: the live members of this strategy whose held is not 0
+-- (live: silent for at most ARGV[11] counted from the newest beat in the
+-- hash, so that a Redis that stalled, and kept every process from beating,
+-- makes no holder look gone). A process that waits takes a place when
+-- fewer than ARGV[9] hold copies. One that holds gives its place back when
+-- ARGV[9] others come before it: whole since an earlier mark (more
+-- complete), or as complete and holding since earlier (a holder back from
+-- a pause, or Redis lost the hash and two took one place).
 -- One pool, one strategy: a process whose strategy is not that of the live
 -- members is not let in (or, a member already, is put out when it joined
 -- after one of them), and nothing else is done. While a handoff is asked
@@ -42,13 +47,14 @@ local now = now_ms()
 local live = tonumber(ARGV[7])
 local members = redis.call('HGETALL', KEYS[2])
 local function parse(value)
-  local beat = tonumber(string.match(value, '^(%d+)')) or 0
+  local beat, since = string.match(value, '^(%d+):%d+:(%d+)')
   local strategy, joined, held =
     string.match(value, '^%d+:%d+:%d+:%d+:(%a+):(%d+):?(%d*)$')
   if held == nil or held == '' then
     held = 1
   end
-  return beat, strategy or 'fenced', tonumber(joined or 0), tonumber(held)
+  return tonumber(beat) or 0, strategy or 'fenced', tonumber(joined or 0), tonumber(held),
+    tonumber(since) or 0
 end
 local joined
 for i = 1, #members, 2 do
@@ -67,18 +73,34 @@ local kept, others, refused = {}, {}, false
 local limit = tonumber(ARGV[9])
 local held, may = string.match(ARGV[10], '^(%d+):(.)$')
 held = tonumber(held)
+local whole = tonumber(string.match(ARGV[2], '^%d+:(%d+):')) or 0
+local newest = 0
+for i = 2, #members, 2 do
+  newest = math.max(newest, (parse(members[i])))
+end
+-- Whether a holder comes before this process (see above).
+local function before_me(name, since, since_held)
+  if held == 0 then
+    return true
+  elseif since ~= whole then
+    return since < whole
+  elseif since_held ~= held then
+    return since_held < held
+  end
+  return name < ARGV[1]
+end
 -- The live holders that would keep this process out of a place.
 local ahead = 0
 for i = 1, #members, 2 do
   local name, value = members[i], members[i + 1]
-  local beat, strategy, at, since = parse(value)
+  local beat, strategy, at, since_held, since = parse(value)
   if name == ARGV[1] then
     -- (put back below)
   elseif now - beat > tonumber(ARGV[5]) then
     redis.call('HDEL', KEYS[2], name)
   else
-    if since > 0 and now - beat <= tonumber(ARGV[11])
-        and (held == 0 or since < held or since == held and name < ARGV[1]) then
+    if strategy == ARGV[6] and since_held > 0 and newest - beat <= tonumber(ARGV[11])
+        and before_me(name, since, since_held) then
       ahead = ahead + 1
     end
     kept[#kept + 1] = name
@@ -110,8 +132,11 @@ elseif held > 0 and may == 'r' and ahead >= limit then
 end
 local new = 0
 if ARGV[4] == '1' then
-  new = redis.call('HSET', KEYS[2], ARGV[1],
-    int(now) .. ':' .. ARGV[2] .. ':' .. ARGV[6] .. ':' .. int(joined or now) .. ':' .. int(held))
+  local value = int(now) .. ':' .. ARGV[2] .. ':' .. ARGV[6] .. ':' .. int(joined or now)
+  if limit > 0 then
+    value = value .. ':' .. int(held)
+  end
+  new = redis.call('HSET', KEYS[2], ARGV[1], value)
   kept[#kept + 1] = ARGV[1]
   kept[#kept + 1] = redis.call('HGET', KEYS[2], ARGV[1])
 else
