@@ -84,9 +84,13 @@ impl Conn {
             Conn::Cluster(cluster) => {
                 let route = Route::with_key(key, SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                Ok(redis::from_redis_value(
-                    cluster.route_command(wait, routing).await?,
-                )?)
+                // (A node that has just become a replica refuses WAIT:
+                // that error is the server's, not a bad reply.)
+                let reply = cluster
+                    .route_command(wait, routing)
+                    .await?
+                    .extract_error()?;
+                Ok(redis::from_redis_value(reply)?)
             }
             _ => wait.query_async(self).await,
         }
