@@ -166,6 +166,14 @@ pub fn probe_channel(db: i64, source: &str, target: &str) -> String {
     format!("{PROBE_PREFIX}{db}:{source}->{target}")
 }
 
+/// With sharded Pub/Sub on a cluster, the probe channel lives in its
+/// channel's slot (one SSUBSCRIBE takes channels of one slot, and the
+/// publisher asks it on that slot's master):
+/// `{<the channel's tag>}:optimus:bridge:<source>-><target>`.
+pub fn sharded_probe_channel(source: &str, target: &str) -> String {
+    format!("{{{}}}:{PROBE_PREFIX}{source}->{target}", slot_tag(source))
+}
+
 /// Whether a channel is one of optimus's own (a marks channel
 /// `{<stream>}:marks`, or on a cluster `{<tag>}:optimus:<stream>:marks`, a
 /// [`probe_channel`], or an older optimus's mark
@@ -175,7 +183,12 @@ pub fn is_internal_channel(name: &[u8]) -> bool {
     const MARK: &[u8] = b"}:mark:";
     const MARKS_DB: &[u8] = b"}:marks:db";
     const SHARDED: &[u8] = b"}:optimus:";
+    const SHARDED_PROBE: &[u8] = b"}:optimus:bridge:";
     name.starts_with(PROBE_PREFIX.as_bytes())
+        || (name.first() == Some(&b'{')
+            && name
+                .windows(SHARDED_PROBE.len())
+                .any(|w| w == SHARDED_PROBE))
         || (name.first() == Some(&b'{')
             && (name.ends_with(b"}:marks")
                 || (name.ends_with(b":marks")
@@ -327,6 +340,10 @@ mod tests {
                 );
             }
             assert!(is_internal_channel(pool.marks.as_bytes()), "{}", pool.marks);
+            // The bridge's probe, SSUBSCRIBEd with the channel.
+            let probe = sharded_probe_channel(channel, "messages:processed");
+            assert_eq!(Slot::for_key(&probe), Slot::for_key(channel), "{probe}");
+            assert!(is_internal_channel(probe.as_bytes()), "{probe}");
             let keys = Keys::new(channel);
             for key in [&keys.writer, &keys.handoff, &keys.ack("x")] {
                 assert_eq!(Slot::for_key(key), Slot::for_key(channel), "{key}");

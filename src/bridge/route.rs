@@ -256,6 +256,9 @@ pub struct LanePlan {
     /// The pool's handoff key, which every stream's write scripts hold to
     /// (one server; `None` on a cluster).
     pub handoff: Option<String>,
+    /// Sharded Pub/Sub on a cluster: each channel's probe is in its slot,
+    /// subscribed to with it (see [`super::delivery::sharded_probe_channel`]).
+    pub sharded: bool,
 }
 
 /// A process's routes, resolved to lanes. Shared by its workers.
@@ -280,7 +283,10 @@ impl Router {
             fixed: Vec::new(),
             probes: routes
                 .iter()
-                .map(|r| super::delivery::probe_channel(plan.db, &r.source, &r.target))
+                .map(|r| match plan.sharded {
+                    true => super::delivery::sharded_probe_channel(&r.source, &r.target),
+                    false => super::delivery::probe_channel(plan.db, &r.source, &r.target),
+                })
                 .collect(),
             routes,
             plan,
@@ -294,13 +300,19 @@ impl Router {
         router
     }
 
-    /// The channels to SUBSCRIBE to.
+    /// The channels to SUBSCRIBE to (with sharded Pub/Sub, each followed
+    /// by its probe, in its slot).
     pub fn channels(&self) -> Vec<&str> {
-        self.routes
-            .iter()
-            .filter(|r| !r.pattern)
-            .map(|r| r.source.as_str())
-            .collect()
+        let mut channels = Vec::new();
+        for (route, probe) in self.routes.iter().zip(&self.probes) {
+            if !route.pattern {
+                channels.push(route.source.as_str());
+                if self.plan.sharded {
+                    channels.push(probe.as_str());
+                }
+            }
+        }
+        channels
     }
 
     /// The patterns to PSUBSCRIBE to.

@@ -303,6 +303,7 @@ impl Spawner {
                 id_field: config.message_id_field.clone(),
                 db,
                 handoff: (!cluster).then(|| pool.handoff.clone()),
+                sharded: cluster && config.endpoint.is_sharded(),
             },
         ));
         Self {

@@ -26,9 +26,11 @@
 //! drop every subscriber at the server's output-buffer limit): it goes to the
 //! dead-letter stream, with the reason.
 //!
-//! On a cluster the probe is not asked: a PUBLISH's own count (its node's
-//! subscribers) decides, and the fast path writes with the race strategy's
-//! ACK keys.
+//! On a cluster with sharded Pub/Sub a script on the channel's master
+//! (`publish_sharded.lua`) SPUBLISHes the part and asks the bridge's probe,
+//! which lives in the channel's slot, in the same step; with classic
+//! Pub/Sub a PUBLISH's own count (its node's subscribers) decides. The fast
+//! path writes with the race strategy's ACK keys.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,7 +43,9 @@ use std::sync::Arc;
 
 use crate::bridge::delivery::ids::json_id;
 use crate::bridge::delivery::race::{Racer, Write};
-use crate::bridge::delivery::{Lane, Message, OutputFormat, Trim, probe_channel, scripts};
+use crate::bridge::delivery::{
+    Lane, Message, OutputFormat, Trim, probe_channel, scripts, sharded_probe_channel,
+};
 use crate::bridge::route::{LanePlan, Router};
 use crate::keys::host_name;
 mod config;
@@ -229,6 +233,7 @@ impl Publisher {
                 id_field: config.id_field.clone(),
                 db,
                 handoff: None,
+                sharded: false,
             },
         );
         let mut targets: Vec<Arc<Lane>> = Vec::new();
@@ -246,9 +251,10 @@ impl Publisher {
                 config.ack_ttl,
             ),
             conn,
-            probe: routes
-                .first()
-                .map(|r| probe_channel(db, &r.source, &r.target)),
+            probe: routes.first().map(|r| match endpoint.is_sharded() {
+                true => sharded_probe_channel(&r.source, &r.target),
+                false => probe_channel(db, &r.source, &r.target),
+            }),
             sharded: endpoint.is_sharded(),
             cluster: endpoint.is_cluster() || cluster_node,
             channel: config.channel.clone(),
@@ -488,12 +494,26 @@ impl Publisher {
     /// One part of a batch on a cluster: pipelined PUBLISHes, each one's
     /// count telling whether it reached anyone.
     async fn publish_counted(&mut self, part: &[&Vec<u8>]) -> Result<PartSent, RedisError> {
-        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
-        let mut pipe = redis::pipe();
-        for payload in part {
-            pipe.cmd(command).arg(&self.channel).arg(payload.as_slice());
-        }
-        let receivers: Vec<u64> = pipe.query_async(&mut self.conn).await?;
+        let receivers: Vec<u64> = match (self.sharded, &self.probe) {
+            // Sharded: the bridge's own subscriptions counted, in the same
+            // step (its probe shares the channel's slot).
+            (true, Some(probe)) => {
+                let mut cmd = scripts::evalsha(scripts::PUBLISH_SHARDED, &[&self.channel]);
+                cmd.arg(probe);
+                for payload in part {
+                    cmd.arg(payload.as_slice());
+                }
+                scripts::run(&mut self.conn, cmd).await?
+            }
+            _ => {
+                let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
+                let mut pipe = redis::pipe();
+                for payload in part {
+                    pipe.cmd(command).arg(&self.channel).arg(payload.as_slice());
+                }
+                pipe.query_async(&mut self.conn).await?
+            }
+        };
         Ok(PartSent::Missed(
             receivers
                 .iter()

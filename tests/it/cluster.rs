@@ -934,6 +934,74 @@ fn fenced_on_a_cluster_follows_its_masters_killed_mid_run() {
     );
 }
 
+/// Sharded Pub/Sub on a cluster, another service subscribed to the channel
+/// too (a witness), messages flowing at 1,000/s: the master of the
+/// channel's slot is SIGKILLed. While the bridge's workers subscribe again
+/// on the promoted replica, what is published reaches the witness but no
+/// worker: the publisher asks the bridge's own probe (in the channel's
+/// slot), not the channel's subscriber count, so its fast path writes those
+/// messages. Nothing lost, nothing written twice.
+#[test]
+fn another_subscriber_does_not_hide_a_missing_bridge_from_the_publisher() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let channel = "messages:published";
+    let stream = stream_apart_from(&cluster, channel);
+    let seeds = cluster.seeds();
+    let env = [
+        ("REDIS_URL", seeds.as_str()),
+        ("PUBSUB_MODE", "sharded"),
+        ("OUTPUT_STREAM", stream.as_str()),
+    ];
+    let mut all = env.to_vec();
+    all.extend([("CONSUMERS_COUNT", "2"), ("MONITORING_INTERVAL", "0.2")]);
+    let consume = OptimusProcess::spawn(&["consume"], &all);
+    consume.wait_consumers(2);
+    let witness = Witness::sharded(channel, cluster.locator(channel));
+    let mut publisher = OptimusProcess::spawn(
+        &[
+            "publish",
+            "--rate",
+            "1000",
+            "--duration",
+            "8",
+            "--batch-size",
+            "20",
+        ],
+        &env,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let master = cluster.master_of(channel);
+    cluster.kill(master);
+    assert!(
+        publisher.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        publisher.describe()
+    );
+    let summary = summary(&publisher);
+    let published = summary.num("published");
+    let (tally, monitor) = outcome(
+        &cluster,
+        &consume,
+        &stream,
+        published,
+        0,
+        Duration::from_secs(30),
+    );
+    eprintln!(
+        "channel's master killed, a witness subscribed: {tally}; publisher: {}; bridge: gaps={} gap_ms={}; the witness saw {}",
+        summary.line,
+        monitor.num("gaps"),
+        monitor.num("gap_ms"),
+        witness.order().len()
+    );
+    assert!(tally.is_exact(), "{tally}\n{}", consume.describe());
+    assert!(
+        summary.num("stored_directly") > 0,
+        "the workers' gap was written by the fast path: {}",
+        summary.line
+    );
+}
+
 /// The stream's `seq`s as runs of consecutive ones (`first-last`), up to
 /// 20 of them, when it goes back anywhere.
 fn inversions(entries: &[std::collections::BTreeMap<String, Vec<u8>>]) -> Vec<String> {

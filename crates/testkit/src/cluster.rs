@@ -203,6 +203,13 @@ impl RedisCluster {
 
     /// The port of the live master serving `key`'s slot.
     pub fn master_of(&self, key: &str) -> u16 {
+        self.serving(key)
+            .unwrap_or_else(|| panic!("no live master serves the slot of {key}\n{}", self.logs()))
+    }
+
+    /// The port of the live master serving `key`'s slot, if one does (none
+    /// between a master's failure and its replica's promotion).
+    pub fn serving(&self, key: &str) -> Option<u16> {
         let slot: u16 = self
             .live()
             .next()
@@ -224,14 +231,11 @@ impl RedisCluster {
                 });
                 if serves {
                     let port = fields[1].split(['@', ':']).nth(1).unwrap_or_default();
-                    return port.parse().expect("node port");
+                    return Some(port.parse().expect("node port"));
                 }
             }
         }
-        panic!(
-            "no live master serves slot {slot} of {key}\n{}",
-            self.logs()
-        );
+        None
     }
 
     /// A function that names the port of the live master serving `key`'s

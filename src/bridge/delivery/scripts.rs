@@ -35,9 +35,11 @@ pub static RACE_WRITE: &str = lua!("acked.lua", "race_write.lua");
 pub static WRITE_ACKED: &str = lua!("acked.lua", "write_acked.lua");
 /// The publisher's batch on one server.
 pub static PUBLISH: &str = lua!("publish.lua");
+/// The publisher's part on a cluster with sharded Pub/Sub.
+pub static PUBLISH_SHARDED: &str = lua!("publish_sharded.lua");
 
 /// Every script, loaded together when the server lacks one.
-static ALL: [&str; 11] = [
+static ALL: [&str; 12] = [
     START,
     REPAIR,
     CYCLE,
@@ -49,6 +51,7 @@ static ALL: [&str; 11] = [
     RACE_WRITE,
     WRITE_ACKED,
     PUBLISH,
+    PUBLISH_SHARDED,
 ];
 
 /// A script's SHA1, as EVALSHA names it.
