@@ -227,8 +227,11 @@ fn with_min_replicas_acked_a_failover_asked_of_the_sentinels_loses_nothing() {
 }
 
 /// The primary killed, and started again once the replica is promoted (as
-/// a supervisor would): it comes back as the new primary's replica, so
-/// that writes can be held by a replica again.
+/// a supervisor would) as the new primary's replica, so that writes can be
+/// held by a replica again. (Started again as a primary, empty, as it has
+/// no persistence, it can be taken for the primary once more, and the
+/// other server then copies its empty data: started so, this test once
+/// lost every message of the run before the failover, 1 suite run in 4.)
 #[test]
 fn with_min_replicas_acked_the_primary_killed_loses_nothing() {
     let (lost, summary) = through_a_failover(&[("MIN_REPLICAS_ACKED", "1")], |setup| {
@@ -236,7 +239,8 @@ fn with_min_replicas_acked_the_primary_killed_loses_nothing() {
         let server = setup.servers.iter().position(|s| s.port == old).unwrap();
         setup.servers[server].stop();
         setup.wait_primary_other_than(old);
-        setup.servers[server].start_again();
+        let new = setup.primary_port();
+        setup.servers[server].start_again_as_replica_of(new);
     });
     assert_eq!(lost, 0, "publisher: {}", summary.line);
 }

@@ -172,6 +172,28 @@ impl RedisServer {
         );
     }
 
+    /// Starts the server again on its port and directory as a replica of
+    /// the server on `primary`'s port: how a server without persistence
+    /// must come back after a failover (come back a primary, empty, it
+    /// could be taken for the primary again and its replicas would copy
+    /// its empty data: Redis's documentation warns against it).
+    pub fn start_again_as_replica_of(&mut self, primary: u16) {
+        let mut args = self.extra_args.clone();
+        args.extend([
+            "--replicaof".to_string(),
+            "127.0.0.1".to_string(),
+            primary.to_string(),
+        ]);
+        self.child = spawn_server(self.dir.path(), self.port, &args);
+        let url = self.admin_url();
+        assert!(
+            wait_ready(&mut self.child, &url),
+            "redis-server did not come back on port {}\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
     /// Sends the server process a signal (`STOP` hangs it, `CONT` resumes it).
     pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
