@@ -841,6 +841,44 @@ fn fenced_on_a_cluster_writes_once_in_order_at_flat_cost() {
     );
 }
 
+/// A fenced pool (one process, two workers) on a cluster with sharded
+/// Pub/Sub, writing a stream on another master than the channel's; a
+/// witness of the channel; and a publisher at 1,000 messages/s in parts of
+/// 20 with `publish_args` besides, two seconds into its run.
+struct Flow {
+    stream: String,
+    consume: OptimusProcess,
+    witness: Witness,
+    publisher: OptimusProcess,
+}
+
+impl Flow {
+    fn start(cluster: &RedisCluster, channel: &str, publish_args: &[&str]) -> Self {
+        let stream = stream_apart_from(cluster, channel);
+        let seeds = cluster.seeds();
+        let env = [
+            ("REDIS_URL", seeds.as_str()),
+            ("PUBSUB_MODE", "sharded"),
+            ("OUTPUT_STREAM", stream.as_str()),
+        ];
+        let mut all = env.to_vec();
+        all.extend([("CONSUMERS_COUNT", "2"), ("MONITORING_INTERVAL", "0.2")]);
+        let consume = OptimusProcess::spawn(&["consume"], &all);
+        consume.wait_consumers(2);
+        let witness = Witness::sharded(channel, cluster.locator(channel));
+        let mut args = vec!["publish", "--rate", "1000", "--batch-size", "20"];
+        args.extend_from_slice(publish_args);
+        let publisher = OptimusProcess::spawn(&args, &env);
+        std::thread::sleep(Duration::from_secs(2));
+        Self {
+            stream,
+            consume,
+            witness,
+            publisher,
+        }
+    }
+}
+
 /// The fenced core on a cluster, with messages flowing at 1,000/s: the
 /// master of the channel's slot is SIGKILLed and its replica promoted, then
 /// the master of the stream's slot. Nothing is written twice, the stream
@@ -852,32 +890,9 @@ fn fenced_on_a_cluster_writes_once_in_order_at_flat_cost() {
 fn fenced_on_a_cluster_follows_its_masters_killed_mid_run() {
     let mut cluster = RedisCluster::start(3, 1);
     let channel = "messages:published";
-    let stream = stream_apart_from(&cluster, channel);
-    let seeds = cluster.seeds();
-    let env = [
-        ("REDIS_URL", seeds.as_str()),
-        ("PUBSUB_MODE", "sharded"),
-        ("OUTPUT_STREAM", stream.as_str()),
-    ];
-    let mut all = env.to_vec();
-    all.extend([("CONSUMERS_COUNT", "2"), ("MONITORING_INTERVAL", "0.2")]);
-    let consume = OptimusProcess::spawn(&["consume"], &all);
-    consume.wait_consumers(2);
-    let witness = Witness::sharded(channel, cluster.locator(channel));
-    let mut publisher = OptimusProcess::spawn(
-        &[
-            "publish",
-            "--rate",
-            "1000",
-            "--duration",
-            "12",
-            "--batch-size",
-            "20",
-            "--no-fast-path",
-        ],
-        &env,
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    let flow = Flow::start(&cluster, channel, &["--duration", "12", "--no-fast-path"]);
+    let (stream, consume, witness, mut publisher) =
+        (flow.stream, flow.consume, flow.witness, flow.publisher);
     cluster.kill(cluster.master_of(channel));
     cluster.wait_healthy(6, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
@@ -945,31 +960,9 @@ fn fenced_on_a_cluster_follows_its_masters_killed_mid_run() {
 fn another_subscriber_does_not_hide_a_missing_bridge_from_the_publisher() {
     let mut cluster = RedisCluster::start(3, 1);
     let channel = "messages:published";
-    let stream = stream_apart_from(&cluster, channel);
-    let seeds = cluster.seeds();
-    let env = [
-        ("REDIS_URL", seeds.as_str()),
-        ("PUBSUB_MODE", "sharded"),
-        ("OUTPUT_STREAM", stream.as_str()),
-    ];
-    let mut all = env.to_vec();
-    all.extend([("CONSUMERS_COUNT", "2"), ("MONITORING_INTERVAL", "0.2")]);
-    let consume = OptimusProcess::spawn(&["consume"], &all);
-    consume.wait_consumers(2);
-    let witness = Witness::sharded(channel, cluster.locator(channel));
-    let mut publisher = OptimusProcess::spawn(
-        &[
-            "publish",
-            "--rate",
-            "1000",
-            "--duration",
-            "8",
-            "--batch-size",
-            "20",
-        ],
-        &env,
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    let flow = Flow::start(&cluster, channel, &["--duration", "8"]);
+    let (stream, consume, witness, mut publisher) =
+        (flow.stream, flow.consume, flow.witness, flow.publisher);
     let master = cluster.master_of(channel);
     cluster.kill(master);
     assert!(
