@@ -173,16 +173,21 @@ impl RedisServer {
     }
 
     /// Starts the server again on its port and directory as a replica of
-    /// the server on `primary`'s port: how a server without persistence
-    /// must come back after a failover (come back a primary, empty, it
-    /// could be taken for the primary again and its replicas would copy
-    /// its empty data: Redis's documentation warns against it).
+    /// the server on `primary`'s port that the sentinels never promote
+    /// (`replica-priority 0`): how a server without persistence must come
+    /// back after a failover. Come back a primary, empty, it could be taken
+    /// for the primary again and the other server would copy its empty
+    /// data (Redis's documentation warns against it); a replica still
+    /// copying its primary, promoted by a second failover, would do the
+    /// same.
     pub fn start_again_as_replica_of(&mut self, primary: u16) {
         let mut args = self.extra_args.clone();
         args.extend([
             "--replicaof".to_string(),
             "127.0.0.1".to_string(),
             primary.to_string(),
+            "--replica-priority".to_string(),
+            "0".to_string(),
         ]);
         self.child = spawn_server(self.dir.path(), self.port, &args);
         let url = self.admin_url();
