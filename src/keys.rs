@@ -166,6 +166,15 @@ pub fn probe_channel(db: i64, source: &str, target: &str) -> String {
     format!("{PROBE_PREFIX}{db}:{source}->{target}")
 }
 
+/// The probe channel of a route: [`sharded_probe_channel`] with sharded
+/// Pub/Sub on a cluster, else [`probe_channel`].
+pub fn route_probe(sharded: bool, db: i64, source: &str, target: &str) -> String {
+    match sharded {
+        true => sharded_probe_channel(source, target),
+        false => probe_channel(db, source, target),
+    }
+}
+
 /// With sharded Pub/Sub on a cluster, the probe channel lives in its
 /// channel's slot (one SSUBSCRIBE takes channels of one slot, and the
 /// publisher asks it on that slot's master):
@@ -186,11 +195,10 @@ pub fn is_internal_channel(name: &[u8]) -> bool {
     const SHARDED_PROBE: &[u8] = b"}:optimus:bridge:";
     name.starts_with(PROBE_PREFIX.as_bytes())
         || (name.first() == Some(&b'{')
-            && name
-                .windows(SHARDED_PROBE.len())
-                .any(|w| w == SHARDED_PROBE))
-        || (name.first() == Some(&b'{')
             && (name.ends_with(b"}:marks")
+                || name
+                    .windows(SHARDED_PROBE.len())
+                    .any(|w| w == SHARDED_PROBE)
                 || (name.ends_with(b":marks")
                     && name.windows(SHARDED.len()).any(|w| w == SHARDED))
                 || name.windows(MARK.len()).any(|w| w == MARK)

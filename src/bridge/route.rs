@@ -257,7 +257,7 @@ pub struct LanePlan {
     /// (one server; `None` on a cluster).
     pub handoff: Option<String>,
     /// Sharded Pub/Sub on a cluster: each channel's probe is in its slot,
-    /// subscribed to with it (see [`super::delivery::sharded_probe_channel`]).
+    /// subscribed to with it (see [`crate::keys::sharded_probe_channel`]).
     pub sharded: bool,
 }
 
@@ -272,7 +272,7 @@ pub struct Router {
     routes: Vec<Route>,
     /// Per route: its lane, for a channel (not a pattern).
     fixed: Vec<Option<Arc<Lane>>>,
-    /// Per route: its probe channel (see [`super::delivery::probe_channel`]).
+    /// Per route: its probe channel (see [`crate::keys::route_probe`]).
     probes: Vec<String>,
     plan: LanePlan,
 }
@@ -283,10 +283,7 @@ impl Router {
             fixed: Vec::new(),
             probes: routes
                 .iter()
-                .map(|r| match plan.sharded {
-                    true => super::delivery::sharded_probe_channel(&r.source, &r.target),
-                    false => super::delivery::probe_channel(plan.db, &r.source, &r.target),
-                })
+                .map(|r| super::delivery::route_probe(plan.sharded, plan.db, &r.source, &r.target))
                 .collect(),
             routes,
             plan,
@@ -351,7 +348,7 @@ impl Router {
         }
     }
 
-    /// The probe channels, one per route (see [`super::delivery::probe_channel`]).
+    /// The probe channels, one per route (see [`crate::keys::route_probe`]).
     pub fn probes(&self) -> impl Iterator<Item = &str> {
         self.probes.iter().map(String::as_str)
     }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::BridgeConfig;
 use super::delivery::budget::Budget;
 use super::delivery::cluster::Subscription;
-use super::delivery::fenced::{Fenced, FencedConfig, Leaving};
+use super::delivery::fenced::{Fenced, FencedConfig, Seat};
 use super::delivery::ids::Identify;
 use super::delivery::intake::Intake;
 use super::delivery::members::{Beat, Holding, Place, is_mixed};
@@ -258,7 +258,6 @@ pub(super) struct Spawner {
     /// On a cluster: the connection the readers find the channel's master
     /// through.
     locator: Option<Conn>,
-    /// The readers running, by slot.
     /// The readers, by slot: each one's stop, and whether its task has
     /// ended (a slot is used again only then, so that a stopped reader
     /// still settling is never taken for its successor: both have the
@@ -306,6 +305,9 @@ impl Spawner {
                 sharded: cluster && config.endpoint.is_sharded(),
             },
         ));
+        // Every process holds copies until a fenced one joins its pool and
+        // learns its place.
+        Counters::set(&counters.holding, 1);
         Self {
             router,
             routes_shown,
@@ -320,11 +322,7 @@ impl Spawner {
             locator: None,
             readers: Vec::new(),
             racers: Arc::default(),
-            // (Until a fenced process joins its pool and learns its place.)
-            hold: {
-                Counters::set(&counters.holding, 1);
-                watch::Sender::new(true)
-            },
+            hold: watch::Sender::new(true),
             handed: watch::Sender::new(false),
             counters,
         }
@@ -457,8 +455,9 @@ impl Spawner {
                     self.counters.clone(),
                     self.budget.clone(),
                     intake,
-                    (held, self.hold.clone()),
-                    Leaving {
+                    Seat {
+                        held,
+                        hold: self.hold.clone(),
                         shutdown: shutdown.clone(),
                         handed: self.handed.clone(),
                     },

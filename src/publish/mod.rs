@@ -9,7 +9,7 @@
 //!
 //! On one server each batch goes out as scripts (`publish.lua`) of at most
 //! [`MAX_SCRIPT_BYTES`] each, which in one step ask `PUBSUB NUMSUB` of the
-//! bridge's probe channel (see [`probe_channel`]: other subscribers, a
+//! bridge's probe channel (see [`route_probe`]: other subscribers, a
 //! monitor's `PSUBSCRIBE *`, do not count) and publish; when no bridge
 //! worker was subscribed, the same step writes the messages to the stream
 //! itself (the *fast path*), so nothing it sent is lost. Each script leaves
@@ -43,9 +43,7 @@ use std::sync::Arc;
 
 use crate::bridge::delivery::ids::json_id;
 use crate::bridge::delivery::race::{Racer, Write};
-use crate::bridge::delivery::{
-    Lane, Message, OutputFormat, Trim, probe_channel, scripts, sharded_probe_channel,
-};
+use crate::bridge::delivery::{Lane, Message, OutputFormat, Trim, route_probe, scripts};
 use crate::bridge::route::{LanePlan, Router};
 use crate::keys::host_name;
 mod config;
@@ -251,10 +249,9 @@ impl Publisher {
                 config.ack_ttl,
             ),
             conn,
-            probe: routes.first().map(|r| match endpoint.is_sharded() {
-                true => sharded_probe_channel(&r.source, &r.target),
-                false => probe_channel(db, &r.source, &r.target),
-            }),
+            probe: routes
+                .first()
+                .map(|r| route_probe(endpoint.is_sharded(), db, &r.source, &r.target)),
             sharded: endpoint.is_sharded(),
             cluster: endpoint.is_cluster() || cluster_node,
             channel: config.channel.clone(),

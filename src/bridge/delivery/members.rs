@@ -151,11 +151,12 @@ pub struct Cycle {
 /// Which processes of a pool hold copies of the messages (subscribe to
 /// the channels): every one of them, or at most `limit` (the writer and
 /// STANDBYS standbys). The others wait: they beat among the members and
-/// read nothing, and take a holder's place when one leaves, says it stops
-/// holding, or falls silent for `live_for`. A process that holds gives its
-/// place back when `limit` others have held since before it (a holder
-/// that was paused came back, or Redis lost the members and two took one
-/// place); a writer keeps its place.
+/// read nothing, and take a holder's place when one leaves, gives it up,
+/// or falls silent for `live_for`. A process that holds gives its place
+/// back when `limit` others come before it (more complete, or as complete
+/// and holding since earlier: a holder that was paused came back, or Redis
+/// lost the members and two took one place); a writer keeps its place
+/// (see `cycle.lua`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Holding {
     /// The most processes that hold copies (0: every one).
@@ -173,9 +174,10 @@ pub struct Holding {
 pub enum Place {
     /// Take one, if one is free (it waits, and is not leaving).
     Claim,
-    /// Give it back, if others were there first (it writes nothing).
+    /// Give it back, if enough others come before it (it writes nothing).
     Release,
-    /// Keep what it has (a writer; or one that stopped reading).
+    /// Keep what it has: a writer; or, with 0 held, none (it is stopping,
+    /// or runs no worker).
     Keep,
 }
 

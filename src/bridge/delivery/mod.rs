@@ -80,7 +80,7 @@ pub mod scripts;
 #[cfg(test)]
 mod protocol_tests;
 
-pub use crate::keys::{Keys, Pool, is_internal_channel, probe_channel, sharded_probe_channel};
+pub use crate::keys::{Keys, Pool, is_internal_channel, route_probe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

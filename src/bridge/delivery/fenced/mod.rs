@@ -164,17 +164,18 @@ pub struct Fenced {
     handed: watch::Sender<bool>,
 }
 
-/// What a process with a place among the holders needs when it stops: the
-/// stop asked for, and where to say that others hold copies in its stead.
-pub struct Leaving {
+/// How the loop keeps this process's place among the holders: since when
+/// it holds one (as its first cycle, joining the pool, said; 0: it
+/// waits), where the readers learn whether to read, the stop asked for,
+/// and where to say, stopping, that others hold copies in its stead.
+pub struct Seat {
+    pub held: u64,
+    pub hold: watch::Sender<bool>,
     pub shutdown: CancellationToken,
     pub handed: watch::Sender<bool>,
 }
 
 impl Fenced {
-    /// `held`: since when this process holds copies, as its first cycle
-    /// (joining the pool) said; `hold`: told whether it does.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: FencedConfig,
         conn: Conn,
@@ -182,15 +183,14 @@ impl Fenced {
         counters: Arc<Counters>,
         budget: Arc<Budget>,
         intake: Intake,
-        (held, hold): (u64, watch::Sender<bool>),
-        leaving: Leaving,
+        seat: Seat,
     ) -> Self {
         Self {
-            held,
-            hold,
+            held: seat.held,
+            hold: seat.hold,
             reading: true,
-            shutdown: leaving.shutdown,
-            handed: leaving.handed,
+            shutdown: seat.shutdown,
+            handed: seat.handed,
             config,
             conn,
             waiter,
