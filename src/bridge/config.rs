@@ -272,14 +272,7 @@ impl BridgeConfig {
             return Err(ConfigError::new(
                 "MIN_REPLICAS_ACKED",
                 self.min_replicas_acked,
-                "is kept by the fenced strategy only (STRATEGY=fenced, one server or sentinels)",
-            ));
-        }
-        if self.min_replicas_acked > 0 && self.endpoint.is_cluster() {
-            return Err(ConfigError::new(
-                "MIN_REPLICAS_ACKED",
-                self.min_replicas_acked,
-                "is not kept on a Redis Cluster yet (one server or sentinels only)",
+                "is kept by the fenced strategy only (STRATEGY=fenced; on a cluster, PUBSUB_MODE=sharded)",
             ));
         }
         Ok(())

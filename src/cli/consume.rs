@@ -91,7 +91,7 @@ pub struct ConsumeArgs {
     /// retrying) and written once; 0 turns it off.
     #[arg(long, env = "DEDUP_WINDOW", default_value = "5")]
     pub dedup_window: String,
-    /// Fenced strategy, one server or sentinels: replicas that must hold a write (WAIT) before the pool drops its copies of it (what a failover takes back is written again), so that a failover loses nothing; set it for `optimus publish` too; 0 turns it off.
+    /// Fenced strategy (on a cluster, with sharded Pub/Sub): replicas that must hold a write (WAIT) before the pool drops its copies of it (what a failover takes back is written again), so that a failover loses nothing; set it for `optimus publish` too; 0 turns it off.
     #[arg(long, env = "MIN_REPLICAS_ACKED", default_value = "0")]
     pub min_replicas_acked: String,
     /// Fenced strategy: how many processes besides each stream's writer

@@ -62,7 +62,9 @@ pub struct PublishArgs {
     pub dedup_window: String,
     /// A batch counts as sent only once this many replicas hold it (WAIT,
     /// up to 1 s); otherwise it is sent again (after a failover, on the new
-    /// primary), so that a failover loses nothing it sent; 0 turns it off.
+    /// primary), so that a failover loses nothing it sent; on a cluster,
+    /// what the fast path writes counts once replicas hold it; 0 turns it
+    /// off.
     #[arg(long, env = "MIN_REPLICAS_ACKED", default_value = "0")]
     pub min_replicas_acked: String,
     /// JSON field of each test message that carries its id (the bridge's
@@ -137,13 +139,6 @@ impl PublishArgs {
             &self.min_replicas_acked,
             limits::REPLICAS,
         )?;
-        if min_replicas_acked > 0 && endpoint.is_cluster() {
-            return Err(ConfigError::new(
-                "MIN_REPLICAS_ACKED",
-                min_replicas_acked,
-                "is not kept on a Redis Cluster yet (one server or sentinels only)",
-            ));
-        }
         let routes = match given(&self.routes) {
             Some(raw) => optimus::parse_routes(raw, false)?,
             None => Vec::new(),

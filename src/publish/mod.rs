@@ -196,6 +196,11 @@ pub struct Publisher {
     /// The server's clock at connect, and the local instant then: batches'
     /// deadlines are in the server's time.
     server_clock: (u64, Instant),
+    /// Taken for a whole batch where the fast path writes apart from the
+    /// publishing (a cluster, or a second stream): a batch published after
+    /// another one must not be written before that one's fast-path writes,
+    /// or the stream would stand out of publish order (see [`Self::send`]).
+    in_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Publisher {
@@ -267,6 +272,7 @@ impl Publisher {
                 idle: std::sync::Mutex::new(Vec::new()),
             }),
             server_clock,
+            in_turn: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -287,6 +293,16 @@ impl Publisher {
         retry_for: Duration,
         shutdown: &CancellationToken,
     ) -> Result<(BatchOutcome, u64), RedisError> {
+        // Where the fast path's writes are not part of the publishing
+        // script, batches go one after another: the next is published only
+        // once this one's missed messages are in the stream (pipelined, a
+        // later batch reaching a bridge just subscribed again could be
+        // written before them).
+        let in_turn = self.in_turn.clone();
+        let _turn = match self.fast_path && (self.cluster || self.targets.len() > 1) {
+            true => Some(in_turn.lock_owned().await),
+            false => None,
+        };
         let mut retry = Retry::new(retry_for, shutdown, payloads.len());
         let (fit, oversized): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = payloads
             .iter()
@@ -554,10 +570,57 @@ impl Publisher {
     ) -> Result<(u64, u64), RedisError> {
         loop {
             match self.write(pending).await {
-                Ok(done) => return Ok(done),
+                Ok(done) => match self.held_by_replicas(pending).await {
+                    Ok(()) => return Ok(done),
+                    Err(err) => retry.after(err, what).await?,
+                },
                 Err(err) => retry.after(err, what).await?,
             }
         }
+    }
+
+    /// With MIN_REPLICAS_ACKED, whether enough replicas hold what
+    /// [`Self::write`] just wrote: WAIT, on the connection the writes went
+    /// out on and, on a cluster, on the master of each stream written (a
+    /// failover loses what no replica holds). Too few is an error: the
+    /// caller writes again (each message once by its ACK key, so nothing
+    /// twice) and asks again, within its deadline.
+    async fn held_by_replicas(&mut self, written: &[Message]) -> Result<(), RedisError> {
+        let wanted = self.min_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        // One server: one WAIT covers every key. A cluster: the masters of
+        // the streams and dead-letter streams written (a message the stream
+        // refused went to the latter).
+        let mut streams: Vec<&str> = Vec::new();
+        for msg in written
+            .iter()
+            .take(if self.cluster { usize::MAX } else { 1 })
+        {
+            let dead = msg.lane.to.dead_stream.as_str();
+            for stream in [msg.lane.stream(), dead] {
+                if !streams.contains(&stream) {
+                    streams.push(stream);
+                }
+            }
+        }
+        streams.truncate(if self.cluster { usize::MAX } else { 1 });
+        for stream in streams {
+            let timeout = WAIT_FOR_REPLICAS.as_millis() as u64;
+            let replicas = self.conn.wait_replicas(stream, wanted, timeout).await?;
+            if replicas < wanted {
+                return Err(RedisError::from((
+                    ErrorKind::Io,
+                    "fast-path write not held by enough replicas",
+                    format!(
+                        "{replicas} of the {wanted} MIN_REPLICAS_ACKED asks for hold {stream} within {} s",
+                        WAIT_FOR_REPLICAS.as_secs()
+                    ),
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn write(&mut self, pending: &[Message]) -> Result<(u64, u64), RedisError> {

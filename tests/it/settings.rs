@@ -81,7 +81,6 @@ fn bad_settings_give_one_line_and_exit_code_2() {
             &[
                 ("MIN_REPLICAS_ACKED", "1"),
                 ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
-                ("PUBSUB_MODE", "sharded"),
             ],
             "MIN_REPLICAS_ACKED",
             "1",

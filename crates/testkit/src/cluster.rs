@@ -291,6 +291,31 @@ impl RedisCluster {
         }
     }
 
+    /// Starts the node on `port` again after [`Self::kill`], on its port and
+    /// with its `nodes.conf` (its data is gone: no persistence): once it
+    /// hears that a replica took its slots over, it becomes that one's
+    /// replica and copies it, as a crashed master does.
+    pub fn restart(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node on that port");
+        assert!(node.child.is_none(), "node {port} still runs");
+        node.child = Some(spawn_node(node.dir.path(), port, None));
+        let node = self.node(port);
+        wait_for(
+            &format!("node {port} to come back as a replica in sync"),
+            Duration::from_secs(30),
+            || {
+                let repl: String = node.query(&["INFO", "replication"]).ok()?;
+                (repl.contains("role:slave") && repl.contains("master_link_status:up"))
+                    .then_some(())
+            },
+            || self.logs(),
+        );
+    }
+
     /// Every node's log, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes
