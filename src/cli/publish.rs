@@ -139,6 +139,13 @@ impl PublishArgs {
             &self.min_replicas_acked,
             limits::REPLICAS,
         )?;
+        if min_replicas_acked > 0 && endpoint.is_cluster() && !endpoint.is_sharded() {
+            return Err(ConfigError::new(
+                "MIN_REPLICAS_ACKED",
+                min_replicas_acked,
+                "is kept by the fenced strategy only: on a cluster, with PUBSUB_MODE=sharded",
+            ));
+        }
         let routes = match given(&self.routes) {
             Some(raw) => optimus::parse_routes(raw, false)?,
             None => Vec::new(),

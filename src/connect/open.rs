@@ -67,32 +67,31 @@ impl ConnectionLike for Conn {
 }
 
 impl Conn {
-    /// WAIT for `replicas` replicas, at most `timeout_ms`, on the server
-    /// that holds `key` (on a cluster the master of its slot, where this
-    /// connection's last write of that slot went): how many replicas hold
-    /// that write. (On a cluster a plain WAIT goes to every master.)
-    pub async fn wait_replicas(
+    /// A pipeline sent as one request on one connection to the server that
+    /// holds `key` (on a cluster, the master of its slot). A WAIT at its
+    /// end counts the replicas that hold the writes before it in the same
+    /// pipeline: were the request sent again on a new connection (the
+    /// client reconnects by itself), the writes go again with it, so the
+    /// WAIT never stands alone on a connection that wrote nothing.
+    pub async fn query_at<T: redis::FromRedisValue>(
         &mut self,
         key: &str,
-        replicas: usize,
-        timeout_ms: u64,
-    ) -> RedisResult<usize> {
-        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(replicas).arg(timeout_ms);
+        pipe: &redis::Pipeline,
+    ) -> RedisResult<T> {
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
         match self {
             Conn::Cluster(cluster) => {
-                let route = Route::with_key(key, SlotAddr::Master);
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                // (A node that has just become a replica refuses WAIT:
-                // that error is the server's, not a bad reply.)
-                let reply = cluster
-                    .route_command(wait, routing)
+                let route =
+                    SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
+                let values = cluster
+                    .route_pipeline(pipe.clone(), 0, pipe.len(), route)
                     .await?
-                    .extract_error()?;
-                Ok(redis::from_redis_value(reply)?)
+                    .into_iter()
+                    .map(redis::Value::extract_error)
+                    .collect::<RedisResult<Vec<_>>>()?;
+                Ok(redis::from_redis_value(redis::Value::Array(values))?)
             }
-            _ => wait.query_async(self).await,
+            _ => pipe.query_async(self).await,
         }
     }
 

@@ -189,6 +189,9 @@ pub struct Publisher {
     republish_within: Duration,
     /// MIN_REPLICAS_ACKED (0: off).
     min_replicas: usize,
+    /// How long the fast path's ACK keys live (renewed by the WAIT of
+    /// MIN_REPLICAS_ACKED).
+    ack_ttl: Duration,
     /// With MIN_REPLICAS_ACKED, the connections parts go out on, one per
     /// part on its way: WAIT blocks the connection it is sent on, and a
     /// part must not wait behind another's WAIT (see [`Waiting`]).
@@ -267,6 +270,7 @@ impl Publisher {
             max_payload_bytes: config.max_payload_bytes,
             republish_within: config.dedup_window.saturating_sub(Duration::from_secs(1)),
             min_replicas: config.min_replicas_acked,
+            ack_ttl: config.ack_ttl,
             waiting: Arc::new(Waiting {
                 endpoint: config.endpoint.clone(),
                 idle: std::sync::Mutex::new(Vec::new()),
@@ -293,6 +297,9 @@ impl Publisher {
         retry_for: Duration,
         shutdown: &CancellationToken,
     ) -> Result<(BatchOutcome, u64), RedisError> {
+        // (`retry_for` counts from here: the wait for this batch's turn is
+        // part of it.)
+        let mut retry = Retry::new(retry_for, shutdown, payloads.len());
         // Where the fast path's writes are not part of the publishing
         // script, batches go one after another: the next is published only
         // once this one's missed messages are in the stream (pipelined, a
@@ -303,7 +310,6 @@ impl Publisher {
             true => Some(in_turn.lock_owned().await),
             false => None,
         };
-        let mut retry = Retry::new(retry_for, shutdown, payloads.len());
         let (fit, oversized): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = payloads
             .iter()
             .partition(|p| p.len() <= self.max_payload_bytes);
@@ -560,55 +566,72 @@ impl Publisher {
     /// Writes messages with ACK keys, each exactly once by its id; one the
     /// stream refuses goes to the dead-letter stream with Redis's reason.
     /// Returns how many this call wrote, and how many neither stream took.
-    /// [`Self::write`] again until Redis confirms it, within `retry`'s
-    /// deadline (`what` says what is retried).
+    /// [`Self::write`] again until Redis confirms it (and, with
+    /// MIN_REPLICAS_ACKED, until replicas hold it), within `retry`'s
+    /// deadline (`what` says what is retried). A message written by an
+    /// attempt counts once, whatever the later ones find.
     async fn write_confirmed(
         &mut self,
         pending: &[Message],
         retry: &mut Retry<'_>,
         what: &str,
     ) -> Result<(u64, u64), RedisError> {
+        let mut written: std::collections::HashSet<String> = Default::default();
         loop {
             match self.write(pending).await {
-                Ok(done) => match self.held_by_replicas(pending).await {
-                    Ok(()) => return Ok(done),
-                    Err(err) => retry.after(err, what).await?,
-                },
+                Ok(done) => {
+                    written.extend(done.written.iter().cloned());
+                    match self.held_by_replicas(&done.held).await {
+                        Ok(()) => return Ok((written.len() as u64, done.refused)),
+                        Err(err) => retry.after(err, what).await?,
+                    }
+                }
                 Err(err) => retry.after(err, what).await?,
             }
         }
     }
 
-    /// With MIN_REPLICAS_ACKED, whether enough replicas hold what
-    /// [`Self::write`] just wrote: WAIT, on the connection the writes went
-    /// out on and, on a cluster, on the master of each stream written (a
-    /// failover loses what no replica holds). Too few is an error: the
-    /// caller writes again (each message once by its ACK key, so nothing
-    /// twice) and asks again, within its deadline.
-    async fn held_by_replicas(&mut self, written: &[Message]) -> Result<(), RedisError> {
+    /// With MIN_REPLICAS_ACKED, whether enough replicas hold `held` (the
+    /// messages in a stream or its dead-letter stream, by their ACK keys):
+    /// per stream, one request to the stream's server (on a cluster, its
+    /// slot's master) that renews each message's ACK key (a write, which a
+    /// replica copies after the entry) and then WAITs. An ACK key gone
+    /// means a failover took the write back; too few replicas, that one
+    /// may. Either is an error: the caller writes again (each message once
+    /// by its ACK key, so nothing twice) and asks again, within its
+    /// deadline.
+    async fn held_by_replicas(&mut self, held: &[Message]) -> Result<(), RedisError> {
         let wanted = self.min_replicas;
-        if wanted == 0 {
+        if wanted == 0 || held.is_empty() {
             return Ok(());
         }
-        // One server: one WAIT covers every key. A cluster: the masters of
-        // the streams and dead-letter streams written (a message the stream
-        // refused went to the latter).
         let mut streams: Vec<&str> = Vec::new();
-        for msg in written
-            .iter()
-            .take(if self.cluster { usize::MAX } else { 1 })
-        {
-            let dead = msg.lane.to.dead_stream.as_str();
-            for stream in [msg.lane.stream(), dead] {
-                if !streams.contains(&stream) {
-                    streams.push(stream);
-                }
+        for msg in held {
+            if !streams.contains(&msg.lane.stream()) {
+                streams.push(msg.lane.stream());
             }
         }
-        streams.truncate(if self.cluster { usize::MAX } else { 1 });
         for stream in streams {
-            let timeout = WAIT_FOR_REPLICAS.as_millis() as u64;
-            let replicas = self.conn.wait_replicas(stream, wanted, timeout).await?;
+            let mut pipe = redis::pipe();
+            let mine = held.iter().filter(|m| m.lane.stream() == stream);
+            for msg in mine {
+                pipe.cmd("PEXPIRE")
+                    .arg(msg.lane.keys.ack(&msg.id))
+                    .arg(self.ack_ttl.as_millis() as u64);
+            }
+            pipe.cmd("WAIT")
+                .arg(wanted)
+                .arg(WAIT_FOR_REPLICAS.as_millis() as u64);
+            let mut replies: Vec<u64> = self.conn.query_at(stream, &pipe).await?;
+            let replicas = replies.pop().unwrap_or(0) as usize;
+            let gone = replies.iter().filter(|&&renewed| renewed == 0).count();
+            if gone > 0 {
+                return Err(RedisError::from((
+                    ErrorKind::Io,
+                    "fast-path write taken back",
+                    format!("{gone} written to {stream} are gone (a failover)"),
+                )));
+            }
             if replicas < wanted {
                 return Err(RedisError::from((
                     ErrorKind::Io,
@@ -623,8 +646,8 @@ impl Publisher {
         Ok(())
     }
 
-    async fn write(&mut self, pending: &[Message]) -> Result<(u64, u64), RedisError> {
-        let (mut written, mut refused) = (0, 0);
+    async fn write(&mut self, pending: &[Message]) -> Result<Written, RedisError> {
+        let mut done = Written::default();
         let mut messages: Vec<Message> = pending.to_vec();
         while !messages.is_empty() {
             let refs: Vec<&Message> = messages.iter().collect();
@@ -632,13 +655,17 @@ impl Publisher {
             let mut again = Vec::new();
             for (msg, result) in messages.iter().zip(results) {
                 match result {
-                    Write::Written => written += 1,
+                    Write::Written => {
+                        done.written.push(msg.id.clone());
+                        done.held.push(msg.clone());
+                    }
+                    Write::Acked => done.held.push(msg.clone()),
                     Write::Refused(why) if msg.rejected.is_none() => again.push(Message {
                         rejected: Some(format!("the stream refused it: {why}")),
                         ..msg.clone()
                     }),
                     Write::Refused(why) => {
-                        refused += 1;
+                        done.refused += 1;
                         tracing::error!(message_id = %msg.id, reason = %why, "neither the stream nor the dead-letter stream took the message");
                     }
                     Write::NotTried(why) => {
@@ -648,13 +675,25 @@ impl Publisher {
                             why,
                         )));
                     }
-                    Write::Acked | Write::Reused | Write::LockLost | Write::TooOld => {}
+                    Write::Reused | Write::LockLost | Write::TooOld => {}
                 }
             }
             messages = again;
         }
-        Ok((written, refused))
+        Ok(done)
     }
+}
+
+/// What one [`Publisher::write`] did.
+#[derive(Default)]
+struct Written {
+    /// The ids this call wrote.
+    written: Vec<String>,
+    /// The messages in a stream now (written by this call or before), by
+    /// their ACK keys.
+    held: Vec<Message>,
+    /// Messages neither stream took.
+    refused: u64,
 }
 
 /// What sending one part of a batch did.
@@ -753,7 +792,7 @@ impl<'a> Retry<'a> {
         }
         let size = self.size;
         self.backoff
-            .after(err, None, |err, wait| {
+            .after(err, Some(self.shutdown), |err, wait| {
                 tracing::warn!(cause = %crate::connect::brief(err), retry_in_ms = wait.as_millis() as u64, messages = size, "{what}");
             })
             .await?;

@@ -94,6 +94,25 @@ where
     }
 }
 
+/// [`query`] as one request to the server that holds `key`
+/// ([`Conn::query_at`]): for a pipeline that ends in WAIT.
+pub async fn query_at<T>(
+    conn: &mut crate::connect::Conn,
+    key: &str,
+    pipe: &redis::Pipeline,
+) -> RedisResult<T>
+where
+    T: redis::FromRedisValue,
+{
+    match conn.query_at(key, pipe).await {
+        Err(err) if is_noscript(&err) => {
+            load_all(conn).await?;
+            conn.query_at(key, pipe).await
+        }
+        result => result,
+    }
+}
+
 /// Runs one EVALSHA as [`query`] does.
 pub async fn run<T, C>(conn: &mut C, cmd: redis::Cmd) -> RedisResult<T>
 where

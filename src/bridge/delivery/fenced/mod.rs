@@ -654,32 +654,22 @@ impl Fenced {
             let wanted = self.config.min_replicas;
             let (stream, epoch, record) = (stream.clone(), epoch.clone(), record.to_string());
             self.waits.spawn(async move {
+                // The WAIT follows the ask (a write) in one request to the
+                // record's server, so that it counts the replicas holding
+                // the record as the ask found it, even when the request is
+                // sent again on a new connection. (On a cluster the clock's
+                // history note, in the channel's slot, goes first, apart.)
+                let mut pipe = redis::pipe();
+                pipe.add_command(ask)
+                    .cmd("WAIT")
+                    .arg(wanted)
+                    .arg(WAIT_FOR_REPLICAS_MS);
                 let asked = match note {
-                    // On one server the WAIT follows the ask on the same
-                    // connection, in one round trip.
-                    None => {
-                        let mut pipe = redis::pipe();
-                        pipe.add_command(ask)
-                            .cmd("WAIT")
-                            .arg(wanted)
-                            .arg(WAIT_FOR_REPLICAS_MS);
-                        scripts::query::<(u8, usize), _>(&mut conn, &pipe).await
-                    }
-                    // On a cluster the WAIT goes to the record's master, on
-                    // the connection the ask went by. (Were the slot's
-                    // master replaced between, the WAIT finds no write of
-                    // this connection there; `set` then moves `safe` only
-                    // if the record on the new master reached the position.)
-                    Some(note) => async {
-                        scripts::run::<u8, _>(&mut conn, note).await?;
-                        let asked = scripts::run::<u8, _>(&mut conn, ask).await?;
-                        let replicas = match asked {
-                            1 => conn.wait_replicas(&record, wanted, WAIT_FOR_REPLICAS_MS).await?,
-                            _ => 0,
-                        };
-                        Ok((asked, replicas))
-                    }
-                    .await,
+                    None => scripts::query_at::<(u8, usize)>(&mut conn, &record, &pipe).await,
+                    Some(note) => match scripts::run::<u8, _>(&mut conn, note).await {
+                        Ok(_) => scripts::query_at::<(u8, usize)>(&mut conn, &record, &pipe).await,
+                        Err(err) => Err(err),
+                    },
                 };
                 let held = match asked {
                     Ok((1, replicas)) if replicas >= wanted => {
