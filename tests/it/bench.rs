@@ -88,6 +88,18 @@ fn a_small_benchmark_measures_every_row() {
         assert_eq!(row["duplicates"], 0, "{row}");
     }
     assert!(stdout.contains("| MIN_REPLICAS_ACKED=1 |"), "{stdout}");
+    // And its cost in latency: the same pool at a steady rate, both ways.
+    let latency = report["replica_latency"].as_array().unwrap();
+    assert_eq!(latency.len(), 2, "{latency:?}");
+    for row in latency {
+        assert_eq!(row["samples"], 1000, "every message stamped: {row}");
+        assert_eq!(row["lost"], 0, "{row}");
+        assert_eq!(row["duplicates"], 0, "{row}");
+    }
+    assert!(
+        stdout.contains("| fenced, 1 replica, MIN_REPLICAS_ACKED=1 |"),
+        "{stdout}"
+    );
     // The delivery core's targets, held against this run.
     let targets = report["targets"].as_array().unwrap();
     assert!(

@@ -273,3 +273,85 @@ fn sentinels_and_a_redis_url_together_are_a_bad_setting() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("REDIS_SENTINEL_MASTER"), "{stderr}");
 }
+
+/// Every command finds the primary through the sentinels alone: a pool
+/// bridges a run of `optimus publish`, and `audit`, `streams list`,
+/// `groups create`/`list`, `work`, `health` and `ctl status` each answer
+/// about that primary's data.
+#[test]
+fn every_command_reaches_the_primary_through_the_sentinels() {
+    let setup = SentinelSetup::start();
+    let pairs = via_sentinels(&setup);
+    let env = env_of(&pairs);
+    let run = |args: &[&str]| {
+        let out = support::run_optimus(args, &env, Duration::from_secs(60));
+        let text = format!(
+            "optimus {}: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            text,
+        )
+    };
+    let mut consume_env = env.clone();
+    consume_env.extend([("CONSUMERS_COUNT", "2"), ("MONITORING_INTERVAL", "0.2")]);
+    let consume = OptimusProcess::spawn(&["consume"], &consume_env);
+    consume.wait_consumers(2);
+
+    let published = support::publish_with(&env, &["--count", "300", "--batch-size", "50"]);
+    assert_eq!(published.num("published"), 300, "{}", published.line);
+    support::wait_for(
+        "the pool to write the run",
+        Duration::from_secs(30),
+        || (setup.primary().xlen(STREAM) >= 300).then_some(()),
+        || consume.describe(),
+    );
+
+    let (code, _, text) = run(&["audit", "--published", "300"]);
+    assert_eq!(code, Some(0), "the run is exact: {text}");
+    let (code, out, text) = run(&["streams", "list"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(out.contains(STREAM), "{text}");
+    let (code, _, text) = run(&["groups", "create", STREAM, "handlers", "--from", "0"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, out, text) = run(&["groups", "list", STREAM]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(out.contains("handlers"), "{text}");
+
+    let mut work_env = env.clone();
+    work_env.push(("IDLE_TIMEOUT", "2"));
+    let out = support::run_optimus(
+        &["work", "--group", "handlers", "--", "true"],
+        &work_env,
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let pending: redis::streams::StreamPendingReply =
+        redis::Commands::xpending(&mut setup.primary().conn(), STREAM, "handlers")
+            .expect("XPENDING");
+    let read: Vec<redis::Value> = setup.primary().command(&["XINFO", "GROUPS", STREAM]);
+    assert_eq!(
+        pending.count(),
+        0,
+        "work acknowledged every entry: {read:?}"
+    );
+    assert!(
+        format!("{read:?}").contains("300"),
+        "the group read the 300 entries: {read:?}"
+    );
+
+    let (code, out, text) = run(&["health"]);
+    assert_ne!(code, Some(2), "no alert: {text}");
+    assert!(!out.is_empty(), "{text}");
+    let (code, out, text) = run(&["ctl", "status"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        out.contains("total workers") && out.contains("consume"),
+        "the pool's process is listed: {text}"
+    );
+}

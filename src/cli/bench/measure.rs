@@ -104,7 +104,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     // without it. What MIN_REPLICAS_ACKED costs: that burst on a server with
     // a replica, without and with it (a replica of the benchmark's own
     // server, or those REDIS_URL's server has).
-    let (mut dedup_off, mut replica_rows) = (None, None);
+    let (mut dedup_off, mut replica_rows, mut replica_latency) = (None, None, None);
     if config.strategies.contains(&Strategy::Fenced) && config.workers.contains(&2) {
         let mut row = async |what: &str, settings: &[(&str, &str)]| {
             eprintln!(
@@ -127,6 +127,20 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
             )
             .await?;
             replica_rows = Some([off, on]);
+            let mut latency = async |what: &str, settings: &[(&str, &str)]| {
+                eprintln!(
+                    "bench: fenced latency with 2 workers {what}, at {}/s for {:?}",
+                    config.latency_rate, config.latency_duration
+                );
+                latency_row(config, &url, &mut conn, Strategy::Fenced, 2, settings).await
+            };
+            let off = latency("on a server with a replica", &[]).await?;
+            let on = latency(
+                "on a server with a replica and MIN_REPLICAS_ACKED=1",
+                &[("MIN_REPLICAS_ACKED", "1")],
+            )
+            .await?;
+            replica_latency = Some([off, on]);
         }
         drop(replica);
     }
@@ -176,6 +190,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         bridge,
         dedup_off,
         replica_rows,
+        replica_latency,
         processes,
         latency,
         steady,
@@ -223,7 +238,7 @@ async fn strategy_rows(
             config.latency_rate,
             config.latency_duration
         );
-        latency.push(latency_row(config, url, conn, strategy, 2).await?);
+        latency.push(latency_row(config, url, conn, strategy, 2, &[]).await?);
     }
     Ok((bridge, latency))
 }
@@ -643,9 +658,10 @@ async fn latency_row(
     conn: &mut MultiplexedConnection,
     strategy: Strategy,
     workers: usize,
+    settings: &[(&str, &str)],
 ) -> Result<LatencyRow> {
     reset(conn).await?;
-    let child = spawn_bridge(config, url, conn, strategy, workers, &[]).await?;
+    let child = spawn_bridge(config, url, conn, strategy, workers, settings).await?;
     let total = config.latency_rate * config.latency_duration.as_secs().max(1);
     // A first message makes the stream and its writer (a new stream waits
     // up to a cycle for one): the run measures the steady state.

@@ -103,6 +103,9 @@ pub struct Report {
     /// The fenced 2-worker burst on a server with one replica, without and
     /// with MIN_REPLICAS_ACKED=1: the setting's cost is the difference.
     pub replica_rows: Option<[BridgeRow; 2]>,
+    /// The fenced 2-worker latency on that server, without and with
+    /// MIN_REPLICAS_ACKED=1.
+    pub replica_latency: Option<[LatencyRow; 2]>,
     pub processes: Vec<ProcessesRow>,
     pub latency: Vec<LatencyRow>,
     pub steady: Vec<SteadyRow>,
@@ -230,6 +233,7 @@ impl Report {
             + self
                 .latency
                 .iter()
+                .chain(self.replica_latency.iter().flatten())
                 .filter(|r| r.lost + r.duplicates > 0)
                 .count()
             + self
@@ -266,7 +270,17 @@ pub fn table(report: &Report) -> String {
         );
     }
     out += &processes_table(report);
-    out += &latency_table(report);
+    let rows = report.latency.iter().map(|l| (l.strategy.to_string(), l));
+    out += &latency_table(rows.collect());
+    if let Some([off, on]) = &report.replica_latency {
+        out += &latency_table(vec![
+            (
+                "fenced, 1 replica, MIN_REPLICAS_ACKED=0 (default)".into(),
+                off,
+            ),
+            ("fenced, 1 replica, MIN_REPLICAS_ACKED=1".into(), on),
+        ]);
+    }
     out += &steady_table(report);
     out += &targets_table(report);
     out
@@ -391,8 +405,8 @@ fn processes_table(report: &Report) -> String {
     out
 }
 
-/// Latency at a steady rate.
-fn latency_table(report: &Report) -> String {
+/// Latency at a steady rate, each row with its label.
+fn latency_table(rows: Vec<(String, &LatencyRow)>) -> String {
     let mut out = String::new();
     out += "\n";
     out += &markdown(
@@ -407,9 +421,9 @@ fn latency_table(report: &Report) -> String {
             "lost",
             "duplicates",
         ],
-        report.latency.iter().map(|l| {
+        rows.into_iter().map(|(label, l)| {
             vec![
-                l.strategy.to_string(),
+                label,
                 format!("{}/s", l.rate),
                 l.workers.to_string(),
                 l.samples.to_string(),
