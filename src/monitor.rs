@@ -183,11 +183,62 @@ pub fn release_free_memory() {
     }
 }
 
-/// Prints a monitoring line on stdout. A stdout nobody reads any more (a
-/// closed pipe) is no reason to stop bridging: the line is dropped.
+/// MONITOR_FORMAT=json: status lines go out as JSON objects.
+static JSON_LINES: AtomicBool = AtomicBool::new(false);
+
+/// MONITOR_FORMAT: `json` prints every status line (monitoring, progress,
+/// summaries) as one JSON object instead of `key=value` text.
+pub fn set_json_lines(json: bool) {
+    JSON_LINES.store(json, Ordering::Relaxed);
+}
+
+/// Prints a monitoring line on stdout (as JSON with
+/// [`set_json_lines`]). A stdout nobody reads any more (a closed pipe) is
+/// no reason to stop bridging: the line is dropped.
 pub fn print_line(line: impl fmt::Display) {
     use std::io::Write;
+    let line = line.to_string();
+    let line = match JSON_LINES.load(Ordering::Relaxed) {
+        true => as_json(&line).to_string(),
+        false => line,
+    };
     let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// A status line as one JSON object: the words before the first `key=value`
+/// are its `kind` (`monitor`, `publish done`), and each `key=value` a
+/// member, a number where the value is one (a rate's `/s` dropped), `null`
+/// for `?`, else a string.
+pub fn as_json(line: &str) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    let mut kind: Vec<&str> = Vec::new();
+    for word in line.split_whitespace() {
+        let Some((key, value)) = word.split_once('=') else {
+            if object.is_empty() {
+                kind.push(word);
+            }
+            continue;
+        };
+        let number = value.strip_suffix("/s").unwrap_or(value);
+        let value = if value == "?" {
+            serde_json::Value::Null
+        } else if let Ok(n) = number.parse::<u64>() {
+            n.into()
+        } else if let Some(n) = number
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+        {
+            serde_json::Value::Number(n)
+        } else {
+            value.into()
+        };
+        object.insert(key.to_string(), value);
+    }
+    let mut out = serde_json::Map::new();
+    out.insert("kind".into(), kind.join(" ").into());
+    out.extend(object);
+    serde_json::Value::Object(out)
 }
 
 /// Lets a repeated warning through at most once a second.
@@ -362,6 +413,28 @@ impl fmt::Display for MonitorLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_line_has_the_text_line_s_kind_and_values() {
+        let json =
+            as_json("monitor consumers=? received=30 rate=3333/s down_s=1.5 redis=reconnecting");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "kind": "monitor",
+                "consumers": null,
+                "received": 30,
+                "rate": 3333,
+                "down_s": 1.5,
+                "redis": "reconnecting",
+            })
+        );
+        assert_eq!(
+            as_json("publish done run=ab12 published=7")["kind"],
+            "publish done"
+        );
+        assert_eq!(as_json("publish done run=ab12 published=7")["run"], "ab12");
+    }
 
     #[test]
     fn line_is_stable_and_greppable() {

@@ -662,16 +662,35 @@ impl Drop for RunningHandler {
 /// Runs the handler command with the payload on stdin, in a process group
 /// of its own; its stdout goes to optimus's stderr (optimus's stdout carries
 /// only monitoring lines). Past `timeout` it is killed, with everything it
-/// started, and the entry counts as failed.
+/// started, and the entry counts as failed. Should optimus itself die
+/// (SIGKILL, a crash), the kernel kills the handler process too (Linux's
+/// parent-death signal); processes the handler started are its own to end.
 async fn run_command(argv: &[String], entry: &Entry, timeout: Duration) -> Result<(), String> {
-    let mut child = tokio::process::Command::new(&argv[0])
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command
         .args(&argv[1..])
         .env("OPTIMUS_ENTRY_ID", &entry.id)
         .env("OPTIMUS_DELIVERIES", entry.deliveries.to_string())
         .stdin(std::process::Stdio::piped())
         .stdout(std::io::stderr())
         .process_group(0)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only prctl and
+    // getppid, both async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // optimus died before the signal was set: nobody would send it.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("optimus is gone"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
     let mut running = child.id().map(|pid| RunningHandler::register(pid as i32));

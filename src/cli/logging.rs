@@ -1,5 +1,6 @@
-//! Logs on stderr, at LOGLEVEL (RUST_LOG, when set, wins); a write nobody
-//! reads any more is dropped, so that logs can never stop the bridge.
+//! Logs on stderr, at LOGLEVEL (RUST_LOG, when set, wins), as text or
+//! (LOG_FORMAT=json) one JSON object per line; a write nobody reads any more
+//! is dropped, so that logs can never stop the bridge.
 
 use std::io::IsTerminal;
 
@@ -18,17 +19,41 @@ impl std::io::Write for LossyStderr {
     }
 }
 
-pub fn init(level: tracing::Level) {
+/// LOG_FORMAT: how a log line looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `<time> <LEVEL> <message> key=value…`, coloured on a terminal
+    /// (unless NO_COLOR is set).
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target` and
+    /// `fields` (`message` and the event's own), for log collectors.
+    Json,
+}
+
+impl optimus::settings::Named for LogFormat {
+    const NAMES: &'static [(&'static str, Self)] = &[("text", Self::Text), ("json", Self::Json)];
+}
+
+pub fn init(level: tracing::Level, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // The redis crate's own warnings (a cluster node it could not reach,
     // say) are left out: optimus reports each failure itself, once, with
     // what to do; RUST_LOG=redis=warn brings them back.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,redis=error,optimus={level}")));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| LossyStderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_writer(|| LossyStderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal() && !no_color())
+            .with_target(false)
+            .init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
+/// NO_COLOR set to anything but the empty string (<https://no-color.org>).
+fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
 }

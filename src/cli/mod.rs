@@ -5,6 +5,7 @@
 
 mod audit;
 mod bench;
+mod config_file;
 mod connect;
 mod consume;
 mod controls;
@@ -29,6 +30,15 @@ use optimus::settings::{ConfigError, parse_log_level};
 // not an unknown flag.
 #[command(allow_negative_numbers = true)]
 pub struct Cli {
+    /// A TOML file of settings, keyed by the variables' names in lower case (`consumers_count = 3`); the environment and flags win over it (`optimus config` shows what each setting is and where it came from).
+    #[arg(
+        long,
+        env = "OPTIMUS_CONFIG",
+        value_name = "PATH",
+        global = true,
+        help_heading = "Connection and logging"
+    )]
+    config: Option<std::path::PathBuf>,
     #[command(flatten)]
     connect: connect::ConnectArgs,
     /// Log level: TRACE, DEBUG, INFO, WARNING, ERROR or CRITICAL (RUST_LOG, when set, wins).
@@ -40,6 +50,24 @@ pub struct Cli {
         help_heading = "Connection and logging"
     )]
     loglevel: String,
+    /// Log format: text, or json (one object per line: timestamp, level, target, fields). NO_COLOR turns the text's colours off.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        default_value = "text",
+        global = true,
+        help_heading = "Connection and logging"
+    )]
+    log_format: String,
+    /// Status lines on stdout (monitoring, progress, summaries): text (`kind key=value …`), or json (one object per line: `kind` and each value).
+    #[arg(
+        long,
+        env = "MONITOR_FORMAT",
+        default_value = "text",
+        global = true,
+        help_heading = "Connection and logging"
+    )]
+    monitor_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,6 +124,24 @@ pub enum Command {
     /// apart (`others`). Exits 0 when the run is exact, 1 otherwise (or when
     /// the stream does not exist).
     Audit(audit::AuditArgs),
+    /// Print a shell's completion script on stdout (bash, zsh, fish, elvish,
+    /// powershell): `optimus completions bash >
+    /// /etc/bash_completion.d/optimus`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `optimus man > optimus.1`.
+    Man,
+    /// Print the settings `optimus consume` would run with, as TOML, each
+    /// with where it came from (flag, environment, the --config file,
+    /// default) and secrets masked; `--check` only checks them: exit 0, or
+    /// 2 with one line naming the bad one.
+    Config {
+        /// Check the settings instead of printing them.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 /// How a command that did not simply succeed ends: what `main` prints (one
@@ -139,7 +185,10 @@ impl Exit {
     /// The exit code, and the line to print on stderr (without `optimus: `).
     pub fn code_and_line(self) -> (u8, Option<String>) {
         match self {
-            Exit::Setting(err) => (2, Some(err.to_string())),
+            Exit::Setting(err) => match config_file::origin(err.var) {
+                Some(file) => (2, Some(format!("{err} (from {})", file.display()))),
+                None => (2, Some(err.to_string())),
+            },
             Exit::Refused(line) => (2, Some(line)),
             Exit::Failed(line) => (1, line),
             Exit::Level(code) => (code, None),
@@ -151,7 +200,9 @@ impl Exit {
 /// `--help` and `--version` print and exit 0 here; a command given without
 /// its subcommand shows its help; anything else is one line, exit 2.
 pub fn parse() -> Result<Cli, Exit> {
-    match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    config_file::load(&args)?;
+    match Cli::try_parse_from(&args) {
         Ok(cli) => Ok(cli),
         Err(err)
             if !err.use_stderr()
@@ -165,8 +216,43 @@ pub fn parse() -> Result<Cli, Exit> {
 }
 
 /// Runs the command: logging first, then the command on a tokio runtime.
+impl Cli {
+    /// LOG_FORMAT and MONITOR_FORMAT, as [`run`] reads them.
+    fn check_output_settings(&self) -> Result<(logging::LogFormat, logging::LogFormat), Exit> {
+        use optimus::settings::parse_choice;
+        parse_log_level(&self.loglevel)?;
+        Ok((
+            parse_choice("LOG_FORMAT", &self.log_format)?,
+            parse_choice("MONITOR_FORMAT", &self.monitor_format)?,
+        ))
+    }
+}
+
 pub fn run(cli: Cli) -> Result<(), Exit> {
-    logging::init(parse_log_level(&cli.loglevel)?);
+    // What describes the command line itself needs neither logs nor Redis.
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            signals::quiet_on_closed_pipe();
+            clap_complete::generate(shell, &mut command, "optimus", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            signals::quiet_on_closed_pipe();
+            return page
+                .render(&mut std::io::stdout())
+                .map_err(|err| Exit::failed(format_args!("cannot print the man page: {err}")));
+        }
+        Command::Config { check } => {
+            signals::quiet_on_closed_pipe();
+            return config_file::show(check);
+        }
+        _ => {}
+    }
+    let (log_format, status_format) = cli.check_output_settings()?;
+    logging::init(parse_log_level(&cli.loglevel)?, log_format);
+    optimus::monitor::set_json_lines(status_format == logging::LogFormat::Json);
     if cli.command.is_one_shot() {
         signals::quiet_on_closed_pipe();
     }
@@ -190,6 +276,7 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                 manage::run(&connect, manage::Managed::Groups(action)).await
             }
             Command::Bench(args) => bench::run(&connect, args).await,
+            Command::Completions { .. } | Command::Man | Command::Config { .. } => Ok(()),
         }
     })
 }

@@ -7,6 +7,7 @@ use optimus_testkit as support;
 mod bench;
 mod bridge;
 mod cluster;
+mod config;
 mod control;
 mod faults;
 mod health;

@@ -671,6 +671,30 @@ fn bad_values_say_what_would_be_accepted() {
             "from 1",
         ),
         (
+            &["publish", "--count", "5"],
+            &[
+                ("MIN_REPLICAS_ACKED", "1"),
+                ("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2"),
+            ],
+            "MIN_REPLICAS_ACKED",
+            "1",
+            "PUBSUB_MODE=sharded",
+        ),
+        (
+            &["consume"],
+            &[("LOG_FORMAT", "yaml")],
+            "LOG_FORMAT",
+            "yaml",
+            "text, json",
+        ),
+        (
+            &["consume"],
+            &[("MONITOR_FORMAT", "xml")],
+            "MONITOR_FORMAT",
+            "xml",
+            "text, json",
+        ),
+        (
             &["ctl", "scale", "100000"],
             &[("REDIS_URL", &nowhere)],
             "ctl scale",
@@ -1074,4 +1098,76 @@ fn audit_checks_one_run_exactly() {
         "not reported as lost: {}",
         report.line
     );
+}
+
+/// `optimus completions <shell>` prints a script that completes the
+/// commands, and `optimus man` a man page; neither needs Redis.
+#[test]
+fn completions_and_the_man_page_describe_the_command_line() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_optimus(&["completions", shell], &[], Duration::from_secs(10));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        for word in ["consume", "publish", "work", "redis-url"] {
+            assert!(script.contains(word), "{shell} completes {word}:\n{script}");
+        }
+    }
+    let out = run_optimus(&["completions", "tcsh"], &[], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "an unknown shell: {out:?}");
+    let out = run_optimus(&["man"], &[], Duration::from_secs(10));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(page.contains(".TH optimus"), "a man page: {page}");
+    assert!(
+        page.contains("consume") && page.contains("REDIS_URL"),
+        "{page}"
+    );
+}
+
+/// LOG_FORMAT=json: every log line on stderr is one JSON object with its
+/// timestamp, level, target and fields; MONITOR_FORMAT=json: every status
+/// line on stdout is one object with its kind and values.
+#[test]
+fn json_logs_and_json_status_lines_are_one_object_per_line() {
+    let server = RedisServer::start();
+    let mut consume = OptimusProcess::consume(
+        &server,
+        &[
+            ("LOG_FORMAT", "json"),
+            ("MONITOR_FORMAT", "json"),
+            ("IDLE_TIMEOUT", "1"),
+        ],
+    );
+    assert!(
+        consume.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        consume.describe()
+    );
+    let (stdout, stderr) = (consume.stdout(), consume.stderr());
+    assert!(!stderr.trim().is_empty(), "{}", consume.describe());
+    for line in stderr.lines() {
+        let log: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(log[field].is_string(), "{field} in {line}");
+        }
+        assert!(log["fields"]["message"].is_string(), "a message in {line}");
+    }
+    assert!(
+        stderr.contains(r#""message":"bridge starting""#),
+        "{stderr}"
+    );
+    let monitors: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a status line that is not JSON ({e}): {line}"))
+        })
+        .collect();
+    let monitor = monitors
+        .iter()
+        .find(|m| m["kind"] == "monitor")
+        .unwrap_or_else(|| panic!("a monitoring line in {stdout}"));
+    assert!(monitor["written"].is_u64(), "{monitor}");
+    assert_eq!(monitor["redis"], "connected", "{monitor}");
 }

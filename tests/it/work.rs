@@ -274,6 +274,30 @@ fn assert_all_gone(pids: &std::path::Path, worker: &OptimusProcess) {
     }
 }
 
+/// `optimus work` SIGKILLed (nothing of its own runs after): the handler
+/// process it was running goes with it (the kernel's parent-death signal)
+/// instead of running on, orphaned.
+#[test]
+fn a_killed_work_takes_its_handler_with_it() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    add(&server, "forever");
+    let script = format!("echo $$ >> {}; exec sleep 60", pids.display());
+    let mut worker = work(&server, &[], &script);
+    support::wait_for(
+        "the handler running",
+        Duration::from_secs(20),
+        || (lines(&pids).len() == 1).then_some(()),
+        || worker.describe(),
+    );
+    let handler = lines(&pids)[0].clone();
+    assert!(alive(&handler), "the handler runs: {}", worker.describe());
+    worker.signal("KILL");
+    worker.wait_exit(Duration::from_secs(10));
+    assert_all_gone(&pids, &worker);
+}
+
 /// A second signal ends `optimus work` at once, and its handler (with what
 /// it started) goes with it instead of being left orphaned.
 #[test]

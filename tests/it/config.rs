@@ -1,0 +1,172 @@
+//! The config file (`--config PATH`, OPTIMUS_CONFIG): TOML keyed by the
+//! variables' names in lower case, under the environment and the flags;
+//! `optimus config` shows each setting and where it came from, `--check`
+//! checks them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::{self, OptimusProcess, RedisServer, run_optimus};
+
+fn write(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("optimus.toml");
+    std::fs::write(&path, text).expect("write the config file");
+    path
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A consume process configured by a file alone bridges the file's channel
+/// into the file's stream.
+#[test]
+fn a_pool_configured_by_a_file_bridges_the_file_s_channel() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        &format!(
+            "redis_url = \"{}\"\ninput_channel = \"orders\"\noutput_stream = \"orders:out\"\nconsumers_count = 2\nmonitoring_interval = 0.2\n",
+            server.url()
+        ),
+    );
+    let file = file.to_string_lossy().into_owned();
+    let consume = OptimusProcess::spawn(&["consume"], &[("OPTIMUS_CONFIG", file.as_str())]);
+    consume.wait_consumers(2);
+    let url = server.url();
+    let published = support::publish_with(
+        &[("REDIS_URL", url.as_str()), ("OUTPUT_STREAM", "orders:out")],
+        &["--channel", "orders", "--count", "200"],
+    );
+    assert_eq!(published.num("no_subscriber"), 0, "{}", published.line);
+    support::wait_for(
+        "the file's stream to hold the 200 messages",
+        Duration::from_secs(20),
+        || (server.xlen("orders:out") == 200).then_some(()),
+        || consume.describe(),
+    );
+    assert_eq!(
+        server.xlen("messages:processed"),
+        0,
+        "the default stream is untouched"
+    );
+}
+
+/// The environment wins over the file, the file over the defaults (flags
+/// win over both, as clap has it); `optimus config` says which gave each
+/// value, and hides the passwords.
+#[test]
+fn the_environment_then_the_file_then_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "input_channel = \"orders\"\nconsumers_count = 3\nredis_password = \"s3cret\"\n",
+    );
+    let path = file.to_string_lossy().into_owned();
+    let out = run_optimus(
+        &["config", "--config", &path],
+        &[
+            ("CONSUMERS_COUNT", "5"),
+            ("REDIS_URL", "redis://u:hunter2@127.0.0.1:1"),
+        ],
+        Duration::from_secs(10),
+    );
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        shown.contains(&format!("input_channel = \"orders\"  # {path}")),
+        "from the file: {shown}"
+    );
+    assert!(
+        shown.contains("consumers_count = \"5\"  # environment (CONSUMERS_COUNT)"),
+        "the environment wins over the file: {shown}"
+    );
+    assert!(
+        shown.contains("processing_batch_size = \"100\"  # default"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+    assert!(shown.contains("redis_password = \"********\""), "{shown}");
+
+    // And the same settings check out.
+    let out = run_optimus(
+        &["config", "--check", "--config", &path],
+        &[("CONSUMERS_COUNT", "5")],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).starts_with("ok:"), "{out:?}");
+}
+
+/// An unknown key, a file that does not parse, a bad value: each is one
+/// line naming the key (or variable) and the file, exit 2.
+#[test]
+fn bad_files_are_one_line_naming_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for (content, says) in [
+        ("consumer_count = 3\n", "unknown key `consumer_count`"),
+        ("INPUT_CHANNEL = \"x\"\n", "unknown key `INPUT_CHANNEL`"),
+        ("consumers_count = \n", "line 1"),
+        ("input_channel = { a = 1 }\n", "`input_channel`"),
+        ("consumers_count = \"many\"\n", "CONSUMERS_COUNT"),
+        ("[[routes]]\ntarget = \"x\"\n", "`source`"),
+    ] {
+        let file = write(dir.path(), content);
+        let path = file.to_string_lossy().into_owned();
+        for args in [vec!["config", "--check"], vec!["consume"]] {
+            let out = run_optimus(
+                &args,
+                &[("OPTIMUS_CONFIG", path.as_str())],
+                Duration::from_secs(10),
+            );
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{content:?} {args:?}: {out:?}");
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+            assert!(stderr.contains(says), "{content:?} says {says}: {stderr}");
+            assert!(
+                stderr.contains(&path),
+                "{content:?} names the file: {stderr}"
+            );
+        }
+    }
+    let missing = dir.path().join("missing.toml");
+    let out = run_optimus(
+        &["consume", "--config", &missing.to_string_lossy()],
+        &[],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("cannot read it"), "{out:?}");
+}
+
+/// `routes` may be an array of tables: it is the packed ROUTES string.
+#[test]
+fn routes_may_be_an_array_of_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "[[routes]]\nsource = \"orders\"\ntarget = \"orders:out\"\n\n[[routes]]\nsource = \"payments\"\ntarget = \"payments:out\"\nmaxlen = 1000\n",
+    );
+    let path = file.to_string_lossy().into_owned();
+    let out = run_optimus(
+        &["config"],
+        &[("OPTIMUS_CONFIG", path.as_str())],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout)
+            .contains("routes = \"orders=orders:out,payments=payments:out;maxlen=1000\""),
+        "{out:?}"
+    );
+    let out = run_optimus(
+        &["config", "--check"],
+        &[("OPTIMUS_CONFIG", path.as_str())],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+}
