@@ -1,6 +1,7 @@
-//! Prometheus metrics: with METRICS_ADDR set, `consume` and `work` serve
-//! `GET /metrics` in the Prometheus text format (prometheus-client encodes
-//! it; the counters are read at each scrape).
+//! Prometheus metrics and probes: with METRICS_ADDR set, `consume` and
+//! `work` serve `GET /metrics` in the Prometheus text format
+//! (prometheus-client encodes it; the counters are read at each scrape),
+//! `/healthz` and `/readyz`, over axum.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,6 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +61,29 @@ fn process_metrics(e: &mut DescriptorEncoder, redis_up: bool) -> Result<(), std:
         "optimus_connect_failures",
         "Connection attempts to Redis that failed",
         &crate::connect::CONNECT_FAILURES,
+    )?;
+    // The process's own figures, under the names Prometheus's client
+    // libraries give them.
+    let pid = std::process::id();
+    gauge(
+        e,
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes",
+        optimus_testkit::rss(pid) as i64,
+    )?;
+    let cpu = ConstCounter::new(optimus_testkit::cpu_time(pid).as_secs_f64());
+    cpu.encode(e.encode_descriptor(
+        "process_cpu_seconds",
+        "Total user and system CPU time spent in seconds",
+        None,
+        cpu.metric_type(),
+    )?)?;
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count());
+    gauge(
+        e,
+        "process_open_fds",
+        "Number of open file descriptors",
+        fds as i64,
     )
 }
 
@@ -255,53 +278,73 @@ pub fn work_registry(counters: Arc<WorkCounters>, workers: usize) -> Registry {
     registry
 }
 
-/// Binds `addr` (so that a taken port is an error at start-up) and serves
-/// `GET /metrics` until `cancel`.
+/// Whether a process is ready for work, for `/readyz`: `Err` says why not
+/// in one line.
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Binds `addr` (so that a taken port is an error at start-up) and serves,
+/// until `cancel`:
+/// - `GET /metrics`: the registry's metrics and the process's own (build,
+///   Redis link, RSS, CPU, open file descriptors), in the Prometheus text
+///   format;
+/// - `GET /healthz`: 200 while the process's event loop answers (a liveness
+///   probe);
+/// - `GET /readyz`: 200 while `ready` says so, else 503 with its one-line
+///   reason (a readiness probe).
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
+    ready: Readiness,
     cancel: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
     let listener = TcpListener::bind(addr).await?;
     let registry = Arc::new(registry);
-    Ok(tokio::spawn(async move {
-        loop {
-            let (mut socket, _) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        tracing::warn!(cause = %err, "metrics: accept failed");
-                        continue;
-                    }
-                },
-            };
-            let registry = registry.clone();
-            tokio::spawn(async move {
-                // One request per connection; only its first line matters.
-                let mut request = vec![0u8; 4096];
-                let n = match socket.read(&mut request).await {
-                    Ok(n) => n,
-                    Err(_) => return,
-                };
-                let first = String::from_utf8_lossy(&request[..n]);
-                let path = first.split_whitespace().nth(1).unwrap_or("");
-                let response = if first.starts_with("GET ") && path == "/metrics" {
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
                     let mut body = String::new();
                     match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            body,
                         ),
-                        Err(_) => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                            "cannot encode the metrics\n".to_string(),
+                        ),
                     }
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .into()
-                };
-                let _ = socket.write_all(response.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    }
+                }
+            }),
+        );
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        if let Err(err) = served {
+            tracing::warn!(cause = %err, "the metrics and probes endpoint stopped");
         }
     }))
 }

@@ -320,6 +320,24 @@ pub enum Link {
     Reconnecting(Duration),
 }
 
+impl Link {
+    /// For a readiness probe: `Err` with the reason while Redis is not
+    /// reached.
+    pub fn ready(&self) -> Result<(), String> {
+        match self {
+            Link::Connected => Ok(()),
+            Link::Connecting(d) => Err(format!(
+                "not ready: connecting to Redis for {:.1} s",
+                d.as_secs_f64()
+            )),
+            Link::Reconnecting(d) => Err(format!(
+                "not ready: Redis unreachable (or no worker subscribed) for {:.1} s",
+                d.as_secs_f64()
+            )),
+        }
+    }
+}
+
 impl fmt::Display for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

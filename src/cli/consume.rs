@@ -135,7 +135,9 @@ pub struct ConsumeArgs {
     #[arg(long, env = "DEAD_LETTER_STREAM")]
     pub dead_letter_stream: Option<String>,
     /// Serve Prometheus metrics on `http://<this address>/metrics` (e.g.
-    /// 127.0.0.1:9100) [default: off].
+    /// 127.0.0.1:9100), and the probes `/healthz` (alive) and `/readyz`
+    /// (Redis reached, subscriptions live; 503 with the reason otherwise)
+    /// [default: off].
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// Stop (gracefully, exit 0) after this many seconds without a message
@@ -272,6 +274,10 @@ pub async fn run(connect: &ConnectArgs, args: &ConsumeArgs) -> Result<(), Exit> 
                 redis_up: counters.redis_up(),
             },
             || optimus::metrics::bridge_registry(bridge.counters()),
+            {
+                let counters = bridge.counters();
+                move || counters.link()
+            },
             &shutdown,
         )
         .await?;

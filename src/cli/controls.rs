@@ -26,13 +26,15 @@ impl Controls {
     }
 
     /// Watches the kill switch and, with IDLE_TIMEOUT, the `activity` count;
-    /// with METRICS_ADDR, serves the `registry`. An address that cannot be
+    /// with METRICS_ADDR, serves the `registry` and the probes (`link` tells
+    /// `/readyz` whether Redis is reached). An address that cannot be
     /// listened on is a bad setting.
     pub async fn start(
         self,
         endpoint: &Endpoint,
         activity: impl Fn() -> Activity + Send + 'static,
         registry: impl FnOnce() -> prometheus_client::registry::Registry,
+        link: impl Fn() -> optimus::monitor::Link + Send + Sync + 'static,
         shutdown: &CancellationToken,
     ) -> Result<(), Exit> {
         tokio::spawn(optimus::control::watch(
@@ -44,9 +46,10 @@ impl Controls {
         let Some(addr) = self.metrics_addr else {
             return Ok(());
         };
-        match optimus::metrics::serve(addr, registry(), shutdown.clone()).await {
+        let ready = std::sync::Arc::new(move || link().ready());
+        match optimus::metrics::serve(addr, registry(), ready, shutdown.clone()).await {
             Ok(_) => {
-                tracing::info!(%addr, "serving metrics on /metrics");
+                tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
                 Ok(())
             }
             Err(err) => Err(Exit::Refused(format!(

@@ -31,6 +31,10 @@ pub async fn run(connect: &ConnectArgs, args: &WorkArgs) -> Result<(), Exit> {
                 redis_up: watched.link.is_up(),
             },
             || optimus::metrics::work_registry(counters.clone(), config.consumers),
+            {
+                let counters = counters.clone();
+                move || counters.link.state()
+            },
             &shutdown,
         )
         .await?;
@@ -78,7 +82,7 @@ pub struct WorkArgs {
     /// Seconds between monitoring lines on stdout.
     #[arg(long, env = "MONITORING_INTERVAL", default_value = "3")]
     pub monitoring_interval: String,
-    /// Serve Prometheus metrics on `http://<this address>/metrics` [default: off].
+    /// Serve Prometheus metrics on `http://<this address>/metrics`, and the probes `/healthz` (alive) and `/readyz` (Redis reached; 503 with the reason otherwise) [default: off].
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// Stop (gracefully, exit 0) after this many seconds without an entry

@@ -3,10 +3,9 @@
 
 use crate::support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
-use support::{OptimusProcess, RedisServer, free_port, scrape};
+use support::{OptimusProcess, RedisServer, free_port, http_get, scrape};
 
 /// The value of a sample `name` in a scraped body.
 fn sample(body: &str, name: &str) -> f64 {
@@ -44,11 +43,71 @@ fn consume_serves_counters_that_move() {
     let body = scrape(&addr);
     assert_eq!(sample(&body, "optimus_written_total"), 150.0, "{body}");
 
-    let mut other = std::net::TcpStream::connect(&addr).unwrap();
-    other.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    let mut out = String::new();
-    other.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    // The process's own figures, as Prometheus's client libraries name them.
+    assert!(
+        sample(&body, "process_resident_memory_bytes") > 1e6,
+        "{body}"
+    );
+    assert!(sample(&body, "process_open_fds") > 3.0, "{body}");
+    assert!(sample(&body, "process_cpu_seconds_total") > 0.0, "{body}");
+    assert_eq!(sample(&body, "optimus_build_info"), 1.0, "{body}");
+
+    assert_eq!(http_get(&addr, "/").0, 404);
+}
+
+/// `/healthz` answers while the process runs; `/readyz` is 200 while Redis
+/// is reached and 503, with the reason, while it is not, and 200 again
+/// once it is back.
+#[test]
+fn the_probes_follow_redis() {
+    let mut server = RedisServer::start();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let consume = OptimusProcess::consume(&server, &[("METRICS_ADDR", addr.as_str())]);
+    consume.wait_consumers(2);
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(&addr, "/readyz"), (200, "ready\n".to_string()));
+    server.stop();
+    let (status, reason) = support::wait_for(
+        "/readyz to say Redis is gone",
+        Duration::from_secs(20),
+        || Some(http_get(&addr, "/readyz")).filter(|(status, _)| *status == 503),
+        || consume.describe(),
+    );
+    assert_eq!(status, 503);
+    assert!(
+        reason.starts_with("not ready: Redis unreachable"),
+        "{reason}"
+    );
+    assert_eq!(reason.lines().count(), 1, "{reason}");
+    assert_eq!(http_get(&addr, "/healthz").0, 200, "alive all the same");
+    server.start_again();
+    support::wait_for(
+        "/readyz to be 200 again",
+        Duration::from_secs(30),
+        || (http_get(&addr, "/readyz").0 == 200).then_some(()),
+        || consume.describe(),
+    );
+}
+
+/// `optimus work` serves the same probes.
+#[test]
+fn work_serves_the_probes() {
+    let server = RedisServer::start();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = server.url();
+    let mut work = OptimusProcess::spawn(
+        &["work", "--", "true"],
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("METRICS_ADDR", addr.as_str()),
+            ("MONITORING_INTERVAL", "0.2"),
+        ],
+    );
+    work.wait_for_line("work ", Duration::from_secs(20), |f| {
+        f.values.get("redis").is_some_and(|v| v == "connected")
+    });
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/readyz"), (200, "ready\n".to_string()));
 }
 
 #[test]

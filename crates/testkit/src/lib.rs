@@ -714,27 +714,41 @@ pub fn assert_exactly_once(
 /// `GET /metrics` from an `optimus` process serving METRICS_ADDR=`addr`:
 /// the body. Retries while nothing listens yet, for at most 5 s.
 pub fn scrape(addr: &str) -> String {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// `GET path` on `addr` (waiting up to 5 s for it to listen): the status
+/// code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let stream = wait_for(
-        &format!("metrics served on {addr}"),
+    let mut stream = wait_for(
+        &format!("HTTP served on {addr}"),
         Duration::from_secs(5),
         || std::net::TcpStream::connect(addr).ok(),
         String::new,
     );
-    let mut stream = stream;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .expect("request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A sample's value in a scraped `body` (the first of that name, with
