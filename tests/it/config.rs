@@ -170,3 +170,59 @@ fn routes_may_be_an_array_of_tables() {
     );
     assert!(out.status.success(), "{out:?}");
 }
+
+/// The example config the package installs checks out as it is.
+#[test]
+fn the_example_config_checks_out() {
+    let example = support::crate_file("packaging/optimus.toml.example");
+    let out = run_optimus(
+        &["config", "--check", "--config", &example.to_string_lossy()],
+        &[],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// `systemd-analyze verify` accepts the template units (an instance of
+/// each, with this build's binary in place of /usr/bin/optimus). Where
+/// systemd is not installed there is nothing to ask, and the test says so.
+#[test]
+fn systemd_accepts_the_units() {
+    let Ok(found) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze is not installed: the units are not verified here");
+        return;
+    };
+    assert!(found.status.success(), "{found:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let binary = support::optimus_binary();
+    let mut instances = Vec::new();
+    for unit in ["optimus-consume@.service", "optimus-work@.service"] {
+        let text =
+            std::fs::read_to_string(support::crate_file(&format!("packaging/systemd/{unit}")))
+                .expect("the unit");
+        assert!(
+            text.contains("ExecStart=/usr/bin/optimus "),
+            "{unit}: {text}"
+        );
+        let text = text.replace("/usr/bin/optimus", &binary.to_string_lossy());
+        std::fs::write(dir.path().join(unit), text).unwrap();
+        instances.push(dir.path().join(unit.replace("@.", "@check.")));
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(&instances)
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+        .output()
+        .expect("systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "systemd-analyze verify: {said}");
+    let ours: Vec<&str> = said.lines().filter(|l| l.contains("optimus-")).collect();
+    assert!(ours.is_empty(), "warnings about the units: {said}");
+}
