@@ -158,7 +158,7 @@ impl Scale {
 }
 
 /// One live process, as `ctl status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ProcessRow {
     /// `consume` or `work`.
     pub kind: &'static str,
@@ -171,7 +171,7 @@ pub struct ProcessRow {
 }
 
 /// What `optimus ctl status` shows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
     /// The kill switch's value, when set.
     pub stop: Option<String>,

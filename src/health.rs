@@ -13,7 +13,8 @@ use crate::presence::Presence;
 use crate::settings::ConfigError;
 
 /// The result of one check (ordered: the worst wins).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     Ok,
     Warn,
@@ -136,7 +137,7 @@ impl Default for Thresholds {
 }
 
 /// One line of the report.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Check {
     pub level: Level,
     pub name: String,
@@ -147,12 +148,27 @@ pub struct Check {
 }
 
 /// All checks, and the worst level.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub checks: Vec<Check>,
 }
 
+/// A report with its worst level, as `optimus health --json` prints it.
+#[derive(serde::Serialize)]
+pub struct LeveledReport<'a> {
+    pub level: Level,
+    pub checks: &'a [Check],
+}
+
 impl Report {
+    /// The report with its worst level beside the checks.
+    pub fn with_level(&self) -> LeveledReport<'_> {
+        LeveledReport {
+            level: self.level(),
+            checks: &self.checks,
+        }
+    }
+
     pub fn level(&self) -> Level {
         self.checks
             .iter()

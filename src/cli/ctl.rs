@@ -48,6 +48,9 @@ pub enum CtlAction {
         /// The work processes' WORK_CONSUMERS_LIST.
         #[arg(long, env = "WORK_CONSUMERS_LIST", default_value = "work:ids")]
         work_consumers_list: String,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -76,11 +79,15 @@ async fn act(
     match action {
         CtlAction::Status {
             work_consumers_list,
-        } => Ok(
-            control::status(&mut conn, &work_consumers_list, endpoint.is_cluster())
-                .await?
-                .to_string(),
-        ),
+            json,
+        } => {
+            let status =
+                control::status(&mut conn, &work_consumers_list, endpoint.is_cluster()).await?;
+            Ok(match json {
+                true => serde_json::to_string(&status).expect("plain data"),
+                false => status.to_string(),
+            })
+        }
         CtlAction::Stop => {
             let who = format!("{}:{}", optimus::host_name(), std::process::id());
             control::stop(&mut conn, &who).await?;

@@ -26,7 +26,13 @@ pub async fn run(connect: &ConnectArgs, args: &HealthArgs) -> Result<(), Exit> {
             }],
         },
     };
-    print!("{report}");
+    match args.json {
+        true => println!(
+            "{}",
+            serde_json::to_string(&report.with_level()).expect("plain data")
+        ),
+        false => print!("{report}"),
+    }
     match report.level().exit_code() {
         0 => Ok(()),
         code => Err(Exit::Level(code)),
@@ -41,6 +47,9 @@ pub async fn run(connect: &ConnectArgs, args: &HealthArgs) -> Result<(), Exit> {
 // not an unknown flag.
 #[command(allow_negative_numbers = true)]
 pub struct HealthArgs {
+    /// One JSON object (`level` and each check's `level`, `name`, `value`, `rule`) instead of the lines.
+    #[arg(long)]
+    pub json: bool,
     /// Stream to check.
     #[arg(long, env = "OUTPUT_STREAM", default_value = "messages:processed")]
     pub stream: String,

@@ -125,3 +125,40 @@ fn an_old_pending_entry_is_an_alert() {
     assert_eq!(level, "ALERT", "{text}");
     assert!(age.parse::<u64>().unwrap() > 1_000_000_000, "{text}");
 }
+
+/// `--json`: one object with the worst level and every check, the same
+/// exit code; `ctl status --json` likewise.
+#[test]
+fn health_and_status_speak_json_when_asked() {
+    let server = RedisServer::start();
+    let out = health(&server, &["--json"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(report["level"], "alert", "{report}");
+    let bridge = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "bridge consumers")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(bridge["level"], "alert", "{report}");
+    assert_eq!(bridge["value"], "0", "{report}");
+
+    let consume = OptimusProcess::consume(&server, &[]);
+    consume.wait_consumers(2);
+    let url = server.url();
+    let out = run_optimus(
+        &["ctl", "status", "--json"],
+        &[("REDIS_URL", url.as_str())],
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let processes = status["processes"].as_array().unwrap();
+    assert_eq!(processes.len(), 1, "{status}");
+    assert_eq!(processes[0]["kind"], "consume", "{status}");
+    assert_eq!(processes[0]["workers"], 2, "{status}");
+    assert_eq!(status["stop"], serde_json::Value::Null, "{status}");
+}
