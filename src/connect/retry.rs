@@ -58,6 +58,9 @@ pub fn explain(err: &RedisError) -> String {
         None if err.detail().is_some_and(|d| d.contains("DB index is out of range")) => {
             "no such database on that server (the number after the host in REDIS_URL is beyond its `databases` setting)".to_string()
         }
+        None if err.kind() == ErrorKind::AuthenticationFailed => {
+            "authentication failed: the server refused the user or password (check REDIS_USERNAME and REDIS_PASSWORD, or REDIS_PASSWORD_FILE, or those in REDIS_URL)".to_string()
+        }
         None if err.kind() == ErrorKind::InvalidClientConfig && err.detail().is_some() => {
             err.detail().unwrap_or_default().to_string()
         }
@@ -68,7 +71,12 @@ pub fn explain(err: &RedisError) -> String {
                     0 => String::new(),
                     n => format!(" (and {n} more replies of the pipeline)"),
                 };
-                format!("{} {}{more}", first.code(), first.details().unwrap_or(""))
+                let hint = match first.code() {
+                    "NOAUTH" => " (set REDIS_PASSWORD or REDIS_PASSWORD_FILE, or give it in REDIS_URL: redis://[user]:password@host)",
+                    "WRONGPASS" => " (check REDIS_USERNAME and REDIS_PASSWORD, or those in REDIS_URL)",
+                    _ => "",
+                };
+                format!("{} {}{hint}{more}", first.code(), first.details().unwrap_or(""))
             }
             _ => err.to_string(),
         },

@@ -191,10 +191,26 @@ fn help_lists_every_variable_with_its_default() {
 #[test]
 fn wrong_credentials_are_one_clear_error_and_exit_1() {
     let server = RedisServer::start_with(&["--requirepass", "right"]);
-    for url in [
-        format!("redis://:wrong@127.0.0.1:{}", server.port),
-        format!("redis://127.0.0.1:{}", server.port),
+    for (url, names) in [
+        (
+            format!("redis://:wrong@127.0.0.1:{}", server.port),
+            "REDIS_PASSWORD",
+        ),
+        (
+            format!("redis://127.0.0.1:{}", server.port),
+            "REDIS_PASSWORD",
+        ),
     ] {
+        for command in [&["streams", "list"][..], &["publish", "--count", "1"]] {
+            let out = run_optimus(command, &[("REDIS_URL", &url)], Duration::from_secs(20));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{url} {command:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+            assert!(
+                stderr.contains(names),
+                "{url} {command:?} names the setting to fix: {stderr}"
+            );
+        }
         let out = run_optimus(
             &["consume"],
             &[("REDIS_URL", &url), ("LOGLEVEL", "ERROR")],
