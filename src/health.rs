@@ -94,13 +94,17 @@ impl Limit {
 pub struct Thresholds {
     /// Live bridge workers (presence keys), all hosts.
     pub bridge_consumers: Limit,
-    /// Consumers in each group.
+    /// Active consumers in each group (read within `consumer_idle_secs`).
     pub group_consumers: Limit,
+    /// How long a group's consumer may go without reading and still count
+    /// as active, in seconds (HEALTH_CONSUMER_IDLE).
+    pub consumer_idle_secs: u64,
     /// Entries not delivered to a group yet.
     pub lag: Limit,
     /// Entries delivered to a group's consumers and not acknowledged.
     pub pending: Limit,
-    /// Age of a group's oldest pending entry, in seconds.
+    /// How long a group's longest-waiting pending entry has waited since it
+    /// was last delivered, in seconds.
     pub pending_age_secs: Limit,
 }
 
@@ -117,6 +121,7 @@ impl Default for Thresholds {
                 alert: 1,
                 below: true,
             },
+            consumer_idle_secs: 60,
             lag: Limit {
                 warn: 1_000,
                 alert: 10_000,
@@ -258,7 +263,6 @@ pub async fn check(conn: &mut (impl ConnectionLike + Send), config: &HealthConfi
             return Report { checks };
         }
     };
-    let now_ms = server_time_ms(conn).await.unwrap_or(0);
     let groups: Vec<_> = info
         .groups
         .iter()
@@ -274,12 +278,23 @@ pub async fn check(conn: &mut (impl ConnectionLike + Send), config: &HealthConfi
     }
     for g in groups {
         let name = |what: &str| format!("group {} {what}", g.name);
-        checks.push(measured(
-            name("consumers"),
-            g.consumers as u64,
-            &t.group_consumers,
-            "",
-        ));
+        // Consumers stay registered after they stop: only those that read
+        // within HEALTH_CONSUMER_IDLE count.
+        match active_consumers(conn, &config.stream, &g.name, t.consumer_idle_secs).await {
+            Ok(active) => checks.push(Check {
+                rule: format!(
+                    "{} (of {} registered, read within {} s)",
+                    t.group_consumers.describe(""),
+                    g.consumers,
+                    t.consumer_idle_secs
+                ),
+                ..measured(name("consumers"), active, &t.group_consumers, "")
+            }),
+            Err(err) => checks.push(failed(
+                name("consumers"),
+                format!("Redis: {}", crate::connect::explain(&err)),
+            )),
+        }
         match g.lag {
             Some(lag) => checks.push(measured(name("lag"), lag as u64, &t.lag, "")),
             None => checks.push(Check {
@@ -290,9 +305,8 @@ pub async fn check(conn: &mut (impl ConnectionLike + Send), config: &HealthConfi
             }),
         }
         checks.push(measured(name("pending"), g.pending as u64, &t.pending, ""));
-        let age = match oldest_pending_ms(conn, &config.stream, &g.name).await {
-            Ok(Some(oldest)) => now_ms.saturating_sub(oldest) / 1000,
-            Ok(None) => 0,
+        let age = match longest_pending_idle_ms(conn, &config.stream, &g.name).await {
+            Ok(idle) => idle / 1000,
             Err(err) => {
                 checks.push(failed(
                     name("oldest pending"),
@@ -311,30 +325,54 @@ pub async fn check(conn: &mut (impl ConnectionLike + Send), config: &HealthConfi
     Report { checks }
 }
 
-async fn server_time_ms(conn: &mut (impl ConnectionLike + Send)) -> redis::RedisResult<u64> {
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
-    Ok(secs * 1000 + micros / 1000)
-}
+/// How many pending entries [`longest_pending_idle_ms`] looks at: the
+/// first of the group's pending list (by id, the earliest delivered as a
+/// rule).
+const PENDING_LOOKED_AT: usize = 1000;
 
-/// When a group's oldest pending entry was added (ms, from its id).
-async fn oldest_pending_ms(
+/// How long the longest-waiting of a group's pending entries has waited
+/// since its last delivery (ms; 0 with none pending), from XPENDING's idle
+/// times: an entry delivered a moment ago is not stuck, however old its id
+/// (a group working through a backlog reads old entries).
+async fn longest_pending_idle_ms(
     conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     group: &str,
-) -> redis::RedisResult<Option<u64>> {
-    let reply: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+) -> redis::RedisResult<u64> {
+    let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(PENDING_LOOKED_AT)
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .ids
+        .iter()
+        .map(|entry| entry.last_delivered_ms as u64)
+        .max()
+        .unwrap_or(0))
+}
+
+/// A group's consumers that read within `idle_secs`.
+async fn active_consumers(
+    conn: &mut (impl ConnectionLike + Send),
+    stream: &str,
+    group: &str,
+    idle_secs: u64,
+) -> redis::RedisResult<u64> {
+    let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
         .arg(stream)
         .arg(group)
         .query_async(conn)
         .await?;
-    Ok(match reply {
-        redis::streams::StreamPendingReply::Data(data) => data
-            .start_id
-            .split('-')
-            .next()
-            .and_then(|ms| ms.parse().ok()),
-        _ => None,
-    })
+    Ok(reply
+        .consumers
+        .iter()
+        .filter(|c| (c.idle as u64) < idle_secs * 1000)
+        .count() as u64)
 }
 
 #[cfg(test)]

@@ -290,7 +290,11 @@ pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// - `GET /healthz`: 200 while the process's event loop answers (a liveness
 ///   probe);
 /// - `GET /readyz`: 200 while `ready` says so, else 503 with its one-line
-///   reason (a readiness probe).
+///   reason (a readiness probe); 503 once `cancel` is (the process is
+///   stopping).
+///
+/// It serves until the process exits: the final counters stay readable and
+/// `/healthz` keeps answering while a graceful stop drains.
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
@@ -330,8 +334,14 @@ pub async fn serve(
         .route(
             "/readyz",
             get(move || {
-                let ready = ready.clone();
+                let (ready, stopping) = (ready.clone(), cancel.clone());
                 async move {
+                    if stopping.is_cancelled() {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: stopping\n".to_string(),
+                        );
+                    }
                     match ready() {
                         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
                         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
@@ -340,9 +350,7 @@ pub async fn serve(
             }),
         );
     Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
+        let served = axum::serve(listener, app).await;
         if let Err(err) = served {
             tracing::warn!(cause = %err, "the metrics and probes endpoint stopped");
         }

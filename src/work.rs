@@ -677,7 +677,9 @@ async fn run_command(argv: &[String], entry: &Entry, timeout: Duration) -> Resul
         .kill_on_drop(true);
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: between fork and exec the closure calls only prctl and
-    // getppid, both async-signal-safe, and allocates nothing.
+    // getppid, both async-signal-safe, and allocates nothing. (The death
+    // signal follows the spawning thread: handlers are spawned from the
+    // runtime's worker threads, which live as long as the process.)
     unsafe {
         command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -685,7 +687,7 @@ async fn run_command(argv: &[String], entry: &Entry, timeout: Duration) -> Resul
             }
             // optimus died before the signal was set: nobody would send it.
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("optimus is gone"));
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

@@ -49,6 +49,9 @@ pub fn load(args: &[std::ffi::OsString]) -> Result<(), Exit> {
             )));
         }
         let value = as_setting(key, value).map_err(|why| bad(format!("`{key}`: {why}")))?;
+        if value.contains('\0') {
+            return Err(bad(format!("`{key}`: a NUL character cannot be a setting")));
+        }
         if std::env::var_os(&var).is_none() {
             // SAFETY: called from `main` before any other thread exists.
             unsafe { std::env::set_var(&var, value) };
@@ -74,8 +77,19 @@ pub fn path() -> Option<&'static Path> {
 
 /// `--config PATH`, `--config=PATH`, else OPTIMUS_CONFIG (clap declares the
 /// flag too, for `--help`; it is read here because the file must be loaded
-/// before clap reads the environment).
+/// before clap reads the environment). None for what describes the command
+/// line itself (`--help`, `--version`, `completions`, `man`): a broken file
+/// must not stop them.
 fn path_from(args: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let describing = args.iter().skip(1).take_while(|a| *a != "--").any(|a| {
+        matches!(
+            a.to_str(),
+            Some("--help" | "-h" | "--version" | "-V" | "completions" | "man" | "help")
+        )
+    });
+    if describing {
+        return None;
+    }
     let mut args = args.iter().skip(1);
     while let Some(arg) = args.next() {
         let arg = arg.to_string_lossy();
@@ -190,6 +204,7 @@ pub fn show(check: bool) -> Result<(), Exit> {
             unreachable!("parsed as consume");
         };
         args.to_config(&cli.connect)?;
+        super::controls::Controls::parse(&args.metrics_addr, &args.idle_timeout)?;
         println!("ok: the settings of optimus consume from {from}");
         return Ok(());
     }
@@ -236,7 +251,7 @@ pub fn show(check: bool) -> Result<(), Exit> {
 /// A secret's value hidden: passwords, and the password in a URL.
 fn masked(var: &str, value: &str) -> String {
     const HIDDEN: &str = "********";
-    if var.contains("PASSWORD") && !value.is_empty() {
+    if var.contains("PASSWORD") && !var.ends_with("_FILE") && !value.is_empty() {
         return HIDDEN.to_string();
     }
     if var != "REDIS_URL" {

@@ -68,6 +68,9 @@ pub struct HealthArgs {
     /// Warn when a group has fewer consumers than this.
     #[arg(long, env = "HEALTH_GROUP_CONSUMERS_WARN", default_value = "1")]
     pub group_consumers_warn: String,
+    /// Seconds a group's consumer may go without reading and still count as active (consumers stay registered after they stop).
+    #[arg(long, env = "HEALTH_CONSUMER_IDLE", default_value = "60")]
+    pub consumer_idle: String,
     /// Alert when a group has fewer consumers than this.
     #[arg(long, env = "HEALTH_GROUP_CONSUMERS_ALERT", default_value = "1")]
     pub group_consumers_alert: String,
@@ -135,6 +138,11 @@ impl HealthArgs {
                     ("HEALTH_PENDING_AGE_WARN", &self.pending_age_warn),
                     ("HEALTH_PENDING_AGE_ALERT", &self.pending_age_alert),
                     false,
+                )?,
+                consumer_idle_secs: parse_whole(
+                    "HEALTH_CONSUMER_IDLE",
+                    &self.consumer_idle,
+                    1..=86_400,
                 )?,
             },
         })

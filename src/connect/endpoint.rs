@@ -593,12 +593,21 @@ impl fmt::Debug for Endpoint {
 
 /// `url` with any password replaced by `***`, for logs and errors.
 pub fn mask_password(url: &str) -> String {
+    // Several seeds: each masked. A password may hold an unencoded `/`, so
+    // the user part ends at a seed's last `@` (a Redis URL's path is a
+    // database number, never an `@`).
+    if url.contains(',') {
+        return url
+            .split(',')
+            .map(mask_password)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    let Some(at) = rest.rfind('@') else {
         return url.to_string();
     };
     let userinfo = &rest[..at];
@@ -612,6 +621,18 @@ pub fn mask_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_every_seed_s_password_and_slashes_in_one() {
+        assert_eq!(
+            mask_password("redis://:s3cret@h1:7000,redis://:s3cret@h2:70000"),
+            "redis://:***@h1:7000,redis://:***@h2:70000"
+        );
+        assert_eq!(
+            mask_password("redis://:ab/cd@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+    }
 
     #[test]
     fn masks_passwords_in_urls() {

@@ -114,6 +114,8 @@ fn bad_files_are_one_line_naming_the_key_and_the_file() {
         ("input_channel = { a = 1 }\n", "`input_channel`"),
         ("consumers_count = \"many\"\n", "CONSUMERS_COUNT"),
         ("[[routes]]\ntarget = \"x\"\n", "`source`"),
+        ("metrics_addr = \"nowhere\"\n", "METRICS_ADDR"),
+        ("input_channel = \"a\\u0000b\"\n", "NUL"),
     ] {
         let file = write(dir.path(), content);
         let path = file.to_string_lossy().into_owned();
@@ -132,6 +134,21 @@ fn bad_files_are_one_line_naming_the_key_and_the_file() {
                 "{content:?} names the file: {stderr}"
             );
         }
+    }
+    // What describes the command line works whatever the file.
+    let file = write(dir.path(), "not toml at all = = =\n");
+    let path = file.to_string_lossy().into_owned();
+    for args in [
+        &["--version"][..],
+        &["consume", "--help"],
+        &["completions", "bash"],
+    ] {
+        let out = run_optimus(
+            args,
+            &[("OPTIMUS_CONFIG", path.as_str())],
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "{args:?}: {out:?}");
     }
     let missing = dir.path().join("missing.toml");
     let out = run_optimus(
@@ -225,4 +242,34 @@ fn systemd_accepts_the_units() {
     assert!(out.status.success(), "systemd-analyze verify: {said}");
     let ours: Vec<&str> = said.lines().filter(|l| l.contains("optimus-")).collect();
     assert!(ours.is_empty(), "warnings about the units: {said}");
+}
+
+/// `optimus bench` empties the server it is given: a REDIS_URL from a
+/// service's config file is refused (exit 2, one line), before anything
+/// connects.
+#[test]
+fn bench_refuses_a_server_named_by_the_config_file() {
+    let server = RedisServer::start();
+    server.command::<redis::Value>(&["SET", "precious", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), &format!("redis_url = \"{}\"\n", server.url()));
+    let path = file.to_string_lossy().into_owned();
+    let out = run_optimus(
+        &["bench", "--messages", "1000"],
+        &[("OPTIMUS_CONFIG", path.as_str())],
+        Duration::from_secs(30),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("FLUSHALL") && stderr.contains(&path),
+        "{stderr}"
+    );
+    assert_eq!(
+        server
+            .command::<Option<String>>(&["GET", "precious"])
+            .as_deref(),
+        Some("1")
+    );
 }

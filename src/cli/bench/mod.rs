@@ -87,6 +87,14 @@ pub struct BenchArgs {
 /// Measures every row, prints the table and writes the JSON and the chart;
 /// exit 1 when a row lost, duplicated or (fenced) reordered a message.
 pub async fn run(connect: &ConnectArgs, args: BenchArgs) -> Result<(), Exit> {
+    // The benchmark FLUSHALLs the server REDIS_URL names: never one a
+    // service's config file names.
+    if let Some(file) = crate::cli::config_file::origin("REDIS_URL") {
+        return Err(Exit::Refused(format!(
+            "optimus bench empties (FLUSHALL) the server REDIS_URL names, and this REDIS_URL comes from the config file {}: give it on the command line or in the environment to bench that server, or run without the file to bench a server of its own",
+            file.display()
+        )));
+    }
     let config = measure::BenchConfig {
         redis_url: connect.redis_url.clone(),
         messages: args.messages,
