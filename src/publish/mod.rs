@@ -940,8 +940,19 @@ pub async fn run_messages(
         if let Some(every) = config.progress_interval
             && last_progress.0.elapsed() >= every
         {
-            progress(&summary, last_progress);
+            // What Redis has answered counts now, not when the window of
+            // batches on their way is next full.
+            while let Some(joined) = sending.try_join_next() {
+                if let Err(err) = account(&mut summary, join(Some(joined))) {
+                    failure = Some(err);
+                    break;
+                }
+            }
+            progress(&summary, last_progress, seq);
             last_progress = (Instant::now(), summary.published);
+            if failure.is_some() {
+                break;
+            }
         }
 
         if let Pace::Pauses { min, max } = config.pace {
@@ -1015,12 +1026,14 @@ fn next_batch(config: &PublishConfig, start: Instant, seq: u64) -> NextBatch {
 }
 
 /// The progress line (PROGRESS_INTERVAL), with the rate since `last`
-/// (when, and how many were published then).
-fn progress(summary: &PublishSummary, last: (Instant, u64)) {
+/// (when, and how many were published then): `sent` is what Redis
+/// confirmed, `in_flight` what is on its way (of the `made` so far).
+fn progress(summary: &PublishSummary, last: (Instant, u64), made: u64) {
     let dt = last.0.elapsed().as_secs_f64();
     crate::monitor::print_line(format_args!(
-        "publish sent={} no_subscriber={} stored_directly={} dead_lettered={} failed={} rate={:.0}/s run={}",
+        "publish sent={} in_flight={} no_subscriber={} stored_directly={} dead_lettered={} failed={} rate={:.0}/s run={}",
         summary.published,
+        made.saturating_sub(summary.published + summary.failed),
         summary.no_subscriber,
         summary.stored_directly,
         summary.dead_lettered,

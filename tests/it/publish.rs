@@ -464,3 +464,46 @@ fn the_fast_path_asks_for_a_bridge_of_its_own_stream_and_database() {
     );
     assert_eq!(summary.num("stored_directly"), 0, "{}", summary.line);
 }
+
+/// The progress line says what Redis confirmed (`sent`) and what is on its
+/// way (`in_flight`): together never more than the run makes, `sent` never
+/// going back, and the summary has them all.
+#[test]
+fn the_progress_line_counts_what_is_confirmed_and_what_is_on_its_way() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let out = support::run_optimus(
+        &[
+            "publish",
+            "--count",
+            "1500",
+            "--rate",
+            "1000",
+            "--batch-size",
+            "10",
+            "--progress-interval",
+            "0.2",
+        ],
+        &[("REDIS_URL", url.as_str())],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<support::Fields> = stdout
+        .lines()
+        .filter(|l| l.starts_with("publish sent="))
+        .map(support::Fields::parse)
+        .collect();
+    assert!(lines.len() >= 3, "progress lines: {stdout}");
+    let mut last = 0;
+    for line in &lines {
+        let (sent, in_flight) = (line.num("sent"), line.num("in_flight"));
+        assert!(sent + in_flight <= 1500, "{}", line.line);
+        assert!(sent >= last, "sent goes on: {stdout}");
+        last = sent;
+    }
+    assert!(
+        stdout.contains("publish done") && stdout.contains("published=1500"),
+        "{stdout}"
+    );
+}
