@@ -89,13 +89,12 @@ fn the_probes_follow_redis() {
     );
 }
 
-/// `optimus work` serves the same probes.
-#[test]
-fn work_serves_the_probes() {
-    let server = RedisServer::start();
+/// `optimus work -- true` on `server`, serving METRICS_ADDR: the process
+/// and the address.
+fn work_with_metrics(server: &RedisServer) -> (OptimusProcess, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let url = server.url();
-    let mut work = OptimusProcess::spawn(
+    let work = OptimusProcess::spawn(
         &["work", "--", "true"],
         &[
             ("REDIS_URL", url.as_str()),
@@ -103,6 +102,14 @@ fn work_serves_the_probes() {
             ("MONITORING_INTERVAL", "0.2"),
         ],
     );
+    (work, addr)
+}
+
+/// `optimus work` serves the same probes.
+#[test]
+fn work_serves_the_probes() {
+    let server = RedisServer::start();
+    let (mut work, addr) = work_with_metrics(&server);
     work.wait_for_line("work ", Duration::from_secs(20), |f| {
         f.values.get("redis").is_some_and(|v| v == "connected")
     });
@@ -122,16 +129,7 @@ fn work_serves_its_counters() {
             .query(&mut server.conn())
             .unwrap();
     }
-    let addr = format!("127.0.0.1:{}", free_port());
-    let url = server.url();
-    let mut work = OptimusProcess::spawn(
-        &["work", "--", "true"],
-        &[
-            ("REDIS_URL", url.as_str()),
-            ("METRICS_ADDR", addr.as_str()),
-            ("MONITORING_INTERVAL", "0.2"),
-        ],
-    );
+    let (mut work, addr) = work_with_metrics(&server);
     work.wait_for_line("work ", Duration::from_secs(20), |f| f.num("handled") == 3);
     let body = scrape(&addr);
     assert_eq!(sample(&body, "optimus_work_handled_total"), 3.0, "{body}");
