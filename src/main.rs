@@ -16,9 +16,15 @@ fn main() -> ExitCode {
             // `health` returns its level (1 warn, 2 alert).
             let (code, line) = exit.code_and_line();
             if let Some(line) = line {
-                // A stderr nobody reads any more (a log collector that
-                // died) loses the line, never panics.
-                let _ = writeln!(std::io::stderr(), "optimus: {line}");
+                if cli::logs_are_json() {
+                    // With LOG_FORMAT=json every stderr line is JSON: the
+                    // last one too, at level ERROR.
+                    tracing::error!("optimus: {line}");
+                } else {
+                    // A stderr nobody reads any more (a log collector that
+                    // died) loses the line, never panics.
+                    let _ = writeln!(std::io::stderr(), "optimus: {line}");
+                }
             }
             ExitCode::from(code)
         }

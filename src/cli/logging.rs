@@ -34,6 +34,15 @@ impl optimus::settings::Named for LogFormat {
     const NAMES: &'static [(&'static str, Self)] = &[("text", Self::Text), ("json", Self::Json)];
 }
 
+/// Whether the logs are JSON (LOG_FORMAT=json, once [`init`] ran).
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`init`] set up JSON logs: the last error line then goes out as
+/// a JSON event too.
+pub fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub fn init(level: tracing::Level, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // The redis crate's own warnings (a cluster node it could not reach,
@@ -49,7 +58,10 @@ pub fn init(level: tracing::Level, format: LogFormat) {
             .with_ansi(std::io::stderr().is_terminal() && !no_color())
             .with_target(false)
             .init(),
-        LogFormat::Json => logs.json().with_ansi(false).init(),
+        LogFormat::Json => {
+            logs.json().with_ansi(false).init();
+            JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -196,6 +196,12 @@ impl Exit {
     }
 }
 
+/// Whether the logs are JSON lines (LOG_FORMAT=json, set up): `main`
+/// then logs its last error line as a JSON event rather than as text.
+pub fn logs_are_json() -> bool {
+    logging::json()
+}
+
 /// The parsed command line, or the exit for one that cannot be parsed:
 /// `--help` and `--version` print and exit 0 here; a command given without
 /// its subcommand shows its help; anything else is one line, exit 2.

@@ -1186,4 +1186,24 @@ fn json_logs_and_json_status_lines_are_one_object_per_line() {
         .unwrap_or_else(|| panic!("a monitoring line in {stdout}"));
     assert!(monitor["written"].is_u64(), "{monitor}");
     assert_eq!(monitor["redis"], "connected", "{monitor}");
+
+    // The last line of a command that fails is JSON too, at level ERROR.
+    let locked = RedisServer::start_with(&["--requirepass", "right"]);
+    let url = locked.url();
+    let out = run_optimus(
+        &["streams", "list"],
+        &[("REDIS_URL", url.as_str()), ("LOG_FORMAT", "json")],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("the error line is JSON ({e}): {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("optimus: ") && m.contains("REDIS_PASSWORD")),
+        "{last}"
+    );
 }
