@@ -362,16 +362,10 @@ async fn active_consumers(
     group: &str,
     idle_secs: u64,
 ) -> redis::RedisResult<u64> {
-    let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(stream)
-        .arg(group)
-        .query_async(conn)
-        .await?;
-    Ok(reply
-        .consumers
+    let consumers = manage::consumers(conn, stream, group).await?;
+    Ok(consumers
         .iter()
-        .filter(|c| (c.idle as u64) < idle_secs * 1000)
+        .filter(|c| (c.idle_ms as u64) < idle_secs * 1000)
         .count() as u64)
 }
 

@@ -187,6 +187,30 @@ pub async fn list_groups<C: ConnectionLike>(conn: &mut C, stream: &str) -> Resul
     groups(conn, stream).await
 }
 
+/// A group's consumers (XINFO CONSUMERS), with their pending counts and
+/// idle times.
+pub async fn consumers<C: ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<Vec<ConsumerInfo>> {
+    let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .consumers
+        .into_iter()
+        .map(|c| ConsumerInfo {
+            name: c.name,
+            pending: c.pending,
+            idle_ms: c.idle,
+        })
+        .collect())
+}
+
 /// A group and its consumers, with their pending counts and idle times.
 pub async fn group_info<C: ConnectionLike>(
     conn: &mut C,
@@ -194,24 +218,10 @@ pub async fn group_info<C: ConnectionLike>(
     group: &str,
 ) -> Result<GroupDetail> {
     let info = find_group(conn, stream, group).await?;
-    let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(stream)
-        .arg(group)
-        .query_async(conn)
-        .await?;
     Ok(GroupDetail {
         stream: stream.to_string(),
         group: info,
-        consumers: reply
-            .consumers
-            .into_iter()
-            .map(|c| ConsumerInfo {
-                name: c.name,
-                pending: c.pending,
-                idle_ms: c.idle,
-            })
-            .collect(),
+        consumers: consumers(conn, stream, group).await?,
     })
 }
 

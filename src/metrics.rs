@@ -282,8 +282,7 @@ pub fn work_registry(counters: Arc<WorkCounters>, workers: usize) -> Registry {
 /// in one line.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Binds `addr` (so that a taken port is an error at start-up) and serves,
-/// until `cancel`:
+/// Binds `addr` (so that a taken port is an error at start-up) and serves:
 /// - `GET /metrics`: the registry's metrics and the process's own (build,
 ///   Redis link, RSS, CPU, open file descriptors), in the Prometheus text
 ///   format;

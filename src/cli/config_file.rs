@@ -109,7 +109,7 @@ fn path_from(args: &[std::ffi::OsString]) -> Option<PathBuf> {
 }
 
 /// Every variable some command reads.
-pub fn known_variables() -> BTreeSet<String> {
+fn known_variables() -> BTreeSet<String> {
     fn walk(command: &clap::Command, out: &mut BTreeSet<String>) {
         for arg in command.get_arguments() {
             if let Some(env) = arg.get_env() {
@@ -199,7 +199,7 @@ pub fn show(check: bool) -> Result<(), Exit> {
     if check {
         let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
             .map_err(|err| Exit::Refused(super::usage_error(&err)))?;
-        cli.check_output_settings()?;
+        cli.output()?;
         let super::Command::Consume(args) = &cli.command else {
             unreachable!("parsed as consume");
         };
@@ -248,24 +248,14 @@ pub fn show(check: bool) -> Result<(), Exit> {
     Ok(())
 }
 
-/// A secret's value hidden: passwords, and the password in a URL.
+/// A secret's value hidden: passwords, and the password in a URL (every
+/// seed's, as the error lines mask them).
 fn masked(var: &str, value: &str) -> String {
-    const HIDDEN: &str = "********";
     if var.contains("PASSWORD") && !var.ends_with("_FILE") && !value.is_empty() {
-        return HIDDEN.to_string();
+        return "********".to_string();
     }
-    if var != "REDIS_URL" {
-        return value.to_string();
+    match var {
+        "REDIS_URL" => optimus::connect::mask_password(value),
+        _ => value.to_string(),
     }
-    value
-        .split(',')
-        .map(|part| match url::Url::parse(part) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some(HIDDEN));
-                url.to_string()
-            }
-            _ => part.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }

@@ -221,19 +221,26 @@ pub fn parse() -> Result<Cli, Exit> {
     }
 }
 
-/// Runs the command: logging first, then the command on a tokio runtime.
+/// How the output looks: LOGLEVEL, LOG_FORMAT and MONITOR_FORMAT, checked.
+struct Output {
+    level: tracing::Level,
+    logs: logging::LogFormat,
+    status_lines: logging::LogFormat,
+}
+
 impl Cli {
-    /// LOG_FORMAT and MONITOR_FORMAT, as [`run`] reads them.
-    fn check_output_settings(&self) -> Result<(logging::LogFormat, logging::LogFormat), Exit> {
+    /// LOGLEVEL, LOG_FORMAT and MONITOR_FORMAT, as [`run`] reads them.
+    fn output(&self) -> Result<Output, Exit> {
         use optimus::settings::parse_choice;
-        parse_log_level(&self.loglevel)?;
-        Ok((
-            parse_choice("LOG_FORMAT", &self.log_format)?,
-            parse_choice("MONITOR_FORMAT", &self.monitor_format)?,
-        ))
+        Ok(Output {
+            level: parse_log_level(&self.loglevel)?,
+            logs: parse_choice("LOG_FORMAT", &self.log_format)?,
+            status_lines: parse_choice("MONITOR_FORMAT", &self.monitor_format)?,
+        })
     }
 }
 
+/// Runs the command: logging first, then the command on a tokio runtime.
 pub fn run(cli: Cli) -> Result<(), Exit> {
     // What describes the command line itself needs neither logs nor Redis.
     match cli.command {
@@ -256,9 +263,9 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
         }
         _ => {}
     }
-    let (log_format, status_format) = cli.check_output_settings()?;
-    logging::init(parse_log_level(&cli.loglevel)?, log_format);
-    optimus::monitor::set_json_lines(status_format == logging::LogFormat::Json);
+    let output = cli.output()?;
+    logging::init(output.level, output.logs);
+    optimus::monitor::set_json_lines(output.status_lines == logging::LogFormat::Json);
     if cli.command.is_one_shot() {
         signals::quiet_on_closed_pipe();
     }
@@ -282,7 +289,9 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                 manage::run(&connect, manage::Managed::Groups(action)).await
             }
             Command::Bench(args) => bench::run(&connect, args).await,
-            Command::Completions { .. } | Command::Man | Command::Config { .. } => Ok(()),
+            Command::Completions { .. } | Command::Man | Command::Config { .. } => {
+                unreachable!("answered before the runtime starts")
+            }
         }
     })
 }

@@ -162,7 +162,14 @@ impl RedisServer {
     /// Starts the server again on its port and directory, after
     /// [`RedisServer::stop`].
     pub fn start_again(&mut self) {
-        self.child = spawn_server(self.dir.path(), self.port, &self.extra_args);
+        let args = self.extra_args.clone();
+        self.start_again_with(&args);
+    }
+
+    /// Spawns the server on its port and directory with `args`, and waits
+    /// until it answers.
+    fn start_again_with(&mut self, args: &[String]) {
+        self.child = spawn_server(self.dir.path(), self.port, args);
         let url = self.admin_url();
         assert!(
             wait_ready(&mut self.child, &url),
@@ -189,14 +196,7 @@ impl RedisServer {
             "--replica-priority".to_string(),
             "0".to_string(),
         ]);
-        self.child = spawn_server(self.dir.path(), self.port, &args);
-        let url = self.admin_url();
-        assert!(
-            wait_ready(&mut self.child, &url),
-            "redis-server did not come back on port {}\n{}",
-            self.port,
-            self.log()
-        );
+        self.start_again_with(&args);
     }
 
     /// Sends the server process a signal (`STOP` hangs it, `CONT` resumes it).

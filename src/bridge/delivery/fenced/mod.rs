@@ -664,13 +664,13 @@ impl Fenced {
                     .cmd("WAIT")
                     .arg(wanted)
                     .arg(WAIT_FOR_REPLICAS_MS);
-                let asked = match note {
-                    None => scripts::query_at::<(u8, usize)>(&mut conn, &record, &pipe).await,
-                    Some(note) => match scripts::run::<u8, _>(&mut conn, note).await {
-                        Ok(_) => scripts::query_at::<(u8, usize)>(&mut conn, &record, &pipe).await,
-                        Err(err) => Err(err),
-                    },
-                };
+                let asked = async {
+                    if let Some(note) = note {
+                        scripts::run::<u8, _>(&mut conn, note).await?;
+                    }
+                    scripts::query_at::<(u8, usize)>(&mut conn, &record, &pipe).await
+                }
+                .await;
                 let held = match asked {
                     Ok((1, replicas)) if replicas >= wanted => {
                         scripts::run::<u8, _>(&mut conn, set).await
