@@ -143,3 +143,61 @@ fn a_small_benchmark_measures_every_row() {
         "{chart}"
     );
 }
+
+/// `optimus bench --cluster` on a small scale: its own 3-master cluster,
+/// both strategies' rows, the shard rows, nothing lost or duplicated, the
+/// fenced rows in order at about one command and nothing kept per message.
+#[test]
+fn a_small_cluster_benchmark_measures_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("cluster.json");
+    let out = run_optimus(
+        &[
+            "bench",
+            "--cluster",
+            "--messages",
+            "3000",
+            "--workers",
+            "1,2",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(180),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| fenced | sharded | 2 |"), "{stdout}");
+    assert!(stdout.contains("| race | classic | 2 |"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["masters"], 3, "{report}");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "two strategies, two worker counts");
+    for row in rows {
+        assert_eq!(row["lost"], 0, "{row}");
+        assert_eq!(row["duplicates"], 0, "{row}");
+        assert!(row["rate"].as_f64().unwrap() > 0.0, "{row}");
+        let commands = row["commands_per_message"].as_f64().unwrap();
+        if row["strategy"] == "fenced" {
+            assert_eq!(row["out_of_order"], 0, "{row}");
+            assert!((1.0..=1.5).contains(&commands), "{row}");
+            assert!(
+                row["redis_bytes_per_message"].as_f64().unwrap() <= 16.0,
+                "{row}"
+            );
+        } else {
+            assert!(commands > 2.0, "race locks and acks each message: {row}");
+        }
+    }
+    let shards = &report["shards"];
+    assert_eq!(shards["messages"], 3000, "{shards}");
+    assert_eq!(shards["lost"], 0, "{shards}");
+    assert_eq!(shards["duplicates"], 0, "{shards}");
+    assert_eq!(shards["out_of_order"], 0, "{shards}");
+    assert!(shards["ratio"].as_f64().unwrap() > 0.0, "{shards}");
+}

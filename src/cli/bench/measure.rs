@@ -42,7 +42,7 @@ pub struct BenchConfig {
     pub exe: PathBuf,
 }
 
-async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
+pub(super) async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
     redis::Client::open(url)?
         .get_multiplexed_async_connection()
         .await
@@ -204,7 +204,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     Ok(report)
 }
 
-async fn redis_version(conn: &mut MultiplexedConnection) -> Result<String> {
+pub(super) async fn redis_version(conn: &mut MultiplexedConnection) -> Result<String> {
     let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
     let version = info
         .lines()
@@ -301,12 +301,19 @@ async fn publisher_vs_pipe(
 
 /// `n` test messages (sequence 0 to n-1) as PUBLISH commands in RESP.
 fn resp_publishes(n: u64) -> Vec<u8> {
+    resp_burst("PUBLISH", CHANNEL, n)
+}
+
+/// `n` test messages (sequence 0 to n-1) as `command` (PUBLISH or
+/// SPUBLISH) to `channel`, in RESP.
+pub(super) fn resp_burst(command: &str, channel: &str, n: u64) -> Vec<u8> {
     let mut resp = Vec::new();
     for p in payloads(0, n) {
         resp.extend_from_slice(
             format!(
-                "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{CHANNEL}\r\n${}\r\n",
-                CHANNEL.len(),
+                "*3\r\n${}\r\n{command}\r\n${}\r\n{channel}\r\n${}\r\n",
+                command.len(),
+                channel.len(),
                 p.len()
             )
             .as_bytes(),
@@ -318,7 +325,7 @@ fn resp_publishes(n: u64) -> Vec<u8> {
 }
 
 /// Sends a RESP file through `redis-cli --pipe`: as fast as Redis takes it.
-fn pipe_burst(url: &str, file: &Path) -> Result<()> {
+pub(super) fn pipe_burst(url: &str, file: &Path) -> Result<()> {
     let info = redis::Client::open(url)?.get_connection_info().clone();
     let (host, port) = match info.addr() {
         redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
@@ -453,7 +460,7 @@ async fn audit_of(url: &str, published: u64) -> Result<optimus::audit::AuditRepo
     Ok(optimus::audit::audit(&endpoint, STREAM, None, published, Some("")).await?)
 }
 
-fn stop(mut child: Child) {
+pub(super) fn stop(mut child: Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -490,7 +497,7 @@ async fn bridge_row(
 
     let start = Instant::now();
     pipe_burst(url, burst)?;
-    let done = wait_for_len(conn, config.messages, Duration::from_secs(10)).await?;
+    let done = wait_for_len(conn, STREAM, config.messages, Duration::from_secs(10)).await?;
     let seconds = done.duration_since(start).as_secs_f64();
     let cpu = cpu_time(child.id()).saturating_sub(cpu_before);
     let rss = peak_rss(child.id());
@@ -513,7 +520,7 @@ async fn bridge_row(
         cpu_us_per_message: cpu.as_micros() as f64 / config.messages as f64,
         peak_rss_mib: rss as f64 / (1024.0 * 1024.0),
         redis_bytes_per_message: kept as f64 / config.messages as f64,
-        out_of_order: out_of_order(conn).await?,
+        out_of_order: out_of_order(conn, STREAM).await?,
         lost: audit.lost,
         duplicates: audit.duplicates,
     })
@@ -522,7 +529,7 @@ async fn bridge_row(
 /// What every key but `stream` takes in Redis (MEMORY USAGE, all of each
 /// key): the protocol's keys (writer records, members, clock; race's ACK
 /// keys and locks) and the processes' presence and control keys.
-async fn memory_beside(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64> {
+pub(super) async fn memory_beside(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64> {
     let mut cursor = 0u64;
     let mut total = 0u64;
     loop {
@@ -540,8 +547,10 @@ async fn memory_beside(conn: &mut MultiplexedConnection, stream: &str) -> Result
                 .arg("SAMPLES")
                 .arg(0);
         }
-        let sizes: Vec<Option<u64>> = pipe.query_async(conn).await?;
-        total += sizes.into_iter().flatten().sum::<u64>();
+        if keys.iter().any(|k| k.as_str() != stream) {
+            let sizes: Vec<Option<u64>> = pipe.query_async(conn).await?;
+            total += sizes.into_iter().flatten().sum::<u64>();
+        }
         if next == 0 {
             return Ok(total);
         }
@@ -552,12 +561,12 @@ async fn memory_beside(conn: &mut MultiplexedConnection, stream: &str) -> Result
 /// Entries of the stream whose test message was published before that of an
 /// entry ahead of them (the burst publishes in sequence order, on one
 /// connection).
-async fn out_of_order(conn: &mut MultiplexedConnection) -> Result<u64> {
+pub(super) async fn out_of_order(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64> {
     let mut from = "-".to_string();
     let (mut highest, mut out) = (None::<u64>, 0);
     loop {
         let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(STREAM)
+            .arg(stream)
             .arg(&from)
             .arg("+")
             .arg("COUNT")
@@ -587,14 +596,15 @@ async fn out_of_order(conn: &mut MultiplexedConnection) -> Result<u64> {
 
 /// Waits until the stream holds `n` entries; gives up when it stops growing
 /// for `stall`. Returns when the last entry arrived.
-async fn wait_for_len(
+pub(super) async fn wait_for_len(
     conn: &mut MultiplexedConnection,
+    stream: &str,
     n: u64,
     stall: Duration,
 ) -> Result<Instant> {
     let mut last = (0u64, Instant::now());
     loop {
-        let len: u64 = redis::cmd("XLEN").arg(STREAM).query_async(conn).await?;
+        let len: u64 = redis::cmd("XLEN").arg(stream).query_async(conn).await?;
         if len >= n {
             return Ok(Instant::now());
         }
@@ -629,13 +639,22 @@ async fn bridge_commands(conn: &mut MultiplexedConnection) -> Result<u64> {
             .unwrap_or(0);
         calls.insert(name.to_string(), n);
     }
-    let own = [
+    Ok(without_own(&calls))
+}
+
+/// The calls of `calls` (command name to count, as INFO commandstats names
+/// them) the bridge made: all but the publishing and the benchmark's own
+/// reads.
+pub(super) fn without_own(calls: &HashMap<String, u64>) -> u64 {
+    const OWN: [&str; 20] = [
         "publish",
+        "spublish",
         "xlen",
         "info",
         "config|resetstat",
         "config",
         "pubsub|numsub",
+        "pubsub|shardnumsub",
         "zcard",
         "pubsub",
         "ping",
@@ -644,12 +663,16 @@ async fn bridge_commands(conn: &mut MultiplexedConnection) -> Result<u64> {
         "select",
         "memory|usage",
         "hlen",
+        "role",
+        "cluster|keyslot",
+        "cluster|nodes",
+        "cluster|info",
     ];
-    Ok(calls
+    calls
         .iter()
-        .filter(|(name, _)| !own.contains(&name.as_str()))
+        .filter(|(name, _)| !OWN.contains(&name.as_str()))
         .map(|(_, n)| n)
-        .sum())
+        .sum()
 }
 
 async fn latency_row(
@@ -670,7 +693,7 @@ async fn latency_row(
         .arg(r#"{"message_id":"warm-up"}"#)
         .query_async::<()>(conn)
         .await?;
-    wait_for_len(conn, 1, Duration::from_secs(10)).await?;
+    wait_for_len(conn, STREAM, 1, Duration::from_secs(10)).await?;
 
     // A reader stamps each entry as it appears in the stream.
     let reader_url = url.to_string();
@@ -802,7 +825,7 @@ async fn processes_row(
     let redis_before = redis_cpu(conn).await?;
     let start = Instant::now();
     let done = match pipe_burst(url, burst.file) {
-        Ok(()) => wait_for_len(conn, config.messages, Duration::from_secs(10)).await,
+        Ok(()) => wait_for_len(conn, STREAM, config.messages, Duration::from_secs(10)).await,
         Err(err) => Err(err),
     };
     let redis_after = redis_cpu(conn).await;
@@ -827,7 +850,7 @@ async fn processes_row(
         of_ceiling: rate / burst.ceiling_rate,
         redis_cpu_us_per_message: redis_used * 1e6 / config.messages as f64,
         bridge_cpu_us_per_message: bridge_used.as_micros() as f64 / config.messages as f64,
-        out_of_order: out_of_order(conn).await?,
+        out_of_order: out_of_order(conn, STREAM).await?,
         lost: audit.lost,
         duplicates: audit.duplicates,
     })
@@ -859,7 +882,7 @@ async fn steady_row(
     let total = config.steady_rate * config.steady_duration.as_secs().max(1);
     let start = Instant::now();
     publish_at(url, total, config.steady_rate as f64, 500).await?;
-    let done = wait_for_len(conn, total, Duration::from_secs(10)).await?;
+    let done = wait_for_len(conn, STREAM, total, Duration::from_secs(10)).await?;
     let cpu = cpu_time(child.id()).saturating_sub(cpu_before);
     let rss = peak_rss(child.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -878,7 +901,7 @@ async fn steady_row(
     })
 }
 
-fn machine() -> String {
+pub(super) fn machine() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);

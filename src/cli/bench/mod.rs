@@ -33,10 +33,15 @@
 //! The bridge runs as a separate `optimus consume` process (this binary), so
 //! its CPU and memory are its own.
 //!
+//! `optimus bench --cluster` measures the bridge on a Redis Cluster of its
+//! own instead ([`cluster`]): race and fenced rows per worker count, and how
+//! the rate grows with the shards.
+//!
 //! It lives in the binary, not the library: it drives the `optimus` binary
 //! itself, and starts its redis-server with the tests' harness
 //! (`optimus-testkit`).
 
+mod cluster;
 mod measure;
 mod report;
 
@@ -76,6 +81,17 @@ pub struct BenchArgs {
     /// Seconds of the memory run.
     #[arg(long, default_value = "10")]
     pub steady_seconds: u64,
+    /// Measure on a Redis Cluster of the benchmark's own (3 masters on free
+    /// loopback ports) instead: the burst rows per strategy and worker count
+    /// (fenced with sharded Pub/Sub, race with classic), and one pool on
+    /// one master against three pools on three masters. Takes --messages,
+    /// --workers, --strategies, --shard-workers and --json; REDIS_URL is
+    /// not used.
+    #[arg(long)]
+    pub cluster: bool,
+    /// Workers of each pool in the shard rows of --cluster.
+    #[arg(long, default_value = "2")]
+    pub shard_workers: usize,
     /// Where the JSON results go.
     #[arg(long, default_value = "bench.json")]
     pub json: std::path::PathBuf,
@@ -94,6 +110,9 @@ pub async fn run(connect: &ConnectArgs, args: BenchArgs) -> Result<(), Exit> {
             "optimus bench empties (FLUSHALL) the server REDIS_URL names, and this REDIS_URL comes from the config file {}: give it on the command line or in the environment to bench that server, or run without the file to bench a server of its own",
             file.display()
         )));
+    }
+    if args.cluster {
+        return run_cluster(args).await;
     }
     let config = measure::BenchConfig {
         redis_url: connect.redis_url.clone(),
@@ -116,6 +135,30 @@ pub async fn run(connect: &ConnectArgs, args: BenchArgs) -> Result<(), Exit> {
         .await
         .map_err(|err| Exit::failed(format_args!("bench failed: {err:#}")))?;
     println!("{}", report::table(&report));
+    if report.failures() > 0 {
+        return Err(Exit::failed(format_args!(
+            "{} rows lost or duplicated messages",
+            report.failures()
+        )));
+    }
+    Ok(())
+}
+
+/// `optimus bench --cluster`.
+async fn run_cluster(args: BenchArgs) -> Result<(), Exit> {
+    let config = cluster::ClusterConfig {
+        messages: args.messages,
+        workers: args.workers,
+        strategies: args.strategies,
+        shard_workers: args.shard_workers,
+        json_out: args.json,
+        exe: std::env::current_exe().expect("the path of this program"),
+    };
+    measure::check_out_path(&config.json_out).map_err(|err| Exit::Refused(format!("{err:#}")))?;
+    let report = cluster::run(&config)
+        .await
+        .map_err(|err| Exit::failed(format_args!("bench --cluster failed: {err:#}")))?;
+    println!("{}", cluster::table(&report));
     if report.failures() > 0 {
         return Err(Exit::failed(format_args!(
             "{} rows lost or duplicated messages",

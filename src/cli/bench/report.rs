@@ -282,7 +282,7 @@ pub fn table(report: &Report) -> String {
         ]);
     }
     out += &steady_table(report);
-    out += &targets_table(report);
+    out += &targets_table("target (fenced)", &report.targets);
     out
 }
 
@@ -471,14 +471,14 @@ fn steady_table(report: &Report) -> String {
     out
 }
 
-/// The targets, met or not.
-fn targets_table(report: &Report) -> String {
+/// The targets, met or not, under `title`.
+pub(super) fn targets_table(title: &str, targets: &[Target]) -> String {
     let mut out = String::new();
-    if !report.targets.is_empty() {
+    if !targets.is_empty() {
         out += "\n";
         out += &markdown(
-            &["target (fenced)", "this run", ""],
-            report.targets.iter().map(|t| {
+            &[title, "this run", ""],
+            targets.iter().map(|t| {
                 let met = if t.met { "met" } else { "NOT MET" };
                 vec![t.target.clone(), t.measured.clone(), met.to_string()]
             }),
@@ -488,7 +488,7 @@ fn targets_table(report: &Report) -> String {
 }
 
 /// A Markdown table: the header, its rule, and a line per row.
-fn markdown(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+pub(super) fn markdown(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let mut out = format!(
         "| {} |\n|{}\n",
         headers.join(" | "),
