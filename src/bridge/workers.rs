@@ -265,6 +265,9 @@ pub(super) struct Spawner {
     readers: Vec<Option<(CancellationToken, Arc<AtomicBool>)>>,
     /// Race strategy on one server: each racing worker's queue.
     racers: Racers,
+    /// Race strategy on a cluster: which worker's subscription is the
+    /// process's keeper (see `delivery::cluster::Keeper`).
+    keepers: Arc<std::sync::atomic::AtomicU64>,
     /// Whether this process holds copies (reads), or waits for a place
     /// among the pool's holders (see `members::Holding`).
     hold: watch::Sender<bool>,
@@ -322,6 +325,7 @@ impl Spawner {
             locator: None,
             readers: Vec::new(),
             racers: Arc::default(),
+            keepers: delivery::cluster::Keeper::seats(),
             hold: watch::Sender::new(true),
             handed: watch::Sender::new(false),
             counters,
@@ -554,7 +558,6 @@ impl Spawner {
         let Some(worker_conn) = connection(&config.endpoint, shutdown).await? else {
             return Ok(false);
         };
-        let per_worker = config.memory_limit / config.consumers.max(1);
         let (queue_tx, queue_rx) = mpsc::channel(if cluster { 1024 } else { 64 });
         if cluster {
             // An id-less payload's count must outlive any ACK it could
@@ -575,8 +578,8 @@ impl Spawner {
                     counters: self.counters.clone(),
                     coverage: self.coverage.clone(),
                     queue: queue_tx,
-                    // A message in the queue costs about 1 KiB at most.
-                    read_buffer: (per_worker >> 10).max(1024),
+                    budget: self.budget.clone(),
+                    keeper: delivery::cluster::Keeper::seat(&self.keepers),
                     cancel: stop,
                 }
                 .run(),

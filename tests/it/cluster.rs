@@ -1105,3 +1105,60 @@ fn inversions(entries: &[std::collections::BTreeMap<String, Vec<u8>>]) -> Vec<St
         .map(|(a, b)| format!("{a}-{b}"))
         .collect()
 }
+
+/// Race on a cluster (classic Pub/Sub, its default there): every worker
+/// has its own subscription, so each holds a copy of every message. With
+/// the writes stalled (CLIENT PAUSE WRITE on the stream's master) a burst
+/// fills the memory budget: the other workers drop their copies at a
+/// quarter of it, the process's keeper holds every message, and once writes resume
+/// each is written once. (A bound of 2,048 messages per worker here,
+/// as before, lost most of such a burst in every worker at once.)
+#[test]
+fn a_race_pool_on_a_cluster_keeps_a_burst_past_its_workers_share_of_memory() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds = cluster.seeds();
+    let channel = "in:burst";
+    let stream = (0..)
+        .map(|n| format!("out:burst:{n}"))
+        .find(|s| cluster.master_of(s) != cluster.master_of(channel))
+        .unwrap();
+    let env = [
+        ("REDIS_URL", seeds.as_str()),
+        ("INPUT_CHANNEL", channel),
+        ("OUTPUT_STREAM", stream.as_str()),
+    ];
+    let mut all = env.to_vec();
+    // 16,000 messages of about 350 bytes each in the budget (5.3 MiB): more
+    // than the others' quarter of 8 MiB (the least MEMORY_LIMIT), less than
+    // the keeper's three quarters.
+    all.extend([
+        ("CONSUMERS_COUNT", "4"),
+        ("MEMORY_LIMIT", "8MiB"),
+        ("MONITORING_INTERVAL", "0.2"),
+    ]);
+    let consume = OptimusProcess::spawn(&["consume"], &all);
+    consume.wait_consumers(4);
+
+    let writes = cluster.node(cluster.master_of(&stream));
+    let _: String = writes
+        .query(&["CLIENT", "PAUSE", "60000", "WRITE"])
+        .expect("CLIENT PAUSE");
+    let summary = publish_with(&env, &["--count", "16000", "--no-fast-path"]);
+    assert_eq!(summary.num("published"), 16_000, "{}", summary.line);
+    // The other workers' copies dropped: the budget was spent past half.
+    consume.wait_for_latest("monitor ", Duration::from_secs(30), |line| {
+        line.num("overflow") > 0
+    });
+    let _: String = writes
+        .query(&["CLIENT", "UNPAUSE"])
+        .expect("CLIENT UNPAUSE");
+    support::wait_for(
+        &format!("16000 entries in {stream}"),
+        Duration::from_secs(60),
+        || (xlen(&cluster, &stream) >= 16_000).then_some(()),
+        || consume.describe(),
+    );
+    consume.wait_settled(Duration::from_secs(20));
+    let entries = stream_entries(&mut cluster.conn(), &stream);
+    assert_exactly_once(&entries, 0..16_000);
+}

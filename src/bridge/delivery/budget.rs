@@ -62,7 +62,21 @@ impl Budget {
         }
     }
 
-    /// Whether a reader waits for room.
+    /// Charges `bytes` now if the budget's use stays within `up_to` (at
+    /// most its limit) with them, or nothing is charged; `None` otherwise.
+    pub fn try_charge(self: &Arc<Self>, bytes: usize, up_to: usize) -> Option<Charge> {
+        let up_to = up_to.min(self.limit);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used == 0 || used + bytes <= up_to).then_some(used + bytes)
+            })
+            .ok()?;
+        Some(Charge {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     /// Says, at most once every ten seconds, that reading waits.
     fn say_spent(&self) {
         let mut last = self.said.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,9 +4,14 @@
 //! id) to the worker through a bounded queue, so a slow write path never
 //! stops the connection from being read.
 //!
-//! - **Buffers full**: the newest message is dropped by this worker and
-//!   counted as `overflow` (the other workers, each with its own
-//!   subscription, may still have it).
+//! - **Memory**: what waits between the connection and the worker is
+//!   charged to the process's budget (MEMORY_LIMIT), by its bytes. Every
+//!   worker has its own subscription, so each holds its own copy of every
+//!   message: one of them, the process's *keeper*, may fill the whole
+//!   budget, the others together only a quarter of it (so the keeper always
+//!   has three quarters). When a burst outruns the writes, the others drop
+//!   their copies first (counted as `overflow`; the keeper still has them),
+//!   and the keeper only once the budget is spent.
 //! - **Silence**: after [`KEEPALIVE`] without traffic it PINGs; no answer
 //!   within [`PING_TIMEOUT`] counts as a lost connection.
 //! - **Subscriptions**: the cluster client subscribes on the node that
@@ -35,6 +40,7 @@ use redis::{ProtocolVersion, PushInfo, PushKind, RedisError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::{Budget, Charge, MESSAGE_OVERHEAD};
 use super::ids::Identify;
 use super::reader::Coverage;
 use super::resubscribe::{Ended, Link, Subscriber, keep_subscribed};
@@ -120,8 +126,11 @@ pub struct Subscription {
     pub coverage: Arc<Coverage>,
     /// Where received messages go; the worker reads the other end.
     pub queue: mpsc::Sender<Vec<Message>>,
-    /// How many messages may wait between the connection and this task.
-    pub read_buffer: usize,
+    /// The process's memory for messages: what waits between the
+    /// connection and this task is charged to it.
+    pub budget: Arc<Budget>,
+    /// Which of the process's subscriptions may fill the whole budget.
+    pub keeper: Keeper,
     pub cancel: CancellationToken,
 }
 
@@ -138,6 +147,8 @@ pub(super) enum Pushed {
         route: usize,
         channel: Vec<u8>,
         payload: Vec<u8>,
+        /// Its bytes in the process's budget, until the worker has it.
+        charge: Charge,
     },
     /// The server ended the subscription to the input channel (its slot
     /// moved) or a node's connection dropped; the client subscribes again
@@ -192,7 +203,7 @@ impl SubConn {
 }
 
 impl Subscriber for Subscription {
-    type Session = (SubConn, mpsc::Receiver<Pushed>);
+    type Session = (SubConn, mpsc::UnboundedReceiver<Pushed>);
 
     fn who(&self) -> String {
         format!("worker {} on {}", self.worker_id, self.channel)
@@ -269,7 +280,8 @@ impl Subscriber for Subscription {
                     route,
                     channel,
                     payload,
-                }) => self.receive(route, channel, payload),
+                    charge,
+                }) => (self.receive(route, channel, payload), charge),
                 Some(Pushed::Lost) => {
                     link.lost(&"the cluster ended the subscription (its slot moved, or a node's connection dropped)");
                     if retry_wait.is_none() {
@@ -291,9 +303,11 @@ impl Subscriber for Subscription {
             if pauses.is_none() || watch.pauses() != pauses {
                 return Ended::Lost("this process was stopped for a while: what its subscription held may be older than its ACKs; dropped (the other workers had it)".into());
             }
+            let (message, charge) = message;
             if self.queue.send(vec![message]).await.is_err() {
                 return Ended::Stopped; // the worker is gone
             }
+            drop(charge);
         }
     }
 }
@@ -336,7 +350,7 @@ impl Subscription {
     async fn unsubscribe_and_drain(
         &mut self,
         conn: &mut SubConn,
-        pushed: &mut mpsc::Receiver<Pushed>,
+        pushed: &mut mpsc::UnboundedReceiver<Pushed>,
     ) {
         let unsubscribe = conn.unsubscribe(self.router.channels(), self.router.patterns());
         match tokio::time::timeout(PING_TIMEOUT, unsubscribe).await {
@@ -353,6 +367,7 @@ impl Subscription {
                 route,
                 channel,
                 payload,
+                charge: _charge,
             } = event
             else {
                 continue;
@@ -368,9 +383,13 @@ impl Subscription {
     /// its pushed messages go to (when it is full they are dropped and
     /// counted). Each attempt has a buffer of its own, so nothing from an
     /// attempt that failed half-way reaches the worker.
-    async fn subscribe_all(&self) -> Result<(SubConn, mpsc::Receiver<Pushed>), RedisError> {
-        let (pushed, receiver) = mpsc::channel(self.read_buffer.max(1));
+    async fn subscribe_all(
+        &self,
+    ) -> Result<(SubConn, mpsc::UnboundedReceiver<Pushed>), RedisError> {
+        let (pushed, receiver) = mpsc::unbounded_channel();
         let counters = self.counters.clone();
+        let budget = self.budget.clone();
+        let keeper = self.keeper.clone();
         let worker = self.worker_id.clone();
         let started = Instant::now();
         // Milliseconds after `started` before which no overflow warning is
@@ -395,7 +414,7 @@ impl Subscription {
             let is_watched =
                 matches!(info.data.first(), Some(redis::Value::BulkString(c)) if *c == watched);
             // Control pushes are handed over without a bound (the end of a
-            // connection must not be lost); messages through `hand_over`.
+            // connection must not be lost); messages within the budget.
             let control = match info.kind {
                 PushKind::SUnsubscribe | PushKind::Unsubscribe | PushKind::PUnsubscribe
                     if is_watched =>
@@ -409,8 +428,7 @@ impl Subscription {
                 _ => None,
             };
             if let Some(control) = control {
-                let pushed = pushed.clone();
-                tokio::spawn(async move { pushed.send(control).await });
+                let _ = pushed.send(control);
                 return Ok(());
             }
             let mut data = info.data.into_iter().map(|v| match v {
@@ -449,18 +467,25 @@ impl Subscription {
             if is_internal_channel(&channel) {
                 return Ok(());
             }
-            hand_over(
-                &pushed,
-                Pushed::Message {
-                    route,
-                    channel,
-                    payload,
-                },
-                &counters,
-                &next_warning,
-                started,
-                &worker,
-            );
+            // The keeper may fill the budget; the others stop at a quarter.
+            let keeps = keeper.claim();
+            let up_to = match keeps {
+                true => budget.limit(),
+                false => budget.limit() / 4,
+            };
+            let cost = payload.len() + channel.len() + MESSAGE_OVERHEAD;
+            let Some(charge) = budget.try_charge(cost, up_to) else {
+                overflowed(&counters, &next_warning, started, &worker, keeps);
+                return Ok(());
+            };
+            // A receiver gone means this connection was given up: nothing
+            // here received it.
+            let _ = pushed.send(Pushed::Message {
+                route,
+                channel,
+                payload,
+                charge,
+            });
             Ok(())
         };
         let conn = self
@@ -482,34 +507,88 @@ impl Subscription {
     }
 }
 
-/// Puts a message in the subscription's buffer, or, when the buffer is
-/// full, drops it, counts it as `overflow` and says so (at most once a
-/// second).
-fn hand_over(
-    pushed: &mpsc::Sender<Pushed>,
-    message: Pushed,
+/// A message this worker received and drops, its share of the budget spent:
+/// counted as `overflow`, and said (at most once a second; a warning when
+/// the keeper drops it, the process's last copy).
+fn overflowed(
     counters: &Counters,
     next_warning: &AtomicU64,
     started: Instant,
     worker: &str,
+    keeper: bool,
 ) {
-    match pushed.try_send(message) {
-        Ok(()) => {}
-        // This connection was given up: nothing here received it.
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            // Dropped here: received, and overflowed, by this worker.
-            Counters::add(&counters.received, 1);
-            Counters::add(&counters.overflow, 1);
-            let now = started.elapsed().as_millis() as u64;
-            let next = next_warning.load(Ordering::Relaxed);
-            if now >= next
-                && next_warning
-                    .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                tracing::warn!(worker = %worker, overflow = counters.overflow.load(Ordering::Relaxed), "queue full: dropping new messages (see overflow)");
+    Counters::add(&counters.received, 1);
+    Counters::add(&counters.overflow, 1);
+    let now = started.elapsed().as_millis() as u64;
+    let next = next_warning.load(Ordering::Relaxed);
+    if now >= next
+        && next_warning
+            .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let overflow = counters.overflow.load(Ordering::Relaxed);
+        match keeper {
+            true => {
+                tracing::warn!(worker = %worker, overflow, "memory budget spent (MEMORY_LIMIT): dropping new messages, the process's last copies (see overflow)")
             }
+            false => {
+                tracing::info!(worker = %worker, overflow, "a quarter of the memory budget spent (MEMORY_LIMIT): dropping this worker's copies of new messages; the process's keeper still holds them")
+            }
+        }
+    }
+}
+
+/// Which one of a process's subscriptions is its keeper: the first to ask
+/// while there is none. A subscription's seat is given up when it ends.
+#[derive(Debug, Clone)]
+pub struct Keeper {
+    held_by: Arc<AtomicU64>,
+    seat: Arc<Seat>,
+}
+
+#[derive(Debug)]
+struct Seat {
+    number: u64,
+    held_by: Arc<AtomicU64>,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let _ = self
+            .held_by
+            .compare_exchange(self.number, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+impl Keeper {
+    /// The process's seats: one [`Keeper::seat`] per subscription.
+    pub fn seats() -> Arc<AtomicU64> {
+        Arc::new(AtomicU64::new(0))
+    }
+
+    /// A new subscription's seat among `held_by`'s.
+    pub fn seat(held_by: &Arc<AtomicU64>) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let number = NEXT.fetch_add(1, Ordering::Relaxed);
+        Keeper {
+            held_by: held_by.clone(),
+            seat: Arc::new(Seat {
+                number,
+                held_by: held_by.clone(),
+            }),
+        }
+    }
+
+    /// Whether this subscription is the keeper, becoming it if there is none.
+    fn claim(&self) -> bool {
+        let me = self.seat.number;
+        match self.held_by.load(Ordering::Acquire) {
+            held if held == me => true,
+            0 => self
+                .held_by
+                .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+                .map_or_else(|held| held == me, |_| true),
+            _ => false,
         }
     }
 }
