@@ -6,6 +6,12 @@
 //! each `seq` in `0..N` of that run exactly once. Entries of other runs, and
 //! entries that are not test messages, are counted apart (`others`) and do
 //! not fail the audit: several runs, and other writers, can share a stream.
+//!
+//! [`any`] audits any stream instead, whoever wrote it: duplicates by
+//! message id, order and gaps by a numeric field, what is missing against a
+//! count or a list of ids.
+
+pub mod any;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -14,7 +20,7 @@ use redis::RedisError;
 use redis::streams::StreamRangeReply;
 
 /// What the stream holds of one run, against what was published.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AuditReport {
     /// The run audited.
     pub run: String,
@@ -70,7 +76,9 @@ pub enum AuditError {
     NoStream(String),
     #[error("{0} is not a stream (it is a {1})")]
     NotAStream(String, String),
-    #[error("stream {0} holds no message of a run of optimus publish")]
+    #[error(
+        "stream {0} holds no message of a run of optimus publish: to audit any stream, give --count N, --ids FILE or --seq-field NAME instead of --published"
+    )]
     NoRun(String),
     #[error("--published {0} is more than an audit can check ({MAX_PUBLISHED})")]
     TooMany(u64),
@@ -116,6 +124,22 @@ fn run_and_seq(payload: &[u8]) -> Option<(String, Option<u64>)> {
         None => return None,
     };
     Some((run, seq))
+}
+
+/// That `stream` exists and is a stream.
+async fn check_stream<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+) -> Result<(), AuditError> {
+    let kind: String = redis::cmd("TYPE").arg(stream).query_async(conn).await?;
+    match kind.as_str() {
+        "stream" => Ok(()),
+        "none" => Err(AuditError::NoStream(stream.to_string())),
+        other => Err(AuditError::NotAStream(
+            stream.to_string(),
+            other.to_string(),
+        )),
+    }
 }
 
 /// The stream's entries in pages of `count`, oldest first (`reverse`:
@@ -167,20 +191,7 @@ pub async fn audit(
         return Err(AuditError::TooMany(published));
     }
     let mut conn = crate::connect::open(endpoint).await?;
-    let kind: String = redis::cmd("TYPE")
-        .arg(stream)
-        .query_async(&mut conn)
-        .await?;
-    match kind.as_str() {
-        "stream" => {}
-        "none" => return Err(AuditError::NoStream(stream.to_string())),
-        other => {
-            return Err(AuditError::NotAStream(
-                stream.to_string(),
-                other.to_string(),
-            ));
-        }
-    }
+    check_stream(&mut conn, stream).await?;
     let run = match run {
         Some(run) => run.to_string(),
         None => {
