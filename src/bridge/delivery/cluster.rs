@@ -147,7 +147,9 @@ pub(super) enum Pushed {
         route: usize,
         channel: Vec<u8>,
         payload: Vec<u8>,
-        /// Its bytes in the process's budget, until the worker has it.
+        /// When it came off the connection (its age counts from then).
+        arrived: Instant,
+        /// Its bytes in the process's budget, until it is written.
         charge: Charge,
     },
     /// The server ended the subscription to the input channel (its slot
@@ -224,6 +226,20 @@ impl Subscriber for Subscription {
     /// Reads until the connection ends; the cluster client subscribes again
     /// by itself after a slot moves (and this task does when it does not).
     async fn read(&mut self, session: Self::Session, link: &mut Link<'_>) -> Ended {
+        let ended = self.read_session(session, link).await;
+        // Ended, so not receiving: another subscription keeps what comes.
+        self.keeper.release();
+        ended
+    }
+}
+
+impl Subscription {
+    /// [`Subscriber::read`]: reads one session until it ends.
+    async fn read_session(
+        &mut self,
+        session: (SubConn, mpsc::UnboundedReceiver<Pushed>),
+        link: &mut Link<'_>,
+    ) -> Ended {
         let (mut conn, mut pushed) = session;
         let mut last_heard = Instant::now();
         let watch = PauseWatch::get();
@@ -240,6 +256,8 @@ impl Subscriber for Subscription {
         loop {
             let event = tokio::select! {
                 _ = self.cancel.cancelled() => {
+                    // Stopping: another subscription keeps what comes next.
+                    self.keeper.release();
                     self.unsubscribe_and_drain(&mut conn, &mut pushed).await;
                     return Ended::Stopped;
                 }
@@ -280,9 +298,13 @@ impl Subscriber for Subscription {
                     route,
                     channel,
                     payload,
+                    arrived,
                     charge,
-                }) => (self.receive(route, channel, payload), charge),
+                }) => self.receive(route, channel, payload, arrived, charge),
                 Some(Pushed::Lost) => {
+                    // Not receiving: another subscription keeps what comes
+                    // meanwhile (this one claims again with its next message).
+                    self.keeper.release();
                     link.lost(&"the cluster ended the subscription (its slot moved, or a node's connection dropped)");
                     if retry_wait.is_none() {
                         retry_wait = Some(RESUBSCRIBE_FIRST);
@@ -303,11 +325,9 @@ impl Subscriber for Subscription {
             if pauses.is_none() || watch.pauses() != pauses {
                 return Ended::Lost("this process was stopped for a while: what its subscription held may be older than its ACKs; dropped (the other workers had it)".into());
             }
-            let (message, charge) = message;
             if self.queue.send(vec![message]).await.is_err() {
                 return Ended::Stopped; // the worker is gone
             }
-            drop(charge);
         }
     }
 }
@@ -323,7 +343,14 @@ impl Subscription {
 
     /// The message with its lane and id (it was counted as it came off the
     /// connection).
-    fn receive(&mut self, route: usize, channel: Vec<u8>, payload: Vec<u8>) -> Message {
+    fn receive(
+        &mut self,
+        route: usize,
+        channel: Vec<u8>,
+        payload: Vec<u8>,
+        arrived: Instant,
+        charge: Charge,
+    ) -> Message {
         let lane = match self.router.fixed(route) {
             Some(lane) => lane,
             None => {
@@ -339,7 +366,9 @@ impl Subscription {
                     .clone()
             }
         };
-        let mut m = Message::new(Bytes::from(payload), Bytes::from(channel), lane);
+        let mut m = Message::arrived(Bytes::from(payload), Bytes::from(channel), lane, arrived);
+        // Charged until it is written (or dropped), not only while it waits here.
+        m.charge = Some(Arc::new(charge));
         self.ids.identify(&mut m);
         m
     }
@@ -367,12 +396,13 @@ impl Subscription {
                 route,
                 channel,
                 payload,
-                charge: _charge,
+                arrived,
+                charge,
             } = event
             else {
                 continue;
             };
-            let message = self.receive(route, channel, payload);
+            let message = self.receive(route, channel, payload, arrived, charge);
             if self.queue.send(vec![message]).await.is_err() {
                 return;
             }
@@ -380,8 +410,8 @@ impl Subscription {
     }
 
     /// A RESP3 cluster connection subscribed to the channels, and the buffer
-    /// its pushed messages go to (when it is full they are dropped and
-    /// counted). Each attempt has a buffer of its own, so nothing from an
+    /// its pushed messages go to (within this subscription's share of the
+    /// budget; beyond it they are dropped and counted). Each attempt has a buffer of its own, so nothing from an
     /// attempt that failed half-way reaches the worker.
     async fn subscribe_all(
         &self,
@@ -484,6 +514,7 @@ impl Subscription {
                 route,
                 channel,
                 payload,
+                arrived: Instant::now(),
                 charge,
             });
             Ok(())
@@ -577,6 +608,15 @@ impl Keeper {
                 held_by: held_by.clone(),
             }),
         }
+    }
+
+    /// Gives the keeper's seat up, if this subscription holds it: it is not
+    /// receiving (stopping, or its subscription lost).
+    fn release(&self) {
+        let me = self.seat.number;
+        let _ = self
+            .held_by
+            .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Whether this subscription is the keeper, becoming it if there is none.
