@@ -27,6 +27,10 @@ pub struct Expect {
     pub seq_field: Option<String>,
     /// How many distinct messages should be there.
     pub count: Option<u64>,
+    /// With a seq field and a count: the first number expected (by default
+    /// the lowest seen); the count's numbers from it are expected, others
+    /// unexpected.
+    pub seq_from: Option<u64>,
     /// Exactly these message ids should be there.
     pub ids: Option<HashSet<Vec<u8>>>,
 }
@@ -65,6 +69,9 @@ pub struct StreamAudit {
     pub unexpected: u64,
     /// Messages in the dead-letter stream and not in the stream.
     pub dead: u64,
+    /// Entries the audit was asked to check and could not: without the
+    /// seq field when one was given, or without an id against an id list.
+    pub unchecked: bool,
 }
 
 /// The most gap ranges a report lists.
@@ -75,6 +82,7 @@ impl StreamAudit {
     /// order, without gaps.
     pub fn ok(&self) -> bool {
         self.duplicates + self.out_of_order + self.gaps + self.lost + self.unexpected == 0
+            && !self.unchecked
     }
 }
 
@@ -102,6 +110,9 @@ impl fmt::Display for StreamAudit {
             )?;
         }
         write!(f, " dead={}", self.dead)?;
+        if self.unchecked {
+            write!(f, " unchecked=yes")?;
+        }
         if !self.gap_ranges.is_empty() {
             let ranges: Vec<String> = self
                 .gap_ranges
@@ -114,11 +125,8 @@ impl fmt::Display for StreamAudit {
                     }
                 })
                 .collect();
-            let more = if self.gaps > 0 && self.gap_ranges.len() == GAP_RANGES {
-                ",…"
-            } else {
-                ""
-            };
+            let listed: u64 = self.gap_ranges.iter().map(|&(a, b)| b - a + 1).sum();
+            let more = if listed < self.gaps { ",…" } else { "" };
             write!(f, "\nmissing seq: {}{more}", ranges.join(","))?;
         }
         Ok(())
@@ -234,7 +242,12 @@ pub async fn audit_stream(
             (None, Some(seq)) => Key::Seq(seq),
             (None, None) => return true,
         };
-        if !seen.contains(&key) && dead.insert(key) {
+        let listed = match (&expect.ids, &key) {
+            (Some(ids), Key::Id(id)) => ids.contains(id),
+            (Some(_), Key::Seq(_)) => false,
+            (None, _) => true,
+        };
+        if listed && !seen.contains(&key) && dead.insert(key) {
             seqs.extend(seq);
         }
         true
@@ -257,6 +270,21 @@ pub async fn audit_stream(
             }
         }
     }
+    report.unchecked = (expect.seq_field.is_some() && report.without_seq > 0)
+        || (expect.ids.is_some() && report.without_id > 0);
+    if let (Some(count), Some(_), Some(lowest)) =
+        (expect.count, &expect.seq_field, report.first_seq)
+    {
+        // The count's numbers from the first expected: missing ones lost,
+        // numbers outside unexpected (entries without one counted apart).
+        let from = expect.seq_from.unwrap_or(lowest);
+        let end = from.saturating_add(count);
+        let inside = seqs.iter().filter(|&&n| n >= from && n < end).count() as u64;
+        report.expected = Some(count);
+        report.lost = count - inside;
+        report.unexpected = seqs.len() as u64 - inside;
+        return Ok(report);
+    }
     if let Some(ids) = &expect.ids {
         report.expected = Some(ids.len() as u64);
         report.lost = ids
@@ -267,7 +295,8 @@ pub async fn audit_stream(
             })
             .count() as u64;
     } else if let Some(count) = expect.count {
-        let have = report.messages + report.dead;
+        // Entries without an id cannot be told apart: each counts as one.
+        let have = report.messages + report.without_id + report.dead;
         report.expected = Some(count);
         report.lost = count.saturating_sub(have);
         report.unexpected = have.saturating_sub(count);
@@ -275,11 +304,13 @@ pub async fn audit_stream(
     Ok(report)
 }
 
-/// Message ids, one per line (blank lines and a trailing `\r` ignored).
+/// Message ids, one per line (blank lines, spaces around an id, a `\r` and
+/// a leading byte-order mark ignored).
 pub fn read_ids(text: &[u8]) -> HashSet<Vec<u8>> {
+    let text = text.strip_prefix("\u{feff}".as_bytes()).unwrap_or(text);
     text.split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(<[u8]>::trim_ascii)
+        .filter(|line| !line.is_empty())
         .map(<[u8]>::to_vec)
         .collect()
 }
@@ -289,8 +320,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_id_list_skips_blank_lines_and_carriage_returns() {
-        let ids = read_ids(b"a\r\n\nb\n  \nc");
+    fn an_id_list_skips_blank_lines_spaces_and_marks() {
+        let ids = read_ids("\u{feff}a\r\n\n b \n  \nc".as_bytes());
         let want: HashSet<Vec<u8>> = [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()].into();
         assert_eq!(ids, want);
     }

@@ -15,7 +15,7 @@ pub struct AuditArgs {
     /// How many messages a run of `optimus publish` reported as published:
     /// checks that run's test messages (`seq` 0..N, each once). Without it
     /// any stream is audited (the flags below).
-    #[arg(long, conflicts_with_all = ["count", "ids", "seq_field", "id_field"])]
+    #[arg(long, conflicts_with_all = ["count", "ids", "seq_field", "id_field", "seq_from"])]
     pub published: Option<String>,
     /// The run to check (`run=` in the publisher's summary) [default: the
     /// latest]; with --published.
@@ -40,6 +40,11 @@ pub struct AuditArgs {
     /// are gaps.
     #[arg(long, value_name = "NAME")]
     pub seq_field: Option<String>,
+    /// With --seq-field and --count: the first number expected [default:
+    /// the lowest seen]; the count's numbers from it are expected, missing
+    /// ones lost, others unexpected.
+    #[arg(long, value_name = "N", requires_all = ["seq_field", "count"])]
+    pub seq_from: Option<u64>,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -72,6 +77,17 @@ pub async fn run(connect: &ConnectArgs, args: &AuditArgs) -> Result<(), Exit> {
         let report = optimus::audit::any::audit_stream(&endpoint, stream, dead, &expect)
             .await
             .map_err(failed)?;
+        if report.entries > 0 && report.without_id == report.entries {
+            eprintln!(
+                "optimus: no entry of {stream} has a field {} (entry or JSON payload): duplicates are not checked; name the id's field with --id-field",
+                expect.id_field
+            );
+        }
+        if report.unchecked {
+            eprintln!(
+                "optimus: some entries lack the fields asked for (without_seq, without_id): they are not checked, and the audit fails"
+            );
+        }
         show(&report, args.json);
         report.ok()
     };
@@ -110,6 +126,7 @@ fn expectation(args: &AuditArgs) -> Result<optimus::audit::any::Expect, Exit> {
     Ok(optimus::audit::any::Expect {
         id_field: args.id_field.clone(),
         seq_field: args.seq_field.clone(),
+        seq_from: args.seq_from,
         count,
         ids,
     })

@@ -1257,14 +1257,13 @@ fn audit_checks_any_stream_by_its_ids_and_sequence() {
         let payload = format!(r#"{{"order":"o-{n}","n":{n}}}"#);
         add("orders2", &["payload", &payload]);
     }
-    let (code, report) = audit(&[
-        "--stream",
-        "orders2",
-        "--id-field",
-        "order",
-        "--seq-field",
-        "n",
-    ]);
+    // The service's order ids are the messages' ids.
+    let orders = |more: &[&str]| {
+        let mut args = vec!["--stream", "orders2", "--id-field", "order"];
+        args.extend_from_slice(more);
+        audit(&args)
+    };
+    let (code, report) = orders(&["--seq-field", "n"]);
     assert_eq!(
         code,
         Some(1),
@@ -1291,15 +1290,24 @@ fn audit_checks_any_stream_by_its_ids_and_sequence() {
         (&1.into(), &10.into())
     );
 
+    // A field name that no entry has cannot pass.
+    let (code, report) = orders(&["--seq-field", "nn"]);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(
+        (&report["without_seq"], &report["unchecked"]),
+        (&10.into(), &true.into()),
+        "{report}"
+    );
+    // The count's numbers from 0: 0 and 4 missing, 10 beyond them.
+    let (_, report) = orders(&["--seq-field", "n", "--count", "10", "--seq-from", "0"]);
+    assert_eq!(
+        (&report["lost"], &report["unexpected"]),
+        (&2.into(), &1.into()),
+        "{report}"
+    );
+
     // Against a count and an id list.
-    let (_, report) = audit(&[
-        "--stream",
-        "orders2",
-        "--id-field",
-        "order",
-        "--count",
-        "10",
-    ]);
+    let (_, report) = orders(&["--count", "10"]);
     assert_eq!(
         (&report["lost"], &report["unexpected"]),
         (&1.into(), &0.into()),
@@ -1311,7 +1319,7 @@ fn audit_checks_any_stream_by_its_ids_and_sequence() {
     std::fs::write(&list, ids).unwrap();
     let list = list.to_str().unwrap();
     add("orders2", &["payload", r#"{"order":"o-99","n":11}"#]);
-    let (_, report) = audit(&["--stream", "orders2", "--id-field", "order", "--ids", list]);
+    let (_, report) = orders(&["--ids", list]);
     assert_eq!(
         (&report["expected"], &report["lost"], &report["unexpected"]),
         (&11.into(), &2.into(), &1.into()),
@@ -1323,16 +1331,7 @@ fn audit_checks_any_stream_by_its_ids_and_sequence() {
         "orders2:dead",
         &["message_id", "o-4", "payload", r#"{"order":"o-4","n":4}"#],
     );
-    let (_, report) = audit(&[
-        "--stream",
-        "orders2",
-        "--id-field",
-        "order",
-        "--seq-field",
-        "n",
-        "--count",
-        "11",
-    ]);
+    let (_, report) = orders(&["--seq-field", "n", "--count", "11"]);
     assert_eq!(
         (&report["dead"], &report["lost"], &report["gaps"]),
         (&1.into(), &0.into(), &0.into()),
