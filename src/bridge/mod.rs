@@ -49,6 +49,10 @@ pub enum BridgeError {
     /// process writes nothing.
     #[error("{0}")]
     MixedStrategies(String),
+    /// The server lacks what the settings need (sharded Pub/Sub before
+    /// Redis 7.0).
+    #[error("{0}")]
+    Unsupported(String),
     /// A graceful stop took longer than SHUTDOWN_TIMEOUT.
     #[error(
         "SHUTDOWN_TIMEOUT ({}s) passed: stopped with {unsettled} received messages unsettled (other workers hold copies of them, unless they stopped too)",
@@ -137,6 +141,11 @@ impl Bridge {
             "the stream and the delivery protocol's keys (writer records, members, clock; with STRATEGY=race, ACK keys and locks)",
         )
         .await;
+        if config.endpoint.is_sharded()
+            && let Some(line) = crate::connect::lacks_sharded_pubsub(&mut conn, &server).await
+        {
+            return Err(BridgeError::Unsupported(line));
+        }
 
         let process = Process::new();
         // How many workers to run: CONSUMERS_COUNT, or this process's share

@@ -13,5 +13,6 @@ pub use follow::{WATCH_EVERY as SENTINEL_WATCH_EVERY, primary_watch, until_moved
 pub use open::{Conn, connection, connection_manager, managed, open};
 pub use retry::{
     Backoff, CONNECT_FAILURES, MAX_BACKOFF, brief, count_connect_failure, explain, has_code,
-    is_fatal, retry_until, retry_until_connected, tls_failure, warn_if_evicting,
+    is_fatal, lacks_sharded_pubsub, retry_until, retry_until_connected, server_version,
+    tls_failure, warn_if_evicting,
 };

@@ -180,6 +180,48 @@ pub async fn warn_if_evicting<C: ConnectionLike + Send>(conn: &mut C, what: &str
     }
 }
 
+/// The server's version (major, minor) as INFO reports it, if it will tell
+/// (`redis_version`: Valkey reports the Redis version it is compatible with).
+pub async fn server_version<C: ConnectionLike + Send>(conn: &mut C) -> Option<(u32, u32)> {
+    // A cluster connection answers with each node's INFO: the first tells.
+    let info: redis::Value = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .ok()?;
+    fn text(value: &redis::Value) -> Option<String> {
+        match value {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::VerbatimString { text, .. } => Some(text.clone()),
+            redis::Value::SimpleString(s) => Some(s.clone()),
+            redis::Value::Map(pairs) => pairs.iter().find_map(|(_, v)| text(v)),
+            redis::Value::Array(items) => items.iter().find_map(text),
+            _ => None,
+        }
+    }
+    let info = text(&info)?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?;
+    let mut parts = version.trim().split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// Sharded Pub/Sub (PUBSUB_MODE=sharded) on a server older than Redis 7.0,
+/// which has no SSUBSCRIBE or SPUBLISH: the line to exit with. `None` when
+/// the server has it, or will not say.
+pub async fn lacks_sharded_pubsub<C: ConnectionLike + Send>(
+    conn: &mut C,
+    server: &str,
+) -> Option<String> {
+    let (major, minor) = server_version(conn).await?;
+    (major < 7).then(|| {
+        format!(
+            "PUBSUB_MODE=sharded needs Redis 7.0 or later (SSUBSCRIBE, SPUBLISH); {server} runs Redis {major}.{minor}: use PUBSUB_MODE=classic"
+        )
+    })
+}
+
 /// The longest wait between two reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 

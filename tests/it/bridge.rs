@@ -785,7 +785,10 @@ fn shutdown_has_a_deadline_when_redis_hangs() {
 /// A foreign publisher's payload over the server's Pub/Sub output-buffer
 /// limit drops every subscription at once: the bridge counts the gap,
 /// resubscribes and goes on. (Its own publisher refuses such a payload: see
-/// tests/publish.rs.)
+/// tests/publish.rs.) A server that delivers it all the same (Valkey 9.1
+/// did, to one subscription) has it dead-lettered as over
+/// MAX_PAYLOAD_BYTES: either way it is accounted for, never written to the
+/// stream, and the bridge goes on.
 #[test]
 fn a_foreign_giant_message_is_a_counted_gap() {
     let server = RedisServer::start();
@@ -798,15 +801,19 @@ fn a_foreign_giant_message_is_a_counted_gap() {
         .query(&mut server.conn())
         .unwrap();
     let line = consume.wait_for_latest("monitor ", Duration::from_secs(30), |f| {
-        f.num("gaps") >= 1 && f.values["redis"] == "connected" && f.num("consumers") == 2
+        (f.num("gaps") >= 1 || f.num("dead") >= 1)
+            && f.values["redis"] == "connected"
+            && f.num("consumers") == 2
     });
-    assert!(line.num("reconnects") >= 2, "{}", line.line);
+    if line.num("dead") == 0 {
+        assert!(line.num("reconnects") >= 2, "{}", line.line);
+    }
     publish_raw(&server, &[r#"{"message_id":"after"}"#], 2);
     let entries = settled_entries(&server, &[&consume], 1);
     assert_eq!(
         entries.len(),
         1,
-        "the giant is in neither stream: {entries:?}"
+        "the giant is not in the stream: {entries:?}"
     );
 }
 

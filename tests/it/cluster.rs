@@ -1162,3 +1162,36 @@ fn a_race_pool_on_a_cluster_keeps_a_burst_past_its_workers_share_of_memory() {
     let entries = stream_entries(&mut cluster.conn(), &stream);
     assert_exactly_once(&entries, 0..16_000);
 }
+
+/// Sharded Pub/Sub where the server has it (Redis 7.0 and later): the bridge
+/// runs. Where it does not (Redis 6.2, in `tests/servers.sh`'s matrix), it
+/// says so in one line at start and exits 1, rather than retrying forever.
+#[test]
+fn sharded_pubsub_runs_where_the_server_has_it_and_says_so_where_not() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds = cluster.seeds();
+    let info: String = cluster.nodes[0].query(&["INFO", "server"]).unwrap();
+    let major: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .and_then(|v| v.split('.').next()?.trim().parse().ok())
+        .expect("redis_version");
+    let env = [
+        ("REDIS_URL", seeds.as_str()),
+        ("PUBSUB_MODE", "sharded"),
+        ("MONITORING_INTERVAL", "0.2"),
+    ];
+    let mut consume = OptimusProcess::spawn(&["consume"], &env);
+    if major >= 7 {
+        consume.wait_consumers(2);
+        return;
+    }
+    let status = consume.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", consume.describe());
+    let lines = consume.error_lines();
+    assert_eq!(lines.len(), 1, "one line: {lines:?}");
+    assert!(
+        lines[0].contains("PUBSUB_MODE=sharded needs Redis 7.0"),
+        "{lines:?}"
+    );
+}

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::certs::{CertFiles, TestCa};
+#[cfg(feature = "tls")]
+use super::certs::TestCa;
 use super::{free_port, wait_for};
 
 /// One node: its process, port and directory.
@@ -30,7 +31,8 @@ pub struct RedisCluster {
 /// certificate.
 struct NodeTls<'a> {
     ca: &'a Path,
-    cert: &'a CertFiles,
+    cert: &'a Path,
+    key: &'a Path,
 }
 
 /// A port whose cluster-bus port (+10000) is free too.
@@ -56,14 +58,14 @@ fn rand_port() -> u16 {
 }
 
 fn spawn_node(dir: &Path, port: u16, tls: Option<(u16, &NodeTls)>) -> Child {
-    let mut cmd = Command::new("redis-server");
+    let mut cmd = Command::new(super::redis_server());
     if let Some((tls_port, files)) = tls {
         cmd.arg("--tls-port")
             .arg(tls_port.to_string())
             .arg("--tls-cert-file")
-            .arg(&files.cert.cert)
+            .arg(files.cert)
             .arg("--tls-key-file")
-            .arg(&files.cert.key)
+            .arg(files.key)
             .arg("--tls-ca-cert-file")
             .arg(files.ca)
             .args(["--tls-auth-clients", "yes", "--tls-cluster", "yes"]);
@@ -91,11 +93,13 @@ impl RedisCluster {
 
     /// `masters` masters without replicas that also take TLS clients (which
     /// must show a certificate `ca` signed) and talk TLS among themselves.
+    #[cfg(feature = "tls")]
     pub fn start_tls(masters: usize, ca: &TestCa) -> Self {
         let cert = ca.node("cluster-node");
         let tls = NodeTls {
             ca: &ca.cert_file,
-            cert: &cert,
+            cert: &cert.cert,
+            key: &cert.key,
         };
         Self::start_with(masters, 0, Some(&tls))
     }

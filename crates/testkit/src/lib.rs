@@ -7,7 +7,6 @@
 
 #[cfg(feature = "tls")]
 pub mod certs;
-#[cfg(feature = "tls")]
 pub mod cluster;
 pub mod proxy;
 pub mod sentinel;
@@ -68,7 +67,7 @@ impl RedisServer {
     /// benchmark): an error instead of a panic when redis-server cannot be
     /// run or does not start.
     pub fn try_start() -> Result<Self, String> {
-        let runs = Command::new("redis-server")
+        let runs = Command::new(redis_server())
             .arg("--version")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -301,8 +300,16 @@ impl Drop for RedisServer {
     }
 }
 
+/// The server binary every harness starts: REDIS_SERVER when set (another
+/// version, or Valkey: `tests/servers.sh` sets it), else `redis-server`.
+pub fn redis_server() -> std::ffi::OsString {
+    std::env::var_os("REDIS_SERVER")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-server".into())
+}
+
 fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> Child {
-    Command::new("redis-server")
+    Command::new(redis_server())
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .arg("--dir")

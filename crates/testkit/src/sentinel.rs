@@ -41,7 +41,7 @@ impl SentinelSetup {
                 ),
             )
             .expect("sentinel config");
-            let child = Command::new("redis-server")
+            let child = Command::new(super::redis_server())
                 .arg(&conf)
                 .arg("--sentinel")
                 .arg("--logfile")

@@ -26,7 +26,12 @@ for i = 2, #KEYS, 2 do
   elseif too_old(ARGV[h + 1], ARGV[4]) then
     out[#out + 1] = 6
   else
-    local old = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+    -- GET, then SET when free: SET NX GET in one command, as Redis 6.2
+    -- does not take NX with GET (the script makes the two one step).
+    local old = redis.call('GET', KEYS[i])
+    if not old then
+      redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    end
     if not old or old == ARGV[1] then
       out[#out + 1] = 1
     else
