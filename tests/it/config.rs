@@ -273,3 +273,101 @@ fn bench_refuses_a_server_named_by_the_config_file() {
         Some("1")
     );
 }
+
+/// `packaging/deb.sh` builds a Debian package of this build's binary with
+/// what the issue lists: the binary (which runs), the man page, the three
+/// completions, the two systemd templates as they are in the repository,
+/// the example config and the license, a control file naming the package
+/// and its version, and maintainer scripts that make the `optimus` user.
+#[test]
+fn the_debian_package_holds_the_binary_units_man_page_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(support::crate_file("packaging/deb.sh"))
+        .arg("--binary")
+        .arg(support::optimus_binary())
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("bash packaging/deb.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "packaging/deb.sh: {stderr}");
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        deb.ends_with(&format!("optimus_{version}_amd64.deb"))
+            || deb.contains(&format!("optimus_{version}_")),
+        "{deb}"
+    );
+    let dpkg = |args: &[&str]| {
+        let out = std::process::Command::new("dpkg-deb")
+            .args(args)
+            .output()
+            .expect("dpkg-deb (Debian's dpkg package)");
+        assert!(out.status.success(), "dpkg-deb {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fields = dpkg(&["-f", &deb, "Package", "Version", "Depends"]);
+    assert!(fields.contains("Package: optimus"), "{fields}");
+    assert!(fields.contains(&format!("Version: {version}")), "{fields}");
+
+    let root = dir.path().join("root");
+    dpkg(&["-x", &deb, &root.to_string_lossy()]);
+    let installed = |path: &str| root.join(path.trim_start_matches('/'));
+    for path in [
+        "/usr/bin/optimus",
+        "/usr/share/man/man1/optimus.1.gz",
+        "/usr/share/bash-completion/completions/optimus",
+        "/usr/share/zsh/vendor-completions/_optimus",
+        "/usr/share/fish/vendor_completions.d/optimus.fish",
+        "/usr/share/doc/optimus/examples/optimus.toml",
+        "/usr/share/doc/optimus/copyright",
+    ] {
+        let meta = std::fs::metadata(installed(path))
+            .unwrap_or_else(|e| panic!("{path} in the package: {e}"));
+        assert!(meta.len() > 0, "{path} is empty");
+    }
+    let runs = std::process::Command::new(installed("/usr/bin/optimus"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&runs.stdout).trim(),
+        format!("optimus {version}"),
+        "{runs:?}"
+    );
+    for unit in ["optimus-consume@.service", "optimus-work@.service"] {
+        let packaged = std::fs::read(installed(&format!("/lib/systemd/system/{unit}"))).unwrap();
+        let ours =
+            std::fs::read(support::crate_file(&format!("packaging/systemd/{unit}"))).unwrap();
+        assert_eq!(packaged, ours, "{unit} as in packaging/systemd");
+    }
+    let man = std::process::Command::new("gzip")
+        .args(["-dc"])
+        .arg(installed("/usr/share/man/man1/optimus.1.gz"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&man.stdout).contains(".TH optimus"),
+        "a man page: {man:?}"
+    );
+    let bash = std::fs::read_to_string(installed("/usr/share/bash-completion/completions/optimus"))
+        .unwrap();
+    assert!(
+        bash.contains("consume"),
+        "bash completion knows the commands"
+    );
+
+    let control = root.join("control");
+    dpkg(&["-e", &deb, &control.to_string_lossy()]);
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system"), "{postinst}");
+    for script in ["postinst", "postrm"] {
+        let checked = std::process::Command::new("sh")
+            .arg("-n")
+            .arg(control.join(script))
+            .status()
+            .unwrap();
+        assert!(checked.success(), "{script} is valid sh");
+    }
+}
