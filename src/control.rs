@@ -20,21 +20,42 @@ pub use crate::keys::{PROCESS_PREFIX, PROCESSES_KEY, RATE_PREFIX, STOP_KEY, WORK
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Stores a process's rate (messages or entries per second over its last
-/// monitoring interval) for `ctl status`; it lapses after three intervals.
-/// Failures are ignored: the monitoring line reports Redis trouble.
+/// monitoring interval) and the figures of its monitoring line `line` (its
+/// `key=value` fields) for `ctl status` and `optimus top`; it lapses after
+/// three intervals. Failures are ignored: the monitoring line reports Redis
+/// trouble.
 pub async fn report_rate<C: ConnectionLike>(
     conn: &mut C,
     process: &str,
     rate: f64,
+    line: &str,
     interval: Duration,
 ) {
+    let fields: Vec<&str> = line
+        .split_whitespace()
+        .filter(|f| f.contains('=') && !f.starts_with("rate=") && !f.starts_with("consumers="))
+        .collect();
     let _: redis::RedisResult<()> = redis::cmd("SET")
         .arg(format!("{RATE_PREFIX}{process}"))
-        .arg(format!("{rate:.0}"))
+        .arg(format!("rate={rate:.0} {}", fields.join(" ")))
         .arg("PX")
         .arg((interval.as_millis() as u64).saturating_mul(3).max(1))
         .query_async(conn)
         .await;
+}
+
+/// The rate and the figures [`report_rate`] stored (also a bare rate, as
+/// processes of an earlier version store it).
+fn reported(value: &str) -> (Option<String>, std::collections::BTreeMap<String, String>) {
+    if value.parse::<f64>().is_ok() {
+        return (Some(value.to_string()), Default::default());
+    }
+    let mut figures: std::collections::BTreeMap<String, String> = value
+        .split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (figures.remove("rate"), figures)
 }
 
 /// How long a process registration lasts without renewal.
@@ -168,6 +189,9 @@ pub struct ProcessRow {
     /// Messages written (or entries handled) per second at its last
     /// monitoring line.
     pub rate: Option<String>,
+    /// The other figures of that line (received, written, pending, gaps,
+    /// reconnects, overflow; work: handled, failed, dead …).
+    pub figures: std::collections::BTreeMap<String, String>,
 }
 
 /// What `optimus ctl status` shows.
@@ -220,16 +244,18 @@ pub async fn status<C: ConnectionLike + Send>(
     for (kind, info, workers) in described {
         let host = description_field(&info, "host").unwrap_or("?").to_string();
         let pid = description_field(&info, "pid").unwrap_or("?").to_string();
-        let rate: Option<String> = redis::cmd("GET")
+        let value: Option<String> = redis::cmd("GET")
             .arg(format!("{RATE_PREFIX}host={host} pid={pid}"))
             .query_async(conn)
             .await?;
+        let (rate, figures) = value.as_deref().map(reported).unwrap_or_default();
         processes.push(ProcessRow {
             kind,
             host,
             pid,
             workers,
             rate,
+            figures,
         });
     }
     Ok(Status {

@@ -311,11 +311,11 @@ async fn housekeeping(
                 // Redis answering the monitor in time is the link (a hung
                 // server answers no worker either).
                 counters.link.set(consumers.is_some());
+                let line = counters.line(consumers);
                 if consumers.is_some() {
-                    let report = crate::control::report_rate(&mut conn, presence.value(), rate, interval);
+                    let report = crate::control::report_rate(&mut conn, presence.value(), rate, &line, interval);
                     let _ = tokio::time::timeout(budget, report).await;
                 }
-                let line = counters.line(consumers);
                 if print {
                     crate::monitor::print_line(&line);
                 }

@@ -100,10 +100,6 @@ pub(super) async fn monitor(
         let elapsed = now.duration_since(last.0).as_secs_f64();
         let rate = (snapshot.written - last.1) as f64 / elapsed.max(1e-9);
         last = (now, snapshot.written);
-        if consumers.is_some() {
-            let report = crate::control::report_rate(&mut conn, presence.value(), rate, interval);
-            let _ = tokio::time::timeout(budget, report).await;
-        }
         if snapshot.received != quiet.0 {
             quiet = (snapshot.received, None);
         } else if snapshot.unsettled() == 0
@@ -118,6 +114,12 @@ pub(super) async fn monitor(
             rate,
             link: counters.link(),
         };
+        if consumers.is_some() {
+            let shown = line.to_string();
+            let report =
+                crate::control::report_rate(&mut conn, presence.value(), rate, &shown, interval);
+            let _ = tokio::time::timeout(budget, report).await;
+        }
         if print {
             crate::monitor::print_line(line);
         }

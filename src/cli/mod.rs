@@ -15,6 +15,7 @@ mod logging;
 mod manage;
 mod publish;
 mod signals;
+mod top;
 mod work;
 
 use clap::{Parser, Subcommand};
@@ -114,6 +115,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ctl::CtlAction,
     },
+    /// A live view in the terminal of every consume and work process (what
+    /// `ctl status` reads, with each one's last monitoring figures) and of
+    /// the streams' length and consumer groups, redrawn every second; `q`
+    /// quits.
+    Top(top::TopArgs),
     /// Check a stream, its consumer groups and the bridge's workers against
     /// ok / warn / alert thresholds: one line per check; exit 0 (ok), 1 (warn)
     /// or 2 (alert). Redis unreachable or the stream missing is an alert.
@@ -282,6 +288,7 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             Command::Health(args) => health::run(&connect, &args).await,
             Command::Work(args) => work::run(&connect, &args).await,
             Command::Ctl { action } => ctl::run(&connect, action).await,
+            Command::Top(args) => top::run(&connect, args).await,
             Command::Streams { action } => {
                 manage::run(&connect, manage::Managed::Streams(action)).await
             }

@@ -353,3 +353,85 @@ fn ctl_scale_0_needs_yes_shows_idle_processes_and_counts_the_gap() {
     });
     assert!(line.num("gap_ms") > 0, "{}", line.line);
 }
+
+/// `optimus top` in a terminal (a tmux pane): it shows the live consume
+/// process with its last monitoring figures, the stream with its length and
+/// consumer group, and `q` ends it with exit 0.
+#[test]
+fn top_shows_the_live_processes_and_streams_and_quits_on_q() {
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("tmux is not installed: optimus top is not driven here");
+        return;
+    }
+    let server = RedisServer::start();
+    let url = server.url();
+    let consume = OptimusProcess::consume(&server, &[("MONITORING_INTERVAL", "0.2")]);
+    consume.wait_consumers(2);
+    support::publish(&server, &["--count", "500"]);
+    let _: String = server.command(&["XGROUP", "CREATE", "messages:processed", "billing", "0"]);
+
+    /// The tmux server of this test, killed when the test ends.
+    struct Tmux(String);
+    impl Tmux {
+        fn run(&self, args: &[&str]) -> std::process::Output {
+            std::process::Command::new("tmux")
+                .args(["-L", &self.0])
+                .args(args)
+                .output()
+                .expect("tmux")
+        }
+        fn screen(&self) -> String {
+            String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "top"]).stdout)
+                .into_owned()
+        }
+    }
+    impl Drop for Tmux {
+        fn drop(&mut self) {
+            self.run(&["kill-server"]);
+        }
+    }
+    let tmux = Tmux(format!("optimus-top-{}", std::process::id()));
+    let command = format!(
+        "env REDIS_URL={url} {} top; echo top-exited-$?; sleep 30",
+        support::optimus_binary().display()
+    );
+    let started = tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "160",
+        "-y",
+        "40",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let pid = consume.pid().to_string();
+    support::wait_for(
+        "optimus top to show the consume process with 500 written, and the stream's group",
+        Duration::from_secs(20),
+        || {
+            let screen = tmux.screen();
+            let process = screen
+                .lines()
+                .find(|l| l.contains("consume") && l.contains(&pid))?;
+            (process.contains(" 500 ")
+                && screen.contains("messages:processed")
+                && screen.contains("billing"))
+            .then_some(())
+        },
+        || format!("the screen:\n{}\n{}", tmux.screen(), consume.describe()),
+    );
+    tmux.run(&["send-keys", "-t", "top", "q"]);
+    support::wait_for(
+        "optimus top to end on q, with exit 0",
+        Duration::from_secs(10),
+        || tmux.screen().contains("top-exited-0").then_some(()),
+        || format!("the screen:\n{}", tmux.screen()),
+    );
+}
