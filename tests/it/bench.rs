@@ -10,14 +10,30 @@ use std::time::Duration;
 
 use support::run_optimus;
 
+/// `optimus bench` with `args`, its results written to `json`: its table
+/// (stdout) and the results, once it has succeeded.
+fn bench(args: &[&str], json: &std::path::Path, timeout: Duration) -> (String, serde_json::Value) {
+    let mut all = vec!["bench", "--json", json.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = run_optimus(&all, &[], timeout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    (stdout, report)
+}
+
 #[test]
 fn a_small_benchmark_measures_every_row() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let svg = dir.path().join("bench.svg");
-    let out = run_optimus(
+    let (stdout, report) = bench(
         &[
-            "bench",
             "--messages",
             "3000",
             "--workers",
@@ -32,25 +48,15 @@ fn a_small_benchmark_measures_every_row() {
             "2000",
             "--steady-seconds",
             "1",
-            "--json",
-            json.to_str().unwrap(),
             "--svg",
             svg.to_str().unwrap(),
         ],
-        &[],
+        &json,
         Duration::from_secs(120),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("| fenced | 2 |"), "{stdout}");
     assert!(stdout.contains("| race | 2 |"), "{stdout}");
 
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = report["bridge"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "two strategies, two worker counts");
     for row in rows {
@@ -151,30 +157,13 @@ fn a_small_benchmark_measures_every_row() {
 fn a_small_cluster_benchmark_measures_every_row() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("cluster.json");
-    let out = run_optimus(
-        &[
-            "bench",
-            "--cluster",
-            "--messages",
-            "3000",
-            "--workers",
-            "1,2",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        &[],
+    let (stdout, report) = bench(
+        &["--cluster", "--messages", "3000", "--workers", "1,2"],
+        &json,
         Duration::from_secs(180),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("| fenced | sharded | 2 |"), "{stdout}");
     assert!(stdout.contains("| race | classic | 2 |"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["masters"], 3, "{report}");
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "two strategies, two worker counts");
