@@ -573,7 +573,6 @@ fn overflowed(
 /// while there is none. A subscription's seat is given up when it ends.
 #[derive(Debug, Clone)]
 pub struct Keeper {
-    held_by: Arc<AtomicU64>,
     seat: Arc<Seat>,
 }
 
@@ -602,7 +601,6 @@ impl Keeper {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let number = NEXT.fetch_add(1, Ordering::Relaxed);
         Keeper {
-            held_by: held_by.clone(),
             seat: Arc::new(Seat {
                 number,
                 held_by: held_by.clone(),
@@ -615,17 +613,17 @@ impl Keeper {
     fn release(&self) {
         let me = self.seat.number;
         let _ = self
+            .seat
             .held_by
             .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Whether this subscription is the keeper, becoming it if there is none.
     fn claim(&self) -> bool {
-        let me = self.seat.number;
-        match self.held_by.load(Ordering::Acquire) {
+        let (me, held_by) = (self.seat.number, &self.seat.held_by);
+        match held_by.load(Ordering::Acquire) {
             held if held == me => true,
-            0 => self
-                .held_by
+            0 => held_by
                 .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
                 .map_or_else(|held| held == me, |_| true),
             _ => false,
