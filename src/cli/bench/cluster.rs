@@ -349,11 +349,8 @@ impl Pools<'_> {
         let (mut kept_bytes, mut out) = (0, 0);
         for node in &self.cluster.nodes {
             let mut conn = connect(&format!("redis://127.0.0.1:{}", node.port)).await?;
-            let streams = lanes
-                .iter()
-                .filter(|l| l.stream_port == node.port)
-                .map(|l| l.stream.as_str());
-            kept_bytes += memory_beside_all(&mut conn, streams).await?;
+            let streams: Vec<&str> = lanes.iter().map(|l| l.stream.as_str()).collect();
+            kept_bytes += memory_beside(&mut conn, &streams).await?;
         }
         for (lane, conn) in lanes.iter().zip(&mut conns) {
             out += out_of_order(conn, &lane.stream).await?;
@@ -396,20 +393,26 @@ impl Pools<'_> {
     async fn wait_subscribed(&self, lane: &Lane, child: &mut Child) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = (0usize, Instant::now());
+        // One connection to each node for the whole wait.
+        let mut nodes = Vec::new();
+        for node in &self.cluster.nodes {
+            let url = format!("redis://127.0.0.1:{}", node.port);
+            nodes.push((node.port, connect(&url).await?));
+        }
+        let members = optimus::keys::Pool::sharded(&lane.stream, &lane.channel).members;
         loop {
             if let Some(status) = child.try_wait()? {
                 bail!("optimus consume of {} ended: {status}", lane.channel);
             }
-            let seen = self.subscribers(&lane.channel).await?;
+            let seen = self.subscribers(&mut nodes, &lane.channel).await?;
             let joined: usize = match self.strategy {
                 Strategy::Race => 1,
                 Strategy::Fenced => {
-                    let pool = optimus::keys::Pool::sharded(&lane.stream, &lane.channel);
-                    let url = format!("redis://127.0.0.1:{}", lane.channel_port);
-                    redis::cmd("HLEN")
-                        .arg(pool.members)
-                        .query_async(&mut connect(&url).await?)
-                        .await?
+                    let (_, conn) = nodes
+                        .iter_mut()
+                        .find(|(port, _)| *port == lane.channel_port)
+                        .expect("the channel's master is a node");
+                    redis::cmd("HLEN").arg(&members).query_async(conn).await?
                 }
             };
             if seen != last.0 {
@@ -427,48 +430,28 @@ impl Pools<'_> {
         }
     }
 
-    /// Subscriptions to `channel` on every master (classic Pub/Sub counts
-    /// them on the node each subscriber chose).
-    async fn subscribers(&self, channel: &str) -> Result<usize> {
+    /// Subscriptions to `channel` on every node of `nodes` (classic Pub/Sub
+    /// counts them on the node each subscriber chose).
+    async fn subscribers(
+        &self,
+        nodes: &mut [(u16, MultiplexedConnection)],
+        channel: &str,
+    ) -> Result<usize> {
         let sub = match self.strategy {
             Strategy::Fenced => "SHARDNUMSUB",
             Strategy::Race => "NUMSUB",
         };
         let mut total = 0;
-        for node in &self.cluster.nodes {
-            let mut conn = connect(&format!("redis://127.0.0.1:{}", node.port)).await?;
+        for (_, conn) in nodes {
             let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
                 .arg(sub)
                 .arg(channel)
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await?;
             total += counts.first().map_or(0, |c| c.1);
         }
         Ok(total)
     }
-}
-
-/// What every key of the node but `streams` (which it serves) takes
-/// (MEMORY USAGE).
-async fn memory_beside_all<'a>(
-    conn: &mut MultiplexedConnection,
-    streams: impl Iterator<Item = &'a str>,
-) -> Result<u64> {
-    // memory_beside leaves one stream out; the others are measured whole and
-    // taken off again.
-    let streams: Vec<&str> = streams.collect();
-    let mut total = memory_beside(conn, streams.first().copied().unwrap_or("")).await?;
-    for stream in streams.iter().skip(1) {
-        let size: Option<u64> = redis::cmd("MEMORY")
-            .arg("USAGE")
-            .arg(*stream)
-            .arg("SAMPLES")
-            .arg(0)
-            .query_async(conn)
-            .await?;
-        total = total.saturating_sub(size.unwrap_or(0));
-    }
-    Ok(total)
 }
 
 /// The cluster targets of the high-availability issue, against this run:

@@ -505,7 +505,7 @@ async fn bridge_row(
     // Let late copies settle before the audit and the memory, then stop the
     // bridge.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let kept = memory_beside(conn, STREAM).await?;
+    let kept = memory_beside(conn, &[STREAM]).await?;
     stop(child);
     let audit = audit_of(url, config.messages).await?;
     let rate = config.messages as f64 / seconds;
@@ -526,10 +526,13 @@ async fn bridge_row(
     })
 }
 
-/// What every key but `stream` takes in Redis (MEMORY USAGE, all of each
+/// What every key but `streams` takes in Redis (MEMORY USAGE, all of each
 /// key): the protocol's keys (writer records, members, clock; race's ACK
 /// keys and locks) and the processes' presence and control keys.
-pub(super) async fn memory_beside(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64> {
+pub(super) async fn memory_beside(
+    conn: &mut MultiplexedConnection,
+    streams: &[&str],
+) -> Result<u64> {
     let mut cursor = 0u64;
     let mut total = 0u64;
     loop {
@@ -539,15 +542,19 @@ pub(super) async fn memory_beside(conn: &mut MultiplexedConnection, stream: &str
             .arg(10_000)
             .query_async(conn)
             .await?;
-        let mut pipe = redis::pipe();
-        for key in keys.iter().filter(|k| k.as_str() != stream) {
-            pipe.cmd("MEMORY")
-                .arg("USAGE")
-                .arg(key)
-                .arg("SAMPLES")
-                .arg(0);
-        }
-        if keys.iter().any(|k| k.as_str() != stream) {
+        let others: Vec<&String> = keys
+            .iter()
+            .filter(|k| !streams.contains(&k.as_str()))
+            .collect();
+        if !others.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in others {
+                pipe.cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(key)
+                    .arg("SAMPLES")
+                    .arg(0);
+            }
             let sizes: Vec<Option<u64>> = pipe.query_async(conn).await?;
             total += sizes.into_iter().flatten().sum::<u64>();
         }
